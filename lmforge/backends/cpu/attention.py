@@ -1,0 +1,111 @@
+"""Attention over the paged KV cache, in plain torch.
+
+The batch is flat (sequence i owns q rows q_start_loc[i] : +q_seqlens[i]); for the math we pad
+queries to [num_seqs, max_q, heads, dim] and gather each sequence's cache blocks into
+[num_seqs, max_blocks * block_size, kv_heads, dim]. Padding indices and masks are built once
+per step (first layer) and kept in attn_metadata.scratch for the other layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model_inputs import AttnMetadata
+
+
+def fill_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [num_tokens, kv_heads, dim] into the slots named by slot_mapping."""
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    if value is not None and v_cache is not None:
+        v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _step_layout(meta: AttnMetadata, sliding_window: int | None, device: torch.device) -> dict:
+    key = ("layout", sliding_window)
+    if key in meta.scratch:
+        return meta.scratch[key]
+    num_seqs, block_size = meta.num_seqs, meta.block_size
+    max_q = meta.max_q_seqlen
+    num_blocks = (meta.max_kv_seqlen + block_size - 1) // block_size
+    kv_len = num_blocks * block_size
+    q_lens = torch.tensor(meta.q_seqlens_list, device=device)
+    kv_lens = torch.tensor(meta.kv_seqlens_list, device=device)
+    # destination row of every flat query token in the padded [num_seqs * max_q] layout
+    seq_ids = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
+    starts = torch.cumsum(q_lens, 0) - q_lens
+    local = torch.arange(int(q_lens.sum()), device=device) - starts[seq_ids]
+    dst = seq_ids * max_q + local
+    # query position of padded row (b, i) and the causal (+ window) mask over key positions
+    qpos = (kv_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [num_seqs, max_q]
+    kpos = torch.arange(kv_len, device=device)
+    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_lens[:, None, None])
+    if sliding_window is not None:
+        mask &= (qpos[:, :, None] - kpos[None, None, :]) < sliding_window
+    mask[:, :, 0] |= ~mask.any(-1)  # padded rows must see one key or softmax gives NaN; they are dropped
+    layout = {
+        "dst": dst,
+        "mask": mask[:, None],  # [num_seqs, 1, max_q, kv_len]
+        "block_tables": meta.block_tables[:, :num_blocks].long(),
+    }
+    meta.scratch[key] = layout
+    return layout
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    # cache [num_blocks, block_size, heads, dim] -> [num_seqs, heads, max_blocks * block_size, dim]
+    g = cache[block_tables]
+    return g.flatten(1, 2).transpose(1, 2)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn_metadata: AttnMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcapping: float | None = None,
+    v_head_dim: int | None = None,
+) -> torch.Tensor:
+    """query [num_tokens, heads, dim] -> [num_tokens, heads, v_dim]; the cache already holds this step's keys.
+
+    v_head_dim reads the first v_head_dim channels of v_cache (MLA shares one latent cache for k and v).
+    """
+    meta = attn_metadata
+    num_tokens, num_heads, head_dim = query.shape
+    layout = _step_layout(meta, sliding_window, query.device)
+    num_seqs, max_q = meta.num_seqs, meta.max_q_seqlen
+    if max_q == 1:
+        q = query.view(num_seqs, 1, num_heads, head_dim)
+    else:
+        q = query.new_zeros(num_seqs * max_q, num_heads, head_dim)
+        q[layout["dst"]] = query
+        q = q.view(num_seqs, max_q, num_heads, head_dim)
+    q = q.transpose(1, 2)  # [num_seqs, heads, max_q, dim]
+    k = _gather(k_cache, layout["block_tables"]).to(query.dtype)
+    v = _gather(v_cache, layout["block_tables"]).to(query.dtype)
+    if v_head_dim is not None and v.shape[-1] != v_head_dim:
+        v = v[..., :v_head_dim]
+    mask = layout["mask"]
+    if logit_softcapping:
+        rep = num_heads // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        scores = torch.tanh(scores / logit_softcapping) * logit_softcapping
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(scores.softmax(-1), v.float()).to(query.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != num_heads)
+    out = out.transpose(1, 2)  # [num_seqs, max_q, heads, v_dim]
+    if max_q == 1:
+        return out.reshape(num_tokens, num_heads, out.shape[-1])
+    return out.reshape(num_seqs * max_q, num_heads, out.shape[-1])[layout["dst"]]

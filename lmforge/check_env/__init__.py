@@ -1,0 +1,82 @@
+"""Checks run before the engine starts. `check_model` resolves a model the way the engine will
+and reports what it found, or names the step that failed and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.config import ModelConfig
+
+
+class ModelCheckError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class ModelCheckReport:
+    path: str
+    architecture: str | None
+    builder: str
+    model_class: str
+    model_config: ModelConfig
+
+    def __str__(self) -> str:
+        c = self.model_config
+        fields = (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "bos_token_id",
+            "eos_token_id",
+            "sliding_window",
+            "tie_word_embeddings",
+        )
+        lines = [
+            f"model path:     {self.path}",
+            f"architecture:   {self.architecture}",
+            f"config builder: {self.builder}",
+            f"model class:    {self.model_class}",
+            "ModelConfig:",
+        ]
+        lines += [f"  {f}: {getattr(c, f)}" for f in fields]
+        return "\n".join(lines)
+
+
+def check_model(
+    model_path: str | None, trust_remote_code: bool = False, custom_module_map: str | None = None, verbose: bool = True
+) -> ModelCheckReport:
+    """Load the HF config, run the config builders, resolve the model class. Raises ModelCheckError."""
+    from lmforge.configurations import AutoModelConfigBuilder
+    from lmforge.model_source import load_hf_config, resolve_model_path
+    from lmforge.models.module_map import resolve_model_class
+
+    steps = []
+    try:
+        steps.append("resolve the model path")
+        path = resolve_model_path(model_path)
+        steps.append("read the HF config")
+        hf_config = load_hf_config(path, trust_remote_code)
+        steps.append("find a config builder")
+        builder = AutoModelConfigBuilder.find_builder(hf_config)
+        steps.append(f"build ModelConfig with {builder.__name__}")
+        model_config = AutoModelConfigBuilder.build(hf_config, path)
+        steps.append("resolve the model class")
+        model_cls = resolve_model_class(model_config.model_arch, custom_module_map)
+    except Exception as e:
+        raise ModelCheckError(f"check_model failed to {steps[-1]}: {type(e).__name__}: {e}") from e
+    report = ModelCheckReport(
+        path,
+        model_config.model_arch,
+        builder.__name__,
+        f"{model_cls.__module__}.{model_cls.__qualname__}",
+        model_config,
+    )
+    if verbose:
+        print(report)
+    return report
+
+
+__all__ = ["ModelCheckError", "ModelCheckReport", "check_model"]

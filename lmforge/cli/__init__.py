@@ -1,0 +1,1 @@
+"""Console entry points: `lmforge chat | generate | check_env | serve`."""

@@ -1,0 +1,71 @@
+"""Arguments shared by the subcommands: engine settings and sampling settings."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from lmforge.messages import GenerationConfig, PytorchEngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when a GPU is present")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
+    g.add_argument("--max-batch-size", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
+    g.add_argument("--num-cpu-blocks", type=int, default=0, help="KV blocks on CPU (0: size from free memory)")
+    g.add_argument(
+        "--cache-max-entry-count", type=float, default=0.8, help="fraction of free GPU memory given to the KV cache"
+    )
+    g.add_argument("--max-prefill-token-num", type=int, default=8192, help="prefill token budget per step")
+    g.add_argument("--enable-prefix-caching", action="store_true")
+    g.add_argument("--eager-mode", action="store_true", help="no CUDA graphs")
+    g.add_argument("--custom-module-map", default=None, help="a Python file defining MODULE_MAP for your own models")
+    g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return PytorchEngineConfig(
+        dtype=args.dtype,
+        device_type=args.device,
+        session_len=args.session_len,
+        max_batch_size=args.max_batch_size,
+        block_size=args.block_size,
+        num_cpu_blocks=args.num_cpu_blocks,
+        cache_max_entry_count=args.cache_max_entry_count,
+        max_prefill_token_num=args.max_prefill_token_num,
+        enable_prefix_caching=args.enable_prefix_caching,
+        eager_mode=args.eager_mode,
+        custom_module_map=args.custom_module_map,
+    )
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        random_seed=args.seed,
+        stop_words=args.stop,
+    )

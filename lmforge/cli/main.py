@@ -1,0 +1,143 @@
+"""`lmforge` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_engine_args, add_sampling_args, engine_config, generation_config
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from lmforge.pipeline import pipeline
+
+    print("loading model ...", file=sys.stderr, flush=True)
+    pipe = pipeline(args.model, engine_config(args))
+    gen = generation_config(args)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("type a message (Ctrl-D or /exit to quit, /reset to start over)", file=sys.stderr)
+    while True:
+        try:
+            user = input("\nuser> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not user:
+            continue
+        messages.append({"role": "user", "content": user})
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        try:
+            for delta in pipe.stream_infer(messages, gen):
+                reply += delta.text
+                print(delta.text, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        except ValueError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lmforge.pipeline import pipeline
+
+    pipe = pipeline(args.model, engine_config(args))
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    try:
+        for delta in pipe.stream_infer(prompt, generation_config(args)):
+            print(delta.text, end="", flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    return 0
+
+
+def _check_env(args: argparse.Namespace) -> int:
+    from lmforge.check_env import ModelCheckError, check_model
+
+    try:
+        check_model(args.model, args.trust_remote_code, args.custom_module_map)
+    except ModelCheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.parity:
+        from lmforge.check_env.parity import run_parity_cli
+
+        return run_parity_cli(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="LLM inference and serving engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "chat",
+        help="interactive, streaming, multi-turn chat in the terminal",
+        description="Chat with a model in the terminal. MODEL defaults to the embedded SmolLM2-135M.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2)")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate a completion for one prompt, streamed to stdout",
+        description="Generate text for PROMPT and stream it to stdout.",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wrap PROMPT as a user message in the chat template (default: on)",
+    )
+    add_sampling_args(p, max_new_tokens=256)
+    add_engine_args(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser(
+        "check_env",
+        aliases=["check-env"],
+        help="check that a model resolves and loads",
+        description="Resolve MODEL's config, ConfigBuilder and model class (check_model); with "
+        "--parity also compare its logits with HF transformers on a tiny random config.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--custom-module-map", default=None, help="a Python file defining MODULE_MAP")
+    p.add_argument(
+        "--parity",
+        action="store_true",
+        help="build a tiny random config of this model type and compare lmforge with HF transformers",
+    )
+    p.set_defaults(func=_check_env)
+
+    try:
+        from .serve import add_parser as add_serve_parser
+    except ImportError:
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

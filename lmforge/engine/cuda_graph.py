@@ -1,0 +1,126 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, captured at start, replayed with
+the step's inputs copied into static buffers. Padding rows of a bucket point at the cache's trash
+block, so their key/value writes land where no sequence reads."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from lmforge.model_inputs import AttnMetadata, StepContext
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
+    return [s for s in sizes if s < max_batch_size] + [max_batch_size]
+
+
+class CudaGraphRunner:
+    def __init__(self, engine, max_capture_s: float = 60.0):
+        self.model, self.ctx_mgr = engine.model, engine.ctx_mgr
+        self.kv_caches = engine.cache.kv_caches
+        self.block_size = engine.engine_config.block_size
+        self.device = engine.device
+        self.max_batch_size = engine.max_batch_size
+        self.max_blocks = (engine.session_len + self.block_size - 1) // self.block_size
+        self.max_kv_len = self.max_blocks * self.block_size
+        trash = engine.cache.trash_block
+        n, dev = self.max_batch_size, self.device
+        self.trash_slot = trash * self.block_size
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.position_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.block_tables = torch.full((n, self.max_blocks), trash, dtype=torch.int32, device=dev)
+        self.kv_seqlens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.q_seqlens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.q_start_loc = torch.arange(n, dtype=torch.int32, device=dev)
+        self.slot_mapping = torch.full((n,), self.trash_slot, dtype=torch.long, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        support = getattr(self.model, "support_cuda_graph", True)
+        self._support = support if callable(support) else (lambda *a, **k: bool(support))
+        self.enabled = bool(support)
+        if self.enabled:
+            self._capture_all(max_capture_s)
+
+    def _context(self, bs: int) -> StepContext:
+        meta = AttnMetadata(
+            is_decoding=True,
+            block_tables=self.block_tables[:bs],
+            q_start_loc=self.q_start_loc[:bs],
+            q_seqlens=self.q_seqlens[:bs],
+            kv_seqlens=self.kv_seqlens[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            max_q_seqlen=1,
+            max_kv_seqlen=self.max_kv_len,
+            block_size=self.block_size,
+            q_seqlens_list=[1] * bs,
+            kv_seqlens_list=[self.max_kv_len] * bs,
+        )
+        return StepContext(
+            self.input_ids[:bs], self.position_ids[:bs], meta, self.kv_caches, True, self.q_start_loc[:bs].long()
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        ctx = self._context(bs)
+        with self.ctx_mgr.context(ctx):
+            inputs = self.model.prepare_inputs_for_generation(self.kv_caches, context=ctx)
+            return self.model(**inputs)
+
+    @torch.inference_mode()
+    def _capture_all(self, max_capture_s: float) -> None:
+        start = time.perf_counter()
+        buckets = sorted(batch_buckets(self.max_batch_size), reverse=True)
+        try:
+            for bs in buckets:
+                if time.perf_counter() - start > max_capture_s:
+                    logger.warning("CUDA graph capture stopped after %.0f s; larger batches run eagerly", max_capture_s)
+                    break
+                self._forward(bs)  # warm-up: autotuning and lazy allocations happen outside the graph
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._forward(bs)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[bs], self.outputs[bs] = graph, out
+        except Exception as e:  # a model op that cannot be captured: run eagerly
+            logger.warning("CUDA graph capture failed (%s); decoding runs eagerly", e)
+            self.graphs.clear()
+            self.outputs.clear()
+            self.enabled = False
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("captured %d CUDA graphs in %.1f s", len(self.graphs), self.capture_seconds)
+
+    def can_run(self, ctx: StepContext) -> bool:
+        if not self.enabled or not ctx.is_decoding or ctx.inputs_embeds is not None:
+            return False
+        bs = ctx.attn_metadata.num_seqs
+        return (
+            bs <= self.max_batch_size
+            and ctx.attn_metadata.block_tables.shape[1] <= self.max_blocks
+            and self._support(input_ids=ctx.input_ids, attn_metadata=ctx.attn_metadata)
+        )
+
+    def run(self, ctx: StepContext) -> torch.Tensor:
+        meta = ctx.attn_metadata
+        bs = meta.num_seqs
+        bucket = next((b for b in sorted(self.graphs) if b >= bs), None)
+        if bucket is None:
+            raise RuntimeError("no captured graph fits this batch")
+        self.input_ids[:bs].copy_(ctx.input_ids)
+        self.position_ids[:bs].copy_(ctx.position_ids)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:bs, :width].copy_(meta.block_tables)
+        self.kv_seqlens[:bs].copy_(meta.kv_seqlens)
+        self.slot_mapping[:bs].copy_(meta.slot_mapping)
+        if bucket > bs:  # padding rows: one key in the trash block
+            self.kv_seqlens[bs:bucket].fill_(1)
+            self.slot_mapping[bs:bucket].fill_(self.trash_slot)
+            self.block_tables[bs:bucket, 0].fill_(self.trash_slot // self.block_size)
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][:bs]

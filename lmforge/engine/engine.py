@@ -1,0 +1,285 @@
+"""Engine: the loop that owns all scheduling state. add_request / abort / step.
+
+Each step: Scheduler.schedule -> ModelRunner.forward -> Sampler -> append tokens, detokenize,
+check stop conditions -> free finished sequences. AsyncEngine runs this loop on a thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+
+import torch
+
+from lmforge.config import CacheConfig, SchedulerConfig
+from lmforge.messages import GenerationConfig, PytorchEngineConfig
+from lmforge.model_inputs import StepContextManager
+from lmforge.model_source import load_model_source
+
+from . import cache_engine as ce
+from .block_manager import BlockManager
+from .detokenizer import Detokenizer
+from .errors import ContextLengthError, RequestError
+from .model_loader import build_model
+from .model_runner import ModelRunner
+from .outputs import EngineStats, RequestOutput, TokenLogprob
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device_type(device_type: str | None) -> str:
+    if device_type is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device_type='cuda' was asked for but torch sees no CUDA device; use device_type='cpu'")
+    return device_type
+
+
+def resolve_dtype(dtype: str, hf_config, device_type: str) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device_type == "cpu":
+        return torch.float32
+    stored = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    if stored in (torch.float16, "float16"):
+        return torch.float16
+    return torch.bfloat16
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, backend_config: PytorchEngineConfig | None = None):
+        cfg = backend_config or PytorchEngineConfig()
+        self.engine_config = cfg
+        start = time.perf_counter()
+        device_type = resolve_device_type(cfg.device_type)
+        self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
+        source = load_model_source(model_path, cfg.trust_remote_code)
+        self.source, self.model_config, self.tokenizer = source, source.model_config, source.tokenizer
+        self.dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
+        self.model_config.dtype = self.dtype
+        self.ctx_mgr = StepContextManager()
+        self.model = build_model(source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map)
+        self.cache_config = CacheConfig(
+            block_size=cfg.block_size,
+            num_gpu_blocks=cfg.num_gpu_blocks,
+            num_cpu_blocks=cfg.num_cpu_blocks,
+            cache_max_entry_count=cfg.cache_max_entry_count,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        )
+        self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
+        num_blocks = self._num_blocks(device_type)
+        self.cache = ce.CacheEngine(self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
+        max_pos = self.model_config.max_position_embeddings or 1 << 30
+        capacity = num_blocks * cfg.block_size
+        self.session_len = min(cfg.session_len or max_pos, capacity)
+        if cfg.session_len and cfg.session_len > capacity:
+            logger.warning(
+                "session_len %d exceeds the KV cache (%d tokens); using %d", cfg.session_len, capacity, capacity
+            )
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.max_batch_size, self.session_len, cfg.max_prefill_token_num), self.block_manager
+        )
+        self.graph_runner = self._build_graph_runner(device_type)
+        self.runner = ModelRunner(
+            self.model, self.ctx_mgr, self.cache.kv_caches, cfg.block_size, self.device, self.graph_runner
+        )
+        self.vocab_size = getattr(source.hf_config, "vocab_size", self.model_config.vocab_size)
+        self.sampler = Sampler(self.vocab_size, self.device)
+        self._seq_counter = itertools.count()
+        self._requests: dict[str, Sequence] = {}
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.load_seconds = time.perf_counter() - start
+        logger.info(
+            "engine ready in %.1f s: %s on %s (%s), KV cache %d blocks x %d tokens (%.2f GiB), session_len %d",
+            self.load_seconds,
+            source.name,
+            self.device,
+            str(self.dtype).replace("torch.", ""),
+            num_blocks,
+            cfg.block_size,
+            self.cache.nbytes / 2**30,
+            self.session_len,
+        )
+
+    def _num_blocks(self, device_type: str) -> int:
+        if device_type == "cpu":
+            return ce.num_cpu_blocks(self.model_config, self.cache_config, self.dtype)
+        from .profile import profile_peak_memory
+
+        reserved = profile_peak_memory(self)
+        return ce.num_gpu_blocks(self.model_config, self.cache_config, self.dtype, self.device, reserved)
+
+    def _build_graph_runner(self, device_type: str):
+        if device_type != "cuda" or self.engine_config.eager_mode:
+            return None
+        from .cuda_graph import CudaGraphRunner
+
+        return CudaGraphRunner(self)
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    # --- requests -----------------------------------------------------------------------------
+    def validate_request(self, input_ids: list[int], gen_config: GenerationConfig) -> None:
+        """Raise RequestError/ContextLengthError for a request that cannot run. Thread-safe (reads config only)."""
+        if not input_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in input_ids):
+            raise RequestError(f"token ids must be integers in [0, {self.vocab_size})")
+        if len(input_ids) >= self.session_len:
+            raise ContextLengthError(len(input_ids), self.session_len)
+        gen_config.validate()
+
+    def add_request(
+        self, input_ids: list[int], gen_config: GenerationConfig, request_id: str | None = None, guide=None
+    ) -> str:
+        self.validate_request(input_ids, gen_config)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        stop_ids = list(gen_config.stop_token_ids or [])
+        if not gen_config.ignore_eos:
+            eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
+            stop_ids += [t for t in eos + self.model_config.eos_token_ids if t not in stop_ids]
+        generator = None
+        if gen_config.random_seed is not None and not gen_config.is_greedy:
+            generator = torch.Generator(device=self.device).manual_seed(gen_config.random_seed)
+        detok = None
+        if self.tokenizer is not None:
+            detok = Detokenizer(
+                self.tokenizer.hf, list(input_ids), gen_config.skip_special_tokens, gen_config.stop_words
+            )
+        seq = Sequence(
+            next(self._seq_counter),
+            request_id,
+            list(input_ids),
+            len(input_ids),
+            gen_config,
+            stop_ids=stop_ids,
+            generator=generator,
+            guide=guide,
+            detokenizer=detok,
+        )
+        self._requests[request_id] = seq
+        self.prompt_tokens_total += len(input_ids)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        return self._output(seq, [], "", None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            bm.num_free_blocks,
+            bm.num_blocks,
+            bm.usage(),
+            self.prompt_tokens_total,
+            self.generation_tokens_total,
+            bm.num_cache_hit_tokens,
+        )
+
+    # --- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._finish_now(seq) for seq in list(self.scheduler.waiting) if seq.gen_config.max_new_tokens == 0]
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        # a sequence samples only when this step computes all of its known tokens
+        sample_rows = [
+            i
+            for i, (s, n) in enumerate(zip(sched.seqs, sched.num_tokens, strict=True))
+            if s.num_computed_tokens + n == s.num_tokens
+        ]
+        sampled = [sched.seqs[i] for i in sample_rows]
+        try:
+            logits = self.runner.forward(sched, sample_rows)
+            if sampled:
+                result = self.sampler(logits, sampled)
+                token_ids = result.token_ids.tolist()
+                logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+                top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+                top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        except Exception as e:  # keep serving: fail this batch's requests, free their blocks
+            logger.exception("step failed; failing %d requests", len(sched.seqs))
+            for seq in sched.seqs:
+                seq.error = f"{type(e).__name__}: {e}"
+                outputs.append(self._finish(seq, "error"))
+            return outputs
+        for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        now = time.monotonic()
+        for j, seq in enumerate(sampled):
+            lp = None
+            if seq.gen_config.logprobs is not None and logprobs is not None:
+                k = seq.gen_config.logprobs
+                top = list(zip(top_ids[j][:k], top_lps[j][:k], strict=True)) if top_ids is not None and k else []
+                lp = TokenLogprob(token_ids[j], logprobs[j], top)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            outputs.append(self._append_token(seq, token_ids[j], lp))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        cfg = seq.gen_config
+        if seq.guide is not None:
+            seq.guide.accept(token)
+        finish, text, hit_stop_string = None, "", False
+        if token in seq.stop_ids and seq.num_new_tokens > cfg.min_new_tokens:
+            finish = "stop"  # the stop token itself is returned in token_ids, never in text
+        elif seq.detokenizer is not None:
+            text, hit_stop_string = seq.detokenizer.step([token])
+            finish = "stop" if hit_stop_string else None
+        if finish is None:
+            if seq.num_new_tokens >= cfg.max_new_tokens or seq.num_tokens >= self.session_len:
+                finish = "length"
+            elif seq.guide is not None and seq.guide.is_terminated():
+                finish = "stop"
+        if finish is not None:
+            if seq.detokenizer is not None and not hit_stop_string:
+                text += seq.detokenizer.flush()  # release text held back as a possible stop-string prefix
+            self._requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            seq.finish_reason = finish
+        return self._output(seq, [token], text, [lp] if lp is not None else None)
+
+    def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
+        self._requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        return self._output(seq, [], "", None)
+
+    def _finish_now(self, seq: Sequence) -> RequestOutput:
+        return self._finish(seq, "length")
+
+    def _output(self, seq: Sequence, token_ids: list[int], text: str, logprobs) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            text,
+            token_ids,
+            logprobs,
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            seq.num_new_tokens,
+            seq.error,
+        )

@@ -1,0 +1,59 @@
+"""Builds the model class named by MODULE_MAP under a build context and loads its weights."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lmforge.backends.registry import BuildContext, build_context
+from lmforge.model_inputs import StepContextManager
+from lmforge.model_source import ModelSource
+from lmforge.models.module_map import resolve_model_class
+from lmforge.weights.loader import check_all_loaded
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def build_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    ctx_mgr: StepContextManager,
+    custom_module_map: str | None = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group=None,
+    load: bool = True,
+) -> nn.Module:
+    model_cls = resolve_model_class(source.model_config.model_arch, custom_module_map)
+    ctx = BuildContext(
+        device_type=device.type, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group
+    )
+    # the default device/dtype also cover seed-style models that create plain nn.Linear layers
+    with build_context(ctx), torch.device(device), _default_dtype(dtype):
+        model = model_cls(source.hf_config, ctx_mgr, dtype=dtype, device=device)
+    model.eval()
+    if load:
+        load_model_weights(model, source, dtype, device)
+    return model
+
+
+def load_model_weights(model: nn.Module, source: ModelSource, dtype: torch.dtype, device: torch.device) -> None:
+    from lmforge.weights.files import iter_weights
+
+    loaded = model.load_weights(iter_weights(source.path, dtype=dtype, device=device))
+    if isinstance(loaded, set):  # built-in models report what they loaded; seed-style ones may return None
+        check_all_loaded(model, loaded)

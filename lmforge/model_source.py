@@ -1,0 +1,93 @@
+"""Where a model comes from: an HF folder (safetensors/.bin + config.json) or a single GGUF file.
+Resolves the path, the HF config, the ModelConfig and the tokenizer; nothing is downloaded."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.config import ModelConfig
+from lmforge.configurations import AutoModelConfigBuilder
+from lmforge.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModelSource:
+    path: str  # folder, or the .gguf file
+    gguf_file: str | None
+    hf_config: Any
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None
+    name: str
+
+
+def resolve_model_path(model_path: str | None) -> str:
+    if model_path is None:
+        from lmforge.weights.default_model import default_model_path
+
+        return default_model_path()
+    path = os.path.expanduser(model_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model path {model_path!r} does not exist; give an HF model folder (config.json + *.safetensors) or a "
+            ".gguf file (lmforge downloads nothing)"
+        )
+    return path
+
+
+def _gguf_in(path: str) -> str | None:
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return path
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        files = glob.glob(os.path.join(path, "*.gguf"))
+        if len(files) == 1:
+            return files[0]
+    return None
+
+
+def load_hf_config(path: str, trust_remote_code: bool = False):
+    gguf_file = _gguf_in(path)
+    if gguf_file:
+        from lmforge.weights.gguf import gguf_hf_config
+
+        return gguf_hf_config(gguf_file)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json (and is not a .gguf file); is it an HF model folder?")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
+
+
+def load_tokenizer(path: str, eos_token_ids: list[int], trust_remote_code: bool = False) -> Tokenizer | None:
+    gguf_file = _gguf_in(path)
+    if gguf_file:
+        from lmforge.weights.gguf import gguf_tokenizer
+
+        return Tokenizer(gguf_tokenizer(gguf_file), eos_token_ids)
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+        logger.info("no tokenizer files in %s: only token-id prompts can be served", path)
+        return None
+    from transformers import AutoTokenizer
+
+    return Tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), eos_token_ids)
+
+
+def load_model_source(
+    model_path: str | None, trust_remote_code: bool = False, with_tokenizer: bool = True
+) -> ModelSource:
+    path = resolve_model_path(model_path)
+    hf_config = load_hf_config(path, trust_remote_code)
+    model_config = AutoModelConfigBuilder.build(hf_config, path)
+    tokenizer = load_tokenizer(path, model_config.eos_token_ids, trust_remote_code) if with_tokenizer else None
+    gguf_file = _gguf_in(path)
+    name = os.path.basename(os.path.normpath(gguf_file or path))
+    return ModelSource(path, gguf_file, hf_config, model_config, tokenizer, name)

@@ -1,0 +1,1 @@
+"""Model files (one per family) and the MODULE_MAP registry."""

@@ -1,0 +1,63 @@
+"""Attention over the paged KV cache: writes this step's keys/values into the cache, then
+attends each query to its sequence's cached keys. Sliding windows and logit soft-capping
+are options of the op, not model code."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.backends.registry import current_build_context, get_op
+from lmforge.model_inputs import AttnMetadata
+
+
+class Attention(nn.Module):
+    """num_heads / num_kv_heads are the model's totals; under TP each rank keeps its share."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float | None = None,
+        num_kv_heads: int | None = None,
+        v_head_size: int | None = None,
+        sliding_window: int | None = None,
+        logit_softcapping: float | None = None,
+        **kwargs,
+    ):
+        super().__init__()
+        tp = current_build_context().tp_size
+        num_kv_heads = num_kv_heads or num_heads
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.head_size = head_size
+        self.v_head_size = v_head_size or head_size
+        self.scale = scale if scale is not None else head_size**-0.5
+        self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
+        self.logit_softcapping = logit_softcapping or None
+        self.fill_kv_cache = get_op("fill_kv_cache")
+        self.attention = get_op("paged_attention")
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        attn_metadata: AttnMetadata,
+    ) -> torch.Tensor:
+        """query [T, heads, d], key/value [T, kv_heads, d] (None: already cached) -> [T, heads * v_d]."""
+        if key is not None:
+            self.fill_kv_cache(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
+        out = self.attention(
+            query,
+            k_cache,
+            v_cache,
+            attn_metadata,
+            self.scale,
+            self.sliding_window,
+            self.logit_softcapping,
+            self.v_head_size,
+        )
+        return out.flatten(-2)

@@ -1,0 +1,227 @@
+"""Linear layer builders. Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)`
+that takes its own slice (TP rank, merged gate/up part, q/k/v part), so a model's load_weights
+stays a name mapping. dtype/device/is_tp/quant_config default to the build context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.backends.registry import current_build_context
+
+
+def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    if param.shape != loaded_weight.shape:
+        raise ValueError(f"weight shape {tuple(loaded_weight.shape)} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(loaded_weight)
+
+
+def _resolve(dtype, device, quant_config, is_tp) -> tuple[torch.dtype, torch.device, int, int]:
+    ctx = current_build_context()
+    if quant_config is not None:
+        method = quant_config.get("quant_method") if isinstance(quant_config, dict) else quant_config
+        raise NotImplementedError(f"quantized linear layers ({method}) are not supported yet; use an unquantized model")
+    tp_size, tp_rank = (ctx.tp_size, ctx.tp_rank) if is_tp else (1, 0)
+    return dtype or ctx.dtype, torch.device(device) if device is not None else ctx.device, tp_size, tp_rank
+
+
+def _divide(n: int, tp_size: int, what: str) -> int:
+    if n % tp_size:
+        raise ValueError(f"{what} ({n}) is not divisible by tp={tp_size}")
+    return n // tp_size
+
+
+class LinearBase(nn.Module):
+    """y = x W^T + b over the local shard of W ([out_local, in_local])."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device, all_reduce: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+        self.all_reduce = all_reduce
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        default_weight_loader(param, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.all_reduce:
+            dist.all_reduce(out, group=current_build_context().tp_group)
+        return out
+
+
+class ColwiseLinear(LinearBase):
+    """Output features split across TP ranks; no communication."""
+
+    def __init__(self, in_features, out_features, bias, dtype, device, tp_size, tp_rank):
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        super().__init__(in_features, _divide(out_features, tp_size, "out_features"), bias, dtype, device)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        default_weight_loader(param, loaded_weight.chunk(self.tp_size, 0)[self.tp_rank])
+
+
+class RowwiseLinear(LinearBase):
+    """Input features split across TP ranks; partial outputs are all-reduced."""
+
+    def __init__(self, in_features, out_features, bias, dtype, device, tp_size, tp_rank):
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        super().__init__(_divide(in_features, tp_size, "in_features"), out_features, bias, dtype, device, tp_size > 1)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        if param is self.bias:  # added once, on rank 0, so the all-reduce sums it exactly once
+            default_weight_loader(param, loaded_weight if self.tp_rank == 0 else torch.zeros_like(loaded_weight))
+            return
+        default_weight_loader(param, loaded_weight.chunk(self.tp_size, 1)[self.tp_rank])
+
+
+class MergedColwiseLinear(LinearBase):
+    """Several colwise projections stored as one matrix (gate_up_proj = [gate; up]).
+
+    shard_id is the index of the part being loaded; a checkpoint that already stores the
+    merged matrix (Phi-3) loads with shard_id=None.
+    """
+
+    def __init__(self, in_features, out_features: Sequence[int], bias, dtype, device, tp_size, tp_rank):
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.full_sizes = list(out_features)
+        self.local_sizes = [_divide(n, tp_size, "out_features") for n in out_features]
+        super().__init__(in_features, sum(self.local_sizes), bias, dtype, device)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        if shard_id is None:
+            for i, part in enumerate(loaded_weight.split(self.full_sizes, 0)):
+                self.weight_loader(param, part, i)
+            return
+        offset = sum(self.local_sizes[:shard_id])
+        size = self.local_sizes[shard_id]
+        part = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
+        default_weight_loader(param.data.narrow(0, offset, size), part)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.split(self.local_sizes, dim=-1)
+
+
+class QKVLinear(MergedColwiseLinear):
+    """q, k and v projections in one matrix; shard ids 'q', 'k', 'v'. KV heads are replicated
+    when there are fewer of them than TP ranks."""
+
+    def __init__(
+        self, in_features, num_q_heads, num_kv_heads, head_size, head_size_v, bias, dtype, device, tp_size, tp_rank
+    ):
+        self.num_q_heads = _divide(num_q_heads, tp_size, "num_attention_heads")
+        kv_replicas = max(1, tp_size // num_kv_heads) if num_kv_heads < tp_size else 1
+        self.kv_tp_size = tp_size // kv_replicas
+        self.num_kv_heads = _divide(num_kv_heads, self.kv_tp_size, "num_key_value_heads")
+        self.head_size, self.head_size_v = head_size, head_size_v
+        self.kv_rank = tp_rank // kv_replicas
+        sizes = [num_q_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size_v]
+        super().__init__(in_features, sizes, bias, dtype, device, 1, 0)
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.local_sizes = [
+            self.num_q_heads * head_size,
+            self.num_kv_heads * head_size,
+            self.num_kv_heads * head_size_v,
+        ]
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        if shard_id is None:
+            for sid, part in zip("qkv", loaded_weight.split(self.full_sizes, 0), strict=True):
+                self.weight_loader(param, part, sid)
+            return
+        if isinstance(shard_id, int):
+            shard_id = "qkv"[shard_id]
+        idx = "qkv".index(shard_id)
+        offset, size = sum(self.local_sizes[:idx]), self.local_sizes[idx]
+        if shard_id == "q":
+            part = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
+        else:
+            part = loaded_weight.chunk(self.kv_tp_size, 0)[self.kv_rank]
+        default_weight_loader(param.data.narrow(0, offset, size), part)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[num_tokens, q+k+v] -> q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d_v] (local heads)."""
+        q, k, v = qkv.split(self.local_sizes, dim=-1)
+        return (
+            q.unflatten(-1, (self.num_q_heads, self.head_size)),
+            k.unflatten(-1, (self.num_kv_heads, self.head_size)),
+            v.unflatten(-1, (self.num_kv_heads, self.head_size_v)),
+        )
+
+
+def build_colwise_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    quant_config=None,
+    is_tp: bool = True,
+) -> ColwiseLinear:
+    dtype, device, tp_size, tp_rank = _resolve(dtype, device, quant_config, is_tp)
+    return ColwiseLinear(in_features, out_features, bias, dtype, device, tp_size, tp_rank)
+
+
+def build_rowwise_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    quant_config=None,
+    is_tp: bool = False,
+) -> RowwiseLinear:
+    """Row-parallel under TP when is_tp; replicated otherwise (the seed builds lm_head this way)."""
+    dtype, device, tp_size, tp_rank = _resolve(dtype, device, quant_config, is_tp)
+    return RowwiseLinear(in_features, out_features, bias, dtype, device, tp_size, tp_rank)
+
+
+def build_merged_colwise_linear(
+    in_features: int,
+    all_out_features: Sequence[int],
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    quant_config=None,
+    is_tp: bool = True,
+) -> MergedColwiseLinear:
+    dtype, device, tp_size, tp_rank = _resolve(dtype, device, quant_config, is_tp)
+    return MergedColwiseLinear(in_features, all_out_features, bias, dtype, device, tp_size, tp_rank)
+
+
+def build_qkv_proj(
+    in_features: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    head_size_v: int | None = None,
+    bias: bool = False,
+    dtype=None,
+    device=None,
+    quant_config=None,
+    is_tp: bool = True,
+) -> QKVLinear:
+    dtype, device, tp_size, tp_rank = _resolve(dtype, device, quant_config, is_tp)
+    return QKVLinear(
+        in_features,
+        num_q_heads,
+        num_kv_heads,
+        head_size,
+        head_size_v or head_size,
+        bias,
+        dtype,
+        device,
+        tp_size,
+        tp_rank,
+    )

