@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import torch
 
@@ -25,9 +26,9 @@ from .errors import ContextLengthError, RequestError
 from .model_loader import build_model
 from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
-from .sampler import Sampler
-from .scheduler import Scheduler
-from .sequence import Sequence
+from .sampler import Sampler, SampleResult
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import PLACEHOLDER, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ def resolve_dtype(dtype: str, hf_config, device_type: str) -> torch.dtype:
     if stored in (torch.float16, "float16"):
         return torch.float16
     return torch.bfloat16
+
+
+@dataclass(slots=True)
+class _Inflight:
+    """A launched step whose sampled tokens are still on the device."""
+
+    seqs: list[Sequence]
+    sampled: list[Sequence]
+    slots: list[int]  # index in each sampled sequence's token_ids of its placeholder
+    token_ids: torch.Tensor | None
+    result: SampleResult | None
 
 
 class Engine:
@@ -94,6 +106,9 @@ class Engine:
         self._seq_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = self.generation_tokens_total = 0
+        # overlap host work with the device only where launches are asynchronous
+        self.overlap = self.device.type == "cuda"
+        self._inflight: _Inflight | None = None
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "engine ready in %.1f s: %s on %s (%s), KV cache %d blocks x %d tokens (%.2f GiB), session_len %d",
@@ -181,7 +196,7 @@ class Engine:
         return self._output(seq, [], "", None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -198,10 +213,47 @@ class Engine:
 
     # --- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = [self._finish_now(seq) for seq in list(self.scheduler.waiting) if seq.gen_config.max_new_tokens == 0]
+        """Schedule and launch one step, then return the outputs of the step before it.
+
+        On CUDA the launch is asynchronous, so the host work of reading step N's tokens (the one
+        device sync), detokenizing and checking stops overlaps the GPU running step N+1. Tokens
+        sampled by a step in flight sit in token_ids as placeholders; the next step reads them
+        from the device. A sequence that stops at step N has already been given a slot in step
+        N+1; that extra token is dropped.
+        """
+        outputs = [
+            self._finish(seq, "length") for seq in list(self.scheduler.waiting) if seq.gen_config.max_new_tokens == 0
+        ]
         sched = self.scheduler.schedule()
+        if self._inflight is not None and not self._can_overlap(sched):
+            outputs += self._process(self._inflight)
+            self._inflight = None
+        launched = self._launch(sched, outputs)
+        if self._inflight is not None:
+            outputs += self._process(self._inflight)
+        self._inflight = launched
+        if launched is not None and not self.overlap:
+            outputs += self._process(launched)
+            self._inflight = None
+        return outputs
+
+    def _can_overlap(self, sched: SchedulerOutput) -> bool:
+        # penalties and grammars read the previous token on the host before this step's sampling
+        return self.overlap and not any(
+            s.guide is not None
+            or s.gen_config.repetition_penalty != 1.0
+            or s.gen_config.presence_penalty
+            or s.gen_config.frequency_penalty
+            for s in sched.seqs
+        )
+
+    def _launch(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> _Inflight | None:
+        keep = [i for i, s in enumerate(sched.seqs) if not s.is_finished]  # stopped while the schedule was made
+        if len(keep) != len(sched.seqs):
+            sched.seqs = [sched.seqs[i] for i in keep]
+            sched.num_tokens = [sched.num_tokens[i] for i in keep]
         if sched.is_empty:
-            return outputs
+            return None
         # a sequence samples only when this step computes all of its known tokens
         sample_rows = [
             i
@@ -209,49 +261,82 @@ class Engine:
             if s.num_computed_tokens + n == s.num_tokens
         ]
         sampled = [sched.seqs[i] for i in sample_rows]
+        patch = None
+        if self._inflight is not None:  # placeholders this step feeds: the previous step's tokens, on device
+            dst, src, offset = [], [], 0
+            for s, n in zip(sched.seqs, sched.num_tokens, strict=True):
+                if s.inflight_row is not None and s.num_computed_tokens + n == s.num_tokens:
+                    dst.append(offset + n - 1)
+                    src.append(s.inflight_row)
+                offset += n
+            patch = (dst, src, self._inflight.token_ids) if dst else None
         try:
-            logits = self.runner.forward(sched, sample_rows)
+            logits = self.runner.forward(sched, sample_rows, patch)
+            token_ids = None
+            result = None
             if sampled:
                 result = self.sampler(logits, sampled)
-                token_ids = result.token_ids.tolist()
-                logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-                top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-                top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+                token_ids = result.token_ids
         except Exception as e:  # keep serving: fail this batch's requests, free their blocks
             logger.exception("step failed; failing %d requests", len(sched.seqs))
             for seq in sched.seqs:
                 seq.error = f"{type(e).__name__}: {e}"
                 outputs.append(self._finish(seq, "error"))
-            return outputs
+            return None
+        slots = []
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-        now = time.monotonic()
-        for j, seq in enumerate(sampled):
-            lp = None
-            if seq.gen_config.logprobs is not None and logprobs is not None:
-                k = seq.gen_config.logprobs
-                top = list(zip(top_ids[j][:k], top_lps[j][:k], strict=True)) if top_ids is not None and k else []
-                lp = TokenLogprob(token_ids[j], logprobs[j], top)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            outputs.append(self._append_token(seq, token_ids[j], lp))
+        for row, seq in enumerate(sampled):
+            seq.token_ids.append(PLACEHOLDER)
+            seq.inflight_row = row
+            slots.append(len(seq.token_ids) - 1)
+            # no further step for a sequence whose length limit this token reaches
+            seq.is_draining = seq.num_new_tokens >= seq.gen_config.max_new_tokens or seq.num_tokens >= self.session_len
+        return _Inflight(sched.seqs, sampled, slots, token_ids, result)
+
+    def _process(self, step: _Inflight) -> list[RequestOutput]:
+        """Read a launched step's tokens (the device sync) and turn them into outputs."""
+        outputs: list[RequestOutput] = []
+        if step.sampled:
+            r = step.result
+            token_ids = r.token_ids.tolist()
+            logprobs = r.logprobs.tolist() if r.logprobs is not None else None
+            top_ids = r.top_ids.tolist() if r.top_ids is not None else None
+            top_lps = r.top_logprobs.tolist() if r.top_logprobs is not None else None
+            now = time.monotonic()
+            for j, (seq, slot) in enumerate(zip(step.sampled, step.slots, strict=True)):
+                seq.token_ids[slot] = token_ids[j]
+                if seq.inflight_row == j and seq.token_ids[-1] != PLACEHOLDER:
+                    seq.inflight_row = None
+                if seq.is_finished:  # stopped or aborted after this step was launched: drop the token
+                    continue
+                lp = None
+                if seq.gen_config.logprobs is not None and logprobs is not None:
+                    k = seq.gen_config.logprobs
+                    top = list(zip(top_ids[j][:k], top_lps[j][:k], strict=True)) if top_ids is not None and k else []
+                    lp = TokenLogprob(token_ids[j], logprobs[j], top)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                outputs.append(self._accept_token(seq, token_ids[j], lp, slot))
+        for seq in step.seqs:
+            if not seq.is_finished:
+                self.block_manager.register_full_blocks(seq)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _accept_token(self, seq: Sequence, token: int, lp: TokenLogprob | None, slot: int) -> RequestOutput:
         self.generation_tokens_total += 1
         cfg = seq.gen_config
         if seq.guide is not None:
             seq.guide.accept(token)
         finish, text, hit_stop_string = None, "", False
-        if token in seq.stop_ids and seq.num_new_tokens > cfg.min_new_tokens:
+        num_new = slot - seq.num_prompt_tokens + 1  # a later step's placeholder may already follow this token
+        if token in seq.stop_ids and num_new > cfg.min_new_tokens:
             finish = "stop"  # the stop token itself is returned in token_ids, never in text
         elif seq.detokenizer is not None:
             text, hit_stop_string = seq.detokenizer.step([token])
             finish = "stop" if hit_stop_string else None
         if finish is None:
-            if seq.num_new_tokens >= cfg.max_new_tokens or seq.num_tokens >= self.session_len:
+            if num_new >= cfg.max_new_tokens or seq.num_prompt_tokens + num_new >= self.session_len:
                 finish = "length"
             elif seq.guide is not None and seq.guide.is_terminated():
                 finish = "stop"
@@ -261,7 +346,7 @@ class Engine:
             self._requests.pop(seq.request_id, None)
             self.scheduler.finish(seq)
             seq.finish_reason = finish
-        return self._output(seq, [token], text, [lp] if lp is not None else None)
+        return self._output(seq, [token], text, [lp] if lp is not None else None, num_new)
 
     def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
         self._requests.pop(seq.request_id, None)
@@ -269,17 +354,10 @@ class Engine:
         seq.finish_reason = reason
         return self._output(seq, [], "", None)
 
-    def _finish_now(self, seq: Sequence) -> RequestOutput:
-        return self._finish(seq, "length")
-
-    def _output(self, seq: Sequence, token_ids: list[int], text: str, logprobs) -> RequestOutput:
+    def _output(
+        self, seq: Sequence, token_ids: list[int], text: str, logprobs, num_new: int | None = None
+    ) -> RequestOutput:
+        num_new = seq.num_new_tokens - seq.token_ids.count(PLACEHOLDER) if num_new is None else num_new
         return RequestOutput(
-            seq.request_id,
-            text,
-            token_ids,
-            logprobs,
-            seq.finish_reason,
-            seq.num_prompt_tokens,
-            seq.num_new_tokens,
-            seq.error,
+            seq.request_id, text, token_ids, logprobs, seq.finish_reason, seq.num_prompt_tokens, num_new, seq.error
         )

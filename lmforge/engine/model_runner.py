@@ -79,10 +79,17 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, sched: SchedulerOutput, sample_rows: list[int]) -> torch.Tensor | None:
+    def forward(self, sched: SchedulerOutput, sample_rows: list[int], patch=None) -> torch.Tensor | None:
         """Run one step; returns float32 logits [len(sample_rows), vocab] for the listed batch rows
-        (None when no row samples, e.g. a step of prefill chunks only)."""
+        (None when no row samples, e.g. a step of prefill chunks only).
+
+        patch = (rows, src, tokens): input_ids[rows] = tokens[src], on the device, for tokens sampled
+        by the previous step that the host has not read yet."""
         ctx = self.build_context(sched)
+        if patch is not None:
+            rows, src, tokens = patch
+            dst = torch.as_tensor(rows, device=self.device)
+            ctx.input_ids.index_copy_(0, dst, tokens.index_select(0, torch.as_tensor(src, device=self.device)))
         if self.graph_runner is not None and self.graph_runner.can_run(ctx):
             hidden = self.graph_runner.run(ctx)
         else:

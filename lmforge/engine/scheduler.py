@@ -64,7 +64,7 @@ class Scheduler:
         bm = self.block_manager
         # running sequences, oldest first; the newest are preempted when blocks run out
         for seq in list(self.running):
-            if seq not in self.running:  # preempted by an older sequence in this loop
+            if seq not in self.running or seq.is_draining:  # preempted in this loop, or finishing
                 continue
             pending = seq.num_pending_tokens
             num = pending if pending == 1 else min(pending, budget)

@@ -12,6 +12,9 @@ import torch
 
 from lmforge.messages import GenerationConfig
 
+# token_ids entry of a token sampled by a step still in flight; replaced once the step is read
+PLACEHOLDER = -1
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -41,8 +44,10 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_preemptions: int = 0
-    # emitted-so-far bookkeeping for streaming deltas
-    num_emitted_tokens: int = 0
+    # row of this sequence's token in the sampled tensor of the step in flight (see PLACEHOLDER)
+    inflight_row: int | None = None
+    # its length limit is reached by a token in flight: schedule no further step
+    is_draining: bool = False
 
     @property
     def num_tokens(self) -> int:
