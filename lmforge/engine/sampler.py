@@ -1,0 +1,230 @@
+"""Batched sampler: the engine hands it the float32 last-token logits of every running sequence once per step.
+
+Order (HF logits-processor order where they overlap): penalties -> bad/min-token masks -> guide mask ->
+temperature -> top-k -> top-p -> min-p -> draw. Greedy rows take the argmax after the masks. Everything is batched
+over rows; only rows with their own seeded generator or a grammar guide get a Python loop, and nothing here calls
+`.item()`/`.tolist()`, so the step stays free of host<->device syncs until the engine reads the token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain, islice
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from lmforge.messages import GenerationConfig
+
+
+class Guide(Protocol):
+    def fill_mask(self, logits_row: torch.Tensor) -> None:
+        """Set disallowed tokens of a vocab-sized 1-D row to -inf, in place."""
+
+
+class SamplingSeq(Protocol):
+    """What the sampler reads from the engine's Sequence."""
+
+    gen_config: GenerationConfig
+    generator: torch.Generator | None  # on the logits' device; set when random_seed is given
+    token_ids: list[int]  # prompt + generated so far
+    num_prompt_tokens: int
+    num_new_tokens: int
+    stop_ids: list[int]  # eos ids (unless ignore_eos) + stop_token_ids
+    guide: Guide | None
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: torch.Tensor  # [num_seqs] int64
+    logprobs: torch.Tensor | None = None  # [num_seqs] float32, log-softmax of the raw logits at the chosen token
+    top_ids: torch.Tensor | None = None  # [num_seqs, k] int64, k = max logprobs asked in the batch
+    top_logprobs: torch.Tensor | None = None  # [num_seqs, k] float32
+
+
+# Rows of the packed per-row parameter tensor (one host->device copy per call).
+_TEMP, _TOP_P, _MIN_P, _TOP_K, _REP, _PRES, _FREQ, _GREEDY = range(8)
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+
+    def __call__(self, logits: torch.Tensor, seqs: Sequence[SamplingSeq]) -> SampleResult:
+        """logits: [num_seqs, >= vocab_size] float32 (padded vocab columns are ignored); it is not modified."""
+        logits = logits[:, : self.vocab_size]
+        cfgs = [s.gen_config for s in seqs]
+        params = self._pack_params(cfgs)
+        raw_logprobs = logits.log_softmax(dim=-1) if any(c.logprobs is not None for c in cfgs) else None
+
+        has_rep = any(c.repetition_penalty != 1.0 for c in cfgs)
+        has_pres_freq = any(c.presence_penalty != 0.0 or c.frequency_penalty != 0.0 for c in cfgs)
+        masked = self._mask_pairs(seqs)
+        guided = [i for i, s in enumerate(seqs) if s.guide is not None]
+        if (masked is not None or guided) and not (has_rep or has_pres_freq):
+            logits = logits.clone()  # masks write in place; the caller's tensor stays raw
+        if has_rep or has_pres_freq:
+            logits = self._apply_penalties(logits, seqs, params, has_rep)
+        if masked is not None:
+            logits.index_put_(masked, logits.new_full((), float("-inf")))
+        for i in guided:
+            seqs[i].guide.fill_mask(logits[i])
+
+        token_ids = logits.argmax(dim=-1)
+        if not all(c.is_greedy for c in cfgs):
+            sampled_ids = self._sample(logits, seqs, cfgs, params)
+            token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)
+        return _with_logprobs(token_ids, raw_logprobs, cfgs)
+
+    def _to_device(self, data: list | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # A plain torch.tensor(..., device='cuda') copies from pageable memory and waits for the stream (a sync);
+        # a pinned buffer lets the copy queue behind the forward pass instead.
+        t = torch.as_tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _pack_params(self, cfgs: list[GenerationConfig]) -> torch.Tensor:
+        """[8, num_seqs] float32; greedy rows get neutral sampling values so they never change the batch's work."""
+        rows: list[list[float]] = [[] for _ in range(8)]
+        for c in cfgs:
+            greedy = c.is_greedy
+            top_k = c.top_k if 0 < c.top_k < self.vocab_size else 0
+            rows[_TEMP].append(1.0 if greedy else c.temperature)
+            # top_p == 1 must keep the whole tail even when the float cumsum reaches 1.0 early.
+            rows[_TOP_P].append(float("inf") if greedy or c.top_p >= 1.0 else c.top_p)
+            rows[_MIN_P].append(0.0 if greedy else c.min_p)
+            rows[_TOP_K].append(0.0 if greedy else float(top_k))
+            rows[_REP].append(c.repetition_penalty)
+            rows[_PRES].append(c.presence_penalty)
+            rows[_FREQ].append(c.frequency_penalty)
+            rows[_GREEDY].append(1.0 if greedy else 0.0)
+        return self._to_device(rows, torch.float32)
+
+    def _mask_pairs(self, seqs: Sequence[SamplingSeq]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row, token) index pairs forced to -inf: bad tokens always, stop ids until min_new_tokens is reached."""
+        rows: list[int] = []
+        tokens: list[int] = []
+        for i, s in enumerate(seqs):
+            cfg = s.gen_config
+            banned = list(cfg.bad_token_ids or ())
+            if s.num_new_tokens < cfg.min_new_tokens:
+                banned += s.stop_ids
+            banned = [t for t in banned if t < self.vocab_size]
+            rows += [i] * len(banned)
+            tokens += banned
+        if not rows:
+            return None
+        pairs = self._to_device([rows, tokens], torch.int64)
+        return pairs[0], pairs[1]
+
+    def _history(self, seqs: Sequence[SamplingSeq], with_prompt: bool) -> tuple[torch.Tensor, ...]:
+        """Flattened token history on the device: (row, token id, is_generated), one entry per token.
+
+        This is O(total tokens) host work per step, so only penalised batches pay it; np.fromiter over the lists
+        is ~10x faster than torch.tensor on nested lists, and rows are expanded on the device.
+        """
+        starts = [0 if with_prompt else s.num_prompt_tokens for s in seqs]
+        lengths = [len(s.token_ids) - start for s, start in zip(seqs, starts, strict=True)]
+        total = sum(lengths)
+        ids = chain.from_iterable(islice(s.token_ids, start, None) for s, start in zip(seqs, starts, strict=True))
+        tokens = self._to_device(torch.from_numpy(np.fromiter(ids, dtype=np.int64, count=total)), torch.int64)
+        num_prompt = [s.num_prompt_tokens - start for s, start in zip(seqs, starts, strict=True)]
+        lengths_t, num_prompt_t = self._to_device([lengths, num_prompt], torch.int64)
+        # output_size keeps repeat_interleave from reading the total back from the device (a sync).
+        rows = torch.arange(len(seqs), device=tokens.device).repeat_interleave(lengths_t, output_size=total)
+        position = torch.arange(total, device=tokens.device) - (lengths_t.cumsum(0) - lengths_t)[rows]
+        return rows, tokens, position >= num_prompt_t[rows]
+
+    def _apply_penalties(
+        self, logits: torch.Tensor, seqs: Sequence[SamplingSeq], params: torch.Tensor, has_rep: bool
+    ) -> torch.Tensor:
+        """Repetition penalty (HF RepetitionPenaltyLogitsProcessor, over prompt + output: positive logits divided,
+        negative multiplied), then the OpenAI penalties over generated tokens only:
+        logit -= frequency * count + presence * (count > 0)."""
+        rows, tokens, is_generated = self._history(seqs, with_prompt=has_rep)
+        flat_ids = rows * logits.shape[1] + tokens  # scatter on the flat view: atomics, no index_put sort
+        if has_rep:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            seen.view(-1).scatter_(0, flat_ids, True)
+            penalty = params[_REP][:, None]
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        counts = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        counts.view(-1).scatter_add_(0, flat_ids, is_generated.to(logits.dtype))
+        return logits - params[_FREQ][:, None] * counts - params[_PRES][:, None] * (counts > 0).to(logits.dtype)
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: Sequence[SamplingSeq], cfgs: list[GenerationConfig], params: torch.Tensor
+    ) -> torch.Tensor:
+        sampling = [c for c in cfgs if not c.is_greedy]
+        top_ks = [c.top_k if 0 < c.top_k < self.vocab_size else 0 for c in sampling]
+        logits = logits / params[_TEMP][:, None]
+        if any(c.top_p < 1.0 for c in sampling):
+            # top-p needs the candidates in order: all of them, or only the top max-k when every row has a top-k.
+            if all(top_ks):
+                candidates, candidate_ids = logits.topk(max(top_ks), dim=-1)
+            else:
+                candidates, candidate_ids = logits.sort(dim=-1, descending=True)
+            logits = _top_k_top_p(logits, candidates, candidate_ids, params[_TOP_K], params[_TOP_P])
+        elif any(top_ks):
+            logits = _top_k(logits, params[_TOP_K], max(top_ks))
+        probs = logits.softmax(dim=-1)
+        if any(c.min_p > 0.0 for c in sampling):
+            threshold = params[_MIN_P][:, None] * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., draws a token with probability p (renormalised),
+        # so filtered rows need no renormalisation. Seeded rows redraw their noise from their own generator:
+        # their tokens then depend only on their own logits and seed, not on the batch around them.
+        noise = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if s.generator is not None and not cfgs[i].is_greedy:
+                noise[i].exponential_(generator=s.generator)
+        # exponential_ may return exactly 0; 0/0 would be NaN, which argmax would pick.
+        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Keep logits >= the row's k-th largest (ties kept, as HF TopKLogitsWarper); top_k 0 = off."""
+    values = logits.topk(max_k, dim=-1).values
+    kth = values.gather(1, (top_k.long().clamp(min=1) - 1)[:, None])
+    kth = kth.masked_fill(top_k[:, None] == 0, float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_k_top_p(
+    logits: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """candidates: [num_seqs, n] logits in descending order (the whole sorted row, or its top max-k) and their ids.
+    Both filters work on them; the survivors are scattered back to vocab order, everything else is -inf."""
+    kth = candidates.gather(1, (top_k.long().clamp(min=1) - 1).clamp(max=candidates.shape[1] - 1)[:, None])
+    kth = kth.masked_fill(top_k[:, None] == 0, float("-inf"))
+    candidates = candidates.masked_fill(candidates < kth, float("-inf"))
+    # Keep a token while the mass strictly before it is < top_p: the smallest set with mass >= top_p,
+    # and always the first token (HF TopPLogitsWarper gives the same set).
+    probs = candidates.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    drop[:, 0] = False
+    candidates = candidates.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, candidate_ids, candidates)
+
+
+def _with_logprobs(
+    token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, cfgs: list[GenerationConfig]
+) -> SampleResult:
+    """Logprobs come from the raw logits: OpenAI reports the model's distribution, not the sampling one."""
+    if raw_logprobs is None:
+        return SampleResult(token_ids)
+    chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    k = max(c.logprobs for c in cfgs if c.logprobs is not None)
+    if k == 0:
+        return SampleResult(token_ids, chosen)
+    top_logprobs, top_ids = raw_logprobs.topk(k, dim=-1)
+    return SampleResult(token_ids, chosen, top_ids, top_logprobs)
