@@ -163,6 +163,8 @@ class Engine:
         if not gen_config.ignore_eos:
             eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
             stop_ids += [t for t in eos + self.model_config.eos_token_ids if t not in stop_ids]
+        if gen_config.bad_words and self.tokenizer is not None:
+            gen_config = _with_bad_word_ids(gen_config, self.tokenizer)
         generator = None
         if gen_config.random_seed is not None and not gen_config.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(gen_config.random_seed)
@@ -361,3 +363,15 @@ class Engine:
         return RequestOutput(
             seq.request_id, text, token_ids, logprobs, seq.finish_reason, seq.num_prompt_tokens, num_new, seq.error
         )
+
+
+def _with_bad_word_ids(gen_config: GenerationConfig, tokenizer) -> GenerationConfig:
+    """bad_words -> bad_token_ids: a word that is one token (alone or after a space) is never sampled."""
+    ids = set(gen_config.bad_token_ids or ())
+    for word in gen_config.bad_words:
+        for variant in (word, " " + word):
+            tokens = tokenizer.encode(variant, add_special_tokens=False)
+            if len(tokens) == 1:
+                ids.add(tokens[0])
+    fields = {name: getattr(gen_config, name) for name in gen_config.__dataclass_fields__}
+    return GenerationConfig(**{**fields, "bad_token_ids": sorted(ids)})

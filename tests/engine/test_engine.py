@@ -141,3 +141,11 @@ def test_model_errors_are_clear(tmp_path, tiny_llama_dir):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="FancyNewForCausalLM.*custom_module_map"):
         Engine(str(bad), PytorchEngineConfig(device_type="cpu"))
+
+
+def test_bad_words_are_never_sampled(engine):
+    (free,) = run(engine, [prompt(engine)], [GenerationConfig(max_new_tokens=6, ignore_eos=True)])
+    banned = free["tokens"][0]
+    word = engine.tokenizer.hf.convert_tokens_to_string([engine.tokenizer.hf.convert_ids_to_tokens(banned)])
+    (r,) = run(engine, [prompt(engine)], [GenerationConfig(max_new_tokens=6, ignore_eos=True, bad_words=[word])])
+    assert banned not in r["tokens"]
