@@ -8,11 +8,22 @@ import sys
 from .common import add_engine_args, add_sampling_args, engine_config, generation_config
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The pipeline, or None after printing why the model could not be loaded."""
     from lmforge.pipeline import pipeline
 
+    try:
+        return pipeline(args.model, engine_config(args))
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return None
+
+
+def _chat(args: argparse.Namespace) -> int:
     print("loading model ...", file=sys.stderr, flush=True)
-    pipe = pipeline(args.model, engine_config(args))
+    pipe = _load(args)
+    if pipe is None:
+        return 2
     gen = generation_config(args)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("type a message (Ctrl-D or /exit to quit, /reset to start over)", file=sys.stderr)
@@ -47,9 +58,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lmforge.pipeline import pipeline
-
-    pipe = pipeline(args.model, engine_config(args))
+    pipe = _load(args)
+    if pipe is None:
+        return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     try:
         for delta in pipe.stream_infer(prompt, generation_config(args)):

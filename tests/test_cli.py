@@ -1,0 +1,59 @@
+"""The `lmforge` command line: every subcommand has --help; chat is multi-turn over stdin; errors are clear."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.cli.main import build_parser, main
+
+
+@pytest.mark.parametrize("cmd", ["chat", "generate", "check_env"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: lmforge" in capsys.readouterr().out
+
+
+def test_chat_is_multi_turn_over_stdin(tiny_llama_dir):
+    stdin = "Once upon a time\nhéllo\n/exit\n"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge.cli.main",
+            "chat",
+            tiny_llama_dir,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--num-cpu-blocks",
+            "64",
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2
+
+
+def test_generate_on_a_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "hi", "--model", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_check_env_names_the_failing_step(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "architectures": ["NoSuchModel"], '
+        '"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, '
+        '"vocab_size": 10}'
+    )
+    assert main(["check_env", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "resolve the model class" in err and "NoSuchModel" in err
