@@ -1,0 +1,152 @@
+"""GGUF models: HF config, tokenizer and HF-named, dequantized weights from one .gguf file.
+
+`files.iter_weights` sends .gguf paths here; the engine gets the config and tokenizer through the same path,
+so a GGUF file stands in for a whole HF folder. Nothing is written to disk.
+"""
+
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from lmforge.weights.dequant import can_dequantize, dequantize
+from lmforge.weights.errors import WeightFileError
+from lmforge.weights.gguf_config import GGUFFamily, gguf_config_dict, gguf_family, gguf_hf_config_from_file
+from lmforge.weights.gguf_file import GGUFFile, GGUFTensorInfo, read_gguf
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# blk.{i}.<gguf module> -> model.layers.{i}.<HF module>
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_FAMILY_LAYER_NAMES = {
+    "gemma2": {"ffn_norm": "pre_feedforward_layernorm"},  # these have four norms per layer
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},  # Phi-3 keeps gate and up fused in one tensor
+}
+# rope factors live in the config (see gguf_config._rope_scaling), not in the model's parameters
+_CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+
+
+def gguf_hf_config(path: str) -> transformers.PretrainedConfig:
+    """The HF config of a GGUF model (`architectures`, sizes, rope, special token ids, tied embeddings)."""
+    return gguf_hf_config_from_file(read_gguf(path))
+
+
+def gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
+    """The model's fast tokenizer, rebuilt by transformers from the vocabulary and merges in the metadata."""
+    file = read_gguf(path)  # a clear WeightFileError for a broken file before transformers sees it
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+    except Exception as e:  # transformers raises many types here; the user needs the file name and the cause
+        raise WeightFileError(f"GGUF file {path}: could not build its tokenizer ({type(e).__name__}: {e})") from e
+    # older transformers versions leave these unset for some vocabularies; the metadata is the source of truth
+    template = file.metadata.get("tokenizer.chat_template")
+    if tokenizer.chat_template is None and isinstance(template, str):
+        tokenizer.chat_template = template
+    for role in ("bos", "eos"):
+        token_id = file.metadata.get(f"tokenizer.ggml.{role}_token_id")
+        if getattr(tokenizer, f"{role}_token") is None and token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+    return tokenizer
+
+
+def iter_gguf_weights(
+    path: str, dtype: torch.dtype, device: str | torch.device = "cpu", progress: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, tensor)` for every weight: dequantized to `dtype` on `device`, torch [out, in] order,
+    q/k rows back in HF's rotate-half layout. The bytes move to `device` before dequantizing, so a GPU does
+    the unpacking when one is given.
+    """
+    file = read_gguf(path)
+    family = gguf_family(file)
+    config = gguf_config_dict(file)
+    plan = [(info, _hf_name(file, family, info.name)) for info in file.tensors.values()]
+    for info, _ in plan:  # fail before yielding anything, not halfway through a model load
+        if not can_dequantize(info.ggml_type):
+            raise WeightFileError(
+                f"GGUF file {path}: tensor {info.name!r} uses quantization type {info.type_name}, which lmforge "
+                "cannot dequantize. Use a file quantized as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, IQ*, F16, "
+                "BF16 or F32."
+            )
+    bar = tqdm(plan, desc=f"Loading {os.path.basename(path)}", unit="tensor", disable=_bar_disabled(progress))
+    for info, hf_name in bar:
+        if hf_name is None:
+            continue
+        yield hf_name, _load_tensor(file, family, config, info, hf_name, dtype, torch.device(device))
+
+
+def _bar_disabled(progress: bool) -> bool:
+    return not progress or not sys.stderr.isatty()
+
+
+def _hf_name(file: GGUFFile, family: GGUFFamily, name: str) -> str | None:
+    if name in _CONFIG_ONLY_TENSORS:
+        return None
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".")  # blk.{i}.{module}.{weight|bias}
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
+        modules = _FAMILY_LAYER_NAMES.get(file.architecture, {})
+        module = modules.get(parts[2], _LAYER_NAMES.get(parts[2]))
+        if module is not None:
+            return f"model.layers.{parts[1]}.{module}.{parts[3]}"
+    raise WeightFileError(
+        f"GGUF file {file.path}: tensor {name!r} has no known HF name for a {family.architecture} model; "
+        "the file may come from a newer llama.cpp than lmforge supports."
+    )
+
+
+def _load_tensor(
+    file: GGUFFile,
+    family: GGUFFamily,
+    config: dict,
+    info: GGUFTensorInfo,
+    hf_name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    raw = file.raw(info).to(device)
+    is_norm = family.norm_offset != 0 and hf_name.endswith("norm.weight")
+    tensor = dequantize(raw, info.ggml_type, info.shape, torch.float32 if is_norm else dtype)
+    if is_norm:  # subtract in float32: the offset is large next to the learned part
+        tensor = (tensor - family.norm_offset).to(dtype)
+    if family.permute_qk and ".self_attn.q_proj." in hf_name:
+        tensor = _unpermute_rows(tensor, config["num_attention_heads"])
+    elif family.permute_qk and ".self_attn.k_proj." in hf_name:
+        tensor = _unpermute_rows(tensor, config["num_key_value_heads"])
+    return tensor
+
+
+def _unpermute_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation.
+
+    Its convert script regroups each head's rows [first half | second half] (HF rotate-half pairs row r with
+    r + head_dim/2) into interleaved pairs (2r, 2r + 1) for its rotary kernel: it views the rows as
+    [num_heads, 2, head_dim/2] and swaps the last two axes. Swapping them back restores HF's order; k uses
+    the KV head count.
+    """
+    head_dim = tensor.shape[0] // num_heads
+    grouped = tensor.reshape(num_heads, head_dim // 2, 2, *tensor.shape[1:])
+    return grouped.transpose(1, 2).reshape(tensor.shape).contiguous()
