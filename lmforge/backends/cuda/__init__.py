@@ -1,0 +1,16 @@
+"""CUDA backend: the ops lmforge.nn asks for, served by the Triton kernels of lmforge.kernels.cuda.
+An op missing here falls back to the cpu reference (the registry does that), which runs on CUDA tensors too."""
+
+from .activation import gelu_and_mul, silu_and_mul
+from .attention import fill_kv_cache, paged_attention
+from .norm import rms_norm
+from .rotary import apply_rotary
+
+OPS = {
+    "rms_norm": rms_norm,
+    "silu_and_mul": silu_and_mul,
+    "gelu_and_mul": gelu_and_mul,
+    "apply_rotary": apply_rotary,
+    "fill_kv_cache": fill_kv_cache,
+    "paged_attention": paged_attention,
+}

@@ -1,0 +1,183 @@
+"""Decode attention over the paged KV cache (one query token per sequence), flash-decoding style.
+
+Decode is memory-bound: the floor is reading each sequence's K and V once. So one program serves all
+query heads that share a KV head (GQA), and each sequence's keys are split into `num_splits` slices
+handled by separate programs, whose partial results (output normalised per slice, plus its log-sum-exp)
+a second kernel combines.
+
+CUDA-graph safe: the grid depends only on shapes (num_splits comes from the block table's width, never
+from kv lengths). Each program reads its sequence's kv length on the device, cuts the visible key range
+into num_splits equal runs of BLOCK_N keys, and returns at once when its run is empty.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, NEG_BIG, check_out, dot_precision, tanh
+
+
+@triton.jit
+def _split_range(kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Chunks [start, end) of BLOCK_N keys that this split covers, and the first visible key."""
+    lo = 0
+    if WINDOW:  # the query sits at kv_len - 1; key j is visible iff kv_len - 1 - j < window
+        lo = tl.maximum(kv_len - window, 0)
+    first = lo // BLOCK_N
+    num_chunks = tl.cdiv(kv_len, BLOCK_N) - first
+    per_split = tl.cdiv(num_chunks, num_splits)
+    start = first + split * per_split
+    end = tl.minimum(start + per_split, first + num_chunks)
+    return lo, start, end
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_seqlens_ptr, part_out_ptr,
+                         part_lse_ptr, scale, softcap, window, group_size, head_dim, v_dim, block_size, num_splits,
+                         stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+                         stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
+                         SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(kv_seqlens_ptr + seq)
+    lo, start, end = _split_range(kv_len, window, split, num_splits, WINDOW, BLOCK_N)
+    if start >= end:
+        return
+
+    g = tl.arange(0, BLOCK_G)
+    heads = kv_head * group_size + g
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_mask = (g[:, None] < group_size) & (d[None, :] < head_dim)
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    k_base = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
+    v_base = v_cache_ptr + kv_head * stride_vh + dv[None, :] * stride_vd
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for chunk in range(start, end):
+        j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_mask = (j >= lo) & (j < kv_len)
+        block_id = tl.load(table + j // block_size, mask=j_mask, other=0).to(tl.int64)
+        row = block_id * stride_kb + (j % block_size) * stride_ks
+        k = tl.load(k_base + row[:, None], mask=j_mask[:, None] & (d[None, :] < head_dim), other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        if SOFTCAP:
+            s = softcap * tanh(s * (scale / softcap)) * LOG2E
+        else:
+            s = s * (scale * LOG2E)
+        s = tl.where(j_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_row = block_id * stride_vb + (j % block_size) * stride_vs
+        v = tl.load(v_base + v_row[:, None], mask=j_mask[:, None] & (dv[None, :] < v_dim), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # partials: out [seqs, heads, splits, BLOCK_DV], lse [seqs, heads, splits] (log2 domain)
+    part = (seq * group_size * tl.num_programs(1) + heads) * num_splits + split
+    out_mask = (g[:, None] < group_size) & (dv[None, :] < v_dim)
+    tl.store(part_out_ptr + part[:, None] * BLOCK_DV + dv[None, :], acc / l_i[:, None], mask=out_mask)
+    tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g < group_size)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, kv_seqlens_ptr, out_ptr, window, v_dim, num_splits,
+                          stride_ot, stride_oh, stride_od,
+                          WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_DV: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_len = tl.load(kv_seqlens_ptr + seq)
+    splits = tl.arange(0, BLOCK_S)
+    _, start, end = _split_range(kv_len, window, splits, num_splits, WINDOW, BLOCK_N)
+    valid = (splits < num_splits) & (start < end)  # the same test the split programs used to skip
+    part = (seq * tl.num_programs(1) + head) * num_splits + splits
+    lse = tl.load(part_lse_ptr + part, mask=valid, other=float("-inf"))
+    m = tl.maximum(tl.max(lse, axis=0), NEG_BIG)
+    w = tl.where(valid, tl.exp2(lse - m), 0.0)
+    dv = tl.arange(0, BLOCK_DV)
+    parts = tl.load(part_out_ptr + part[:, None] * BLOCK_DV + dv[None, :], mask=valid[:, None], other=0.0)
+    w_sum = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0, w_sum, 1.0)  # no keys (padding row): zeros
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dv * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=dv < v_dim)
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def default_block_n(head_dim: int, v_dim: int) -> int:
+    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernels.py sweep)."""
+    block_d = max(triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim))
+    return 128 if block_d <= 64 else 64 if block_d <= 128 else 32
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int, device: torch.device) -> int:
+    """Enough programs for ~4 per SM (more splits only add partials to combine once the GPU is full), never
+    more splits than chunks of the longest possible sequence."""
+    wanted = triton.cdiv(4 * _num_sms(device), num_seqs * num_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_kv_len, block_n), 64))
+
+
+def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     kv_seqlens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                     logit_softcapping: float | None = None, v_head_dim: int | None = None,
+                     out: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """query [num_seqs, heads, d] -> [num_seqs, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
+
+    block_tables [num_seqs, max_blocks] int32, kv_seqlens [num_seqs] int32 (keys visible to each query, its own
+    included). out, if given, receives the result. num_splits / block_n / num_warps / num_stages override the
+    launch heuristics (the benchmark sweeps them).
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, k_dim = k_cache.shape
+    v_dim = v_head_dim or v_cache.shape[-1]
+    if k_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"query {tuple(query.shape)} does not fit k_cache {tuple(k_cache.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache.shape[-1]:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} does not fit k_cache {tuple(k_cache.shape)}")
+    if block_tables.shape[0] != num_seqs or kv_seqlens.shape != (num_seqs,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / kv_seqlens {tuple(kv_seqlens.shape)} "
+                         f"do not match {num_seqs} sequences")
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    group_size = num_heads // num_kv_heads
+    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
+    block_n = block_n or default_block_n(head_dim, v_dim)
+    if num_splits is None:
+        num_splits = default_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n,
+                                        query.device)
+    out = check_out(out, query, (num_seqs, num_heads, v_dim))
+    if num_seqs == 0:
+        return out
+    part_out = torch.empty(num_seqs, num_heads, num_splits, block_dv, dtype=torch.float32, device=query.device)
+    part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    window = sliding_window or 0
+    softcap = logit_softcapping or 0.0
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, kv_seqlens, part_out, part_lse, scale, softcap, window, group_size,
+        head_dim, v_dim, block_size, num_splits, *query.stride(), *k_cache.stride(), *v_cache.stride(),
+        block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window),
+        BLOCK_G=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        part_out, part_lse, kv_seqlens, out, window, v_dim, num_splits, *out.stride(), WINDOW=bool(window),
+        BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv, num_warps=4,
+    )
+    return out
+

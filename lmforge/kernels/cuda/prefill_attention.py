@@ -1,0 +1,155 @@
+"""Variable-length causal attention whose keys and values come from the paged cache (prefill and
+mixed batches).
+
+Queries are the flat new tokens (sequence i owns rows q_start_loc[i] : +q_seqlens[i]); the cache holds
+all kv_seqlens[i] keys of sequence i, the last q_seqlens[i] of them being this step's tokens. So query
+row r of sequence i sits at position kv_seqlens[i] - q_seqlens[i] + r, which is what makes chunked
+prefill and prefix caching work: a cached prefix is just keys that no query of this step wrote.
+Flash-attention style: one program per (query head, BLOCK_M queries, sequence), online softmax over
+BLOCK_N keys at a time; key chunks that every query of the block may see skip the causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, NEG_BIG, check_out, dot_precision, tanh
+
+
+@triton.jit
+def _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v_base, block_size, stride_kb,
+                  stride_ks, stride_vb, stride_vs, d_mask, dv_mask, scale, softcap,
+                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_mask = j < kv_len
+    block_id = tl.load(table + j // block_size, mask=j_mask, other=0).to(tl.int64)
+    offset = j % block_size
+    k = tl.load(k_base + (block_id * stride_kb + offset * stride_ks)[:, None], mask=j_mask[:, None] & d_mask,
+                other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP:
+        s = softcap * tanh(s * (scale / softcap)) * LOG2E
+    else:
+        s = s * (scale * LOG2E)
+    if MASKED:
+        visible = (j[None, :] <= pos[:, None]) & j_mask[None, :]
+        if WINDOW:
+            visible = visible & ((pos[:, None] - j[None, :]) < window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + (block_id * stride_vb + offset * stride_vs)[:, None], mask=j_mask[:, None] & dv_mask,
+                other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, q_start_ptr, q_seqlens_ptr,
+                              kv_seqlens_ptr, scale, softcap, window, group_size, head_dim, v_dim, block_size,
+                              stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+                              stride_vb, stride_vs, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_bt,
+                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+    # heads vary fastest in launch order, so the group_size heads reading the same keys run together (L2 reuse)
+    head = tl.program_id(0)
+    m_block = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_len = tl.load(q_seqlens_ptr + seq)
+    if m_block * BLOCK_M >= q_len:
+        return
+    q_start = tl.load(q_start_ptr + seq).to(tl.int64)
+    kv_len = tl.load(kv_seqlens_ptr + seq)
+    kv_head = head // group_size
+
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len
+    pos = kv_len - q_len + rows  # position of each query among its sequence's keys
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    d_mask = d[None, :] < head_dim
+    dv_mask = dv[None, :] < v_dim
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd,
+                mask=row_mask[:, None] & d_mask, other=0.0)
+    k_base = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
+    v_base = v_cache_ptr + kv_head * stride_vh + dv[None, :] * stride_vd
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    first_pos = kv_len - q_len + m_block * BLOCK_M
+    last_pos = tl.minimum(first_pos + BLOCK_M, kv_len) - 1
+    if WINDOW:  # the earliest key any query of the block may see; every chunk gets the full mask
+        lo_chunk = tl.maximum(first_pos - window + 1, 0) // BLOCK_N
+    else:  # chunks wholly at or before the first query's position are visible to every query
+        lo_chunk = (first_pos + 1) // BLOCK_N
+        for chunk in range(0, lo_chunk):
+            acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v_base,
+                                          block_size, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
+                                          scale, softcap, False, SOFTCAP, WINDOW, BLOCK_N, DOT_PRECISION)
+    for chunk in range(lo_chunk, tl.cdiv(last_pos + 1, BLOCK_N)):
+        acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v_base,
+                                      block_size, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
+                                      scale, softcap, True, SOFTCAP, WINDOW, BLOCK_N, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dv[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dv_mask)
+
+
+def _launch_config(block_d: int, max_q_seqlen: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): register/shared-memory budget by head dim."""
+    if block_d > 128:
+        return 64, 32, 8, 2
+    if max_q_seqlen <= 64:
+        return 64, 64, 4, 2
+    return (128, 64, 8, 2) if block_d > 64 else (128, 64, 4, 2)
+
+
+def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      q_start_loc: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor, max_q_seqlen: int,
+                      scale: float, sliding_window: int | None = None, logit_softcapping: float | None = None,
+                      v_head_dim: int | None = None, out: torch.Tensor | None = None,
+                      config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """query [num_tokens, heads, d] -> [num_tokens, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
+
+    Per-sequence tensors (block_tables [num_seqs, max_blocks], q_start_loc, q_seqlens, kv_seqlens [num_seqs])
+    are int32 on the device; max_q_seqlen (a host int, at least every q_seqlens[i]) sizes the grid.
+    out, if given, receives the result; config (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the launch
+    heuristic (the benchmark sweeps it).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, k_dim = k_cache.shape
+    v_dim = v_head_dim or v_cache.shape[-1]
+    num_seqs = q_seqlens.shape[0]
+    if k_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"query {tuple(query.shape)} does not fit k_cache {tuple(k_cache.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache.shape[-1]:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} does not fit k_cache {tuple(k_cache.shape)}")
+    if block_tables.shape[0] != num_seqs or q_start_loc.shape != (num_seqs,) or kv_seqlens.shape != (num_seqs,):
+        raise ValueError("block_tables, q_start_loc, q_seqlens and kv_seqlens must all have num_seqs rows")
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    out = check_out(out, query, (num_tokens, num_heads, v_dim))
+    if num_tokens == 0 or max_q_seqlen <= 0:
+        return out
+    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
+    block_m, block_n, num_warps, num_stages = config or _launch_config(max(block_d, block_dv), max_q_seqlen)
+    window = sliding_window or 0
+    softcap = logit_softcapping or 0.0
+    grid = (num_heads, triton.cdiv(max_q_seqlen, block_m), num_seqs)
+    _prefill_attention_kernel[grid](
+        query, k_cache, v_cache, out, block_tables, q_start_loc, q_seqlens, kv_seqlens, scale, softcap, window,
+        num_heads // num_kv_heads, head_dim, v_dim, block_size, *query.stride(), *k_cache.stride(), *v_cache.stride(),
+        *out.stride(), block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window), BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
