@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import psutil
 import torch
 
 from lmforge.config import CacheConfig, ModelConfig
@@ -26,6 +25,8 @@ def bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dty
 def num_cpu_blocks(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> int:
     if cache_config.num_cpu_blocks:
         return cache_config.num_cpu_blocks
+    import psutil
+
     budget = min(psutil.virtual_memory().available * 0.25, _CPU_CACHE_CAP_BYTES)
     return max(1, int(budget // bytes_per_block(model_config, cache_config.block_size, dtype)))
 

@@ -18,7 +18,6 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from lmforge.weights.errors import WeightFileError
-from lmforge.weights.gguf import iter_gguf_weights
 
 __all__ = ["WeightFileError", "iter_weights", "find_weight_files"]
 
@@ -44,6 +43,8 @@ def iter_weights(
     """
     kind, files = find_weight_files(model_path)
     if kind == "gguf":
+        from lmforge.weights.gguf import iter_gguf_weights  # needs the gguf package: only for GGUF files
+
         yield from iter_gguf_weights(files[0], dtype or torch.float32, device, progress=progress)
         return
     check, read = (_check_safetensors, _read_safetensors) if kind == "safetensors" else (_check_torch, _read_torch)
