@@ -40,6 +40,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # total, for metrics
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -54,6 +55,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
