@@ -109,6 +109,8 @@ class Engine:
         # overlap host work with the device only where launches are asynchronous
         self.overlap = self.device.type == "cuda"
         self._inflight: _Inflight | None = None
+        if device_type == "cuda":
+            self._warmup()
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "engine ready in %.1f s: %s on %s (%s), KV cache %d blocks x %d tokens (%.2f GiB), session_len %d",
@@ -136,6 +138,20 @@ class Engine:
         from .cuda_graph import CudaGraphRunner
 
         return CudaGraphRunner(self)
+
+    def _warmup(self) -> None:
+        """Compile the kernels a first real batch needs (prefill, mixed and decode steps, greedy and
+        sampled rows), so no request pays for Triton compilation."""
+        lengths = [n for n in (1, 17, 100, 333) if n < self.session_len - 8]
+        for i, n in enumerate(lengths):
+            gen = GenerationConfig(max_new_tokens=4, ignore_eos=True, do_sample=bool(i % 2), temperature=0.7)
+            self.add_request([i % self.vocab_size] * n, gen, request_id=f"warmup-{i}")
+            self.step()
+        while self.has_unfinished():
+            self.step()
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.block_manager.num_cache_hit_tokens = 0
+        self.scheduler.num_preemptions = 0
 
     @property
     def model_name(self) -> str:

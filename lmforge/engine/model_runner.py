@@ -14,6 +14,7 @@ from torch import nn
 from lmforge.model_inputs import AttnMetadata, StepContext, StepContextManager
 
 from .scheduler import SchedulerOutput
+from .staging import PinnedStaging
 
 
 class ModelRunner:
@@ -31,11 +32,7 @@ class ModelRunner:
         self.has_get_logits = callable(getattr(model, "get_logits", None))
         self.graph_runner = graph_runner
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        self.staging = PinnedStaging(device)
 
     def build_context(
         self,
@@ -86,7 +83,7 @@ class ModelRunner:
         i64[tail : tail + n_patch] = patch_rows
         i64[tail + n_patch :] = patch_src
         i32[num_seqs * max_blocks :] = np.concatenate([q_start_loc, q_lens, kv_lens]).astype(np.int32)
-        d64, d32 = self._to_device(i64), self._to_device(i32)
+        d64, d32 = self.staging.to_device(i64), self.staging.to_device(i32)
         base = num_seqs * max_blocks
         meta = AttnMetadata(
             is_decoding=num_tokens == num_seqs,

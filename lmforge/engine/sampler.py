@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from lmforge.engine.staging import PinnedStaging
 from lmforge.messages import GenerationConfig
 
 
@@ -52,6 +53,7 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self.staging = PinnedStaging(self.device)
 
     def __call__(self, logits: torch.Tensor, seqs: Sequence[SamplingSeq]) -> SampleResult:
         """logits: [num_seqs, >= vocab_size] float32 (padded vocab columns are ignored); it is not modified."""
@@ -82,10 +84,7 @@ class Sampler:
     def _to_device(self, data: list | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # A plain torch.tensor(..., device='cuda') copies from pageable memory and waits for the stream (a sync);
         # a pinned buffer lets the copy queue behind the forward pass instead.
-        t = torch.as_tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return self.staging.to_device(torch.as_tensor(data, dtype=dtype))
 
     def _pack_params(self, cfgs: list[GenerationConfig]) -> torch.Tensor:
         """[8, num_seqs] float32; greedy rows get neutral sampling values so they never change the batch's work."""

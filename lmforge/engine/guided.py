@@ -1,0 +1,161 @@
+"""Guided decoding: constrain sampling to a JSON grammar (OpenAI `response_format`) with xgrammar.
+
+The server builds one `Guide` per request; the sampler calls `fill_mask` on the request's logits row before
+sampling, the engine calls `accept` with the sampled token and ends the request ('stop') once `is_terminated()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import xgrammar
+
+logger = logging.getLogger(__name__)
+
+# Building a TokenizerInfo walks the whole vocabulary (~1 s for 50k tokens), so one compiler per tokenizer is kept;
+# the compiler itself caches compiled grammars, so repeated schemas cost nothing.
+_COMPILERS: dict[tuple, tuple[Any, xgrammar.GrammarCompiler]] = {}
+_COMPILERS_LOCK = threading.Lock()
+
+
+def _compiler(tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | None) -> xgrammar.GrammarCompiler:
+    import xgrammar as xgr
+
+    key = (id(tokenizer_hf), vocab_size, tuple(stop_token_ids or ()))
+    with _COMPILERS_LOCK:
+        entry = _COMPILERS.get(key)
+        # The tokenizer object is kept in the entry so its id() cannot be reused by another object.
+        if entry is None or entry[0] is not tokenizer_hf:
+            info = xgr.TokenizerInfo.from_huggingface(
+                tokenizer_hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) if stop_token_ids else None
+            )
+            entry = (tokenizer_hf, xgr.GrammarCompiler(info, max_threads=2))
+            _COMPILERS[key] = entry
+        return entry[1]
+
+
+class Guide:
+    """Per-request grammar state. Not thread-safe: one request's tokens come from one engine loop."""
+
+    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(self.matcher.stop_token_ids)
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._device_bitmask: torch.Tensor | None = None
+        self.rejected_token: int | None = None
+
+    def fill_mask(self, logits_row: torch.Tensor) -> None:
+        """Set the logits of tokens the grammar forbids to -inf, in place. `logits_row`: [vocab] (model vocab)."""
+        if logits_row.dim() != 1:
+            raise ValueError(f"fill_mask expects a 1-D logits row, got shape {tuple(logits_row.shape)}")
+        if self.is_terminated():
+            # Should not be asked again; allow only the stop tokens so the request ends cleanly.
+            keep = logits_row[self.stop_token_ids].clone()
+            logits_row.fill_(float("-inf"))
+            logits_row[self.stop_token_ids] = keep
+            return
+        self.matcher.fill_next_token_bitmask(self._bitmask)
+        bitmask = self._bitmask
+        if logits_row.device.type != "cpu":
+            if self._device_bitmask is None or self._device_bitmask.device != logits_row.device:
+                self._device_bitmask = torch.empty_like(bitmask, device=logits_row.device)
+            self._device_bitmask.copy_(bitmask, non_blocking=True)
+            bitmask = self._device_bitmask
+        num = min(self.vocab_size, logits_row.shape[0])
+        self._xgr.apply_token_bitmask_inplace(logits_row.unsqueeze(0), bitmask, vocab_size=num)
+        # Ids past the tokenizer-aware vocab (padded model vocab) are never valid grammar tokens.
+        if logits_row.shape[0] > num:
+            logits_row[num:] = float("-inf")
+
+    def accept(self, token_id: int) -> None:
+        """Advance the grammar with the sampled token.
+
+        A token the mask forbade (the sampler overrode it, e.g. every logit was -inf) cannot be undone; the guide
+        then counts as terminated so the request ends instead of looping on a dead grammar. It never raises,
+        because it runs inside the engine step.
+        """
+        if self.rejected_token is None and not self.matcher.accept_token(int(token_id)):
+            self.rejected_token = int(token_id)
+            logger.warning("token %d is outside the response_format grammar; ending the request", token_id)
+
+    def is_terminated(self) -> bool:
+        return self.rejected_token is not None or self.matcher.is_terminated()
+
+
+def _schema_of(response_format: dict) -> dict | bool:
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ValueError("response_format.json_schema must be an object with a 'schema' field")
+    schema = spec.get("schema", spec.get("json_schema"))
+    if schema is None:
+        raise ValueError("response_format.json_schema.schema is required")
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"response_format.json_schema.schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError("response_format.json_schema.schema must be a JSON object")
+    return schema
+
+
+def _bound_strings(node: Any) -> Any:
+    """Copy of a schema where length-bounded strings carry an equivalent `pattern`.
+
+    xgrammar (<= 0.2.8, issue mlc-ai/xgrammar#800) lowers minLength/maxLength to a character class that admits raw
+    control characters, so the output may not parse as JSON; its pattern path escapes correctly, and a pattern
+    takes precedence over the length keywords.
+    """
+    if isinstance(node, list):
+        return [_bound_strings(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bound_strings(v) for k, v in node.items()}
+    lo, hi = node.get("minLength"), node.get("maxLength")
+    is_bound = all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in (lo, hi))
+    if (lo is not None or hi is not None) and is_bound and "pattern" not in node and "format" not in node:
+        out["pattern"] = f"^.{{{lo or 0},{'' if hi is None else hi}}}$"
+    return out
+
+
+def build_guide(
+    response_format: dict, tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | None = None
+) -> Guide:
+    """Compile `response_format` ({'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': ...}}).
+
+    `vocab_size` is the model's (logits) vocab, which may exceed the tokenizer's. `stop_token_ids` end the
+    grammar once it is complete (default: the tokenizer's eos). Raises ValueError for an
+    unsupported type or a schema the grammar library rejects. Compiling can take ~0.1 s: call it off the event loop.
+    """
+    if not isinstance(response_format, dict):
+        raise ValueError("response_format must be an object")
+    kind = response_format.get("type")
+    vocab_size = max(int(vocab_size), len(tokenizer_hf))
+    compiler = _compiler(tokenizer_hf, vocab_size, stop_token_ids)
+    try:
+        if kind == "json_object":
+            compiled = compiler.compile_builtin_json_grammar()
+        elif kind == "json_schema":
+            schema = _schema_of(response_format)
+            # strict_mode forbids properties the schema does not name, and no free whitespace: small models
+            # otherwise wander into endless extra keys or blanks instead of closing the object.
+            compiled = compiler.compile_json_schema(
+                json.dumps(_bound_strings(schema)), strict_mode=True, any_whitespace=False
+            )
+        else:
+            raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    except ValueError:
+        raise
+    except Exception as exc:  # xgrammar raises RuntimeError / its own errors for unsupported schemas
+        raise ValueError(f"invalid response_format schema: {exc}") from None
+    return Guide(compiled, vocab_size)
