@@ -72,14 +72,16 @@ class Scheduler:
             num = pending if pending == 1 else min(pending, budget)
             if num <= 0:
                 continue
-            while not bm.can_allocate(seq, seq.num_computed_tokens + num):
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                continue
-            bm.allocate(seq, seq.num_computed_tokens + num)
+            total = seq.num_computed_tokens + num
+            if total > len(seq.block_ids) * bm.block_size:  # most decode steps fit in the last block
+                while not bm.can_allocate(seq, total):
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    continue
+                bm.allocate(seq, total)
             out.seqs.append(seq)
             out.num_tokens.append(num)
             if num > 1:
