@@ -92,6 +92,24 @@ def main() -> None:
     log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     while engine.has_unfinished():
         engine.step()
+    engine.add_request(reqs[0][0], GenerationConfig(max_new_tokens=64, ignore_eos=True))
+    for _ in range(8):
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        engine.step()
+    torch.cuda.synchronize()
+    emit(device=device_name("cuda"), kind="bs1_decode_step", ms=round((time.perf_counter() - t0) / 20 * 1e3, 3))
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+    log("batch-1 decode steps:\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+    while engine.has_unfinished():
+        engine.step()
     for ids, _ in reqs[:16]:
         engine.add_request(ids, gen(1))
     torch.cuda.synchronize()
