@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-prefill-token-num", type=int, default=8192)
     p.add_argument("--skip", default="", help="comma list of measures to skip: throughput, bs1")
+    p.add_argument("--no-warmup", action="store_true", help="no 16-request warm-up before the timed runs")
     args = p.parse_args()
 
     from lmforge.engine.engine import Engine
@@ -155,9 +156,12 @@ def main() -> None:
         )
 
     warm = random.Random(123)
-    run(engine, [([warm.randint(10, VOCAB - 1) for _ in range(64)], sampled(16 + 4 * i)) for i in range(16)])
+    if not args.no_warmup:
+        run(engine, [([warm.randint(10, VOCAB - 1) for _ in range(64)], sampled(16 + 4 * i)) for i in range(16)])
     if "throughput" not in args.skip:
+        engine.step_stats = dict.fromkeys(engine.step_stats, 0)
         wall, ttfts, n_out = run(engine, [(ids, sampled(n)) for ids, n in reqs])
+        host = {k: round(v, 3) for k, v in engine.step_stats.items()}
         n_in = sum(len(ids) for ids, _ in reqs)
         ttfts.sort()
         emit(
@@ -173,6 +177,7 @@ def main() -> None:
             in_tokens=n_in,
             wrong_length_requests=int(n_out != sum(n for _, n in reqs)),
             peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            host=host,
         )
     if "bs1" not in args.skip:
         greedy = GenerationConfig(max_new_tokens=256, min_new_tokens=256, top_k=1, ignore_eos=True)

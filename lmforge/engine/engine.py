@@ -109,6 +109,9 @@ class Engine:
         # overlap host work with the device only where launches are asynchronous
         self.overlap = self.device.type == "cuda"
         self._inflight: _Inflight | None = None
+        # where host time goes: schedule / launch (inputs, forward and sampling enqueued) / process (the
+        # device sync and per-token work); read by benchmarks and metrics
+        self.step_stats = dict.fromkeys(("steps", "decode_steps", "schedule_s", "launch_s", "process_s"), 0)
         if device_type == "cuda":
             self._warmup()
         self.load_seconds = time.perf_counter() - start
@@ -150,6 +153,7 @@ class Engine:
         while self.has_unfinished():
             self.step()
         self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.step_stats = dict.fromkeys(self.step_stats, 0)
         self.block_manager.num_cache_hit_tokens = 0
         self.scheduler.num_preemptions = 0
 
@@ -242,17 +246,26 @@ class Engine:
         outputs = [
             self._finish(seq, "length") for seq in list(self.scheduler.waiting) if seq.gen_config.max_new_tokens == 0
         ]
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if self._inflight is not None and not self._can_overlap(sched):
             outputs += self._process(self._inflight)
             self._inflight = None
+        t1 = time.perf_counter()
         launched = self._launch(sched, outputs)
+        t2 = time.perf_counter()
         if self._inflight is not None:
             outputs += self._process(self._inflight)
         self._inflight = launched
         if launched is not None and not self.overlap:
             outputs += self._process(launched)
             self._inflight = None
+        st = self.step_stats
+        st["steps"] += 1
+        st["decode_steps"] += bool(sched.seqs) and sched.is_decoding
+        st["schedule_s"] += t1 - t0
+        st["launch_s"] += t2 - t1
+        st["process_s"] += time.perf_counter() - t2
         return outputs
 
     def _can_overlap(self, sched: SchedulerOutput) -> bool:
