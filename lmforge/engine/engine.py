@@ -59,8 +59,9 @@ class _Inflight:
     seqs: list[Sequence]
     sampled: list[Sequence]
     slots: list[int]  # index in each sampled sequence's token_ids of its placeholder
-    token_ids: torch.Tensor | None
-    result: SampleResult | None
+    token_ids: torch.Tensor | None  # on the device: the next step reads its placeholders from here
+    result: SampleResult | None  # host copies (pinned) once `ready` has fired
+    ready: torch.cuda.Event | None = None
 
 
 class Engine:
@@ -323,12 +324,26 @@ class Engine:
             slots.append(len(seq.token_ids) - 1)
             # no further step for a sequence whose length limit this token reaches
             seq.is_draining = seq.num_new_tokens >= seq.gen_config.max_new_tokens or seq.num_tokens >= self.session_len
-        return _Inflight(sched.seqs, sampled, slots, token_ids, result)
+        ready = None
+        if result is not None and self.device.type == "cuda":
+            # copy the results out now, queued right behind this step: reading them later waits for this
+            # step only, not for the next one, which is launched before they are read
+            result = SampleResult(
+                *(
+                    None if t is None else _to_host(t)
+                    for t in (result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)
+                )
+            )
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Inflight(sched.seqs, sampled, slots, token_ids, result, ready)
 
     def _process(self, step: _Inflight) -> list[RequestOutput]:
         """Read a launched step's tokens (the device sync) and turn them into outputs."""
         outputs: list[RequestOutput] = []
         if step.sampled:
+            if step.ready is not None:
+                step.ready.synchronize()
             r = step.result
             token_ids = r.token_ids.tolist()
             logprobs = r.logprobs.tolist() if r.logprobs is not None else None
@@ -392,6 +407,11 @@ class Engine:
         return RequestOutput(
             seq.request_id, text, token_ids, logprobs, seq.finish_reason, seq.num_prompt_tokens, num_new, seq.error
         )
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
 
 
 def _with_bad_word_ids(gen_config: GenerationConfig, tokenizer) -> GenerationConfig:
