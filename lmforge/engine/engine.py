@@ -144,12 +144,22 @@ class Engine:
         return CudaGraphRunner(self)
 
     def _warmup(self) -> None:
-        """Compile the kernels a first real batch needs (prefill, mixed and decode steps, greedy and
-        sampled rows), so no request pays for Triton compilation."""
-        lengths = [n for n in (1, 17, 100, 333) if n < self.session_len - 8]
+        """Run a small burst through the real loop at start: prefill chunks short and long (one a full
+        max_prefill_token_num chunk), mixed and decode steps, greedy and sampled rows, logprobs. Kernel
+        compilation and library autotuning then happen here, not under the first real requests."""
+        limit = self.session_len - 8
+        lengths = sorted(
+            {min(n, limit) for n in (1, 17, 100, 333, 1100, self.engine_config.max_prefill_token_num + 50)}
+        )
         for i, n in enumerate(lengths):
-            gen = GenerationConfig(max_new_tokens=4, ignore_eos=True, do_sample=bool(i % 2), temperature=0.7)
-            self.add_request([i % self.vocab_size] * n, gen, request_id=f"warmup-{i}")
+            gen = GenerationConfig(
+                max_new_tokens=4,
+                ignore_eos=True,
+                do_sample=bool(i % 2),
+                temperature=0.7,
+                logprobs=2 if i == 2 else None,
+            )
+            self.add_request([(i + 3) % self.vocab_size] * n, gen, request_id=f"warmup-{i}")
             self.step()
         while self.has_unfinished():
             self.step()

@@ -35,7 +35,8 @@ def _split_range(kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_
     return lo, start, end
 
 
-@triton.jit
+# split count and block-table width vary with the batch: no variant per value
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_seqlens_ptr, part_out_ptr,
                          part_lse_ptr, scale, softcap, window, group_size, head_dim, v_dim, block_size, num_splits,
                          stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
@@ -91,7 +92,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_s
     tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g < group_size)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, kv_seqlens_ptr, out_ptr, window, v_dim, num_splits,
                           stride_ot, stride_oh, stride_od,
                           WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,

@@ -49,7 +49,8 @@ def _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v
     return acc, m_new, l_i
 
 
-@triton.jit
+# block-table width varies per step: specialising on it would compile a variant mid-serving
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, q_start_ptr, q_seqlens_ptr,
                               kv_seqlens_ptr, scale, softcap, window, group_size, head_dim, v_dim, block_size,
                               stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
