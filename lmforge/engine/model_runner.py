@@ -53,14 +53,26 @@ class ModelRunner:
         q_start_loc = np.cumsum(q_lens) - q_lens
         last = q_start_loc + q_lens - 1
         sample = last if sample_rows is None or len(sample_rows) == num_seqs else last[sample_rows]
-        # int64 pack: input ids | positions | slot mapping | last rows | sample rows | patch rows | patch sources
+        # two packs (int64, int32), one copy each; every segment starts 16-byte aligned, because Triton
+        # compiles a kernel variant per pointer alignment and a misaligned slice would mean a new variant
         n_patch = len(patch_rows)
-        i64 = np.empty(3 * num_tokens + num_seqs + len(sample) + 2 * n_patch, dtype=np.int64)
-        input_ids, positions = i64[:num_tokens], i64[num_tokens : 2 * num_tokens]
-        slot_mapping = i64[2 * num_tokens : 3 * num_tokens]
-        # int32 pack: block tables | q start | q lens | kv lens
-        i32 = np.zeros(num_seqs * max_blocks + 3 * num_seqs, dtype=np.int32)
-        block_tables = i32[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
+        p64 = _Pack(
+            np.int64,
+            {
+                "ids": num_tokens,
+                "pos": num_tokens,
+                "slots": num_tokens,
+                "last": num_seqs,
+                "sample": len(sample),
+                "patch_rows": n_patch,
+                "patch_src": n_patch,
+            },
+        )
+        p32 = _Pack(
+            np.int32, {"tables": num_seqs * max_blocks, "q_start": num_seqs, "q_lens": num_seqs, "kv_lens": num_seqs}
+        )
+        input_ids, positions, slot_mapping = p64["ids"], p64["pos"], p64["slots"]
+        block_tables = p32["tables"].reshape(num_seqs, max_blocks)
         if num_tokens == num_seqs:  # decode: one token per sequence, no per-sequence slicing
             for i, seq in enumerate(sched.seqs):
                 input_ids[i] = seq.token_ids[seq.num_computed_tokens]
@@ -75,23 +87,22 @@ class ModelRunner:
                 offset += n
         seq_index = np.repeat(np.arange(num_seqs), q_lens)
         slot_mapping[:] = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        tail = 3 * num_tokens
-        i64[tail : tail + num_seqs] = last
-        i64[tail + num_seqs : tail + num_seqs + len(sample)] = sample
-        sample_at = tail + num_seqs
-        tail = sample_at + len(sample)
-        i64[tail : tail + n_patch] = patch_rows
-        i64[tail + n_patch :] = patch_src
-        i32[num_seqs * max_blocks :] = np.concatenate([q_start_loc, q_lens, kv_lens]).astype(np.int32)
-        d64, d32 = self.staging.to_device(i64), self.staging.to_device(i32)
-        base = num_seqs * max_blocks
+        p64["last"][:] = last
+        p64["sample"][:] = sample
+        p64["patch_rows"][:] = patch_rows
+        p64["patch_src"][:] = patch_src
+        p32["q_start"][:] = q_start_loc
+        p32["q_lens"][:] = q_lens
+        p32["kv_lens"][:] = kv_lens
+        d64 = p64.to_device(self.staging)
+        d32 = p32.to_device(self.staging)
         meta = AttnMetadata(
             is_decoding=num_tokens == num_seqs,
-            block_tables=d32[:base].view(num_seqs, max_blocks),
-            q_start_loc=d32[base : base + num_seqs],
-            q_seqlens=d32[base + num_seqs : base + 2 * num_seqs],
-            kv_seqlens=d32[base + 2 * num_seqs :],
-            slot_mapping=d64[2 * num_tokens : 3 * num_tokens],
+            block_tables=d32["tables"].view(num_seqs, max_blocks),
+            q_start_loc=d32["q_start"],
+            q_seqlens=d32["q_lens"],
+            kv_seqlens=d32["kv_lens"],
+            slot_mapping=d64["slots"],
             max_q_seqlen=int(q_lens.max()),
             max_kv_seqlen=int(kv_lens.max()),
             block_size=bs,
@@ -99,19 +110,14 @@ class ModelRunner:
             kv_seqlens_list=kv_lens.tolist(),
         )
         ctx = StepContext(
-            input_ids=d64[:num_tokens],
-            position_ids=d64[num_tokens : 2 * num_tokens],
+            input_ids=d64["ids"],
+            position_ids=d64["pos"],
             attn_metadata=meta,
             kv_caches=self.kv_caches,
             is_decoding=meta.is_decoding,
-            last_token_indices=d64[3 * num_tokens : 3 * num_tokens + num_seqs],
+            last_token_indices=d64["last"],
         )
-        extra = {
-            "sample": d64[sample_at : sample_at + len(sample)],
-            "patch_rows": d64[tail : tail + n_patch],
-            "patch_src": d64[tail + n_patch :],
-        }
-        return ctx, extra
+        return ctx, {k: d64[k] for k in ("sample", "patch_rows", "patch_src")}
 
     @torch.inference_mode()
     def forward(self, sched: SchedulerOutput, sample_rows: list[int], patch=None) -> torch.Tensor | None:
@@ -138,3 +144,23 @@ class ModelRunner:
         if hidden.dim() == 3:  # a seed-style model returning [1, num_tokens, vocab]
             hidden = hidden[0]
         return hidden.index_select(0, rows).float()
+
+
+class _Pack:
+    """Named segments of one flat host array, each starting on a 16-byte boundary."""
+
+    def __init__(self, dtype, sizes: dict[str, int]):
+        align = 16 // np.dtype(dtype).itemsize
+        self.offsets, total = {}, 0
+        for name, n in sizes.items():
+            self.offsets[name] = (total, n)
+            total += -(-n // align) * align
+        self.array = np.zeros(max(total, 1), dtype=dtype)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        start, n = self.offsets[name]
+        return self.array[start : start + n]
+
+    def to_device(self, staging) -> dict[str, torch.Tensor]:
+        flat = staging.to_device(self.array)
+        return {name: flat[start : start + n] for name, (start, n) in self.offsets.items()}
