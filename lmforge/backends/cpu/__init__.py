@@ -2,6 +2,7 @@
 
 from .activation import gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
+from .moe import fused_moe
 from .norm import rms_norm
 from .rotary import apply_rotary
 
@@ -12,4 +13,5 @@ OPS = {
     "apply_rotary": apply_rotary,
     "fill_kv_cache": fill_kv_cache,
     "paged_attention": paged_attention,
+    "fused_moe": fused_moe,
 }

@@ -54,6 +54,9 @@ def _step_layout(meta: AttnMetadata, sliding_window: int | None, device: torch.d
         "dst": dst,
         "mask": mask[:, None],  # [num_seqs, 1, max_q, kv_len]
         "block_tables": meta.block_tables[:, :num_blocks].long(),
+        # slots past a sequence's length were never written: the cache is torch.empty, so they may hold NaN,
+        # and a masked NaN still poisons the output (0 * NaN in p @ v); they are zeroed after the gather
+        "unwritten": (kpos[None, :] >= kv_lens[:, None])[:, None, :, None],  # [num_seqs, 1, kv_len, 1]
     }
     meta.scratch[key] = layout
     return layout
@@ -90,8 +93,8 @@ def paged_attention(
         q[layout["dst"]] = query
         q = q.view(num_seqs, max_q, num_heads, head_dim)
     q = q.transpose(1, 2)  # [num_seqs, heads, max_q, dim]
-    k = _gather(k_cache, layout["block_tables"]).to(query.dtype)
-    v = _gather(v_cache, layout["block_tables"]).to(query.dtype)
+    k = _gather(k_cache, layout["block_tables"]).to(query.dtype).masked_fill(layout["unwritten"], 0)
+    v = _gather(v_cache, layout["block_tables"]).to(query.dtype).masked_fill(layout["unwritten"], 0)
     if v_head_dim is not None and v.shape[-1] != v_head_dim:
         v = v[..., :v_head_dim]
     mask = layout["mask"]

@@ -1,0 +1,24 @@
+"""Gemma2 parity with HF transformers on tiny random configs (fp32, CPU backend, tolerance 1e-4): soft-capped attention
+and logits, alternating sliding window, four norms per layer, query_pre_attn_scalar. Each case runs a batch of
+prompts of different lengths through the engine; the preemption case also prefills in 8-token chunks and runs out of
+KV blocks, so sequences are preempted and recomputed."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.check_env.parity import PREEMPTION, run_parity
+
+CASES = {
+    "batch": {},
+    "preemption": PREEMPTION,
+    "no_final_cap_exact_gelu": dict(overrides=dict(final_logit_softcapping=None, hidden_activation="gelu")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gemma2_parity(case):
+    result = run_parity("gemma2", **CASES[case])
+    assert result.passed, result.table()
+    if case == "preemption":
+        assert result.num_preemptions > 0

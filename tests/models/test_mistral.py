@@ -1,0 +1,24 @@
+"""Mistral parity with HF transformers on tiny random configs (fp32, CPU backend, tolerance 1e-4): sliding-window
+attention on every layer (window 8, prompts up to 30 tokens). Each case runs a batch of prompts of different lengths
+through the engine; the preemption case also prefills in 8-token chunks and runs out of KV blocks, so sequences are
+preempted and recomputed."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.check_env.parity import PREEMPTION, run_parity
+
+CASES = {
+    "batch": {},
+    "preemption": PREEMPTION,
+    "no_window": dict(overrides=dict(sliding_window=None)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mistral_parity(case):
+    result = run_parity("mistral", **CASES[case])
+    assert result.passed, result.table()
+    if case == "preemption":
+        assert result.num_preemptions > 0
