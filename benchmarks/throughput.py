@@ -143,6 +143,7 @@ def main() -> None:
     graphs = engine.graph_runner.capture_seconds if engine.graph_runner else 0.0
     base.update(
         load_s=round(load_s, 2),
+        load_breakdown=engine.load_breakdown,
         graph_capture_s=round(graphs, 2),
         kv_blocks=engine.block_manager.num_blocks,
         block_size=engine.engine_config.block_size,

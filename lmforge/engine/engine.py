@@ -76,7 +76,9 @@ class Engine:
         self.dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
+        t_model = time.perf_counter()
         self.model = build_model(source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map)
+        t_weights = time.perf_counter()
         self.cache_config = CacheConfig(
             block_size=cfg.block_size,
             num_gpu_blocks=cfg.num_gpu_blocks,
@@ -86,6 +88,7 @@ class Engine:
         )
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
         num_blocks = self._num_blocks(device_type)
+        t_cache = time.perf_counter()
         self.cache = ce.CacheEngine(self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
         max_pos = self.model_config.max_position_embeddings or 1 << 30
         capacity = num_blocks * cfg.block_size
@@ -99,6 +102,7 @@ class Engine:
             SchedulerConfig(self.max_batch_size, self.session_len, cfg.max_prefill_token_num), self.block_manager
         )
         self.graph_runner = self._build_graph_runner(device_type)
+        t_graphs = time.perf_counter()
         self.runner = ModelRunner(
             self.model, self.ctx_mgr, self.cache.kv_caches, cfg.block_size, self.device, self.graph_runner
         )
@@ -116,6 +120,17 @@ class Engine:
         if device_type == "cuda":
             self._warmup()
         self.load_seconds = time.perf_counter() - start
+        # seconds per start-up phase: config/tokenizer, weights, memory profile + KV cache, CUDA graphs, warm-up
+        self.load_breakdown = {
+            k: round(v, 2)
+            for k, v in (
+                ("source_s", t_model - start),
+                ("weights_s", t_weights - t_model),
+                ("kv_cache_s", t_cache - t_weights),
+                ("graphs_s", t_graphs - t_cache),
+                ("warmup_s", start + self.load_seconds - t_graphs),
+            )
+        }
         logger.info(
             "engine ready in %.1f s: %s on %s (%s), KV cache %d blocks x %d tokens (%.2f GiB), session_len %d",
             self.load_seconds,
