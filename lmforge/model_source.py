@@ -61,7 +61,7 @@ def load_hf_config(path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except ValueError as e:
         raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
 
@@ -78,7 +78,8 @@ def load_tokenizer(path: str, eos_token_ids: list[int], trust_remote_code: bool 
         return None
     from transformers import AutoTokenizer
 
-    return Tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), eos_token_ids)
+    hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    return Tokenizer(hf, eos_token_ids)
 
 
 def load_model_source(

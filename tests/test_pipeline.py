@@ -66,3 +66,22 @@ def test_folder_without_tokenizer_serves_token_ids(tiny_llama_dir, tmp_path):
     assert len(out.token_ids) == 3 and out.text == ""
     with pytest.raises(ValueError, match="token ids"):
         p("text needs a tokenizer")
+
+
+def test_response_format_json_schema(pipe):
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    gen = GenerationConfig(
+        max_new_tokens=40, response_format={"type": "json_schema", "json_schema": {"schema": schema}}
+    )
+    out = pipe("Give me a city as JSON", gen)
+    data = json.loads(out.text)
+    assert set(data) == {"city"} and isinstance(data["city"], str)
+    with pytest.raises(ValueError, match="response_format"):
+        pipe("x", GenerationConfig(max_new_tokens=4, response_format={"type": "xml"}))

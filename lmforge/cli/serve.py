@@ -10,22 +10,42 @@ from .common import add_engine_args, engine_config
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server with a chat page at /",
+        "serve",
+        help="OpenAI-compatible HTTP server with a chat page at /",
         description="Serve MODEL over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions), "
-                    "with /health, Prometheus /metrics and a chat page at /. MODEL defaults to the embedded "
-                    "SmolLM2-135M-Instruct. Binds 127.0.0.1 unless --host says otherwise.")
+        "with /health, Prometheus /metrics and a chat page at /. MODEL defaults to the embedded "
+        "SmolLM2-135M-Instruct. Binds 127.0.0.1 unless --host says otherwise.",
+    )
     p.add_argument("model", nargs="?", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=23333)
-    g.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/* (any of these keys)")
-    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="model name(s) clients send as 'model' (default: the model's own name)")
-    g.add_argument("--max-concurrent-requests", type=int, default=None,
-                   help="answer 429 to generation requests beyond this many in flight (default: no limit)")
-    g.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted")
+    g.add_argument(
+        "--api-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (any of these keys)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="model name(s) clients send as 'model' (default: the model's own name)",
+    )
+    g.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=None,
+        help="answer 429 to generation requests beyond this many in flight (default: no limit)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted",
+    )
     add_engine_args(p)
     p.set_defaults(func=run, log_level="INFO")  # INFO: one log line per request
 
@@ -44,9 +64,16 @@ def run(args: argparse.Namespace) -> int:
         return AsyncEngine(args.model, backend_config)
 
     try:
-        run_server(engine_factory, host=args.host, port=args.port, served_model_name=args.served_model_name,
-                   api_keys=args.api_keys, max_concurrent_requests=args.max_concurrent_requests,
-                   shutdown_timeout=args.shutdown_timeout, log_level=args.log_level.lower())
+        run_server(
+            engine_factory,
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            api_keys=args.api_keys,
+            max_concurrent_requests=args.max_concurrent_requests,
+            shutdown_timeout=args.shutdown_timeout,
+            log_level=args.log_level.lower(),
+        )
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

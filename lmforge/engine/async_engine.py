@@ -123,6 +123,10 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def is_healthy(self) -> bool:
+        """False once the engine loop has stopped (closed, or died on an error it could not contain)."""
+        return not self._closed and self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         return self._stats
 

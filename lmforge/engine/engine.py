@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from lmforge.config import CacheConfig, SchedulerConfig
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_inputs import StepContextManager
-from lmforge.model_source import load_model_source
+from lmforge.model_source import load_model_source, load_tokenizer
 
 from . import cache_engine as ce
 from .block_manager import BlockManager
@@ -71,8 +72,12 @@ class Engine:
         start = time.perf_counter()
         device_type = resolve_device_type(cfg.device_type)
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
-        source = load_model_source(model_path, cfg.trust_remote_code)
-        self.source, self.model_config, self.tokenizer = source, source.model_config, source.tokenizer
+        source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+        self.source, self.model_config = source, source.model_config
+        # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
+        tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
+            load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
+        )
         self.dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
@@ -117,6 +122,7 @@ class Engine:
         # where host time goes: schedule / launch (inputs, forward and sampling enqueued) / process (the
         # device sync and per-token work); read by benchmarks and metrics
         self.step_stats = dict.fromkeys(("steps", "decode_steps", "schedule_s", "launch_s", "process_s"), 0)
+        self.tokenizer = source.tokenizer = tokenizer_future.result()
         if device_type == "cuda":
             self._warmup()
         self.load_seconds = time.perf_counter() - start
@@ -209,6 +215,8 @@ class Engine:
         if not gen_config.ignore_eos:
             eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
             stop_ids += [t for t in eos + self.model_config.eos_token_ids if t not in stop_ids]
+        if guide is None and gen_config.response_format is not None:
+            guide = self._build_guide(gen_config.response_format)
         if gen_config.bad_words and self.tokenizer is not None:
             gen_config = _with_bad_word_ids(gen_config, self.tokenizer)
         generator = None
@@ -234,6 +242,16 @@ class Engine:
         self.prompt_tokens_total += len(input_ids)
         self.scheduler.add(seq)
         return request_id
+
+    def _build_guide(self, response_format: dict):
+        if self.tokenizer is None:
+            raise RequestError("response_format needs a tokenizer; this model folder has none")
+        from .guided import build_guide  # xgrammar is only needed for guided decoding
+
+        try:
+            return build_guide(response_format, self.tokenizer.hf, self.vocab_size, self.tokenizer.eos_token_ids)
+        except ValueError as e:
+            raise RequestError(f"invalid response_format: {e}") from e
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._requests.pop(request_id, None)
@@ -398,7 +416,11 @@ class Engine:
         self.generation_tokens_total += 1
         cfg = seq.gen_config
         if seq.guide is not None:
-            seq.guide.accept(token)
+            try:
+                seq.guide.accept(token)
+            except Exception as e:  # a grammar error fails this request only
+                seq.error = f"guided decoding failed: {e}"
+                return self._finish(seq, "error")
         finish, text, hit_stop_string = None, "", False
         num_new = slot - seq.num_prompt_tokens + 1  # a later step's placeholder may already follow this token
         if token in seq.stop_ids and num_new > cfg.min_new_tokens:

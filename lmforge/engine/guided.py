@@ -46,13 +46,24 @@ class Guide:
     def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int) -> None:
         import xgrammar as xgr
 
-        self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.vocab_size = vocab_size
         self.stop_token_ids = list(self.matcher.stop_token_ids)
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self._device_bitmask: torch.Tensor | None = None
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab / 32)] int32, bit set = allowed
+        self._shifts: torch.Tensor | None = None
         self.rejected_token: int | None = None
+
+    def _allowed(self, device: torch.device) -> torch.Tensor:
+        """The filled bitmask unpacked to bool [vocab_size] on `device`.
+
+        Plain torch ops rather than xgrammar's own apply kernel, so the CPU tests cover the exact code that runs
+        on a GPU, and no kernel needs compiling there.
+        """
+        if self._shifts is None or self._shifts.device != device:
+            self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+        words = self._bitmask[0].to(device, non_blocking=True)
+        bits = (words.unsqueeze(-1) >> self._shifts) & 1  # [num_words, 32], bit j of word i is token 32 * i + j
+        return bits.flatten()[: self.vocab_size].bool()
 
     def fill_mask(self, logits_row: torch.Tensor) -> None:
         """Set the logits of tokens the grammar forbids to -inf, in place. `logits_row`: [vocab] (model vocab)."""
@@ -65,17 +76,11 @@ class Guide:
             logits_row[self.stop_token_ids] = keep
             return
         self.matcher.fill_next_token_bitmask(self._bitmask)
-        bitmask = self._bitmask
-        if logits_row.device.type != "cpu":
-            if self._device_bitmask is None or self._device_bitmask.device != logits_row.device:
-                self._device_bitmask = torch.empty_like(bitmask, device=logits_row.device)
-            self._device_bitmask.copy_(bitmask, non_blocking=True)
-            bitmask = self._device_bitmask
         num = min(self.vocab_size, logits_row.shape[0])
-        self._xgr.apply_token_bitmask_inplace(logits_row.unsqueeze(0), bitmask, vocab_size=num)
+        allowed = self._allowed(logits_row.device)[:num]
+        logits_row[:num].masked_fill_(~allowed, float("-inf"))
         # Ids past the tokenizer-aware vocab (padded model vocab) are never valid grammar tokens.
-        if logits_row.shape[0] > num:
-            logits_row[num:] = float("-inf")
+        logits_row[num:] = float("-inf")
 
     def accept(self, token_id: int) -> None:
         """Advance the grammar with the sampled token.

@@ -1,0 +1,210 @@
+"""POST /v1/completions: prompts as text, token ids or batches of either; n choices per prompt, echo, logprobs."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from .context import ServeContext
+from .errors import APIError, invalid
+from .generation import (
+    SSE_DONE,
+    Choice,
+    RequestRecord,
+    build_gen_config,
+    check_context,
+    closer,
+    engine_error,
+    merge_outputs,
+    observe,
+    sse,
+)
+from .protocol import (
+    MAX_N,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from .streaming import EventStreamResponse, run_unless_disconnected
+
+MAX_CHOICES = 4 * MAX_N  # prompts x n in one request
+
+
+def _prompts(req: CompletionRequest, ctx: ServeContext) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) per prompt; text is None when the client sent ids."""
+    p = req.prompt
+    if isinstance(p, str):
+        items: list = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        items = [list(p)]
+    else:
+        items = list(p)
+    if not items:
+        raise invalid("prompt must not be empty", "prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if ctx.tokenizer is None:
+                raise invalid("this model has no tokenizer: send the prompt as token ids", "prompt")
+            out.append((item, ctx.tokenizer.encode(item, add_special_tokens=True)))
+        else:
+            bad = [t for t in item if t < 0 or t >= ctx.engine.vocab_size]
+            if bad:
+                raise invalid(
+                    f"token id {bad[0]} is outside this model's vocabulary [0, {ctx.engine.vocab_size})", "prompt"
+                )
+            out.append((None, list(item)))
+        if not out[-1][1]:
+            raise invalid("prompt must not be empty: it encodes to no tokens", "prompt")
+    return out
+
+
+def _logprobs(ctx: ServeContext, entries: list, offset: int, prompt_ids: list[int] | None) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs. Echoed prompt tokens carry no logprob (the engine does not score prompts)."""
+    lp = CompletionLogprobs()
+    tokens = [(t, None, None) for t in prompt_ids or []]
+    tokens += [(e.token_id, e.logprob, e.top) for e in entries]
+    for token_id, logprob, top in tokens:
+        s = ctx.token_strings(token_id)
+        lp.tokens.append(s)
+        lp.token_logprobs.append(None if logprob is None else max(logprob, -9999.0))
+        lp.top_logprobs.append(None if top is None else {ctx.token_strings(t): max(v, -9999.0) for t, v in top})
+        lp.text_offset.append(offset)
+        offset += len(s)
+    return lp
+
+
+async def create_completion(
+    req: CompletionRequest, ctx: ServeContext, request: Request, record: RequestRecord
+) -> CompletionResponse | EventStreamResponse:
+    arrival = time.perf_counter()
+    ctx.check_model(req.model)
+    prompts = _prompts(req, ctx)
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(prompts) * req.n}", "n")
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    record.request_id = rid
+    jobs, choices = [], []
+    for p, (_, ids) in enumerate(prompts):
+        max_new = check_context(len(ids), req.max_tokens, ctx.engine.session_len, "prompt")
+        record.prompt_tokens += len(ids)
+        for i in range(req.n):
+            cfg = build_gen_config(req, max_new, req.logprobs, i)
+            jobs.append((ids, cfg, f"{rid}-{len(choices)}", None))
+            choices.append(Choice(len(choices), prompt_index=p))
+    slot = ctx.acquire([job[2] for job in jobs])
+    if req.stream:
+        return EventStreamResponse(
+            _events(req, ctx, rid, prompts, jobs, choices, arrival, record), on_close=closer(slot, record, choices)
+        )
+    try:
+        return await run_unless_disconnected(request, _collect(req, ctx, rid, prompts, jobs, choices, arrival, record))
+    finally:
+        closer(slot, record, choices)()
+
+
+async def _collect(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, record) -> CompletionResponse:
+    try:
+        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
+            async for i, out in outputs:
+                c = choices[i]
+                observe(c, out, ctx.metrics, arrival, record)
+                if out.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {out.error}", "server_error")
+                c.text.append(out.text)
+                c.logprobs.extend(out.logprobs or [])
+    except APIError:
+        raise
+    except Exception as e:
+        raise engine_error(e, "prompt") from None
+    ctx.metrics.e2e.observe(time.perf_counter() - arrival)
+    result = []
+    for c in choices:
+        text, ids = prompts[c.prompt_index]
+        echo = (text if text is not None else ctx.tokenizer.decode(ids) if ctx.tokenizer else "") if req.echo else ""
+        lp = None
+        if req.logprobs is not None:
+            lp = _logprobs(ctx, c.logprobs, 0, ids if req.echo else None)
+        result.append(
+            CompletionChoice(index=c.index, text=echo + "".join(c.text), logprobs=lp, finish_reason=c.finish_reason)
+        )
+    usage = UsageInfo(
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        total_tokens=record.prompt_tokens + record.completion_tokens,
+    )
+    return CompletionResponse(id=rid, model=req.model, choices=result, usage=usage)
+
+
+async def _events(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, record) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    offsets = [0] * len(choices)
+
+    def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, finish: str | None) -> str:
+        body = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                    "finish_reason": finish,
+                }
+            ],
+        }
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    try:
+        if req.echo:
+            for c in choices:
+                text, ids = prompts[c.prompt_index]
+                text = text if text is not None else ctx.tokenizer.decode(ids) if ctx.tokenizer else ""
+                lp = _logprobs(ctx, [], 0, ids) if req.logprobs is not None else None
+                offsets[c.index] = len(text)
+                yield chunk(c.index, text, lp, None)
+        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
+            async for i, out in outputs:
+                c = choices[i]
+                observe(c, out, ctx.metrics, arrival, record)
+                if out.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {out.error}", "server_error")
+                lp = None
+                if req.logprobs is not None and out.logprobs:
+                    lp = _logprobs(ctx, out.logprobs, offsets[i], None)
+                offsets[i] += len(out.text)
+                if out.text or lp is not None or out.finish_reason is not None:
+                    yield chunk(i, out.text, lp, out.finish_reason)
+        ctx.metrics.e2e.observe(time.perf_counter() - arrival)
+        if include_usage:
+            usage = UsageInfo(
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+                total_tokens=record.prompt_tokens + record.completion_tokens,
+            )
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": req.model,
+                    "choices": [],
+                    "usage": usage.model_dump(),
+                }
+            )
+    except APIError as e:
+        yield sse(e.body())
+    except Exception as e:
+        yield sse(engine_error(e, "prompt").body())
+    yield SSE_DONE

@@ -1,0 +1,98 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, which would hide client disconnects from the endpoints):
+API-key checks on /v1/*, and the one log line per request with its id, tokens in/out and latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import APIError
+from .generation import RequestRecord
+from .metrics import ServerMetrics
+
+logger = logging.getLogger("lmforge.serve")
+QUIET_PATHS = ("/health", "/metrics")  # probes: logged at DEBUG so they do not drown the request log
+
+
+class AuthMiddleware:
+    """Bearer keys on /v1/*. Runs before body parsing, so a bad key is a 401 even when the body is malformed."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str]):
+        self.app = app
+        self.api_keys = [k.encode() for k in api_keys]
+
+    def _authorized(self, scope: Scope) -> str | None:
+        """None when the key is good, else the reason."""
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, key = header.partition(b" ")
+        if not header:
+            return (
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        if scheme.lower() != b"bearer" or not any(secrets.compare_digest(key.strip(), k) for k in self.api_keys):
+            return "Incorrect API key provided."
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            reason = self._authorized(scope)
+            if reason is not None:
+                code = "invalid_api_key" if reason.startswith("Incorrect") else "missing_api_key"
+                error = APIError(
+                    401, reason, "invalid_request_error", code=code, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class RequestLogMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        record = RequestRecord()
+        scope["lmforge_record"] = record
+        status = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        outcome = ""
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as e:
+            outcome = f" ({type(e).__name__})"
+            raise
+        finally:
+            path = scope["path"]
+            endpoint = path if path.startswith("/v1/") or path in QUIET_PATHS else "other"
+            self.metrics.http_requests.labels(endpoint, str(status or 500)).inc()
+            finish = ",".join(sorted(set(record.finish_reasons))) or "-"
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            logger.log(
+                level,
+                "%s %s %s %d in=%d out=%d finish=%s %.3fs%s",
+                record.request_id,
+                scope["method"],
+                path,
+                status,
+                record.prompt_tokens,
+                record.completion_tokens,
+                finish,
+                time.perf_counter() - start,
+                outcome,
+            )
