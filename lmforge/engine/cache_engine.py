@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from lmforge.config import CacheConfig, ModelConfig
@@ -75,9 +76,20 @@ class CacheEngine:
         v_shape = (num_blocks, block_size, kv_heads, model_config.v_head_dim)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         for _ in range(model_config.num_layers):
-            k = torch.empty(k_shape, dtype=dtype, device=device)
+            k = _cache_tensor(k_shape, dtype, device)
             if model_config.num_kv_caches == 2:
-                self.kv_caches.append((k, torch.empty(v_shape, dtype=dtype, device=device)))
+                self.kv_caches.append((k, _cache_tensor(v_shape, dtype, device)))
             else:
                 self.kv_caches.append((k, k))
         self.nbytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in set(layer))
+
+
+def _cache_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cache tensor whose unwritten slots are zeros, not garbage (NaN there would leak through masked
+    attention as 0 * NaN). On CPU the zeros come from calloc via numpy, so pages are committed only when
+    a block is first written; on GPU the kernels never read unwritten slots, so empty memory is fine."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros((*shape[:-1], shape[-1] * itemsize), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype)

@@ -54,9 +54,8 @@ def _step_layout(meta: AttnMetadata, sliding_window: int | None, device: torch.d
         "dst": dst,
         "mask": mask[:, None],  # [num_seqs, 1, max_q, kv_len]
         "block_tables": meta.block_tables[:, :num_blocks].long(),
-        # slots past a sequence's length were never written: the cache is torch.empty, so they may hold NaN,
-        # and a masked NaN still poisons the output (0 * NaN in p @ v); they are zeroed after the gather
-        "unwritten": (kpos[None, :] >= kv_lens[:, None])[:, None, :, None],  # [num_seqs, 1, kv_len, 1]
+        # additive form of the mask for the decode path: 0 where visible, -inf elsewhere
+        "bias": torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))[:, None],
     }
     meta.scratch[key] = layout
     return layout
@@ -86,17 +85,17 @@ def paged_attention(
     num_tokens, num_heads, head_dim = query.shape
     layout = _step_layout(meta, sliding_window, query.device)
     num_seqs, max_q = meta.num_seqs, meta.max_q_seqlen
-    if max_q == 1:
-        q = query.view(num_seqs, 1, num_heads, head_dim)
-    else:
-        q = query.new_zeros(num_seqs * max_q, num_heads, head_dim)
-        q[layout["dst"]] = query
-        q = q.view(num_seqs, max_q, num_heads, head_dim)
-    q = q.transpose(1, 2)  # [num_seqs, heads, max_q, dim]
-    k = _gather(k_cache, layout["block_tables"]).to(query.dtype).masked_fill(layout["unwritten"], 0)
-    v = _gather(v_cache, layout["block_tables"]).to(query.dtype).masked_fill(layout["unwritten"], 0)
+    # slots past a sequence's length hold zeros or stale finite values (the CPU cache starts zeroed), and
+    # the mask gives them zero weight
+    k = _gather(k_cache, layout["block_tables"]).to(query.dtype)
+    v = _gather(v_cache, layout["block_tables"]).to(query.dtype)
     if v_head_dim is not None and v.shape[-1] != v_head_dim:
         v = v[..., :v_head_dim]
+    if max_q == 1:
+        return _decode(query, k, v, layout["bias"], scale, logit_softcapping)
+    q = query.new_zeros(num_seqs * max_q, num_heads, head_dim)
+    q[layout["dst"]] = query
+    q = q.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [num_seqs, heads, max_q, dim]
     mask = layout["mask"]
     if logit_softcapping:
         rep = num_heads // k.shape[1]
@@ -109,6 +108,26 @@ def paged_attention(
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != num_heads)
     out = out.transpose(1, 2)  # [num_seqs, max_q, heads, v_dim]
-    if max_q == 1:
-        return out.reshape(num_tokens, num_heads, out.shape[-1])
     return out.reshape(num_seqs * max_q, num_heads, out.shape[-1])[layout["dst"]]
+
+
+def _decode(
+    query: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    logit_softcapping: float | None,
+) -> torch.Tensor:
+    """One query per sequence: two batched matmuls with the query heads of each KV head grouped, which
+    CPU BLAS runs far faster than a masked scaled_dot_product_attention call."""
+    num_seqs, num_heads, head_dim = query.shape
+    kv_heads = k.shape[1]
+    q = query.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)  # [seqs, kv_heads, group, dim]
+    # the gathered keys are [seqs, kv_heads, kv_len, dim] with kv_len strided: one copy first is cheaper
+    # than letting the matmul walk them strided
+    scores = torch.matmul(q, k.contiguous().transpose(-1, -2)).float() * scale  # [seqs, kv_heads, group, kv_len]
+    if logit_softcapping:
+        scores = torch.tanh(scores / logit_softcapping) * logit_softcapping
+    probs = (scores + bias).softmax(-1).to(v.dtype)  # bias [seqs, 1, 1, kv_len]
+    return torch.matmul(probs, v).reshape(num_seqs, num_heads, v.shape[-1])
