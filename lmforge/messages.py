@@ -55,11 +55,14 @@ class GenerationConfig:
             isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens,
             f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}",
         )
-        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(
+            0.01 <= self.repetition_penalty <= 100.0,
+            f"repetition_penalty must be in [0.01, 100] (1 = off), got {self.repetition_penalty}",
+        )
         _check(
             -2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"
         )
@@ -89,12 +92,15 @@ class GenerationConfig:
 
     @property
     def is_greedy(self) -> bool:
-        return self.top_k == 1 or not self.do_sample or self.temperature == 0.0
+        # a temperature this small makes logits / temperature overflow; it means greedy anyway
+        return self.top_k == 1 or not self.do_sample or self.temperature < 1e-5
 
 
 @dataclass(slots=True)
 class PytorchEngineConfig:
-    """Engine settings. `device_type=None` picks 'cuda' when a GPU is present, else 'cpu'."""
+    """Engine settings. `device_type=None` picks 'cuda' when a GPU is present, else 'cpu'. dtype 'auto' is the
+    checkpoint's float16/bfloat16 (else bfloat16) on CUDA; on CPU bfloat16 where the CPU computes it natively
+    (AVX512-BF16 or AMX), float32 otherwise."""
 
     dtype: str = "auto"
     device_type: str | None = None

@@ -11,7 +11,12 @@ from lmforge.messages import GenerationConfig, PytorchEngineConfig
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when a GPU is present")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="auto: bfloat16 on GPUs and on CPUs with native bf16, else float32",
+    )
     g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")

@@ -192,6 +192,12 @@ def _multinomial(probs: torch.Tensor, seqs, cfgs) -> torch.Tensor:
     """CPU draw: inverse-CDF sampling reads each row once, where the exponential race would first generate
     a random number per vocabulary entry (a third of a decode step for a small model on two cores).
     Seeded rows draw from their own generator, so they stay independent of the batch."""
+    # a row with no valid probability (NaN, or everything masked) must not fail the whole batch: it falls
+    # back to its most likely token
+    bad = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
+    if bad.any():
+        probs = probs.clone()
+        probs[bad] = torch.nn.functional.one_hot(probs[bad].nan_to_num(-1.0).argmax(-1), probs.shape[-1]).to(probs)
     out = torch.multinomial(probs, 1).squeeze(1)
     for i, s in enumerate(seqs):
         if s.generator is not None and not cfgs[i].is_greedy:
