@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import torch
 
 
 def git_sha() -> str:
+    """The checkout's commit; LMFORGE_GIT_SHA names it where the tree travels without .git (a device machine)."""
+    if os.environ.get("LMFORGE_GIT_SHA"):
+        return os.environ["LMFORGE_GIT_SHA"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
