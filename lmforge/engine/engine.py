@@ -27,40 +27,13 @@ from .errors import ContextLengthError, RequestError
 from .model_loader import build_model
 from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
+from .requests import build_request_guide, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
+from .startup import resolve_device_type, resolve_dtype, warmup
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device_type(device_type: str | None) -> str:
-    if device_type is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device_type='cuda' was asked for but torch sees no CUDA device; use device_type='cpu'")
-    return device_type
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_dtype(dtype: str, hf_config, device_type: str) -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device_type == "cpu":
-        # bf16 halves the bytes a memory-bound CPU decode moves, but only pays where the CPU computes it natively
-        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-    stored = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
-    if stored in (torch.float16, "float16"):
-        return torch.float16
-    return torch.bfloat16
 
 
 @dataclass(slots=True)
@@ -134,7 +107,7 @@ class Engine:
         self.step_stats = dict.fromkeys(("steps", "decode_steps", "schedule_s", "launch_s", "process_s"), 0)
         self.tokenizer = source.tokenizer = tokenizer_future.result()
         if device_type == "cuda":
-            self._warmup()
+            warmup(self)
         self.load_seconds = time.perf_counter() - start
         # seconds per start-up phase: config/tokenizer, weights, memory profile + KV cache, CUDA graphs, warm-up
         self.load_breakdown = {
@@ -174,31 +147,6 @@ class Engine:
 
         return CudaGraphRunner(self)
 
-    def _warmup(self) -> None:
-        """Run a small burst through the real loop at start: prefill chunks short and long (one a full
-        max_prefill_token_num chunk), mixed and decode steps, greedy and sampled rows, logprobs. Kernel
-        compilation and library autotuning then happen here, not under the first real requests."""
-        limit = self.session_len - 8
-        lengths = sorted(
-            {min(n, limit) for n in (1, 17, 100, 333, 1100, self.engine_config.max_prefill_token_num + 50)}
-        )
-        for i, n in enumerate(lengths):
-            gen = GenerationConfig(
-                max_new_tokens=4,
-                ignore_eos=True,
-                do_sample=bool(i % 2),
-                temperature=0.7,
-                logprobs=2 if i == 2 else None,
-            )
-            self.add_request([(i + 3) % self.vocab_size] * n, gen, request_id=f"warmup-{i}")
-            self.step()
-        while self.has_unfinished():
-            self.step()
-        self.prompt_tokens_total = self.generation_tokens_total = 0
-        self.step_stats = dict.fromkeys(self.step_stats, 0)
-        self.block_manager.num_cache_hit_tokens = 0
-        self.scheduler.num_preemptions = 0
-
     @property
     def model_name(self) -> str:
         return self.source.name
@@ -226,9 +174,9 @@ class Engine:
             eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
             stop_ids += [t for t in eos + self.model_config.eos_token_ids if t not in stop_ids]
         if guide is None and gen_config.response_format is not None:
-            guide = self._build_guide(gen_config.response_format)
+            guide = build_request_guide(self.tokenizer, self.vocab_size, gen_config.response_format)
         if gen_config.bad_words and self.tokenizer is not None:
-            gen_config = _with_bad_word_ids(gen_config, self.tokenizer)
+            gen_config = with_bad_word_ids(gen_config, self.tokenizer)
         generator = None
         if gen_config.random_seed is not None and not gen_config.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(gen_config.random_seed)
@@ -252,16 +200,6 @@ class Engine:
         self.prompt_tokens_total += len(input_ids)
         self.scheduler.add(seq)
         return request_id
-
-    def _build_guide(self, response_format: dict):
-        if self.tokenizer is None:
-            raise RequestError("response_format needs a tokenizer; this model folder has none")
-        from .guided import build_guide  # xgrammar is only needed for guided decoding
-
-        try:
-            return build_guide(response_format, self.tokenizer.hf, self.vocab_size, self.tokenizer.eos_token_ids)
-        except ValueError as e:
-            raise RequestError(f"invalid response_format: {e}") from e
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._requests.pop(request_id, None)
@@ -469,15 +407,3 @@ class Engine:
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return out.copy_(t, non_blocking=True)
-
-
-def _with_bad_word_ids(gen_config: GenerationConfig, tokenizer) -> GenerationConfig:
-    """bad_words -> bad_token_ids: a word that is one token (alone or after a space) is never sampled."""
-    ids = set(gen_config.bad_token_ids or ())
-    for word in gen_config.bad_words:
-        for variant in (word, " " + word):
-            tokens = tokenizer.encode(variant, add_special_tokens=False)
-            if len(tokens) == 1:
-                ids.add(tokens[0])
-    fields = {name: getattr(gen_config, name) for name in gen_config.__dataclass_fields__}
-    return GenerationConfig(**{**fields, "bad_token_ids": sorted(ids)})

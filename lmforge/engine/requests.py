@@ -1,0 +1,31 @@
+"""Turning a request's options into what the sampler consumes: a grammar guide for response_format,
+token ids for bad_words."""
+
+from __future__ import annotations
+
+from lmforge.messages import GenerationConfig
+
+from .errors import RequestError
+
+
+def build_request_guide(tokenizer, vocab_size: int, response_format: dict):
+    if tokenizer is None:
+        raise RequestError("response_format needs a tokenizer; this model folder has none")
+    from .guided import build_guide  # xgrammar is only needed for guided decoding
+
+    try:
+        return build_guide(response_format, tokenizer.hf, vocab_size, tokenizer.eos_token_ids)
+    except ValueError as e:
+        raise RequestError(f"invalid response_format: {e}") from e
+
+
+def with_bad_word_ids(gen_config: GenerationConfig, tokenizer) -> GenerationConfig:
+    """bad_words -> bad_token_ids: a word that is one token (alone or after a space) is never sampled."""
+    ids = set(gen_config.bad_token_ids or ())
+    for word in gen_config.bad_words:
+        for variant in (word, " " + word):
+            tokens = tokenizer.encode(variant, add_special_tokens=False)
+            if len(tokens) == 1:
+                ids.add(tokens[0])
+    fields = {name: getattr(gen_config, name) for name in gen_config.__dataclass_fields__}
+    return GenerationConfig(**{**fields, "bad_token_ids": sorted(ids)})
