@@ -97,3 +97,23 @@ def test_cuda_graphs_overlap_and_preemption_give_identical_tokens(llama_dir):
     assert all(g[:8] == r[:8] for g, r in zip(got, ref, strict=True))
     same = sum(a == b for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True))
     assert same >= 0.9 * sum(len(r) for r in ref)
+
+
+def test_support_cuda_graph_false_runs_eagerly(llama_dir, monkeypatch):
+    from lmforge.engine.engine import Engine
+    from lmforge.models.llama import LlamaForCausalLM
+
+    calls = []
+
+    def never(**inputs):
+        calls.append(inputs["attn_metadata"].num_seqs)
+        return False
+
+    monkeypatch.setattr(LlamaForCausalLM, "support_cuda_graph", staticmethod(never))
+    engine = Engine(llama_dir, PytorchEngineConfig(device_type="cuda", dtype="bfloat16", num_gpu_blocks=256))
+    replays = []
+    for graph in engine.graph_runner.graphs.values():
+        original = graph.replay
+        graph.replay = lambda original=original: replays.append(1) or original()
+    out = _generate(engine, _prompts(3), steps=6)
+    assert calls and not replays and all(len(t) == 6 for t in out)
