@@ -4,7 +4,7 @@ Prints one JSON line per case to stdout: device, op, shape, median ms (triton.te
 clears L2 between runs), achieved GB/s (bytes the op must move / time) and the same for the reference.
 The first line measures a plain device copy: the bandwidth floor the memory-bound kernels are held to.
 
-    python3 benchmarks/kernels.py [--quick]
+    python3 benchmarks/kernels.py [--quick] [--only copy,decode,prefill,pointwise,moe]
 """
 
 from __future__ import annotations
@@ -264,25 +264,55 @@ def bench_pointwise(num_tokens: int) -> None:
              lambda: cpu_ops.fill_kv_cache(k, value, k_cache, v_cache, slots), 4 * k.numel() * 2)
 
 
+def bench_moe(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int) -> None:
+    """Triton fused MoE against the reference op on the GPU (grouped: one matmul pair per expert that got tokens)."""
+    x = torch.randn(num_tokens, hidden, device=DEVICE, dtype=BF16)
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, dtype=BF16) * hidden**-0.5
+    down = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=BF16) * inter**-0.5
+    weights, ids = torch.randn(num_tokens, num_experts, device=DEVICE).softmax(-1).topk(top_k, dim=-1)
+    shape = {"tokens": num_tokens, "hidden": hidden, "intermediate": inter, "experts": num_experts, "top_k": top_k}
+    flops = 2 * num_tokens * top_k * 3 * hidden * inter
+    num_bytes = ids.unique().numel() * 3 * hidden * inter * 2 + 2 * x.numel() * 2  # weights of the experts used
+    op = cuda_ops.OPS["fused_moe"]
+    ms = bench(lambda: op(x, gate_up, down, weights, ids))
+    ref_ms = bench(lambda: cpu_ops.fused_moe(x, gate_up, down, weights, ids))
+    graph_ms = graph_bench(lambda: op(x, gate_up, down, weights, ids))
+    emit("fused_moe", shape, ms, num_bytes, ref_ms, flops=flops, graph_ms=round(graph_ms, 4))
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
         sys.exit(1)
     quick = "--quick" in sys.argv
+    groups = {"copy", "decode", "prefill", "pointwise", "moe"}
+    if "--only" in sys.argv:
+        groups = set(sys.argv[sys.argv.index("--only") + 1].split(","))
     torch.manual_seed(0)
     print(f"triton {triton.__version__}, torch {torch.__version__}", file=sys.stderr)
-    bench_copy()
-    bench_decode(64, 1024, 32, 8, 64, 16, sweep=not quick)
-    bench_decode(64, 1024, 32, 8, 64, 64)
-    bench_decode(64, 1024, 32, 8, 128, 16, sweep=not quick)
-    bench_decode(256, 512, 32, 8, 128, 16)
-    bench_decode(1, 8192, 32, 8, 128, 16)
-    bench_decode(8, 2048, 16, 1, 256, 16)
-    bench_prefill(4, 1024, 1024, 32, 8, 128, 16, sweep=not quick)
-    bench_prefill(4, 512, 2048, 32, 8, 128, 16)
-    bench_prefill(1, 4096, 4096, 32, 8, 64, 64, sweep=not quick)
-    for num_tokens in (64, 4096):
-        bench_pointwise(num_tokens)
+    if "copy" in groups:
+        bench_copy()
+    if "decode" in groups:
+        bench_decode(64, 1024, 32, 8, 64, 16, sweep=not quick)
+        bench_decode(64, 1024, 32, 8, 64, 64)
+        bench_decode(64, 1024, 32, 8, 128, 16, sweep=not quick)
+        bench_decode(256, 512, 32, 8, 128, 16)
+        bench_decode(1, 8192, 32, 8, 128, 16)
+        bench_decode(8, 2048, 16, 1, 256, 16)
+    if "prefill" in groups:
+        bench_prefill(4, 1024, 1024, 32, 8, 128, 16, sweep=not quick)
+        bench_prefill(4, 512, 2048, 32, 8, 128, 16)
+        bench_prefill(1, 4096, 4096, 32, 8, 64, 64, sweep=not quick)
+    if "pointwise" in groups:
+        for num_tokens in (64, 4096):
+            bench_pointwise(num_tokens)
+    if "moe" in groups:
+        # Qwen1.5-MoE / DeepSeek-V2-Lite-like (64 x 1408, top 6), Qwen3-30B-A3B (128 x 768, top 8), Mixtral-like
+        for num_tokens in (1, 64, 4096):
+            bench_moe(num_tokens, 2048, 1408, 64, 6)
+        for num_tokens in (1, 256, 4096):
+            bench_moe(num_tokens, 2048, 768, 128, 8)
+        bench_moe(4096, 2048, 1408, 8, 2)
 
 
 if __name__ == "__main__":

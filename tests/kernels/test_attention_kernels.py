@@ -146,3 +146,25 @@ def test_attention_float32(device, paged_batch, tol):
         ref_decode, ref_prefill = _reference(decode, 0.125), _reference(batch, 0.125)
     torch.testing.assert_close(_decode(decode, 0.125), ref_decode, **tol(torch.float32))
     torch.testing.assert_close(_prefill(batch, 0.125), ref_prefill, **tol(torch.float32))
+
+
+# (head_dim, v_head_dim, heads, kv_heads): DeepSeek-V3's absorbed MLA (576 = 512 latent + 64 rope, values the
+# first 512 latent channels) at TP 8 and TP 1 head counts, and a small odd-sized latent
+MLA_SHAPES = [(576, 512, 16, 1), (576, 512, 128, 1), (40, 32, 8, 1), (40, 32, 8, 2)]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_cache", "own_v_cache"])
+@pytest.mark.parametrize("shape", MLA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_mla_shapes(device, check_dtype, paged_batch, tol, dtype, shape, shared):
+    """Head dims past 256 and not powers of two, values read from the key cache itself (one latent cache)."""
+    check_dtype(dtype)
+    head_dim, v_dim, heads, kv_heads = shape
+    scale = head_dim**-0.5
+    for q_lens, kv_lens in (([1] * 3, [5, 33, 80]), ([3, 20, 70], [10, 20, 90])):
+        batch = paged_batch(q_lens, kv_lens, heads, kv_heads, head_dim, 16, dtype, device, v_head_dim=v_dim)
+        if shared:
+            batch["v_cache"] = batch["k_cache"]
+        run = _decode if max(q_lens) == 1 else _prefill
+        out = run(batch, scale, v_head_dim=v_dim)
+        torch.testing.assert_close(out.float(), _reference(batch, scale, v_head_dim=v_dim), **tol(dtype))

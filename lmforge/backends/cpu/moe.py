@@ -27,9 +27,9 @@ def fused_moe(
     """hidden_states [T, H], gate_up_weight [E, 2I, H], down_weight [E, H, I], topk_weights/ids [T, k] -> [T, H].
 
     Each expert's output is multiplied by its routing weight in the weights' dtype (float32 routing weights
-    promote, as HF Mixtral does) and accumulated in the hidden dtype. Under CUDA-graph capture (a decode step
-    of the cuda backend, which has no fused-MoE kernel yet) a data-dependent loop cannot be recorded, so the
-    dense form runs instead.
+    promote, as HF Mixtral does) and accumulated in the hidden dtype. If this reference runs on CUDA tensors
+    under graph capture (the cuda backend has its own Triton kernel; this path is for tests and fallbacks), a
+    data-dependent loop cannot be recorded, so the dense form runs instead.
     """
     if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
         return fused_moe_dense(hidden_states, gate_up_weight, down_weight, topk_weights, topk_ids, activation)

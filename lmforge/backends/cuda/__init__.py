@@ -3,6 +3,7 @@ An op missing here falls back to the cpu reference (the registry does that), whi
 
 from .activation import gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
+from .moe import fused_moe
 from .norm import rms_norm
 from .rotary import apply_rotary
 
@@ -13,4 +14,5 @@ OPS = {
     "apply_rotary": apply_rotary,
     "fill_kv_cache": fill_kv_cache,
     "paged_attention": paged_attention,
+    "fused_moe": fused_moe,
 }

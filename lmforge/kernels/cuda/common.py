@@ -27,3 +27,20 @@ def check_out(out: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ..
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 models get exact float32 dots; tf32 would cost them ~3 decimal digits. Other dtypes ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D1, BLOCK_D2): a power-of-two head and a tail block (0 if none; at least 16, the smallest dot K).
+
+    Padding a head dim to the next power of two wastes up to half the loads and dots: MLA's 576 would become
+    1024 and no longer fit in shared memory. Split, 576 = 512 + 64, 96 = 64 + 32, 40 = 32 + 16 (8 used)."""
+    block_d1 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - block_d1
+    return block_d1, (max(16, 1 << (rest - 1).bit_length()) if rest else 0)
+
+
+def shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, v_dim: int, block_d1: int) -> bool:
+    """True when the values are the leading block_d1 channels of the key cache itself (MLA's latent cache):
+    then the kernels reuse the key tile as the value tile instead of loading the same bytes twice."""
+    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
+            and v_dim == block_d1)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, NEG_BIG, check_out, dot_precision, tanh
+from .common import LOG2E, NEG_BIG, check_out, dot_precision, shares_kv, split_head_dim, tanh
 
 
 @triton.jit
@@ -38,26 +38,38 @@ def _split_range(kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_
 # split count and block-table width vary with the batch: no variant per value
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_seqlens_ptr, part_out_ptr,
-                         part_lse_ptr, scale, softcap, window, group_size, head_dim, v_dim, block_size, num_splits,
-                         stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
+                         part_lse_ptr, scale, softcap, window, num_heads, group_size, head_dim, v_dim, block_size,
+                         num_splits, stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
                          stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                          SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # a large group (MLA: 16-128 query heads on one latent head) is served BLOCK_G heads per program
+    head_blocks = tl.cdiv(group_size, BLOCK_G)
+    kv_head = tl.program_id(1) // head_blocks
     split = tl.program_id(2)
     kv_len = tl.load(kv_seqlens_ptr + seq)
     lo, start, end = _split_range(kv_len, window, split, num_splits, WINDOW, BLOCK_N)
     if start >= end:
         return
 
-    g = tl.arange(0, BLOCK_G)
+    g = (tl.program_id(1) % head_blocks) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_mask = g < group_size
     heads = kv_head * group_size + g
-    d = tl.arange(0, BLOCK_D)
+    # head channels [0, BLOCK_D1) always exist (BLOCK_D1 <= head_dim); [BLOCK_D1, head_dim) is the masked tail
+    d1 = tl.arange(0, BLOCK_D1)
     dv = tl.arange(0, BLOCK_DV)
-    q_mask = (g[:, None] < group_size) & (d[None, :] < head_dim)
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    k_base = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
+    q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
+    q1 = tl.load(q_rows + d1[None, :] * stride_qd, mask=g_mask[:, None], other=0.0)
+    k_base1 = k_cache_ptr + kv_head * stride_kh + d1[None, :] * stride_kd
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+        d2_mask = d2[None, :] < head_dim
+        q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=g_mask[:, None] & d2_mask, other=0.0)
+        k_base2 = k_cache_ptr + kv_head * stride_kh + d2[None, :] * stride_kd
+    else:  # placeholders, never read
+        d2_mask, q2, k_base2 = g_mask[:, None], q1, k_base1
     v_base = v_cache_ptr + kv_head * stride_vh + dv[None, :] * stride_vd
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
@@ -68,9 +80,12 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_s
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         j_mask = (j >= lo) & (j < kv_len)
         block_id = tl.load(table + j // block_size, mask=j_mask, other=0).to(tl.int64)
-        row = block_id * stride_kb + (j % block_size) * stride_ks
-        k = tl.load(k_base + row[:, None], mask=j_mask[:, None] & (d[None, :] < head_dim), other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        k_row = (block_id * stride_kb + (j % block_size) * stride_ks)[:, None]
+        k1 = tl.load(k_base1 + k_row, mask=j_mask[:, None], other=0.0).to(q1.dtype)
+        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        if BLOCK_D2 > 0:
+            k2 = tl.load(k_base2 + k_row, mask=j_mask[:, None] & d2_mask, other=0.0)
+            s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
         if SOFTCAP:
             s = softcap * tanh(s * (scale / softcap)) * LOG2E
         else:
@@ -80,16 +95,19 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_s
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_row = block_id * stride_vb + (j % block_size) * stride_vs
-        v = tl.load(v_base + v_row[:, None], mask=j_mask[:, None] & (dv[None, :] < v_dim), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        if SHARED_KV:  # the values are the key tile's leading channels: no second load
+            v = k1
+        else:
+            v_row = (block_id * stride_vb + (j % block_size) * stride_vs)[:, None]
+            v = tl.load(v_base + v_row, mask=j_mask[:, None] & (dv[None, :] < v_dim), other=0.0).to(q1.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # partials: out [seqs, heads, splits, BLOCK_DV], lse [seqs, heads, splits] (log2 domain)
-    part = (seq * group_size * tl.num_programs(1) + heads) * num_splits + split
-    out_mask = (g[:, None] < group_size) & (dv[None, :] < v_dim)
-    tl.store(part_out_ptr + part[:, None] * BLOCK_DV + dv[None, :], acc / l_i[:, None], mask=out_mask)
-    tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g < group_size)
+    part = (seq * num_heads + heads) * num_splits + split
+    out_mask = g_mask[:, None] & (dv[None, :] < v_dim)
+    tl.store(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], acc / l_i[:, None], mask=out_mask)
+    tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -108,7 +126,8 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, kv_seqlens_ptr, out_ptr, w
     m = tl.maximum(tl.max(lse, axis=0), NEG_BIG)
     w = tl.where(valid, tl.exp2(lse - m), 0.0)
     dv = tl.arange(0, BLOCK_DV)
-    parts = tl.load(part_out_ptr + part[:, None] * BLOCK_DV + dv[None, :], mask=valid[:, None], other=0.0)
+    parts = tl.load(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], mask=valid[:, None],
+                    other=0.0)
     w_sum = tl.sum(w, axis=0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0, w_sum, 1.0)  # no keys (padding row): zeros
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dv * stride_od, out.to(out_ptr.dtype.element_ty),
@@ -122,8 +141,14 @@ def _num_sms(device: torch.device) -> int:
 
 def default_block_n(head_dim: int, v_dim: int) -> int:
     """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernels.py sweep)."""
-    block_d = max(triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim))
+    block_d = max(sum(split_head_dim(head_dim)), triton.next_power_of_2(v_dim))
     return 128 if block_d <= 64 else 64 if block_d <= 128 else 32
+
+
+def default_block_g(group_size: int, head_dim: int) -> int:
+    """Query heads per program: the whole group (at least 16, the smallest dot M) up to 64, or 32 past 256 channels
+    (MLA), where a [BLOCK_G, 512] float32 accumulator is already 64 registers a thread."""
+    return min(max(16, triton.next_power_of_2(group_size)), 32 if head_dim > 256 else 64)
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int, device: torch.device) -> int:
@@ -157,8 +182,10 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     group_size = num_heads // num_kv_heads
-    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
+    block_d1, block_d2 = split_head_dim(head_dim)
+    block_dv = triton.next_power_of_2(v_dim)
     block_n = block_n or default_block_n(head_dim, v_dim)
+    block_g = default_block_g(group_size, head_dim)
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n,
                                         query.device)
@@ -169,12 +196,14 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     window = sliding_window or 0
     softcap = logit_softcapping or 0.0
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, kv_seqlens, part_out, part_lse, scale, softcap, window, group_size,
-        head_dim, v_dim, block_size, num_splits, *query.stride(), *k_cache.stride(), *v_cache.stride(),
-        block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window),
-        BLOCK_G=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages,
+    grid = (num_seqs, num_kv_heads * triton.cdiv(group_size, block_g), num_splits)
+    _decode_split_kernel[grid](
+        query, k_cache, v_cache, block_tables, kv_seqlens, part_out, part_lse, scale, softcap, window, num_heads,
+        group_size, head_dim, v_dim, block_size, num_splits, *query.stride(), *k_cache.stride(), *v_cache.stride(),
+        block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window), BLOCK_G=block_g, BLOCK_N=block_n,
+        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, SHARED_KV=shares_kv(k_cache, v_cache, v_dim, block_d1),
+        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps if head_dim <= 256 else max(num_warps, 8),
+        num_stages=num_stages,
     )
     _decode_reduce_kernel[(num_seqs, num_heads)](
         part_out, part_lse, kv_seqlens, out, window, v_dim, num_splits, *out.stride(), WINDOW=bool(window),

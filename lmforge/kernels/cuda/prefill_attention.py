@@ -15,21 +15,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, NEG_BIG, check_out, dot_precision, tanh
+from .common import LOG2E, NEG_BIG, check_out, dot_precision, shares_kv, split_head_dim, tanh
 
 
 @triton.jit
-def _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v_base, block_size, stride_kb,
-                  stride_ks, stride_vb, stride_vs, d_mask, dv_mask, scale, softcap,
+def _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base1, k_base2, v_base, block_size,
+                  stride_kb, stride_ks, stride_vb, stride_vs, d2_mask, dv_mask, scale, softcap,
                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  HAS_D2: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     j_mask = j < kv_len
     block_id = tl.load(table + j // block_size, mask=j_mask, other=0).to(tl.int64)
     offset = j % block_size
-    k = tl.load(k_base + (block_id * stride_kb + offset * stride_ks)[:, None], mask=j_mask[:, None] & d_mask,
-                other=0.0)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    k_row = (block_id * stride_kb + offset * stride_ks)[:, None]
+    k1 = tl.load(k_base1 + k_row, mask=j_mask[:, None], other=0.0).to(q1.dtype)
+    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_D2:
+        k2 = tl.load(k_base2 + k_row, mask=j_mask[:, None] & d2_mask, other=0.0)
+        s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
     if SOFTCAP:
         s = softcap * tanh(s * (scale / softcap)) * LOG2E
     else:
@@ -43,9 +46,12 @@ def _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + (block_id * stride_vb + offset * stride_vs)[:, None], mask=j_mask[:, None] & dv_mask,
-                other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    if SHARED_KV:  # the values are the key tile's leading channels: no second load
+        v = k1
+    else:
+        v_row = (block_id * stride_vb + offset * stride_vs)[:, None]
+        v = tl.load(v_base + v_row, mask=j_mask[:, None] & dv_mask, other=0.0).to(q1.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -56,8 +62,8 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_ta
                               stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
                               stride_vb, stride_vs, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_bt,
                               SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+                              BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # heads vary fastest in launch order, so the group_size heads reading the same keys run together (L2 reuse)
     head = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -72,13 +78,20 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_ta
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < q_len
     pos = kv_len - q_len + rows  # position of each query among its sequence's keys
-    d = tl.arange(0, BLOCK_D)
+    # head channels [0, BLOCK_D1) always exist (BLOCK_D1 <= head_dim); [BLOCK_D1, head_dim) is the masked tail
+    d1 = tl.arange(0, BLOCK_D1)
     dv = tl.arange(0, BLOCK_DV)
-    d_mask = d[None, :] < head_dim
     dv_mask = dv[None, :] < v_dim
-    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd,
-                mask=row_mask[:, None] & d_mask, other=0.0)
-    k_base = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
+    q_rows = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh
+    q1 = tl.load(q_rows + d1[None, :] * stride_qd, mask=row_mask[:, None], other=0.0)
+    k_base1 = k_cache_ptr + kv_head * stride_kh + d1[None, :] * stride_kd
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+        d2_mask = d2[None, :] < head_dim
+        q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=row_mask[:, None] & d2_mask, other=0.0)
+        k_base2 = k_cache_ptr + kv_head * stride_kh + d2[None, :] * stride_kd
+    else:  # placeholders, never read
+        d2_mask, q2, k_base2 = dv_mask, q1, k_base1
     v_base = v_cache_ptr + kv_head * stride_vh + dv[None, :] * stride_vd
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
@@ -92,26 +105,45 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_ta
     else:  # chunks wholly at or before the first query's position are visible to every query
         lo_chunk = (first_pos + 1) // BLOCK_N
         for chunk in range(0, lo_chunk):
-            acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v_base,
-                                          block_size, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
-                                          scale, softcap, False, SOFTCAP, WINDOW, BLOCK_N, DOT_PRECISION)
+            acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base1, k_base2,
+                                          v_base, block_size, stride_kb, stride_ks, stride_vb, stride_vs, d2_mask,
+                                          dv_mask, scale, softcap, False, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D2 > 0,
+                                          SHARED_KV, DOT_PRECISION)
     for chunk in range(lo_chunk, tl.cdiv(last_pos + 1, BLOCK_N)):
-        acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base, v_base,
-                                      block_size, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
-                                      scale, softcap, True, SOFTCAP, WINDOW, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base1, k_base2,
+                                      v_base, block_size, stride_kb, stride_ks, stride_vb, stride_vs, d2_mask,
+                                      dv_mask, scale, softcap, True, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D2 > 0,
+                                      SHARED_KV, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dv[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dv_mask)
 
 
-def _launch_config(block_d: int, max_q_seqlen: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): register/shared-memory budget by head dim."""
-    if block_d > 128:
+# shared memory kept for the q tile and the pipelined k/v tiles; the rest of the ~227 KiB an H100 block may use
+# is left to Triton's layout-conversion scratch
+_SMEM_BUDGET = 160 * 1024
+
+
+def _launch_config(block_dk: int, block_dv: int, shared_kv: bool, elem_size: int,
+                   max_q_seqlen: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): register/shared-memory budget by head dim.
+
+    Up to 256 channels the measured defaults; beyond (MLA: 576 key / 512 value channels) the largest tile whose q
+    tile plus num_stages k/v tiles fits _SMEM_BUDGET, with BLOCK_M <= 32 so the [BLOCK_M, BLOCK_DV] float32
+    accumulator stays in registers."""
+    if max(block_dk, block_dv) <= 64:
+        return (64, 64, 4, 2) if max_q_seqlen <= 64 else (128, 64, 4, 2)
+    if max(block_dk, block_dv) <= 128:
+        return (64, 64, 4, 2) if max_q_seqlen <= 64 else (128, 64, 8, 2)
+    if max(block_dk, block_dv) <= 256:
         return 64, 32, 8, 2
-    if max_q_seqlen <= 64:
-        return 64, 64, 4, 2
-    return (128, 64, 8, 2) if block_d > 64 else (128, 64, 4, 2)
+    kv_row = block_dk + (0 if shared_kv else block_dv)
+    candidates = ((32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1))
+    for block_m, block_n, num_warps, num_stages in candidates:
+        if elem_size * (block_m * block_dk + num_stages * block_n * kv_row) <= _SMEM_BUDGET:
+            return block_m, block_n, num_warps, num_stages
+    return 16, 16, 4, 1
 
 
 def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -141,8 +173,11 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     out = check_out(out, query, (num_tokens, num_heads, v_dim))
     if num_tokens == 0 or max_q_seqlen <= 0:
         return out
-    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
-    block_m, block_n, num_warps, num_stages = config or _launch_config(max(block_d, block_dv), max_q_seqlen)
+    block_d1, block_d2 = split_head_dim(head_dim)
+    block_dv = triton.next_power_of_2(v_dim)
+    shared_kv = shares_kv(k_cache, v_cache, v_dim, block_d1)
+    block_m, block_n, num_warps, num_stages = config or _launch_config(
+        block_d1 + block_d2, block_dv, shared_kv, query.element_size(), max_q_seqlen)
     window = sliding_window or 0
     softcap = logit_softcapping or 0.0
     grid = (num_heads, triton.cdiv(max_q_seqlen, block_m), num_seqs)
@@ -150,7 +185,8 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         query, k_cache, v_cache, out, block_tables, q_start_loc, q_seqlens, kv_seqlens, scale, softcap, window,
         num_heads // num_kv_heads, head_dim, v_dim, block_size, *query.stride(), *k_cache.stride(), *v_cache.stride(),
         *out.stride(), block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window), BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=dot_precision(query.dtype),
+        BLOCK_N=block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, SHARED_KV=shared_kv,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
