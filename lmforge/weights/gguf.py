@@ -39,10 +39,19 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# keyed by GGUFFamily.model_type, since Mixtral and Llama share the GGUF architecture "llama"
 _FAMILY_LAYER_NAMES = {
     "gemma2": {"ffn_norm": "pre_feedforward_layernorm"},  # these have four norms per layer
-    "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
+    "gemma3_text": {"ffn_norm": "pre_feedforward_layernorm"},
     "phi3": {"ffn_up": "mlp.gate_up_proj"},  # Phi-3 keeps gate and up fused in one tensor
+    "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},  # the router
+    "qwen3_moe": {"ffn_gate_inp": "mlp.gate"},
+}
+# MoE experts: the HF module holding them and the checkpoint names of each expert's gate, up and down
+# projections, the per-expert names the models' load_weights (nn.moe.load_expert_weights) accept
+_EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe.experts", {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}),
+    "qwen3_moe": ("mlp.experts", {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}),
 }
 # rope factors live in the config (see gguf_config._rope_scaling), not in the model's parameters
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
@@ -82,7 +91,7 @@ def iter_gguf_weights(
     file = read_gguf(path)
     family = gguf_family(file)
     config = gguf_config_dict(file)
-    plan = [(info, _hf_name(file, family, info.name)) for info in file.tensors.values()]
+    plan = [(info, _hf_names(file, family, info)) for info in file.tensors.values()]
     for info, _ in plan:  # fail before yielding anything, not halfway through a model load
         if not can_dequantize(info.ggml_type):
             raise WeightFileError(
@@ -91,27 +100,46 @@ def iter_gguf_weights(
                 "BF16 or F32."
             )
     bar = tqdm(plan, desc=f"Loading {os.path.basename(path)}", unit="tensor", disable=_bar_disabled(progress))
-    for info, hf_name in bar:
-        if hf_name is None:
+    for info, hf_names in bar:
+        if not hf_names:
             continue
-        yield hf_name, _load_tensor(file, family, config, info, hf_name, dtype, torch.device(device))
+        tensor = _load_tensor(file, family, config, info, hf_names[0], dtype, torch.device(device))
+        if _is_stacked_experts(info.name):  # [num_experts, out, in]: one HF tensor per expert
+            yield from zip(hf_names, tensor.unbind(0), strict=True)
+        else:
+            yield hf_names[0], tensor
 
 
 def _bar_disabled(progress: bool) -> bool:
     return not progress or not sys.stderr.isatty()
 
 
-def _hf_name(file: GGUFFile, family: GGUFFamily, name: str) -> str | None:
+def _is_stacked_experts(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 4 and parts[2].endswith("_exps")
+
+
+def _hf_names(file: GGUFFile, family: GGUFFamily, info: GGUFTensorInfo) -> list[str]:
+    """The HF names one GGUF tensor loads as: none for config-only tensors, one per expert for the stacked
+    `blk.{i}.ffn_{gate,up,down}_exps` tensors, else one."""
+    name = info.name
     if name in _CONFIG_ONLY_TENSORS:
-        return None
+        return []
     if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    parts = name.split(".")  # blk.{i}.{module}.{weight|bias}
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
-        modules = _FAMILY_LAYER_NAMES.get(file.architecture, {})
-        module = modules.get(parts[2], _LAYER_NAMES.get(parts[2]))
-        if module is not None:
-            return f"model.layers.{parts[1]}.{module}.{parts[3]}"
+        return [_GLOBAL_NAMES[name]]
+    parts = name.split(".")  # blk.{i}.{module}.{weight|bias}, or blk.{i}.{module}.{expert}.weight in old Mixtrals
+    moe_prefix, expert_projs = _EXPERT_NAMES.get(family.model_type, ("", {}))
+    if len(parts) >= 4 and parts[0] == "blk" and parts[1].isdigit():
+        layer, module = parts[1], parts[2]
+        proj = expert_projs.get(module.removesuffix("_exps"))
+        if len(parts) == 4 and module.endswith("_exps") and proj is not None:
+            return [f"model.layers.{layer}.{moe_prefix}.{e}.{proj}.{parts[3]}" for e in range(info.shape[0])]
+        if len(parts) == 5 and parts[3].isdigit() and module in expert_projs:
+            # llama.cpp wrote one tensor per expert before it stacked them (Mixtral files from early 2024)
+            return [f"model.layers.{layer}.{moe_prefix}.{parts[3]}.{expert_projs[module]}.{parts[4]}"]
+        hf_module = _FAMILY_LAYER_NAMES.get(family.model_type, {}).get(module, _LAYER_NAMES.get(module))
+        if len(parts) == 4 and hf_module is not None:
+            return [f"model.layers.{layer}.{hf_module}.{parts[3]}"]
     raise WeightFileError(
         f"GGUF file {file.path}: tensor {name!r} has no known HF name for a {family.architecture} model; "
         "the file may come from a newer llama.cpp than lmforge supports."

@@ -28,11 +28,14 @@ FAMILIES = {
     "llama": GGUFFamily("llama", "LlamaForCausalLM", permute_qk=True, norm_offset=0.0),  # Mistral converts as llama
     "qwen2": GGUFFamily("qwen2", "Qwen2ForCausalLM", permute_qk=False, norm_offset=0.0),
     "qwen3": GGUFFamily("qwen3", "Qwen3ForCausalLM", permute_qk=False, norm_offset=0.0),
+    "qwen3moe": GGUFFamily("qwen3_moe", "Qwen3MoeForCausalLM", permute_qk=False, norm_offset=0.0),
     "gemma": GGUFFamily("gemma", "GemmaForCausalLM", permute_qk=False, norm_offset=1.0),
     "gemma2": GGUFFamily("gemma2", "Gemma2ForCausalLM", permute_qk=False, norm_offset=1.0),
     "gemma3": GGUFFamily("gemma3_text", "Gemma3ForCausalLM", permute_qk=False, norm_offset=1.0),
     "phi3": GGUFFamily("phi3", "Phi3ForCausalLM", permute_qk=False, norm_offset=0.0),
 }
+# Mixtral converts as "llama" too; only the expert count in the metadata tells the two apart
+_MIXTRAL = GGUFFamily("mixtral", "MixtralForCausalLM", permute_qk=True, norm_offset=0.0)
 
 # Gemma 2/3 27B scale queries by hidden/heads instead of head_dim; GGUF has no key for it, so llama.cpp keys it
 # off the model size, which the layer count identifies.
@@ -40,6 +43,8 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def gguf_family(file: GGUFFile) -> GGUFFamily:
+    if file.architecture == "llama" and file.arch_value("expert_count"):
+        return _MIXTRAL
     family = FAMILIES.get(file.architecture)
     if family is None:
         raise WeightFileError(
@@ -60,7 +65,8 @@ def gguf_config_dict(file: GGUFFile) -> dict:
         "model_type": family.model_type,
         "architectures": [family.architecture],
         "hidden_size": hidden_size,
-        "intermediate_size": _int(file, "feed_forward_length"),
+        # MoE files may have no dense feed-forward size; the expert size then stands in for it
+        "intermediate_size": _int(file, "feed_forward_length", file.arch_value("expert_feed_forward_length")),
         "num_hidden_layers": _int(file, "block_count"),
         "num_attention_heads": num_heads,
         "num_key_value_heads": _int(file, "attention.head_count_kv", num_heads),
@@ -91,6 +97,17 @@ def gguf_config_dict(file: GGUFFile) -> dict:
     if arch == "gemma3":
         config["rope_local_base_freq"] = 10000.0  # fixed in llama.cpp and HF; not in the metadata
         config["sliding_window_pattern"] = 6  # every 6th layer is global, likewise fixed
+    if family.model_type == "mixtral":
+        config["num_local_experts"] = _int(file, "expert_count")
+        config["num_experts_per_tok"] = _int(file, "expert_used_count")
+    if family.model_type == "qwen3_moe":
+        config["num_experts"] = _int(file, "expert_count")
+        config["num_experts_per_tok"] = _int(file, "expert_used_count")
+        config["moe_intermediate_size"] = _int(file, "expert_feed_forward_length")
+        # llama.cpp's qwen3moe graph always renormalises the top-k weights; newer files also say so in the metadata
+        config["norm_topk_prob"] = bool(file.arch_value("expert_weights_norm", True))
+        config["decoder_sparse_step"] = 1  # llama.cpp has no dense layers in this architecture
+        config["mlp_only_layers"] = []
     if arch == "phi3":
         rotary_dim = _int(file, "rope.dimension_count", head_dim)
         config["partial_rotary_factor"] = rotary_dim / head_dim

@@ -82,6 +82,7 @@ _GGUF_LAYER = {  # HF module -> llama.cpp tensor, per layer
     "mlp.up_proj": "ffn_up",
     "mlp.gate_up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",  # the MoE router
 }
 _GEMMA_LAYER = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                 "post_feedforward_layernorm": "post_ffw_norm"}  # fmt: skip
@@ -90,6 +91,17 @@ _GEMMA_LAYER = {"post_attention_layernorm": "post_attention_norm", "pre_feedforw
 def _permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp's q/k row order for the llama architecture: rotate-half pairs become adjacent rows."""
     return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _add_stacked_experts(writer, layer: str, name: str, tensor: torch.Tensor) -> None:
+    """HF transformers 5 holds the experts as [E, 2I, H] gate_up ([gate; up] per expert) and [E, H, I] down;
+    llama.cpp stacks each projection on its own, [E, out, in] in torch order."""
+    if name == "mlp.experts.down_proj":
+        writer.add_tensor(f"blk.{layer}.ffn_down_exps.weight", tensor.numpy().astype(np.float32))
+        return
+    gate, up = tensor.chunk(2, dim=1)
+    writer.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", gate.contiguous().numpy().astype(np.float32))
+    writer.add_tensor(f"blk.{layer}.ffn_up_exps.weight", up.contiguous().numpy().astype(np.float32))
 
 
 def _write_gguf(path: str, hf_model, arch: str, tokenizer_dir: str) -> None:
@@ -104,14 +116,22 @@ def _write_gguf(path: str, hf_model, arch: str, tokenizer_dir: str) -> None:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # Gemma 3 keeps one per layer type
+    writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_bos_token_id(c.bos_token_id)
     writer.add_eos_token_id(c.eos_token_id)
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch in ("gemma2", "gemma3"):
         writer.add_sliding_window(c.sliding_window)
+    if arch in ("llama", "qwen3moe") and c.model_type != "mistral":
+        num_experts = c.num_local_experts if arch == "llama" else c.num_experts
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "qwen3moe":
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
     if arch == "phi3":
         writer.add_rope_dimension_count(head_dim)
     model = json.loads(open(os.path.join(tokenizer_dir, "tokenizer.json")).read())["model"]
@@ -122,10 +142,10 @@ def _write_gguf(path: str, hf_model, arch: str, tokenizer_dir: str) -> None:
     writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
 
-    layer_names = {**_GGUF_LAYER, **(_GEMMA_LAYER if arch == "gemma2" else {})}
+    layer_names = {**_GGUF_LAYER, **(_GEMMA_LAYER if arch in ("gemma2", "gemma3") else {})}
     for name, tensor in hf_model.state_dict().items():
         tensor = tensor.float()
-        if arch == "gemma2" and name.endswith("norm.weight"):
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
             tensor = tensor + 1  # llama.cpp stores Gemma's (1 + w)
         if name == "model.embed_tokens.weight":
             gguf_name = "token_embd.weight"
@@ -137,6 +157,9 @@ def _write_gguf(path: str, hf_model, arch: str, tokenizer_dir: str) -> None:
             gguf_name = "output.weight"
         else:
             _, _, layer, rest = name.split(".", 3)
+            if rest.startswith("mlp.experts."):
+                _add_stacked_experts(writer, layer, rest, tensor)
+                continue
             module, _, kind = rest.rpartition(".")
             if arch == "llama" and module == "self_attn.q_proj":
                 tensor = _permute(tensor, c.num_attention_heads)
@@ -158,6 +181,12 @@ GGUF_CASES = {
     "qwen3": ("qwen3", "qwen3", {}),
     "gemma2": ("gemma2", "gemma2", {}),
     "phi3": ("phi3", "phi3", {}),
+    # Mixtral converts as "llama" with an expert count; experts stacked per projection, q/k rows permuted
+    "mixtral": ("mixtral", "llama", {}),
+    "qwen3_moe": ("qwen3_moe", "qwen3moe", {}),
+    "gemma": ("gemma", "gemma", dict(head_dim=16)),
+    # GGUF fixes Gemma 3's pattern at 5 sliding layers then 1 global; 6 layers reach the global one
+    "gemma3": ("gemma3_text", "gemma3", dict(num_hidden_layers=6, layer_types=None, sliding_window_pattern=6)),
 }
 
 

@@ -195,6 +195,74 @@ def test_qwen3_keeps_rows_and_maps_qk_norms(tmp_path):
     assert gguf_hf_config(path).architectures == ["Qwen3ForCausalLM"]
 
 
+def _moe_metadata(expert_ffn: int | None = None) -> list:
+    metadata = [lambda w: w.add_expert_count(4), lambda w: w.add_expert_used_count(2)]
+    if expert_ffn is not None:
+        metadata.append(lambda w: w.add_expert_feed_forward_length(expert_ffn))
+    return metadata
+
+
+def _stacked_experts(ffn: int) -> dict[str, tuple[np.ndarray, Q]]:
+    """llama.cpp's MoE tensors for layer 0: the router and one [E, out, in] tensor per projection."""
+    rng = np.random.default_rng(0)
+    gate, up = rng.standard_normal((4, ffn, HIDDEN), np.float32), rng.standard_normal((4, ffn, HIDDEN), np.float32)
+    down = rng.standard_normal((4, HIDDEN, ffn), np.float32)
+    return {
+        "blk.0.ffn_gate_inp.weight": (rng.standard_normal((4, HIDDEN), np.float32), Q.F32),
+        "blk.0.ffn_gate_exps.weight": (gguf.quants.quantize(gate, Q.Q8_0), Q.Q8_0),  # quantized as a whole stack
+        "blk.0.ffn_up_exps.weight": (up, Q.F32),
+        "blk.0.ffn_down_exps.weight": (down, Q.F32),
+    }
+
+
+def _expected(tensors: dict[str, tuple[np.ndarray, Q]], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    array, qtype = tensors[name]
+    return torch.from_numpy(gguf.quants.dequantize(array, qtype).copy()).reshape(shape)
+
+
+def test_mixtral_is_llama_with_experts_split_per_expert(tmp_path):
+    weights = random_hf_weights()
+    experts = _stacked_experts(32)
+    # files from before llama.cpp stacked the experts hold one tensor per expert: blk.{i}.ffn_gate.{e}.weight
+    legacy = {"blk.1.ffn_up.3.weight": (np.full((32, HIDDEN), 0.25, np.float32), Q.F32)}
+    path = str(tmp_path / "mixtral.gguf")
+    write_tiny_llama(path, weights, extra_metadata=_moe_metadata(), extra_tensors={**experts, **legacy})
+    loaded = dict(iter_gguf_weights(path, torch.float32))
+    prefix = "model.layers.0.block_sparse_moe"
+    assert torch.equal(loaded[f"{prefix}.gate.weight"], torch.from_numpy(experts["blk.0.ffn_gate_inp.weight"][0]))
+    for proj, gguf_proj in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+        name = f"blk.0.ffn_{gguf_proj}_exps.weight"
+        stack = _expected(experts, name, (4, HIDDEN, 32) if proj == "w2" else (4, 32, HIDDEN))
+        for e in range(4):
+            assert torch.equal(loaded[f"{prefix}.experts.{e}.{proj}.weight"], stack[e]), (proj, e)
+    assert torch.equal(loaded["model.layers.1.block_sparse_moe.experts.3.w3.weight"], torch.full((32, HIDDEN), 0.25))
+    # still the llama architecture: q/k rows come back from llama.cpp's order
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(loaded[name], weights[name])
+    config = gguf_hf_config(path)
+    assert config.model_type == "mixtral" and config.architectures == ["MixtralForCausalLM"]
+    assert (config.num_local_experts, config.num_experts_per_tok) == (4, 2)
+
+
+def test_qwen3moe_experts_router_and_config(tmp_path):
+    experts = _stacked_experts(32)
+    path = str(tmp_path / "qwen3moe.gguf")
+    metadata = _moe_metadata(expert_ffn=32)
+    write_tiny_llama(
+        path, random_hf_weights(), "qwen3moe", permute=False, extra_metadata=metadata, extra_tensors=experts
+    )
+    loaded = dict(iter_gguf_weights(path, torch.float32))
+    assert loaded["model.layers.0.mlp.gate.weight"].shape == (4, HIDDEN)
+    stack = _expected(experts, "blk.0.ffn_gate_exps.weight", (4, 32, HIDDEN))
+    assert torch.equal(loaded["model.layers.0.mlp.experts.2.gate_proj.weight"], stack[2])
+    expert_names = {f"model.layers.0.mlp.experts.{e}.{p}.weight" for e in range(4) for p in ("up_proj", "down_proj")}
+    assert expert_names <= loaded.keys()
+    config = gguf_hf_config(path)
+    assert config.model_type == "qwen3_moe" and config.architectures == ["Qwen3MoeForCausalLM"]
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 2, 32)
+    assert config.norm_topk_prob is True and config.decoder_sparse_step == 1 and config.mlp_only_layers == []
+
+
 def test_tokenizer_from_metadata_matches_hf(tmp_path):
     make_tiny_tokenizer(str(tmp_path))
     model = json.loads((tmp_path / "tokenizer.json").read_text())["model"]
