@@ -24,6 +24,7 @@ from . import cache_engine as ce
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .errors import ContextLengthError, RequestError
+from .host_memory import release_free_host_memory
 from .model_loader import build_model
 from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
@@ -258,6 +259,8 @@ class Engine:
         st["schedule_s"] += t1 - t0
         st["launch_s"] += t2 - t1
         st["process_s"] += time.perf_counter() - t2
+        if self.device.type == "cpu" and (st["steps"] % 256 == 0 or not self.has_unfinished()):
+            release_free_host_memory()  # keeps a long-running CPU server's resident memory flat
         return outputs
 
     def _can_overlap(self, sched: SchedulerOutput) -> bool:
