@@ -19,6 +19,7 @@ from lmforge.nn import (
     build_rotary_embedding_from_config,
     build_rowwise_linear,
 )
+from lmforge.nn.attention import layer_sliding_window
 from lmforge.weights.loader import load_weights
 
 
@@ -35,7 +36,13 @@ class LlamaAttention(nn.Module):
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim, bias=bias
         )
         self.apply_rotary_pos_emb = ApplyRotaryEmb()
-        self.attn_fwd = Attention(config.num_attention_heads, head_dim, num_kv_heads=config.num_key_value_heads)
+        # None for Llama checkpoints; Mistral-style configs set a window (an option of the Attention op)
+        self.attn_fwd = Attention(
+            config.num_attention_heads,
+            head_dim,
+            num_kv_heads=config.num_key_value_heads,
+            sliding_window=layer_sliding_window(config, layer_idx),
+        )
         self.o_proj = build_rowwise_linear(
             config.num_attention_heads * head_dim, config.hidden_size, bias=bias, is_tp=True
         )
