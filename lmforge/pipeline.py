@@ -6,6 +6,7 @@ token ids; a batch is a list of those. Runs the Engine loop in the calling threa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,7 +52,7 @@ class Pipeline:
             for k in range(gen_config.n):
                 cfg = gen_config
                 if gen_config.n > 1 and gen_config.random_seed is not None:
-                    cfg = GenerationConfig(**{**_fields(gen_config), "random_seed": gen_config.random_seed + k})
+                    cfg = dataclasses.replace(gen_config, random_seed=gen_config.random_seed + k)
                 requests.append((self.engine.add_request(ids, cfg), i, k))
         return requests
 
@@ -112,10 +113,6 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _fields(cfg: GenerationConfig) -> dict:
-    return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
 
 
 def _logprobs(out: RequestOutput) -> list[dict[int, float]] | None:

@@ -3,6 +3,8 @@ token ids for bad_words."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from lmforge.messages import GenerationConfig
 
 from .errors import RequestError
@@ -27,5 +29,4 @@ def with_bad_word_ids(gen_config: GenerationConfig, tokenizer) -> GenerationConf
             tokens = tokenizer.encode(variant, add_special_tokens=False)
             if len(tokens) == 1:
                 ids.add(tokens[0])
-    fields = {name: getattr(gen_config, name) for name in gen_config.__dataclass_fields__}
-    return GenerationConfig(**{**fields, "bad_token_ids": sorted(ids)})
+    return dataclasses.replace(gen_config, bad_token_ids=sorted(ids))
