@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from . import cache_engine as ce
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .errors import ContextLengthError, RequestError
-from .host_memory import release_free_host_memory
+from .host_memory import bound_cpu_kernel_caches, release_free_host_memory
 from .model_loader import build_model
 from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
@@ -57,10 +56,7 @@ class Engine:
         start = time.perf_counter()
         device_type = resolve_device_type(cfg.device_type)
         if device_type == "cpu":
-            # oneDNN caches a compiled kernel per GEMM shape (1024 by default) and CPU batches come in many
-            # shapes, so a long-running CPU server's memory crept up by that cache; decode reuses few shapes,
-            # so 64 costs no speed. Read at the first GEMM, hence before the model runs; a user's value wins.
-            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+            bound_cpu_kernel_caches()
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
         self.source, self.model_config = source, source.model_config
