@@ -1,5 +1,6 @@
-"""DeepSeek-V3 (DeepseekV3ForCausalLM; Kimi-K2 too): multi-head latent attention (MLA) over a compressed KV
-cache, and MoE layers with shared experts and group-limited sigmoid routing.
+"""DeepSeek-V3 (DeepseekV3ForCausalLM; Kimi-K2 too): Llama's pre-norm decoder layer and SiLU MLP around multi-head
+latent attention (MLA) over a compressed KV cache, and MoE layers with shared experts and group-limited sigmoid
+routing. The lm_head, decoder stack and weight loading are the shared ones of models/base.py.
 
 MLA caches per token only the normalised latent c_kv [kv_lora_rank] and the rotary key k_pe [qk_rope_head_dim]
 (one "head", see configurations/deepseek.py). kv_b_proj's key half is absorbed into the query and its value
@@ -16,21 +17,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lmforge.model_inputs import AttnMetadata, StepContext, StepContextManager
+from lmforge.model_inputs import AttnMetadata
+from lmforge.models.base import CausalLM, DecoderModel
+from lmforge.models.llama import LlamaDecoderLayer, LlamaMLP
 from lmforge.nn import (
     ApplyRotaryEmb,
     Attention,
     RMSNorm,
-    SiluAndMul,
     build_colwise_linear,
-    build_embedding,
-    build_merged_colwise_linear,
     build_rotary_embedding_from_config,
     build_rowwise_linear,
     rope_parameters,
 )
-from lmforge.nn.moe import FusedMoE, grouped_topk, load_expert_weights
-from lmforge.weights.loader import load_weights
+from lmforge.nn.moe import FusedMoE, grouped_topk
 
 
 def _softmax_scale(config) -> float:
@@ -98,18 +97,6 @@ class DeepseekV3Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, num_heads * self.v_dim))
 
 
-class DeepseekV3MLP(nn.Module):
-    def __init__(self, config, intermediate_size: int):
-        super().__init__()
-        size = intermediate_size
-        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size, [size, size], bias=False)
-        self.act_fn = SiluAndMul(inplace=True)
-        self.down_proj = build_rowwise_linear(size, config.hidden_size, bias=False, is_tp=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
-
-
 class DeepseekV3MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -121,7 +108,7 @@ class DeepseekV3MoE(nn.Module):
             torch.zeros(num_experts, dtype=torch.float32, device=self.gate.weight.device), requires_grad=False
         )
         self.experts = FusedMoE(config.hidden_size, config.moe_intermediate_size, num_experts)
-        self.shared_experts = DeepseekV3MLP(config, config.moe_intermediate_size * config.n_shared_experts)
+        self.shared_experts = LlamaMLP(config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -137,91 +124,26 @@ class DeepseekV3MoE(nn.Module):
         return self.experts(hidden_states, topk_weights, topk_ids) + self.shared_experts(hidden_states)
 
 
-class DeepseekV3DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.self_attn = DeepseekV3Attention(config, layer_idx)
+class DeepseekV3DecoderLayer(LlamaDecoderLayer):
+    def build_attention(self, config, layer_idx: int) -> nn.Module:
+        return DeepseekV3Attention(config, layer_idx)
+
+    def build_mlp(self, config, layer_idx: int) -> nn.Module:
         is_moe = layer_idx >= config.first_k_dense_replace and layer_idx % getattr(config, "moe_layer_freq", 1) == 0
-        self.mlp = DeepseekV3MoE(config) if is_moe else DeepseekV3MLP(config, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, rotary_pos_emb, past_key_value, attn_metadata)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return DeepseekV3MoE(config) if is_moe else LlamaMLP(config)
 
 
-class DeepseekV3Model(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = build_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = build_rotary_embedding_from_config(config, head_dim=config.qk_rope_head_dim)
-
-    def forward(self, input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds=None):
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rotary_pos_emb = self.rotary_emb(position_ids)
-        residual = None
-        for layer, past_key_value in zip(self.layers, past_key_values, strict=True):
-            hidden_states, residual = layer(hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
-
-class DeepseekV3ForCausalLM(nn.Module):
-    support_cuda_graph = True
+class DeepseekV3ForCausalLM(CausalLM):
+    decoder_layer_cls = DeepseekV3DecoderLayer
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
     expert_proj_names = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(
-        self, config, ctx_mgr: StepContextManager, dtype: torch.dtype | None = None, device: torch.device | None = None
-    ):
-        super().__init__()
-        self.config, self.ctx_mgr = config, ctx_mgr
-        self.model = DeepseekV3Model(config)
-        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        past_key_values: list,
-        attn_metadata: AttnMetadata | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden]; the engine calls get_logits on the rows it samples from."""
-        return self.model(input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds)
-
-    def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
-
-    def prepare_inputs_for_generation(
-        self, past_key_values: list, inputs_embeds: torch.Tensor | None = None, context: StepContext | None = None
-    ) -> dict:
-        return dict(
-            input_ids=context.input_ids,
-            position_ids=context.position_ids,
-            past_key_values=past_key_values,
-            attn_metadata=context.attn_metadata,
-            inputs_embeds=inputs_embeds,
-        )
+    def build_model(self, config, dtype: torch.dtype) -> nn.Module:
+        # the rotary embedding covers only the qk_rope_head_dim channels of each head
+        rotary_emb = build_rotary_embedding_from_config(config, head_dim=config.qk_rope_head_dim)
+        return DecoderModel(config, self.decoder_layer_cls, rotary_emb=rotary_emb)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # the multi-token-prediction layer (model.layers.<num_hidden_layers>) is not used for generation
-        skip = (f"model.layers.{self.config.num_hidden_layers}.",)
-        if getattr(self.config, "tie_word_embeddings", False):
-            skip += ("lm_head.weight",)
-        loaded_experts: set[str] = set()
-        weights = load_expert_weights(self, weights, self.expert_proj_names, loaded_experts)
-        loaded = load_weights(self, weights, self.packed_modules_mapping, skip)
-        return loaded | loaded_experts
+        mtp_layer = f"model.layers.{self.config.num_hidden_layers}."
+        return super().load_weights((name, tensor) for name, tensor in weights if mtp_layer not in name)

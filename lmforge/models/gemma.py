@@ -1,139 +1,39 @@
-"""Gemma (GemmaForCausalLM, the first generation): Llama's layout with RMSNorm scaling by (1 + w), tanh-GELU
-gated MLP, embeddings scaled by sqrt(hidden_size) and the lm_head tied to the embeddings."""
+"""Gemma (GemmaForCausalLM, the first generation): Llama with RMSNorms that scale by (1 + w), a tanh-GELU gated MLP,
+embeddings scaled by sqrt(hidden_size) and, unless the config says otherwise, the lm_head tied to the embeddings."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from lmforge.model_inputs import AttnMetadata, StepContext, StepContextManager
-from lmforge.nn import (
-    ApplyRotaryEmb,
-    Attention,
-    GeluAndMul,
-    RMSNorm,
-    build_embedding,
-    build_merged_colwise_linear,
-    build_qkv_proj,
-    build_rotary_embedding_from_config,
-    build_rowwise_linear,
-)
-from lmforge.weights.loader import load_weights
+from lmforge.models.base import CausalLM, DecoderModel
+from lmforge.models.llama import LlamaDecoderLayer, LlamaMLP
+from lmforge.nn import GeluAndMul
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int = 0):
-        super().__init__()
-        head_dim = config.head_dim
-        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = build_qkv_proj(config.hidden_size, num_heads, num_kv_heads, head_dim, bias=bias)
-        self.apply_rotary_pos_emb = ApplyRotaryEmb()
-        self.attn_fwd = Attention(num_heads, head_dim, num_kv_heads=num_kv_heads)
-        self.o_proj = build_rowwise_linear(num_heads * head_dim, config.hidden_size, bias=bias, is_tp=True)
+class GemmaDecoderLayer(LlamaDecoderLayer):
+    norm_weight_offset = 1.0
 
-    def forward(self, hidden_states, rotary_pos_emb, past_key_value, attn_metadata: AttnMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden_states))  # [T, heads, head_dim] each
-        q, k = self.apply_rotary_pos_emb(q, k, *rotary_pos_emb)
-        return self.o_proj(self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata))
-
-
-class GemmaMLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size, [size, size], bias=False)
+    def build_mlp(self, config, layer_idx: int) -> nn.Module:
         # released Gemma configs say hidden_act="gelu" but were trained with the tanh approximation (HF agrees)
-        self.act_fn = GeluAndMul(approximate="tanh")
-        self.down_proj = build_rowwise_linear(size, config.hidden_size, bias=False, is_tp=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return LlamaMLP(config, act_fn=GeluAndMul(approximate="tanh"))
 
 
-class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.self_attn = GemmaAttention(config, layer_idx)
-        self.mlp = GemmaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_offset=1.0)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_offset=1.0)
+class GemmaModel(DecoderModel):
+    """The decoder stack with a (1 + w) final norm and embeddings scaled by sqrt(hidden_size)."""
 
-    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, rotary_pos_emb, past_key_value, attn_metadata)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
-
-
-class GemmaModel(nn.Module):
-    def __init__(self, config, dtype: torch.dtype):
-        super().__init__()
-        self.embed_tokens = build_embedding(config.vocab_size, config.hidden_size)
+    def __init__(self, config, layer_cls, dtype: torch.dtype, rotary_emb: nn.Module | None = None):
+        super().__init__(config, layer_cls, norm_weight_offset=1.0, rotary_emb=rotary_emb)
         # HF multiplies by sqrt(hidden) rounded to the weights' dtype; round the same way
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_offset=1.0)
-        self.rotary_emb = build_rotary_embedding_from_config(config)
 
-    def forward(self, input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds=None):
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
-        hidden_states = inputs_embeds
-        rotary_pos_emb = self.rotary_emb(position_ids)
-        residual = None
-        for layer, past_key_value in zip(self.layers, past_key_values, strict=True):
-            hidden_states, residual = layer(hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
 
 
-class GemmaForCausalLM(nn.Module):
-    support_cuda_graph = True
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+class GemmaForCausalLM(CausalLM):
+    decoder_layer_cls = GemmaDecoderLayer
+    default_tie_word_embeddings = True
 
-    def __init__(
-        self, config, ctx_mgr: StepContextManager, dtype: torch.dtype | None = None, device: torch.device | None = None
-    ):
-        super().__init__()
-        self.config, self.ctx_mgr = config, ctx_mgr
-        self.model = GemmaModel(config, dtype or torch.get_default_dtype())
-        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", True):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        past_key_values: list,
-        attn_metadata: AttnMetadata | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden]; the engine calls get_logits on the rows it samples from."""
-        return self.model(input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds)
-
-    def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
-
-    def prepare_inputs_for_generation(
-        self, past_key_values: list, inputs_embeds: torch.Tensor | None = None, context: StepContext | None = None
-    ) -> dict:
-        return dict(
-            input_ids=context.input_ids,
-            position_ids=context.position_ids,
-            past_key_values=past_key_values,
-            attn_metadata=context.attn_metadata,
-            inputs_embeds=inputs_embeds,
-        )
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", True) else ()
-        return load_weights(self, weights, self.packed_modules_mapping, skip)
+    def build_model(self, config, dtype: torch.dtype) -> nn.Module:
+        return GemmaModel(config, self.decoder_layer_cls, dtype)

@@ -1,51 +1,66 @@
-"""Llama (Llama 2/3/3.x, SmolLM2, and every checkpoint with LlamaForCausalLM), built from lmforge.nn ops."""
+"""Llama (Llama 2/3/3.x, SmolLM2, and every checkpoint with LlamaForCausalLM), built from lmforge.nn ops; the decoder
+stack and the top class's contract (lm_head, forward, get_logits, load_weights) are models/base.py's.
+
+The attention, MLP and decoder layer here are also those of the Llama-like families: their options (q/k/v and
+o_proj biases, q/k head norms, the attention's scale and soft-capping, the MLP's size and activation) and the
+layer's build_attention / build_mlp let Qwen2, Qwen3, Mixtral, Gemma and DeepSeek-V3 write only what differs."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from lmforge.model_inputs import AttnMetadata, StepContext, StepContextManager
+from lmforge.model_inputs import AttnMetadata
+from lmforge.models.base import CausalLM
 from lmforge.nn import (
     ApplyRotaryEmb,
     Attention,
     RMSNorm,
     SiluAndMul,
-    build_embedding,
     build_merged_colwise_linear,
     build_qkv_proj,
-    build_rotary_embedding_from_config,
     build_rowwise_linear,
 )
 from lmforge.nn.attention import layer_sliding_window
-from lmforge.weights.loader import load_weights
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int = 0):
+    """qkv_bias / o_bias default to the config's attention_bias (Qwen2 biases q/k/v only). qk_norm adds an
+    RMSNorm over each head of q and k before the rotary embedding (Qwen3, Gemma 3), scaled by (1 + w) under
+    norm_weight_offset=1.0. scale and logit_softcapping are options of the Attention op (Gemma 2)."""
+
+    def __init__(
+        self,
+        config,
+        layer_idx: int = 0,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+        qk_norm: bool = False,
+        norm_weight_offset: float = 0.0,
+        scale: float | None = None,
+        logit_softcapping: float | None = None,
+    ):
         super().__init__()
-        head_dim = _head_dim(config)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = build_qkv_proj(
-            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim, bias=bias
-        )
+        qkv_bias, o_bias = bias if qkv_bias is None else qkv_bias, bias if o_bias is None else o_bias
+        self.qkv_proj = build_qkv_proj(config.hidden_size, num_heads, num_kv_heads, head_dim, bias=qkv_bias)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, weight_offset=norm_weight_offset)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, weight_offset=norm_weight_offset)
         self.apply_rotary_pos_emb = ApplyRotaryEmb()
-        # None for Llama checkpoints; Mistral-style configs set a window (an option of the Attention op)
+        # sliding_window is None for Llama checkpoints; Mistral-style configs and `layer_types` set a window
         self.attn_fwd = Attention(
-            config.num_attention_heads,
+            num_heads,
             head_dim,
-            num_kv_heads=config.num_key_value_heads,
+            scale=scale,
+            num_kv_heads=num_kv_heads,
             sliding_window=layer_sliding_window(config, layer_idx),
+            logit_softcapping=logit_softcapping,
         )
-        self.o_proj = build_rowwise_linear(
-            config.num_attention_heads * head_dim, config.hidden_size, bias=bias, is_tp=True
-        )
+        self.o_proj = build_rowwise_linear(num_heads * head_dim, config.hidden_size, bias=o_bias, is_tp=True)
 
     def forward(
         self,
@@ -55,32 +70,48 @@ class LlamaAttention(nn.Module):
         attn_metadata: AttnMetadata,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden_states))  # [T, heads, head_dim] each
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.apply_rotary_pos_emb(q, k, *rotary_pos_emb)
         attn_output = self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata)
         return self.o_proj(attn_output)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config):
+    """down(act(gate) * up). intermediate_size defaults to the config's (DeepSeek's shared experts differ); act_fn
+    to SiLU (Gemma passes its GELU)."""
+
+    def __init__(self, config, intermediate_size: int | None = None, act_fn: nn.Module | None = None):
         super().__init__()
+        size = config.intermediate_size if intermediate_size is None else intermediate_size
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = build_merged_colwise_linear(
-            config.hidden_size, [config.intermediate_size, config.intermediate_size], bias=bias
-        )
-        self.act_fn = SiluAndMul(inplace=True)
-        self.down_proj = build_rowwise_linear(config.intermediate_size, config.hidden_size, bias=bias, is_tp=True)
+        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size, [size, size], bias=bias)
+        self.act_fn = SiluAndMul(inplace=True) if act_fn is None else act_fn
+        self.down_proj = build_rowwise_linear(size, config.hidden_size, bias=bias, is_tp=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). A family with another attention or MLP overrides
+    build_attention or build_mlp; norm_weight_offset = 1.0 gives Gemma's (1 + w) norms."""
+
+    norm_weight_offset = 0.0
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self.build_attention(config, layer_idx)
+        self.mlp = self.build_mlp(config, layer_idx)
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(size, eps, weight_offset=self.norm_weight_offset)
+        self.post_attention_layernorm = RMSNorm(size, eps, weight_offset=self.norm_weight_offset)
+
+    def build_attention(self, config, layer_idx: int) -> nn.Module:
+        return LlamaAttention(config, layer_idx)
+
+    def build_mlp(self, config, layer_idx: int) -> nn.Module:
+        return LlamaMLP(config)
 
     def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata):
         if residual is None:
@@ -93,64 +124,5 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = build_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = build_rotary_embedding_from_config(config)
-
-    def forward(self, input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds=None):
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rotary_pos_emb = self.rotary_emb(position_ids)
-        residual = None
-        for layer, past_key_value in zip(self.layers, past_key_values, strict=True):
-            hidden_states, residual = layer(hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
-
-class LlamaForCausalLM(nn.Module):
-    support_cuda_graph = True
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-
-    def __init__(
-        self, config, ctx_mgr: StepContextManager, dtype: torch.dtype | None = None, device: torch.device | None = None
-    ):
-        super().__init__()
-        self.config, self.ctx_mgr = config, ctx_mgr
-        self.model = LlamaModel(config)
-        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        past_key_values: list,
-        attn_metadata: AttnMetadata | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden]; the engine calls get_logits on the rows it samples from."""
-        return self.model(input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds)
-
-    def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
-
-    def prepare_inputs_for_generation(
-        self, past_key_values: list, inputs_embeds: torch.Tensor | None = None, context: StepContext | None = None
-    ) -> dict:
-        return dict(
-            input_ids=context.input_ids,
-            position_ids=context.position_ids,
-            past_key_values=past_key_values,
-            attn_metadata=context.attn_metadata,
-            inputs_embeds=inputs_embeds,
-        )
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", False) else ()
-        return load_weights(self, weights, self.packed_modules_mapping, skip)
+class LlamaForCausalLM(CausalLM):
+    decoder_layer_cls = LlamaDecoderLayer

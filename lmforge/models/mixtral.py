@@ -1,6 +1,6 @@
-"""Mixtral (MixtralForCausalLM): Mistral's attention with a sparse MoE block instead of the MLP. A replicated
-router picks the top-k experts per token (softmax, then the k weights renormalised to sum 1); the experts run
-in one FusedMoE op. Checkpoints store each expert as w1 (gate), w3 (up), w2 (down)."""
+"""Mixtral (MixtralForCausalLM): Mistral (Llama with a sliding window) with a sparse MoE block instead of the MLP.
+A replicated router picks the top-k experts per token (softmax, then the k weights renormalised to sum 1); the
+experts run in one FusedMoE op. Checkpoints store each expert as w1 (gate), w3 (up), w2 (down)."""
 
 from __future__ import annotations
 
@@ -9,37 +9,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lmforge.model_inputs import AttnMetadata, StepContext, StepContextManager
-from lmforge.nn import (
-    ApplyRotaryEmb,
-    Attention,
-    RMSNorm,
-    build_embedding,
-    build_qkv_proj,
-    build_rotary_embedding_from_config,
-    build_rowwise_linear,
-)
-from lmforge.nn.attention import layer_sliding_window
-from lmforge.nn.moe import FusedMoE, load_expert_weights, softmax_topk
-from lmforge.weights.loader import load_weights
-
-
-class MixtralAttention(nn.Module):
-    def __init__(self, config, layer_idx: int = 0):
-        super().__init__()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.qkv_proj = build_qkv_proj(config.hidden_size, num_heads, num_kv_heads, head_dim, bias=False)
-        self.apply_rotary_pos_emb = ApplyRotaryEmb()
-        self.attn_fwd = Attention(
-            num_heads, head_dim, num_kv_heads=num_kv_heads, sliding_window=layer_sliding_window(config, layer_idx)
-        )
-        self.o_proj = build_rowwise_linear(num_heads * head_dim, config.hidden_size, bias=False, is_tp=True)
-
-    def forward(self, hidden_states, rotary_pos_emb, past_key_value, attn_metadata: AttnMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden_states))  # [T, heads, head_dim] each
-        q, k = self.apply_rotary_pos_emb(q, k, *rotary_pos_emb)
-        return self.o_proj(self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata))
+from lmforge.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from lmforge.nn import build_rowwise_linear
+from lmforge.nn.moe import FusedMoE, softmax_topk
 
 
 class MixtralSparseMoeBlock(nn.Module):
@@ -54,87 +26,17 @@ class MixtralSparseMoeBlock(nn.Module):
         return self.experts(hidden_states, topk_weights, topk_ids)
 
 
-class MixtralDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.self_attn = MixtralAttention(config, layer_idx)
-        self.block_sparse_moe = MixtralSparseMoeBlock(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, rotary_pos_emb, past_key_value, attn_metadata)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.block_sparse_moe(hidden_states), residual
+class MixtralDecoderLayer(LlamaDecoderLayer):
+    def build_mlp(self, config, layer_idx: int) -> nn.Module:
+        return MixtralSparseMoeBlock(config)
 
 
-class MixtralModel(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = build_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MixtralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = build_rotary_embedding_from_config(config)
-
-    def forward(self, input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds=None):
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rotary_pos_emb = self.rotary_emb(position_ids)
-        residual = None
-        for layer, past_key_value in zip(self.layers, past_key_values, strict=True):
-            hidden_states, residual = layer(hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
-
-class MixtralForCausalLM(nn.Module):
-    support_cuda_graph = True
+class MixtralForCausalLM(LlamaForCausalLM):
+    decoder_layer_cls = MixtralDecoderLayer
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     expert_proj_names = ("w1", "w3", "w2")  # checkpoint names of each expert's gate, up and down projections
 
-    def __init__(
-        self, config, ctx_mgr: StepContextManager, dtype: torch.dtype | None = None, device: torch.device | None = None
-    ):
-        super().__init__()
-        self.config, self.ctx_mgr = config, ctx_mgr
-        self.model = MixtralModel(config)
-        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        past_key_values: list,
-        attn_metadata: AttnMetadata | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden]; the engine calls get_logits on the rows it samples from."""
-        return self.model(input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds)
-
-    def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
-
-    def prepare_inputs_for_generation(
-        self, past_key_values: list, inputs_embeds: torch.Tensor | None = None, context: StepContext | None = None
-    ) -> dict:
-        return dict(
-            input_ids=context.input_ids,
-            position_ids=context.position_ids,
-            past_key_values=past_key_values,
-            attn_metadata=context.attn_metadata,
-            inputs_embeds=inputs_embeds,
-        )
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", False) else ()
-        loaded_experts: set[str] = set()
-        weights = load_expert_weights(self, weights, self.expert_proj_names, loaded_experts)
-        loaded = load_weights(self, weights, self.packed_modules_mapping, skip)
-        return loaded | loaded_experts
+        # checkpoints (and GGUF's names) call the MoE block block_sparse_moe; we call it mlp, as transformers 5 does
+        weights = ((name.replace(".block_sparse_moe.", ".mlp.", 1), tensor) for name, tensor in weights)
+        return super().load_weights(weights)
