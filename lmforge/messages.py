@@ -43,6 +43,9 @@ class GenerationConfig:
     response_format: dict | None = None
 
     def __post_init__(self) -> None:
+        for name in ("stop_words", "bad_words"):  # one string is one word, as OpenAI's `stop` takes it
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         self.validate()
 
     def validate(self) -> None:
@@ -80,7 +83,7 @@ class GenerationConfig:
         for name in ("stop_words", "bad_words"):
             words = getattr(self, name)
             _check(
-                words is None or all(isinstance(w, str) and w for w in words),
+                words is None or (isinstance(words, (list, tuple)) and all(isinstance(w, str) and w for w in words)),
                 f"{name} must be a list of non-empty strings",
             )
         for name in ("stop_token_ids", "bad_token_ids"):
@@ -131,6 +134,15 @@ class PytorchEngineConfig:
             self.device_type in (None, "cpu", "cuda"), f"device_type must be 'cpu' or 'cuda', got {self.device_type!r}"
         )
         _check(isinstance(self.tp, int) and self.tp >= 1, f"tp must be an integer >= 1, got {self.tp!r}")
+        # accepted for lmdeploy compatibility, but an engine that quietly ignored them would mislead
+        _check(self.tp == 1, f"tensor parallelism is not implemented yet (tp={self.tp}); use tp=1")
+        _check(self.quant_policy == 0, f"KV cache quantization is not implemented (quant_policy={self.quant_policy})")
+        _check(
+            self.distributed_executor_backend is None,
+            "distributed_executor_backend is not used: lmforge runs one process per engine",
+        )
+        for name in ("download_dir", "revision"):
+            _check(getattr(self, name) is None, f"{name} is not used: lmforge never downloads; pass a local model path")
         _check(0.0 < self.cache_max_entry_count <= 1.0, "cache_max_entry_count must be in (0, 1]")
         _check(
             self.block_size >= 1 and (self.block_size & (self.block_size - 1)) == 0,

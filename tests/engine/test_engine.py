@@ -59,11 +59,38 @@ def test_stop_words_never_leak(engine):
     assert r["text"] == text[: text.index(stop)]
 
 
-def test_min_new_tokens_masks_eos(engine):
+def test_min_new_tokens_masks_stop_tokens(engine):
+    (free,) = run(engine, [prompt(engine)], [GenerationConfig(max_new_tokens=6, ignore_eos=True)])
+    stop = free["tokens"][0]  # what greedy decoding picks first, so only the mask keeps it out
     eos = engine.tokenizer.eos_token_ids
-    gen = GenerationConfig(max_new_tokens=10, min_new_tokens=10, stop_token_ids=list(range(320)))
+    gen = GenerationConfig(max_new_tokens=10, min_new_tokens=5, stop_token_ids=[stop])
     (r,) = run(engine, [prompt(engine)], [gen])
-    assert len(r["tokens"]) == 10 and r["finish"] == "length" and not set(r["tokens"][:9]) & set(eos)
+    assert len(r["tokens"]) >= 5 and not {stop, *eos} & set(r["tokens"][:5])
+    # from token 6 on the stop ids work again
+    assert r["finish"] == "length" or r["tokens"][-1] in {stop, *eos} and r["finish"] == "stop"
+
+
+def test_stop_and_bad_words_take_one_string_or_a_list():
+    assert GenerationConfig(stop_words="END").stop_words == ["END"]
+    assert GenerationConfig(bad_words="x").bad_words == ["x"]
+    for bad in ([""], [3], "", 7):
+        with pytest.raises(ValueError, match="stop_words"):
+            GenerationConfig(stop_words=bad)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("tp", 2, "tensor parallelism"),
+        ("quant_policy", 8, "quant_policy"),
+        ("distributed_executor_backend", "ray", "one process"),
+        ("revision", "main", "never downloads"),
+        ("download_dir", "/tmp", "never downloads"),
+    ],
+)
+def test_engine_settings_that_would_be_ignored_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PytorchEngineConfig(**{field: value})
 
 
 def test_same_seed_same_tokens_whatever_the_batch(engine):

@@ -42,9 +42,12 @@ def _growth_mb(mode: str) -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS and malloc_trim as on Linux")
 def test_cpu_gemm_kernel_caches_are_bounded():
+    uncapped = _growth_mb("uncapped")
+    if uncapped < 150:
+        pytest.skip(f"this CPU's GEMMs keep little per shape ({uncapped:.0f} MB uncapped): nothing to bound")
     capped = _growth_mb("capped")
-    # uncapped, this machine (AMD EPYC, oneDNN bf16 GEMMs) grew by ~360 MB over these 300 shapes; capped, by ~40 MB
-    assert capped < 120, f"RSS grew by {capped:.0f} MB over 300 GEMM shapes with the kernel caches capped"
+    # this machine (AMD EPYC, oneDNN bf16 GEMMs): ~360 MB uncapped, ~40 MB capped
+    assert capped < uncapped / 3, f"capped caches still grew RSS by {capped:.0f} MB (uncapped: {uncapped:.0f} MB)"
 
 
 def test_bound_cpu_kernel_caches_keeps_the_users_values(monkeypatch):

@@ -231,7 +231,6 @@ def test_presence_frequency_penalties_by_hand():
         FakeSeq(GenerationConfig(), token_ids=[1, 1, 2], num_prompt_tokens=1, num_new_tokens=2, guide=guides[1]),
     ]
     Sampler(8, torch.device("cpu"))(logits, seqs)
-    assert seqs[1].gen_config.repetition_penalty == 1.0
     expected = torch.zeros(8)
     expected[1] = -(0.5 + 3 * 0.25)
     expected[3] = -(0.5 + 1 * 0.25)

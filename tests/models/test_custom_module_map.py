@@ -1,8 +1,5 @@
 """A model registered only through `custom_module_map`: a map file and a model module in a folder outside the
-package, used by `pipeline` both to override a built-in architecture and to add a new one.
-
-(`lmforge.pipeline` the function is shadowed by the submodule `lmforge.pipeline` once that is imported, so the
-function is imported from the submodule here.)"""
+package, used by `pipeline` both to override a built-in architecture and to add a new one."""
 
 from __future__ import annotations
 

@@ -124,6 +124,7 @@ def test_length_bounded_strings_never_hold_raw_control_characters(tokenizer):
     }
     fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
     control = [i for i in range(tokenizer.vocab_size) if any(ord(ch) < 0x20 for ch in tokenizer.decode([i]))]
+    assert control, "the test needs tokens that decode to control characters"
     for seed in range(3):
         guide = build_guide(fmt, tokenizer.hf, TINY_VOCAB)
         gen = torch.Generator().manual_seed(seed)
