@@ -15,7 +15,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float16", "bfloat16", "float32"],
-        help="auto: bfloat16 on GPUs and on CPUs with native bf16, else float32",
+        help="auto: on GPUs the checkpoint's float16/bfloat16 (else bfloat16); on CPUs bf16 where native, else fp32",
     )
     g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
     g.add_argument("--max-batch-size", type=int, default=None)

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "check_env",
         aliases=["check-env"],
-        help="check that a model resolves and loads",
+        help="check that a model's config, ConfigBuilder and class resolve (no weights loaded); --parity vs HF",
         description="Resolve MODEL's config, ConfigBuilder and model class (check_model); with "
         "--parity also compare its logits with HF transformers on a tiny random config.",
     )

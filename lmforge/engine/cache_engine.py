@@ -1,5 +1,6 @@
 """CacheEngine: allocates the paged KV cache, per layer a key and a value tensor of
-[num_blocks, block_size, num_kv_heads, head_dim], sized from free memory or an explicit count."""
+[num_blocks + 1, block_size, num_kv_heads, head_dim] (k and v head sizes may differ; MLA models keep one latent
+tensor per layer; the extra block is the trash block), sized from free memory or an explicit count."""
 
 from __future__ import annotations
 

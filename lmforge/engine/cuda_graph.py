@@ -78,7 +78,10 @@ class CudaGraphRunner:
         try:
             for bs in buckets:
                 if time.perf_counter() - start > max_capture_s:
-                    logger.warning("CUDA graph capture stopped after %.0f s; larger batches run eagerly", max_capture_s)
+                    logger.warning(
+                        "CUDA graph capture stopped after %.0f s; smaller batches replay the smallest captured graph",
+                        max_capture_s,
+                    )
                     break
                 self._forward(bs)  # warm-up: autotuning and lazy allocations happen outside the graph
                 torch.cuda.synchronize()

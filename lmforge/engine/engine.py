@@ -112,7 +112,7 @@ class Engine:
         if device_type == "cuda":
             warmup(self)
         self.load_seconds = time.perf_counter() - start
-        # seconds per start-up phase: config/tokenizer, weights, memory profile + KV cache, CUDA graphs, warm-up
+        # seconds per start-up phase: CUDA start + config, weights, memory profile + KV cache, CUDA graphs, warm-up
         self.load_breakdown = {
             k: round(v, 2)
             for k, v in (
@@ -230,7 +230,8 @@ class Engine:
 
     # --- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule and launch one step, then return the outputs of the step before it.
+        """Schedule and launch one step, then return the outputs of the step before it (on CPU, where
+        nothing overlaps, of this step).
 
         On CUDA the launch is asynchronous, so the host work of reading step N's tokens (the one
         device sync), detokenizing and checking stops overlaps the GPU running step N+1. Tokens

@@ -1,7 +1,8 @@
 """Guided decoding: constrain sampling to a JSON grammar (OpenAI `response_format`) with xgrammar.
 
-The server builds one `Guide` per request; the sampler calls `fill_mask` on the request's logits row before
-sampling, the engine calls `accept` with the sampled token and ends the request ('stop') once `is_terminated()`.
+A request with a response_format gets one `Guide` (built by the server, or by the engine from
+GenerationConfig.response_format); the sampler calls `fill_mask` on the request's logits row before sampling,
+the engine calls `accept` with the sampled token and ends the request ('stop') once `is_terminated()`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Batched sampler: the engine hands it the float32 last-token logits of every running sequence once per step.
+"""Batched sampler: the engine hands it the float32 last-token logits of every sequence that samples
+this step (a prefill chunk that does not reach the end of its prompt does not).
 
 Order (HF logits-processor order where they overlap): penalties -> bad/min-token masks -> guide mask ->
 temperature -> top-k -> top-p -> min-p -> draw. Greedy rows take the argmax after the masks. Everything is batched

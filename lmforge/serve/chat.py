@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: the model's chat template, n choices, logprobs, and response_format enforced by a
-grammar (lmforge.engine.guided) so json_object / json_schema replies always parse.
+grammar (lmforge.engine.guided) so json_object / json_schema replies parse
+(unless max_tokens cuts them off: finish_reason "length").
 """
 
 from __future__ import annotations

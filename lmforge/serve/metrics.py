@@ -16,7 +16,7 @@ _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 3
 
 
 class _EngineCollector:
-    """Reads EngineStats when Prometheus scrapes, so the numbers are never stale."""
+    """Reads EngineStats when Prometheus scrapes: the snapshot the engine loop took after its last step."""
 
     def __init__(self, stats: Callable):
         self.stats = stats
