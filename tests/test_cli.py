@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import subprocess
 import sys
 
@@ -41,6 +43,26 @@ def test_chat_is_multi_turn_over_stdin(tiny_llama_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 2
+
+
+def test_chat_sends_the_whole_conversation_each_turn(tiny_llama_dir, monkeypatch, capsys):
+    from lmforge.pipeline import Pipeline
+
+    seen, real = [], Pipeline.stream_infer
+
+    def spy(self, prompt, *args, **kwargs):
+        seen.append(copy.deepcopy(prompt))
+        return real(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "stream_infer", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\nhéllo\n/reset\nagain\n/exit\n"))
+    argv = ["chat", tiny_llama_dir, "--device", "cpu", "--max-new-tokens", "4", "--num-cpu-blocks", "64"]
+    assert main(argv) == 0
+    assert seen[0] == [{"role": "user", "content": "Once upon a time"}]
+    first, reply, second = seen[1]
+    assert first == seen[0][0] and reply["role"] == "assistant" and second == {"role": "user", "content": "héllo"}
+    assert reply["content"] and reply["content"] in capsys.readouterr().out  # the streamed reply is what is kept
+    assert seen[2] == [{"role": "user", "content": "again"}]  # /reset starts over
 
 
 def test_generate_on_a_missing_model_is_a_clear_error(tmp_path, capsys):
