@@ -20,7 +20,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
-    g.add_argument("--num-cpu-blocks", type=int, default=0, help="KV blocks on CPU (0: size from free memory)")
+    g.add_argument(
+        "--num-cpu-blocks",
+        type=int,
+        default=0,
+        help="KV blocks on CPU (0: a quarter of free memory, at most 4 GiB; committed as blocks are first used)",
+    )
     g.add_argument(
         "--cache-max-entry-count", type=float, default=0.8, help="fraction of free GPU memory given to the KV cache"
     )
