@@ -135,7 +135,6 @@ class PytorchEngineConfig:
         )
         _check(isinstance(self.tp, int) and self.tp >= 1, f"tp must be an integer >= 1, got {self.tp!r}")
         # accepted for lmdeploy compatibility, but an engine that quietly ignored them would mislead
-        _check(self.tp == 1, f"tensor parallelism is not implemented yet (tp={self.tp}); use tp=1")
         _check(self.quant_policy == 0, f"KV cache quantization is not implemented (quant_policy={self.quant_policy})")
         _check(
             self.distributed_executor_backend is None,

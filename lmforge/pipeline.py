@@ -105,8 +105,10 @@ class Pipeline:
             )
 
     def close(self) -> None:
+        """Abort what is in flight and stop the engine's tensor-parallel workers, if any."""
         for rid in list(self.engine._requests):
             self.engine.abort(rid)
+        self.engine.close()
 
     def __enter__(self) -> Pipeline:
         return self

@@ -110,17 +110,22 @@ def engine_vs_hf(
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    own_engine = engine is None
     engine = engine or Engine(model_path, backend_config or PytorchEngineConfig(device_type="cpu", dtype="float32"))
     recorder = _LogitsRecorder(engine.sampler)
     engine.sampler = recorder
     gen = GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True, do_sample=False)
-    ids = [engine.add_request(p, gen) for p in prompts]
-    seqs = {rid: engine._requests[rid] for rid in ids}
-    tokens: dict[str, list[int]] = defaultdict(list)
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id].extend(out.token_ids)
-    engine.sampler = recorder.sampler
+    try:
+        ids = [engine.add_request(p, gen) for p in prompts]
+        seqs = {rid: engine._requests[rid] for rid in ids}
+        tokens: dict[str, list[int]] = defaultdict(list)
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id].extend(out.token_ids)
+    finally:
+        engine.sampler = recorder.sampler
+        if own_engine:
+            engine.close()  # tensor-parallel workers
     diffs: list[float] = [0.0] * max_new_tokens
     hf_tokens, notes, margins = [], [], []
     device = next(hf_model.parameters()).device

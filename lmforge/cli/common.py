@@ -17,6 +17,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float16", "bfloat16", "float32"],
         help="auto: on GPUs the checkpoint's float16/bfloat16 (else bfloat16); on CPUs bf16 where native, else fp32",
     )
+    g.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallelism: ranks (GPUs, or CPU worker processes) the model is split over (default: 1)",
+    )
     g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
@@ -55,6 +61,7 @@ def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
     return PytorchEngineConfig(
         dtype=args.dtype,
         device_type=args.device,
+        tp=args.tp,
         session_len=args.session_len,
         max_batch_size=args.max_batch_size,
         block_size=args.block_size,

@@ -79,6 +79,7 @@ class AsyncEngine:
                 if msg[0] == "close":
                     for request_id in list(self._streams):
                         self._handle(("abort", request_id))
+                    self.engine.close()
                     return
                 self._handle(msg)
                 try:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from lmforge.config import CacheConfig, SchedulerConfig
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
@@ -21,6 +22,7 @@ from lmforge.model_inputs import StepContextManager
 from lmforge.model_source import load_model_source, load_tokenizer
 
 from . import cache_engine as ce
+from . import tp
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .errors import ContextLengthError, RequestError
@@ -33,6 +35,7 @@ from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
 from .startup import resolve_device_type, resolve_dtype, warmup
+from .tp import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,16 @@ class Engine:
         device_type = resolve_device_type(cfg.device_type)
         if device_type == "cpu":
             bound_cpu_kernel_caches()
+        # tensor parallelism: the other ranks start now and load their shards while this one loads its own
+        self.tp = TensorParallel(cfg.tp, device_type, model_path, cfg) if cfg.tp > 1 else None
+        try:
+            self._build(model_path, cfg, device_type, start)
+        except BaseException:
+            self.close()  # the worker processes, if any
+            raise
+
+    def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
+        self.tp_size = cfg.tp
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
         self.source, self.model_config = source, source.model_config
@@ -68,7 +81,7 @@ class Engine:
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
         t_model = time.perf_counter()
-        self.model = build_model(source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map)
+        self.model = build_model(source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map, 0, cfg.tp)
         t_weights = time.perf_counter()
         self.cache_config = CacheConfig(
             block_size=cfg.block_size,
@@ -80,7 +93,11 @@ class Engine:
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
         num_blocks = self._num_blocks(device_type)
         t_cache = time.perf_counter()
-        self.cache = ce.CacheEngine(self.model_config, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.cache = ce.CacheEngine(
+            self.model_config, num_blocks, cfg.block_size, self.dtype, self.device, tp_size=cfg.tp
+        )
+        if self.tp is not None:
+            self.tp.channel.send(tp.ALLOC, num_blocks)
         max_pos = self.model_config.max_position_embeddings or 1 << 30
         capacity = num_blocks * cfg.block_size
         self.session_len = min(cfg.session_len or max_pos, capacity)
@@ -95,7 +112,13 @@ class Engine:
         self.graph_runner = self._build_graph_runner(device_type)
         t_graphs = time.perf_counter()
         self.runner = ModelRunner(
-            self.model, self.ctx_mgr, self.cache.kv_caches, cfg.block_size, self.device, self.graph_runner
+            self.model,
+            self.ctx_mgr,
+            self.cache.kv_caches,
+            cfg.block_size,
+            self.device,
+            self.graph_runner,
+            channel=self.tp.channel if self.tp is not None else None,
         )
         self.vocab_size = getattr(source.hf_config, "vocab_size", self.model_config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self.device)
@@ -103,7 +126,7 @@ class Engine:
         self._requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = self.generation_tokens_total = 0
         # overlap host work with the device only where launches are asynchronous
-        self.overlap = self.device.type == "cuda"
+        self.overlap = self.device.type == "cuda" and self.tp is None
         self._inflight: _Inflight | None = None
         # where host time goes: schedule / launch (inputs, forward and sampling enqueued) / process (the
         # device sync and per-token work); read by benchmarks and metrics
@@ -141,14 +164,28 @@ class Engine:
         from .profile import profile_peak_memory
 
         reserved = profile_peak_memory(self)
-        return ce.num_gpu_blocks(self.model_config, self.cache_config, self.dtype, self.device, reserved)
+        blocks = ce.num_gpu_blocks(
+            self.model_config, self.cache_config, self.dtype, self.device, reserved, tp_size=self.tp_size
+        )
+        if self.tp is not None:  # every rank sizes from its own free memory; the smallest count wins
+            self.tp.channel.send(tp.SIZE, reserved)
+            blocks = self.tp.channel.reduce_int(blocks, dist.ReduceOp.MIN)
+        return blocks
 
     def _build_graph_runner(self, device_type: str):
-        if device_type != "cuda" or self.engine_config.eager_mode:
+        # tensor-parallel steps run eagerly: graphs would have to capture the collectives on every rank
+        if device_type != "cuda" or self.engine_config.eager_mode or self.tp is not None:
             return None
         from .cuda_graph import CudaGraphRunner
 
         return CudaGraphRunner(self)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any; a no-op otherwise. Steps need them, so an
+        engine with tp > 1 runs nothing after this."""
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
 
     @property
     def model_name(self) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 
 from lmforge.model_inputs import AttnMetadata, StepContext, StepContextManager
 
+from . import tp
 from .scheduler import SchedulerOutput
 from .staging import PinnedStaging
 
@@ -26,8 +27,12 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         graph_runner=None,
+        channel=None,
     ):
+        """channel: with tensor parallelism, the tp.Channel over which rank 0 broadcasts each step's inputs
+        (and which the other ranks `follow`)."""
         self.model, self.ctx_mgr, self.kv_caches = model, ctx_mgr, kv_caches
+        self.channel = channel
         self.block_size, self.device = block_size, device
         self.has_get_logits = callable(getattr(model, "get_logits", None))
         self.graph_runner = graph_runner
@@ -53,24 +58,9 @@ class ModelRunner:
         q_start_loc = np.cumsum(q_lens) - q_lens
         last = q_start_loc + q_lens - 1
         sample = last if sample_rows is None or len(sample_rows) == num_seqs else last[sample_rows]
-        # two packs (int64, int32), one copy each; every segment starts 16-byte aligned, because Triton
-        # compiles a kernel variant per pointer alignment and a misaligned slice would mean a new variant
+        # two packs (int64, int32), one host-to-device copy each
         n_patch = len(patch_rows)
-        p64 = _Pack(
-            np.int64,
-            {
-                "ids": num_tokens,
-                "pos": num_tokens,
-                "slots": num_tokens,
-                "last": num_seqs,
-                "sample": len(sample),
-                "patch_rows": n_patch,
-                "patch_src": n_patch,
-            },
-        )
-        p32 = _Pack(
-            np.int32, {"tables": num_seqs * max_blocks, "q_start": num_seqs, "q_lens": num_seqs, "kv_lens": num_seqs}
-        )
+        p64, p32 = self._packs(num_tokens, num_seqs, max_blocks, len(sample), n_patch)
         input_ids, positions, slot_mapping = p64["ids"], p64["pos"], p64["slots"]
         block_tables = p32["tables"].reshape(num_seqs, max_blocks)
         if num_tokens == num_seqs:  # decode: one token per sequence, no per-sequence slicing
@@ -94,8 +84,37 @@ class ModelRunner:
         p32["q_start"][:] = q_start_loc
         p32["q_lens"][:] = q_lens
         p32["kv_lens"][:] = kv_lens
-        d64 = p64.to_device(self.staging)
-        d32 = p32.to_device(self.staging)
+        flat64, flat32 = self.staging.to_device(p64.array), self.staging.to_device(p32.array)
+        if self.channel is not None:  # tensor parallel: the other ranks run the same step on their shards
+            self.channel.send(tp.STEP, num_tokens, num_seqs, max_blocks, len(sample), n_patch)
+            self.channel.broadcast(flat64)
+            self.channel.broadcast(flat32)
+        return self._context(p64, flat64, p32, flat32, num_seqs, max_blocks, q_lens.tolist(), kv_lens.tolist())
+
+    @staticmethod
+    def _packs(num_tokens: int, num_seqs: int, max_blocks: int, n_sample: int, n_patch: int):
+        """The two packs of a step. Every segment starts 16-byte aligned, because Triton compiles a kernel
+        variant per pointer alignment and a misaligned slice would mean a new variant."""
+        p64 = _Pack(
+            np.int64,
+            {
+                "ids": num_tokens,
+                "pos": num_tokens,
+                "slots": num_tokens,
+                "last": num_seqs,
+                "sample": n_sample,
+                "patch_rows": n_patch,
+                "patch_src": n_patch,
+            },
+        )
+        p32 = _Pack(
+            np.int32, {"tables": num_seqs * max_blocks, "q_start": num_seqs, "q_lens": num_seqs, "kv_lens": num_seqs}
+        )
+        return p64, p32
+
+    def _context(self, p64, flat64, p32, flat32, num_seqs, max_blocks, q_lens: list[int], kv_lens: list[int]):
+        d64, d32 = p64.views(flat64), p32.views(flat32)
+        num_tokens = sum(q_lens)
         meta = AttnMetadata(
             is_decoding=num_tokens == num_seqs,
             block_tables=d32["tables"].view(num_seqs, max_blocks),
@@ -103,11 +122,11 @@ class ModelRunner:
             q_seqlens=d32["q_lens"],
             kv_seqlens=d32["kv_lens"],
             slot_mapping=d64["slots"],
-            max_q_seqlen=int(q_lens.max()),
-            max_kv_seqlen=int(kv_lens.max()),
-            block_size=bs,
-            q_seqlens_list=q_lens.tolist(),
-            kv_seqlens_list=kv_lens.tolist(),
+            max_q_seqlen=max(q_lens),
+            max_kv_seqlen=max(kv_lens),
+            block_size=self.block_size,
+            q_seqlens_list=q_lens,
+            kv_seqlens_list=kv_lens,
         )
         ctx = StepContext(
             input_ids=d64["ids"],
@@ -145,6 +164,23 @@ class ModelRunner:
             hidden = hidden[0]
         return hidden.index_select(0, rows).float()
 
+    @torch.inference_mode()
+    def follow(self, header: list[int]) -> None:
+        """Tensor-parallel ranks > 0: receive the step rank 0 broadcasts (`header` from its STEP message) and
+        run the model on this rank's shard; the all-reduces inside meet rank 0's."""
+        num_tokens, num_seqs, max_blocks, n_sample, n_patch = header[:5]
+        p64, p32 = self._packs(num_tokens, num_seqs, max_blocks, n_sample, n_patch)
+        flat64 = torch.empty(p64.array.shape, dtype=torch.int64, device=self.device)
+        flat32 = torch.empty(p32.array.shape, dtype=torch.int32, device=self.device)
+        self.channel.broadcast(flat64)
+        self.channel.broadcast(flat32)
+        lens = p32.views(flat32)
+        ctx, _ = self._context(
+            p64, flat64, p32, flat32, num_seqs, max_blocks, lens["q_lens"].tolist(), lens["kv_lens"].tolist()
+        )
+        with self.ctx_mgr.context(ctx):
+            self.model(**self.model.prepare_inputs_for_generation(self.kv_caches, context=ctx))
+
 
 class _Pack:
     """Named segments of one flat host array, each starting on a 16-byte boundary."""
@@ -161,6 +197,6 @@ class _Pack:
         start, n = self.offsets[name]
         return self.array[start : start + n]
 
-    def to_device(self, staging) -> dict[str, torch.Tensor]:
-        flat = staging.to_device(self.array)
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The segments of `flat`, this pack's array on the device."""
         return {name: flat[start : start + n] for name, (start, n) in self.offsets.items()}

@@ -126,14 +126,14 @@ class QKVLinear(MergedColwiseLinear):
         self.num_kv_heads = _divide(num_kv_heads, self.kv_tp_size, "num_key_value_heads")
         self.head_size, self.head_size_v = head_size, head_size_v
         self.kv_rank = tp_rank // kv_replicas
-        sizes = [num_q_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size_v]
-        super().__init__(in_features, sizes, bias, dtype, device, 1, 0)
         self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.full_sizes = [num_q_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size_v]
         self.local_sizes = [
             self.num_q_heads * head_size,
             self.num_kv_heads * head_size,
             self.num_kv_heads * head_size_v,
         ]
+        LinearBase.__init__(self, in_features, sum(self.local_sizes), bias, dtype, device)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         if shard_id is None:

@@ -43,10 +43,23 @@ EQUAL_STEPS = 3
 def test_bf16_cuda_parity(family, case):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    _check_parity(family, case, {"max_batch_size": 8})
+
+
+@pytest.mark.parametrize("case", ["batch", "preemption"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3"])
+def test_bf16_cuda_tp2_parity(family, case):
+    """Tensor parallelism over two GPUs (NCCL): each rank holds half of every sharded weight and of the KV heads."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    _check_parity(family, case, {"max_batch_size": 8, "tp": 2})
+
+
+def _check_parity(family: str, case: str, engine_config: dict) -> None:
     kwargs = PREEMPTION if case == "preemption" else {}
     tolerance = BF16_MOE_LOGIT_TOL if family in MOE_FAMILIES else BF16_LOGIT_TOL
     result = run_parity(
-        family, device_type="cuda", dtype="bfloat16", tolerance=tolerance, engine_config={"max_batch_size": 8}, **kwargs
+        family, device_type="cuda", dtype="bfloat16", tolerance=tolerance, engine_config=engine_config, **kwargs
     )
     assert result.max_abs_diff <= tolerance, result.table()
     for engine_tokens, hf_tokens, margin in zip(

@@ -1,0 +1,58 @@
+"""Tensor parallelism on CPU: two ranks over gloo, one worker process beside the engine. The GPU (NCCL) variant
+is in tests/engine/test_gpu_engine.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from lmforge.check_env.parity import PREEMPTION, run_parity
+from lmforge.engine.engine import Engine
+from lmforge.messages import GenerationConfig, PytorchEngineConfig
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+# one family per kind of sharding: GQA attention + MLP, q/k norms, MoE experts, soft-capping and extra norms, MLA
+FAMILIES = ["llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("case", ["batch", "preemption"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_matches_hf(family, case):
+    """Two ranks, each with half the heads, half the MLP / experts and half the KV cache, give HF's logits."""
+    result = run_parity(family, engine_config={"tp": 2}, **({} if case == "batch" else PREEMPTION))
+    assert result.passed, (result.max_abs_diff_per_step, result.engine_tokens, result.hf_tokens, result.notes)
+    assert case == "batch" or result.num_preemptions > 0
+
+
+def _greedy(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    ids = [engine.add_request(p, GenerationConfig(max_new_tokens=6, ignore_eos=True)) for p in prompts]
+    tokens = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    return [tokens[i] for i in ids]
+
+
+def test_engine_shards_the_model_and_stops_its_worker(tiny_llama_dir):
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [3] * 9]
+    cfg = dict(device_type="cpu", num_cpu_blocks=64, block_size=8, dtype="float32")
+    single = Engine(tiny_llama_dir, PytorchEngineConfig(**cfg))
+    expected = _greedy(single, prompts)
+    engine = Engine(tiny_llama_dir, PytorchEngineConfig(tp=2, **cfg))
+    worker = engine.tp.procs[0]
+    assert worker.is_alive()
+    attn = engine.model.model.layers[0].self_attn
+    assert attn.qkv_proj.num_q_heads == 2 and attn.attn_fwd.num_heads == 2  # 4 heads over 2 ranks
+    assert engine.cache.kv_caches[0][0].shape[2] == 1  # and 1 of the 2 KV heads per rank
+    assert _greedy(engine, prompts) == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.close()
+    worker.join(30)
+    assert worker.exitcode == 0
+
+
+def test_a_model_that_does_not_split_fails_cleanly(tiny_llama_dir):
+    with pytest.raises(ValueError, match="divisible by tp=3"):
+        Engine(tiny_llama_dir, PytorchEngineConfig(device_type="cpu", tp=3, num_cpu_blocks=16))
+    assert not dist.is_initialized()  # the workers were stopped and the group torn down: a new engine can start
