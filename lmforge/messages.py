@@ -103,7 +103,8 @@ class GenerationConfig:
 class PytorchEngineConfig:
     """Engine settings. `device_type=None` picks 'cuda' when a GPU is present, else 'cpu'. dtype 'auto' is the
     checkpoint's float16/bfloat16 (else bfloat16) on CUDA; on CPU bfloat16 where the CPU computes it natively
-    (AVX512-BF16 or AMX), float32 otherwise."""
+    (AVX512-BF16 or AMX), float32 otherwise. `tp` > 1 splits the model over that many ranks, one worker process
+    each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); those steps run without CUDA graphs."""
 
     dtype: str = "auto"
     device_type: str | None = None
