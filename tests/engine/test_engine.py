@@ -81,14 +81,14 @@ def test_stop_and_bad_words_take_one_string_or_a_list():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("tp", 2, "tensor parallelism"),
+        ("tp", 0, "tp must be an integer >= 1"),
         ("quant_policy", 8, "quant_policy"),
         ("distributed_executor_backend", "ray", "one process"),
         ("revision", "main", "never downloads"),
         ("download_dir", "/tmp", "never downloads"),
     ],
 )
-def test_engine_settings_that_would_be_ignored_are_refused(field, value, message):
+def test_engine_settings_that_are_invalid_or_would_be_ignored_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         PytorchEngineConfig(**{field: value})
 
