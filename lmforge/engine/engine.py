@@ -65,7 +65,9 @@ class Engine:
         try:
             self._build(model_path, cfg, device_type, start)
         except BaseException:
-            self.close()  # the worker processes, if any
+            if self.tp is not None:  # the worker processes
+                self.tp.close(abort=True)
+                self.tp = None
             raise
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:

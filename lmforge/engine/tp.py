@@ -116,18 +116,20 @@ class TensorParallel:
         if dead:
             raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode}")
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Tell the workers to stop and wait for them; abort=True (start-up failed, the ranks may be out of
+        step) only waits briefly and then terminates them."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
-        if all(p.is_alive() for p in self.procs):
+        if not abort and all(p.is_alive() for p in self.procs):
             try:
                 self.channel.send(STOP)
-            except Exception:  # a broken group: the workers are terminated below
-                logger.warning("could not tell the tensor-parallel workers to stop", exc_info=True)
+            except Exception as e:  # a broken group: the workers are terminated below
+                logger.warning("could not tell the tensor-parallel workers to stop: %s", e)
         for p in self.procs:
-            p.join(timeout=30)
+            p.join(timeout=5 if abort else 30)
             if p.is_alive():
                 p.terminate()
         if dist.is_initialized():
