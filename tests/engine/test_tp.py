@@ -56,3 +56,27 @@ def test_a_model_that_does_not_split_fails_cleanly(tiny_llama_dir):
     with pytest.raises(ValueError, match="divisible by tp=3"):
         Engine(tiny_llama_dir, PytorchEngineConfig(device_type="cpu", tp=3, num_cpu_blocks=16))
     assert not dist.is_initialized()  # the workers were stopped and the group torn down: a new engine can start
+
+
+def test_async_engine_serves_with_tp_and_stops_its_worker_on_close(tiny_llama_dir):
+    """The server's path: the engine steps on its own thread; closing it stops the worker with exit code 0."""
+    import asyncio
+
+    from lmforge.engine.async_engine import AsyncEngine
+
+    async def main() -> tuple[list[int], list]:
+        aengine = AsyncEngine(
+            tiny_llama_dir, PytorchEngineConfig(device_type="cpu", tp=2, num_cpu_blocks=32, block_size=8)
+        )
+        procs = aengine.engine.tp.procs
+        tokens = []
+        async for out in aengine.generate([5, 6, 7, 8], GenerationConfig(max_new_tokens=4, ignore_eos=True)):
+            tokens += out.token_ids
+        await aengine.close()
+        return tokens, procs
+
+    tokens, procs = asyncio.run(main())
+    assert len(tokens) == 4
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
