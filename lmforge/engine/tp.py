@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import signal
 import socket
 
 import torch
@@ -131,14 +132,21 @@ class TensorParallel:
         for p in self.procs:
             p.join(timeout=5 if abort else 30)
             if p.is_alive():
-                p.terminate()
+                p.kill()  # workers ignore SIGTERM (see _worker_main)
+                p.join(timeout=5)
+        logger.info("tensor-parallel workers stopped (exit codes %s)", [p.exitcode for p in self.procs])
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(self._num_threads)
 
 
 def _worker_main(rank: int, world: int, init_method: str, device_type: str, model_path, cfg) -> None:
-    """A rank > 0: build the shard, then follow rank 0's commands until STOP."""
+    """A rank > 0: build the shard, then follow rank 0's commands until STOP.
+
+    Ctrl-C and SIGTERM reach the whole process group; only rank 0 acts on them (it finishes or aborts its
+    requests, then sends STOP), since a worker that left mid-step would stall the other ranks' collectives."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from lmforge.engine import cache_engine as ce
     from lmforge.engine.model_loader import build_model
     from lmforge.engine.model_runner import ModelRunner
