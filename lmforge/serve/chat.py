@@ -24,6 +24,7 @@ from .generation import (
     build_gen_config,
     check_context,
     closer,
+    collect_outputs,
     engine_error,
     merge_outputs,
     observe,
@@ -37,7 +38,6 @@ from .protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     TopLogprob,
-    UsageInfo,
 )
 from .streaming import EventStreamResponse, run_unless_disconnected
 
@@ -119,29 +119,8 @@ async def create_chat_completion(
         closer(slot, record, choices)()
 
 
-def _usage(record: RequestRecord) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=record.prompt_tokens,
-        completion_tokens=record.completion_tokens,
-        total_tokens=record.prompt_tokens + record.completion_tokens,
-    )
-
-
 async def _collect(req, ctx, rid, jobs, choices: list[Choice], arrival, record) -> ChatCompletionResponse:
-    try:
-        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
-            async for i, out in outputs:
-                c = choices[i]
-                observe(c, out, ctx.metrics, arrival, record)
-                if out.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {out.error}", "server_error")
-                c.text.append(out.text)
-                c.logprobs.extend(out.logprobs or [])
-    except APIError:
-        raise
-    except Exception as e:
-        raise engine_error(e, "messages") from None
-    ctx.metrics.e2e.observe(time.perf_counter() - arrival)
+    await collect_outputs(ctx, jobs, choices, arrival, record, "messages")
     result = [
         ChatChoice(
             index=c.index,
@@ -151,7 +130,7 @@ async def _collect(req, ctx, rid, jobs, choices: list[Choice], arrival, record) 
         )
         for c in choices
     ]
-    return ChatCompletionResponse(id=rid, model=req.model, choices=result, usage=_usage(record))
+    return ChatCompletionResponse(id=rid, model=req.model, choices=result, usage=record.usage())
 
 
 async def _events(req, ctx, rid, jobs, choices: list[Choice], arrival, record) -> AsyncIterator[str]:
@@ -199,7 +178,7 @@ async def _events(req, ctx, rid, jobs, choices: list[Choice], arrival, record) -
                     "created": created,
                     "model": req.model,
                     "choices": [],
-                    "usage": _usage(record).model_dump(),
+                    "usage": record.usage().model_dump(),
                 }
             )
     except APIError as e:

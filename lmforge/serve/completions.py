@@ -18,6 +18,7 @@ from .generation import (
     build_gen_config,
     check_context,
     closer,
+    collect_outputs,
     engine_error,
     merge_outputs,
     observe,
@@ -29,7 +30,6 @@ from .protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    UsageInfo,
 )
 from .streaming import EventStreamResponse, run_unless_disconnected
 
@@ -110,20 +110,7 @@ async def create_completion(
 
 
 async def _collect(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, record) -> CompletionResponse:
-    try:
-        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
-            async for i, out in outputs:
-                c = choices[i]
-                observe(c, out, ctx.metrics, arrival, record)
-                if out.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {out.error}", "server_error")
-                c.text.append(out.text)
-                c.logprobs.extend(out.logprobs or [])
-    except APIError:
-        raise
-    except Exception as e:
-        raise engine_error(e, "prompt") from None
-    ctx.metrics.e2e.observe(time.perf_counter() - arrival)
+    await collect_outputs(ctx, jobs, choices, arrival, record, "prompt")
     result = []
     for c in choices:
         text, ids = prompts[c.prompt_index]
@@ -134,12 +121,7 @@ async def _collect(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival,
         result.append(
             CompletionChoice(index=c.index, text=echo + "".join(c.text), logprobs=lp, finish_reason=c.finish_reason)
         )
-    usage = UsageInfo(
-        prompt_tokens=record.prompt_tokens,
-        completion_tokens=record.completion_tokens,
-        total_tokens=record.prompt_tokens + record.completion_tokens,
-    )
-    return CompletionResponse(id=rid, model=req.model, choices=result, usage=usage)
+    return CompletionResponse(id=rid, model=req.model, choices=result, usage=record.usage())
 
 
 async def _events(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, record) -> AsyncIterator[str]:
@@ -188,11 +170,7 @@ async def _events(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, 
                     yield chunk(i, out.text, lp, out.finish_reason)
         ctx.metrics.e2e.observe(time.perf_counter() - arrival)
         if include_usage:
-            usage = UsageInfo(
-                prompt_tokens=record.prompt_tokens,
-                completion_tokens=record.completion_tokens,
-                total_tokens=record.prompt_tokens + record.completion_tokens,
-            )
+            usage = record.usage()
             yield sse(
                 {
                     "id": rid,

@@ -17,7 +17,7 @@ from lmforge.messages import GenerationConfig
 
 from .errors import APIError, context_length_error, invalid
 from .metrics import ServerMetrics
-from .protocol import MAX_STOP, SamplingRequest
+from .protocol import MAX_STOP, SamplingRequest, UsageInfo
 
 
 def stop_words(stop: str | list[str] | None) -> list[str] | None:
@@ -108,6 +108,13 @@ class RequestRecord:
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
 
+    def usage(self) -> UsageInfo:
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
 
 def closer(slot, record: RequestRecord, choices: list[Choice]):
     """on_close of a stream: free the concurrency slot and log choices that never finished as 'unfinished'."""
@@ -161,6 +168,25 @@ async def merge_outputs(engine, jobs: list[tuple[list[int], GenerationConfig, st
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect_outputs(ctx, jobs, choices: list[Choice], arrival: float, record: RequestRecord, param: str) -> None:
+    """Run the jobs to the end for a reply that is not streamed: each choice gathers its text and logprobs.
+    A failed generation is a 500; any other engine error becomes an APIError that names `param`."""
+    try:
+        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
+            async for i, out in outputs:
+                c = choices[i]
+                observe(c, out, ctx.metrics, arrival, record)
+                if out.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {out.error}", "server_error")
+                c.text.append(out.text)
+                c.logprobs.extend(out.logprobs or [])
+    except APIError:
+        raise
+    except Exception as e:
+        raise engine_error(e, param) from None
+    ctx.metrics.e2e.observe(time.perf_counter() - arrival)
 
 
 def observe(choice: Choice, out, metrics: ServerMetrics, arrival: float, record: RequestRecord) -> None:
