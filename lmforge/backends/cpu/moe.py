@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .activation import gelu_and_mul, silu_and_mul
 
 
 def _act_and_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
     if activation == "silu":
-        return F.silu(gate) * up
+        return silu_and_mul(gate_up)
     if activation in ("gelu", "gelu_tanh"):
-        return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+        return gelu_and_mul(gate_up, approximate="tanh" if activation == "gelu_tanh" else "none")
     raise ValueError(f"unsupported MoE activation {activation!r}; supported: silu, gelu, gelu_tanh")
 
 
