@@ -26,8 +26,7 @@ from .generation import (
     closer,
     collect_outputs,
     engine_error,
-    merge_outputs,
-    observe,
+    observed_outputs,
     sse,
 )
 from .protocol import (
@@ -159,11 +158,8 @@ async def _events(req, ctx, rid, jobs, choices: list[Choice], arrival, record) -
     try:
         for c in choices:
             yield chunk(c.index, {"role": "assistant", "content": ""})
-        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
+        async with contextlib.aclosing(observed_outputs(ctx, jobs, choices, arrival, record)) as outputs:
             async for i, out in outputs:
-                observe(choices[i], out, ctx.metrics, arrival, record)
-                if out.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {out.error}", "server_error")
                 lp = _logprobs(ctx, out.logprobs) if req.logprobs and out.logprobs else None
                 if out.text or lp is not None:
                     yield chunk(i, {"content": out.text}, lp)

@@ -20,8 +20,7 @@ from .generation import (
     closer,
     collect_outputs,
     engine_error,
-    merge_outputs,
-    observe,
+    observed_outputs,
     sse,
 )
 from .protocol import (
@@ -156,12 +155,8 @@ async def _events(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, 
                 lp = _logprobs(ctx, [], 0, ids) if req.logprobs is not None else None
                 offsets[c.index] = len(text)
                 yield chunk(c.index, text, lp, None)
-        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
+        async with contextlib.aclosing(observed_outputs(ctx, jobs, choices, arrival, record)) as outputs:
             async for i, out in outputs:
-                c = choices[i]
-                observe(c, out, ctx.metrics, arrival, record)
-                if out.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {out.error}", "server_error")
                 lp = None
                 if req.logprobs is not None and out.logprobs:
                     lp = _logprobs(ctx, out.logprobs, offsets[i], None)

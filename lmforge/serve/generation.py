@@ -170,18 +170,25 @@ async def merge_outputs(engine, jobs: list[tuple[list[int], GenerationConfig, st
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def observed_outputs(ctx, jobs, choices: list[Choice], arrival: float, record: RequestRecord) -> AsyncIterator:
+    """merge_outputs, with each delta folded into its choice and the latency metrics (observe) before it is
+    yielded; a failed generation raises a 500 APIError."""
+    async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
+        async for i, out in outputs:
+            observe(choices[i], out, ctx.metrics, arrival, record)
+            if out.finish_reason == "error":
+                raise APIError(500, f"generation failed: {out.error}", "server_error")
+            yield i, out
+
+
 async def collect_outputs(ctx, jobs, choices: list[Choice], arrival: float, record: RequestRecord, param: str) -> None:
     """Run the jobs to the end for a reply that is not streamed: each choice gathers its text and logprobs.
     A failed generation is a 500; any other engine error becomes an APIError that names `param`."""
     try:
-        async with contextlib.aclosing(merge_outputs(ctx.engine, jobs)) as outputs:
+        async with contextlib.aclosing(observed_outputs(ctx, jobs, choices, arrival, record)) as outputs:
             async for i, out in outputs:
-                c = choices[i]
-                observe(c, out, ctx.metrics, arrival, record)
-                if out.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {out.error}", "server_error")
-                c.text.append(out.text)
-                c.logprobs.extend(out.logprobs or [])
+                choices[i].text.append(out.text)
+                choices[i].logprobs.extend(out.logprobs or [])
     except APIError:
         raise
     except Exception as e:
