@@ -71,7 +71,6 @@ class Engine:
             raise
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
-        self.tp_size = cfg.tp
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
         self.source, self.model_config = source, source.model_config
@@ -167,7 +166,7 @@ class Engine:
 
         reserved = profile_peak_memory(self)
         blocks = ce.num_gpu_blocks(
-            self.model_config, self.cache_config, self.dtype, self.device, reserved, tp_size=self.tp_size
+            self.model_config, self.cache_config, self.dtype, self.device, reserved, tp_size=self.engine_config.tp
         )
         if self.tp is not None:  # every rank sizes from its own free memory; the smallest count wins
             self.tp.channel.send(tp.SIZE, reserved)

@@ -114,15 +114,15 @@ class ModelRunner:
 
     def _context(self, p64, flat64, p32, flat32, num_seqs, max_blocks, q_lens: list[int], kv_lens: list[int]):
         d64, d32 = p64.views(flat64), p32.views(flat32)
-        num_tokens = sum(q_lens)
+        max_q = max(q_lens)
         meta = AttnMetadata(
-            is_decoding=num_tokens == num_seqs,
+            is_decoding=max_q == 1,  # one new token per sequence
             block_tables=d32["tables"].view(num_seqs, max_blocks),
             q_start_loc=d32["q_start"],
             q_seqlens=d32["q_lens"],
             kv_seqlens=d32["kv_lens"],
             slot_mapping=d64["slots"],
-            max_q_seqlen=max(q_lens),
+            max_q_seqlen=max_q,
             max_kv_seqlen=max(kv_lens),
             block_size=self.block_size,
             q_seqlens_list=q_lens,
