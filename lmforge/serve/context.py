@@ -12,6 +12,7 @@ from lmforge.messages import GenerationConfig
 from .errors import APIError, model_not_found
 from .generation import TokenStrings
 from .metrics import ServerMetrics
+from .prompts import PromptWorkers, max_token_chars
 
 
 class ServingEngine(Protocol):
@@ -56,9 +57,12 @@ class ServeContext:
     max_concurrent_requests: int | None = None
     slots: set[Slot] = field(default_factory=set)
     token_strings: TokenStrings = field(init=False)
+    workers: PromptWorkers = field(default_factory=PromptWorkers)  # tokenization, templating, grammar compiling
+    max_token_chars: int = field(init=False)  # no token spans more characters (lmforge.serve.prompts)
 
     def __post_init__(self) -> None:
         self.token_strings = TokenStrings(self.engine.tokenizer)
+        self.max_token_chars = max_token_chars(self.engine.tokenizer) if self.engine.tokenizer is not None else 1
 
     @property
     def tokenizer(self):
