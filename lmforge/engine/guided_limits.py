@@ -15,7 +15,7 @@ from typing import Any
 @dataclass(frozen=True)
 class SchemaLimits:
     max_bytes: int = 64 * 1024  # the schema as compact JSON
-    max_depth: int = 32  # nested objects/arrays of the schema document
+    max_depth: int = 64  # levels of the schema document (an object in an object takes two: properties, name)
     max_nodes: int = 4096  # dicts, lists and scalars in the schema document
     max_enum: int = 1024  # entries of one enum (or oneOf/anyOf alternatives)
     max_properties: int = 256  # properties of one object
