@@ -50,10 +50,10 @@ def _prompt_ids(req: ChatCompletionRequest, ctx: ServeContext) -> list[int]:
     # 'developer' is OpenAI's newer name for 'system'; chat templates only know the latter.
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        # control tokens only where the template puts them: message text spelling one stays plain text
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
     except Exception as e:  # jinja raises TemplateError (e.g. "roles must alternate") for chats it refuses
         raise invalid(f"the model's chat template rejected these messages: {e}", "messages") from None
-    ids = tok.encode(prompt, add_special_tokens=False)  # the template already holds BOS and friends
     if not ids:
         raise invalid("messages encode to an empty prompt", "messages")
     return ids

@@ -63,12 +63,16 @@ def _prompt_items(req: CompletionRequest, ctx: ServeContext) -> list[str | list[
     return items
 
 
-def _encode_prompts(items: list[str | list[int]], ctx: ServeContext) -> list[tuple[str | None, list[int]]]:
+def _encode_prompts(
+    items: list[str | list[int]], ctx: ServeContext, parse_special: bool = False
+) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) per prompt; text is None when the client sent ids. Runs in the prompt thread pool."""
     out = []
     for item in items:
         if isinstance(item, str):
-            out.append((item, ctx.tokenizer.encode(item, add_special_tokens=True)))
+            # special-token text stays plain unless the client asks for it (parse_special_tokens)
+            ids = ctx.tokenizer.encode(item, add_special_tokens=True, parse_special=parse_special)
+            out.append((item, ids))
         else:
             out.append((None, list(item)))
         if not out[-1][1]:
@@ -99,7 +103,7 @@ async def create_completion(
     items = _prompt_items(req, ctx)
     if len(items) * req.n > MAX_CHOICES:
         raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(items) * req.n}", "n")
-    prompts = await ctx.workers.run(_encode_prompts, items, ctx)
+    prompts = await ctx.workers.run(_encode_prompts, items, ctx, req.parse_special_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     record.request_id = rid
     jobs, choices = [], []
