@@ -33,9 +33,10 @@ def _first_bad(value: object, path: list[str]) -> tuple[list[str], str] | None:
                 return found
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            found = _first_bad(item, [*path, str(i)])
-            if found:
-                return found
+            if isinstance(item, (str, dict, list, tuple)):  # token-id lists hold only ints: one cheap pass
+                found = _first_bad(item, [*path, str(i)])
+                if found:
+                    return found
     return None
 
 

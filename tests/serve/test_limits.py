@@ -301,3 +301,14 @@ def test_serve_limits_reject_nonsense():
         ServeLimits(max_request_bytes=0)
     with pytest.raises(ValueError, match="body_timeout"):
         ServeLimits(body_timeout=0)
+
+
+async def test_token_id_prompts_are_length_checked_before_the_id_scan(fake_engine):
+    app = build_app(fake_engine, "fake-model")
+    async with asgi_client(app) as c:
+        too_long = [10**9] * (fake_engine.session_len + 1)  # every id is bad, but the length decides first
+        r = await c.post("/v1/completions", json={"model": "fake-model", "prompt": too_long})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        # control: a short list is scanned and its bad id named
+        r = await c.post("/v1/completions", json={"model": "fake-model", "prompt": [1, 10**9]})
+        assert r.status_code == 400 and "outside this model's vocabulary" in r.json()["error"]["message"]
