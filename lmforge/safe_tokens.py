@@ -92,17 +92,18 @@ class ChatEncoder:
         pieces = self._locate(messages, texts, prompt, render)
         return self._encode_pieces(pieces)
 
-    def _nested_control_text(self, messages: list[dict]) -> bool:
-        def walk(v: Any) -> bool:
-            if isinstance(v, str):
-                return self.has_control_text(v)
-            if isinstance(v, dict):
-                return any(walk(x) for x in v.values())
-            if isinstance(v, list):
-                return any(walk(x) for x in v)
-            return False
+    def contains_control_text(self, value: Any) -> bool:
+        """Whether any string in a JSON-like value (keys included) spells a control token."""
+        if isinstance(value, str):
+            return self.has_control_text(value)
+        if isinstance(value, dict):
+            return any(self.contains_control_text(k) or self.contains_control_text(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return any(self.contains_control_text(x) for x in value)
+        return False
 
-        return any(walk(v) for m in messages for k, v in m.items() if not isinstance(v, str))
+    def _nested_control_text(self, messages: list[dict]) -> bool:
+        return any(self.contains_control_text(v) for m in messages for v in m.values() if not isinstance(v, str))
 
     def _locate(self, messages, texts, prompt: str, render) -> list[tuple[str, bool]]:
         """The prompt as (text, is_client_text) pieces, found by rendering with each text between markers."""

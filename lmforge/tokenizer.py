@@ -44,14 +44,25 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """The rendered chat; `template_kwargs` (tools=..., ...) go to the template."""
         if not self.has_chat_template:
             raise ValueError(
                 "this model's tokenizer has no chat template; send a plain text prompt instead of messages"
             )
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
         """Token ids of a chat; the template already holds the special tokens, so none are added again. Control
         tokens come only from the template: message text spelling one is tokenized as plain text."""
-        return self.chat_encoder.encode_chat(messages, lambda m: self.apply_chat_template(m, add_generation_prompt))
+
+        if template_kwargs and self.chat_encoder.contains_control_text(template_kwargs):
+            # tool definitions and the like are rendered into the prompt as they are: they cannot be kept plain
+            raise ValueError("chat template arguments (e.g. tool definitions) must not spell special tokens")
+
+        def render(msgs: list[dict]) -> str:
+            return self.apply_chat_template(msgs, add_generation_prompt, **template_kwargs)
+
+        return self.chat_encoder.encode_chat(messages, render)
