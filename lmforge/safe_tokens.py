@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -49,33 +50,44 @@ class ChatEncoder:
     """Plain-text encoding next to an HF fast tokenizer `hf` (which is not changed)."""
 
     def __init__(self, hf: Any):
-        from tokenizers import AddedToken
-        from tokenizers import Tokenizer as RawTokenizer
-
+        if getattr(hf, "backend_tokenizer", None) is None:
+            raise ValueError("special-token-safe encoding needs a fast (tokenizers) tokenizer")
         self.hf = hf
         self.controls = _control_tokens(hf)
-        backend = getattr(hf, "backend_tokenizer", None)
-        if backend is None:
-            raise ValueError("special-token-safe encoding needs a fast (tokenizers) tokenizer")
-        spec = backend.to_str()
-        self.plain = RawTokenizer.from_str(spec)
-        self.plain_inner = RawTokenizer.from_str(json.dumps(_no_first_prefix(json.loads(spec))))
-        for raw in (self.plain, self.plain_inner):
-            # non-special control tokens become special here, so that encode_special_tokens treats them as text
-            raw.add_special_tokens(
-                [AddedToken(t.content, special=True, normalized=t.normalized) for t in self.controls.values()]
-            )
-            raw.encode_special_tokens = True
         contents = sorted(self.controls, key=len, reverse=True)  # longest first, as the tokenizer matches
         self._control_re = re.compile("|".join(re.escape(c) for c in contents)) if contents else None
         self._ids = {c: hf.convert_tokens_to_ids(c) for c in contents}
+        self._plain: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()
+
+    def _plain_tokenizers(self) -> tuple[Any, Any]:
+        """(for text at the start, for text after a control token): copies of the backend tokenizer that read
+        control-token spellings as text. Built on the first prompt that needs them (benign chats never do)."""
+        with self._lock:
+            if self._plain is None:
+                from tokenizers import AddedToken
+                from tokenizers import Tokenizer as RawTokenizer
+
+                spec = self.hf.backend_tokenizer.to_str()
+                inner_spec = json.dumps(_no_first_prefix(json.loads(spec)))
+                first = RawTokenizer.from_str(spec)
+                inner = first if json.loads(inner_spec) == json.loads(spec) else RawTokenizer.from_str(inner_spec)
+                for raw in {id(first): first, id(inner): inner}.values():
+                    # non-special control tokens become special here, so encode_special_tokens treats them as text
+                    controls = [
+                        AddedToken(t.content, special=True, normalized=t.normalized) for t in self.controls.values()
+                    ]
+                    raw.add_special_tokens(controls)
+                    raw.encode_special_tokens = True
+                self._plain = (first, inner)
+            return self._plain
 
     def has_control_text(self, text: str) -> bool:
         return self._control_re is not None and self._control_re.search(text) is not None
 
     def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`text` tokenized with control-token spellings as ordinary text (BOS/EOS still added when asked)."""
-        return self.plain.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._plain_tokenizers()[0].encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_chat(self, messages: list[dict], render: Callable[[list[dict]], str]) -> list[int]:
         """Token ids of `render(messages)` (the chat template) where only the template makes control tokens.
@@ -172,11 +184,12 @@ class ChatEncoder:
                     strip_next = pos == len(text)
             stretch += text[pos:]
         items.append(stretch)
+        first, inner = self._plain_tokenizers()
         ids: list[int] = []
         for n, item in enumerate(items):
             if isinstance(item, int):
                 ids.append(item)
             elif item:
-                raw = self.plain if n == 0 else self.plain_inner
+                raw = first if n == 0 else inner
                 ids.extend(raw.encode(item, add_special_tokens=False).ids)
         return ids
