@@ -58,11 +58,17 @@ class ServeContext:
     slots: set[Slot] = field(default_factory=set)
     token_strings: TokenStrings = field(init=False)
     workers: PromptWorkers = field(default_factory=PromptWorkers)  # tokenization, templating, grammar compiling
-    max_token_chars: int = field(init=False)  # no token spans more characters (lmforge.serve.prompts)
+    _max_token_chars: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.token_strings = TokenStrings(self.engine.tokenizer)
-        self.max_token_chars = max_token_chars(self.engine.tokenizer) if self.engine.tokenizer is not None else 1
+
+    def max_token_chars(self) -> int:
+        """No token spans more characters (lmforge.serve.prompts); computed once, on the first long prompt."""
+        if self._max_token_chars is None:
+            tok = self.engine.tokenizer
+            self._max_token_chars = max_token_chars(tok) if tok is not None else 1
+        return self._max_token_chars
 
     @property
     def tokenizer(self):

@@ -35,8 +35,14 @@ def max_token_chars(tokenizer) -> int:
     return max(longest, 1)
 
 
-def check_prompt_chars(num_chars: int, session_len: int, chars_per_token: int, param: str) -> None:
-    """Refuse, before tokenizing, a text whose length alone proves it exceeds the context."""
+def check_prompt_chars(num_chars: int, session_len: int, chars_per_token: Callable[[], int], param: str) -> None:
+    """Refuse, before tokenizing, a text whose length alone proves it exceeds the context.
+
+    `chars_per_token()` (max_token_chars, cached by the caller) is only asked for texts longer than the context.
+    """
+    if num_chars <= session_len:  # chars_per_token() >= 1, so such a text never fails the check below
+        return
+    chars_per_token = chars_per_token()
     limit = session_len * chars_per_token
     if num_chars > limit:
         raise APIError(
