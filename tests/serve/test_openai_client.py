@@ -266,7 +266,9 @@ def test_request_log_and_sigterm_shutdown(tiny_server):
     # when uvicorn notices the signal (it polls every 0.1 s), short enough to end well within the 5 s grace.
     start = time.monotonic()
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 32, "ignore_eos": True}
-    assert httpx.post(tiny_server.base_url + "/v1/completions", json=body, headers=tiny_server.headers()).is_success
+    # timeout: on a loaded 2-core machine these 32 tokens alone can take longer than httpx's default 5 s
+    reply = httpx.post(tiny_server.base_url + "/v1/completions", json=body, headers=tiny_server.headers(), timeout=60)
+    assert reply.is_success
     short = min(max(int(32 / (time.monotonic() - start)), 20), 1000)
     threads = [threading.Thread(target=stream, args=(name, n)) for name, n in (("short", short), ("long", 4000))]
     for t in threads:
