@@ -189,6 +189,7 @@ _TINY_FEATURES: dict[str, dict] = {
     "qwen3_moe": dict(norm_topk_prob=True),
     "gemma2": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "granite": dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.125, logits_scaling=4.0),
 }
 _DROPPED_KEYS = (
     "architectures",
@@ -203,6 +204,13 @@ _DROPPED_KEYS = (
     "model_type",
     "use_bidirectional_attention",
 )
+
+
+def _config_fields(model_type: str) -> set[str]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    return set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
 
 
 def _tiny_layer_types(layer_types: list[str], num_layers: int) -> list[str]:
@@ -236,7 +244,10 @@ def tiny_hf_config(model_type: str, base=None, **overrides):
         model_type = getattr(base, "model_type", model_type)
         base = base.to_dict()
     d = {k: v for k, v in (base or {}).items() if k not in _DROPPED_KEYS and not isinstance(v, type(None))}
-    d.update(_TINY)
+    # shrink only the fields this family's config has (under its own or an aliased name): a field it lacks,
+    # e.g. num_key_value_heads of a multi-head-only family, HF would ignore while a config builder trusts it
+    known = _config_fields(model_type)
+    d.update({k: v for k, v in _TINY.items() if k in known or k.endswith("_token_id")})
     d.update(_TINY_SIZES.get(model_type, {}))
     if "head_dim" in d and model_type not in _TINY_SIZES:
         d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]

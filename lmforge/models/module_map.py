@@ -25,6 +25,11 @@ MODULE_MAP: dict[str, str] = {
     "MixtralForCausalLM": f"{LMFORGE_MODEL_PATH}.mixtral.MixtralForCausalLM",
     "Qwen3MoeForCausalLM": f"{LMFORGE_MODEL_PATH}.qwen3_moe.Qwen3MoeForCausalLM",
     "DeepseekV3ForCausalLM": f"{LMFORGE_MODEL_PATH}.deepseek_v3.DeepseekV3ForCausalLM",
+    "PhiForCausalLM": f"{LMFORGE_MODEL_PATH}.phi.PhiForCausalLM",
+    "CohereForCausalLM": f"{LMFORGE_MODEL_PATH}.cohere.CohereForCausalLM",
+    "GPT2LMHeadModel": f"{LMFORGE_MODEL_PATH}.gpt2.GPT2LMHeadModel",
+    "GraniteForCausalLM": f"{LMFORGE_MODEL_PATH}.granite.GraniteForCausalLM",
+    "StableLmForCausalLM": f"{LMFORGE_MODEL_PATH}.stablelm.StableLmForCausalLM",
 }
 
 

@@ -31,6 +31,11 @@ FAMILIES = [
     "mixtral",
     "qwen3_moe",
     "deepseek_v3",
+    "phi",
+    "cohere",
+    "gpt2",
+    "granite",
+    "stablelm",
 ]
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
 BF16_LOGIT_TOL, BF16_MOE_LOGIT_TOL = 0.05, 0.25
