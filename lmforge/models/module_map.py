@@ -30,6 +30,7 @@ MODULE_MAP: dict[str, str] = {
     "GPT2LMHeadModel": f"{LMFORGE_MODEL_PATH}.gpt2.GPT2LMHeadModel",
     "GraniteForCausalLM": f"{LMFORGE_MODEL_PATH}.granite.GraniteForCausalLM",
     "StableLmForCausalLM": f"{LMFORGE_MODEL_PATH}.stablelm.StableLmForCausalLM",
+    "Olmo2ForCausalLM": f"{LMFORGE_MODEL_PATH}.olmo2.Olmo2ForCausalLM",
 }
 
 

@@ -36,6 +36,7 @@ FAMILIES = [
     "gpt2",
     "granite",
     "stablelm",
+    "olmo2",
 ]
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
 BF16_LOGIT_TOL, BF16_MOE_LOGIT_TOL = 0.05, 0.25
