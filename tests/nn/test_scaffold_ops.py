@@ -64,3 +64,12 @@ def test_per_head_qkv_layout_refuses_grouped_kv_heads():
         build_qkv_proj(16, 4, 2, 8, layout="per_head")
     with pytest.raises(ValueError, match="unknown qkv layout"):
         build_qkv_proj(16, 4, 4, 8, layout="kvq")
+
+
+def test_a_size_that_does_not_split_over_tp_names_the_layer():
+    from lmforge.check_env.parity import tiny_hf_config
+    from lmforge.models.llama import LlamaForCausalLM
+
+    with build_context(BuildContext(tp_size=3, tp_rank=0)):
+        with pytest.raises(ValueError, match=r"^cannot build model\.layers\.0 \(LlamaDecoderLayer\): .*tp=3"):
+            LlamaForCausalLM(tiny_hf_config("llama"), None)
