@@ -210,6 +210,7 @@ _TINY_FEATURES: dict[str, dict] = {
     "qwen3_moe": dict(norm_topk_prob=True),
     "gemma2": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "cohere": dict(use_qk_norm=True),  # Command R+'s per-head q/k LayerNorms
     "granite": dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.125, logits_scaling=4.0),
 }
 _DROPPED_KEYS = (

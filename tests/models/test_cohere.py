@@ -1,7 +1,7 @@
 """Cohere (CohereForCausalLM) parity with HF transformers on tiny random configs (fp32, CPU backend, tolerance 1e-4):
-LayerNorm without bias, parallel residual, interleaved rotary, logit scale. Each case runs a batch of prompts of
-different lengths through the engine; the preemption cases also prefill in 8-token chunks and run out of KV blocks,
-so sequences are preempted and recomputed; tp2 runs two ranks over gloo."""
+LayerNorm without bias, parallel residual, interleaved rotary, per-head q/k norms, logit scale. Each case runs a
+batch of prompts of different lengths through the engine; the preemption cases also prefill in 8-token chunks and run
+out of KV blocks, so sequences are preempted and recomputed; tp2 runs two ranks over gloo."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ CASES = {
     "batch": {},
     "preemption": PREEMPTION,
     "tp2_preemption": dict(engine_config={"tp": 2}, **PREEMPTION),
-    "qk_norm_bias_tp2": dict(overrides=dict(use_qk_norm=True, attention_bias=True), engine_config={"tp": 2}),
+    "no_qk_norm_bias": dict(overrides=dict(use_qk_norm=False, attention_bias=True)),
     "untied": dict(overrides=dict(tie_word_embeddings=False, logit_scale=0.5)),
 }
 
