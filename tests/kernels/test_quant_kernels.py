@@ -153,8 +153,9 @@ def test_wna16_ragged_shapes(device, poison_allocator):
 
 
 def test_wna16_kernel_variants_agree(device):
-    """The dot-free GEMV variant, the magic-number and plain int-to-float dequantization and every split of K give
-    the reference result; the split-K reduction is deterministic (bitwise equal reruns)."""
+    """The dot-free GEMV variant, the folded (scales after the dot) and the plain dequantization, magic-number and
+    int-to-float code conversion and every split of K give the reference result; the split-K reduction is
+    deterministic (bitwise equal reruns)."""
     from lmforge.kernels.cuda.quant_wna16 import wna16_gemm
 
     k, n = (4096, 1024) if ON_GPU else (512, 64)
@@ -163,7 +164,15 @@ def test_wna16_kernel_variants_agree(device):
     x = torch.randn(1, k, device=device).half()
     ref = x.float() @ ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
     args = (p["qweight"], p["scales"], p["zeros"], 4, 128)
-    for cfg in (dict(BLOCK_M=1, USE_DOT=False), dict(SPLIT_K=1), dict(SPLIT_K=3), dict(SPLIT_K=k // 128)):
+    variants = (
+        dict(BLOCK_M=1, USE_DOT=False),
+        dict(SPLIT_K=1),
+        dict(SPLIT_K=3),
+        dict(SPLIT_K=k // 128),
+        dict(FOLD=False),
+        dict(FOLD=False, BLOCK_M=32, SPLIT_K=2),
+    )
+    for cfg in variants:
         for magic in (True, False):
             y = wna16_gemm(x, *args, config=cfg, magic=magic)
             assert rel_err(y, ref) < REL_TOL[torch.float16], (cfg, magic)

@@ -65,16 +65,16 @@ def store_tile(
     tile,
     num_tiles,
     pid_k,
-    SPLIT_K: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """acc [BLOCK_M, BLOCK_N] fp32 (already scaled) of output rows x cols: + bias, cast, store; through the split-K
-    workspace when SPLIT_K > 1."""
+    workspace when SPLIT (the grid's third dimension, the number of K splits, is then > 1)."""
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -85,9 +85,10 @@ def store_tile(
         # every thread's partial is written before one thread releases the counter at GPU scope
         tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        split_k = tl.num_programs(2)
+        if arrived == split_k - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in range(split_k):
                 # .cg: read the other programs' partials from L2, never a stale L1 line
                 total += tl.load(ws_ptr + (s * num_tiles + tile) * tile_size + local, cache_modifier=".cg")
             if HAS_BIAS:

@@ -49,7 +49,7 @@ def _scaled_mm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -107,7 +107,7 @@ def _scaled_mm_kernel(
         tile,
         num_n * tl.num_programs(1),
         pid_k,
-        SPLIT_K,
+        SPLIT,
         HAS_BIAS,
         BLOCK_M,
         BLOCK_N,
@@ -207,7 +207,7 @@ def scaled_mm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=cfg["BLOCK_K"],
-        SPLIT_K=split_k,
+        SPLIT=split_k > 1,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

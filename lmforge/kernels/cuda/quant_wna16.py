@@ -56,15 +56,14 @@ def repack(qweight: torch.Tensor, bits: int, ks: int = KS) -> torch.Tensor:
 
 
 @triton.jit
-def _dequant(w, s, z, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
-    """Integer codes w (int32) -> (w - z) * s in DTYPE."""
+def _codes(w, MASK: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
+    """The low bits (w & MASK) as MAGIC + code in DTYPE (exact)."""
     if MAGIC == 1024:
-        wf = (w | 0x6400).to(tl.int16).to(DTYPE, bitcast=True)
+        return ((w & MASK) | 0x6400).to(tl.int16).to(DTYPE, bitcast=True)
     elif MAGIC == 128:
-        wf = (w | 0x4300).to(tl.int16).to(DTYPE, bitcast=True)
+        return ((w & MASK) | 0x4300).to(tl.int16).to(DTYPE, bitcast=True)
     else:
-        wf = w.to(DTYPE)
-    return (wf - z) * s
+        return (w & MASK).to(DTYPE)
 
 
 @triton.jit
@@ -111,12 +110,13 @@ def _wna16_kernel(
     SYM_ZERO: tl.constexpr,
     MAGIC: tl.constexpr,
     USE_DOT: tl.constexpr,
+    FOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     P: tl.constexpr = 32 // BITS
@@ -139,48 +139,42 @@ def _wna16_kernel(
     c_end = tl.minimum(c_start + chunks_per_split, num_chunks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     zero = tl.full([1, BLOCK_N], SYM_ZERO + MAGIC, dtype=dtype)
+    if not USE_DOT:
+        acc_2d = tl.zeros([KS, BLOCK_N], dtype=tl.float32)  # GEMV: per-element sums, one reduction at the end
     for c in range(c_start, c_end):
         if EVEN_N:
             q = tl.load(q_ptrs + c * (KS * N))
         else:
             q = tl.load(q_ptrs + c * (KS * N), mask=col_mask[None, :], other=0)
         if SCALE_PER_CHUNK:
-            s, z = _group_params(
-                s_ptr,
-                z_ptr,
-                tl.minimum((c * CH) // GROUP, num_groups - 1),
-                N,
-                cols,
-                col_mask,
-                zero,
-                HAS_ZEROS,
-                MAGIC,
-                EVEN_N,
-            )
+            g = tl.minimum((c * CH) // GROUP, num_groups - 1)
+            s, z = _group_params(s_ptr, z_ptr, g, N, cols, col_mask, zero, HAS_ZEROS, MAGIC, EVEN_N)
+        if FOLD:
+            acc_c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j in tl.static_range(P):
             k0 = c * CH + j * KS
             if not SCALE_PER_CHUNK:
-                s, z = _group_params(
-                    s_ptr,
-                    z_ptr,
-                    tl.minimum(k0 // GROUP, num_groups - 1),
-                    N,
-                    cols,
-                    col_mask,
-                    zero,
-                    HAS_ZEROS,
-                    MAGIC,
-                    EVEN_N,
-                )
-            w = _dequant((q >> (BITS * j)) & MASK, s, z, MAGIC, dtype)
+                g = tl.minimum(k0 // GROUP, num_groups - 1)
+                s, z = _group_params(s_ptr, z_ptr, g, N, cols, col_mask, zero, HAS_ZEROS, MAGIC, EVEN_N)
             if EVEN_K:
                 x = tl.load(x_ptrs + k0, mask=row_mask[:, None], other=0.0)
             else:
                 x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & ((k0 + ki) < K)[None, :], other=0.0)
-            if USE_DOT:
-                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-            else:  # BLOCK_M == 1: x [1, KS] -> [KS, 1], a column sum instead of a 1-row dot
-                acc += tl.sum(w.to(tl.float32) * tl.reshape(x, [KS, 1]).to(tl.float32), axis=0)[None, :]
+            if FOLD:
+                # sum_k x (q - z) s = s (sum_k x (MAGIC + q) - (MAGIC + z) sum_k x): codes go to the dot as they are
+                acc_c = tl.dot(x, _codes(q >> (BITS * j), MASK, MAGIC, dtype), acc_c, input_precision=DOT_PRECISION)
+                x_sum += tl.sum(x.to(tl.float32), axis=1)
+            else:
+                w = (_codes(q >> (BITS * j), MASK, MAGIC, dtype) - z) * s
+                if USE_DOT:
+                    acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+                else:  # BLOCK_M == 1: x [1, KS] -> [KS, 1]
+                    acc_2d += w.to(tl.float32) * tl.reshape(x, [KS, 1]).to(tl.float32)
+        if FOLD:
+            acc += (acc_c - x_sum[:, None] * z.to(tl.float32)) * s.to(tl.float32)
+    if not USE_DOT:
+        acc = tl.sum(acc_2d, axis=0)[None, :]
     tile = pid_m * num_n + pid_n
     store_tile(
         acc,
@@ -196,7 +190,7 @@ def _wna16_kernel(
         tile,
         num_n * tl.num_programs(1),
         pid_k,
-        SPLIT_K,
+        SPLIT,
         HAS_BIAS,
         BLOCK_M,
         BLOCK_N,
@@ -237,7 +231,7 @@ def _wna16_dequant_kernel(
             z = tl.load(z_ptr + g[:, None] * N + cols[None, :], mask=col_mask[None, :], other=0.0) + MAGIC
         else:
             z = tl.full([KS, BLOCK_N], SYM_ZERO + MAGIC, dtype=dtype)
-        w = _dequant((q >> (BITS * j)) & MASK, s, z, MAGIC, dtype)
+        w = (_codes(q >> (BITS * j), MASK, MAGIC, dtype) - z) * s
         tl.store(out_ptr + k.to(tl.int64)[:, None] * N + cols[None, :], w, mask=(k < K)[:, None] & col_mask[None, :])
 
 
@@ -271,14 +265,16 @@ def _check(
 
 
 def default_config(m: int, n: int, k: int, bits: int, device: torch.device) -> dict:
-    """Tiles by M: decode (M <= 16) one 16-row tile and split K; mid M 32/64-row tiles; prefill 64-row tiles."""
+    """Tiles by M: decode (M <= 16) one 16-row tile and split K; mid M 32/64-row tiles; prefill 64/128-row tiles."""
     chunks = triton.cdiv(k, (32 // bits) * KS)
     if m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=128 if n >= 4096 else 64, USE_DOT=True, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=128 if n >= 4096 else 64, num_warps=4, num_stages=4)
     elif m <= 64:
-        cfg = dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=128, USE_DOT=True, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=128, num_warps=4, num_stages=4)
     else:
-        cfg = dict(BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, USE_DOT=True, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, num_warps=8, num_stages=3)
+    # FOLD: scales and zero points applied per chunk to the dot of raw codes (where a chunk is in one group)
+    cfg.update(USE_DOT=True, FOLD=True)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     cfg["SPLIT_K"] = pick_split_k(tiles, chunks, device)
     return cfg
@@ -316,6 +312,7 @@ def wna16_gemm(
     chunks_per_split = triton.cdiv(num_chunks, split_k)
     split_k = triton.cdiv(num_chunks, chunks_per_split)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    scale_per_chunk = group_size % chunk == 0 or group_size >= k
     num_tiles = grid[0] * grid[1]
     ws = splitk_workspace(split_k, num_tiles, block_m, block_n, x.device)
     locks = splitk_locks(x.device)
@@ -338,17 +335,18 @@ def wna16_gemm(
         BITS=bits,
         KS=KS,
         GROUP=min(group_size, k),
-        SCALE_PER_CHUNK=group_size % chunk == 0 or group_size >= k,
+        SCALE_PER_CHUNK=scale_per_chunk,
         HAS_ZEROS=zeros is not None,
         SYM_ZERO=sym_zero,
         MAGIC=magic_offset(x.dtype, bits) if magic else 0,
         USE_DOT=cfg["USE_DOT"],
+        FOLD=cfg.get("FOLD", True) and cfg["USE_DOT"] and scale_per_chunk,
         HAS_BIAS=bias is not None,
         EVEN_N=n % block_n == 0,
         EVEN_K=k % chunk == 0,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        SPLIT_K=split_k,
+        SPLIT=split_k > 1,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
