@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.backends import cuda as cuda_ops
-from lmforge.kernels.cuda.quant_act import quantize_per_token
+from lmforge.backends.cuda.quant import WNA16_DENSE_MIN_M, wna16_dequantize
+from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_token
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
 from lmforge.kernels.cuda.quant_wna16 import default_config, wna16_gemm
 
@@ -163,59 +164,70 @@ def int8_case(m, k, n):
     return torch.randn(m, k, device=DEVICE, dtype=BF16), preps, weight_bytes
 
 
-def run_wna16(ms, sweep: bool, results: list) -> None:
-    op = cuda_ops.OPS["wna16_linear"]
+def guarded(scheme: str, proj: str, m: int, fn) -> None:
+    """One case; an error is reported as a JSON line and the run goes on."""
+    try:
+        fn()
+    except Exception:
+        emit({"scheme": scheme, "proj": proj, "M": m, "error": traceback.format_exc()[-1200:]})
+    torch.cuda.empty_cache()
+
+
+def run_wna16(ms, sweep: set, results: list) -> None:
     for proj, (k, n) in LLAMA_8B.items():
         for m in ms:
-            x, preps, wb = wna16_case(m, k, n)
-            us = graph_us([lambda p=p, x=x: op(x, p) for p in preps])
-            cfg = default_config(m, n, k, 4, DEVICE)
-            results.append(record("wna16_int4_g128", proj, m, k, n, us, wb, 2, config=cfg))
-            if sweep:
-                sweep_wna16(x, preps, proj, m, k, n, wb)
-            del preps
-        x, preps, wb = wna16_case(1, k, n, bits=8)
-        results.append(
-            record("wna16_int8_g128", proj, 1, k, n, graph_us([lambda p=p, x=x: op(x, p) for p in preps]), wb, 2)
-        )
-        del preps
+            guarded("wna16", proj, m, lambda proj=proj, k=k, n=n, m=m: _wna16_one(proj, m, k, n, sweep, results))
+        guarded("wna16_int8", proj, 1, lambda proj=proj, k=k, n=n: _wna16_w8(proj, k, n, results))
+
+
+def _wna16_w8(proj, k, n, results) -> None:
+    op = cuda_ops.OPS["wna16_linear"]
+    x, preps, wb = wna16_case(1, k, n, bits=8)
+    results.append(
+        record("wna16_int8_g128", proj, 1, k, n, graph_us([lambda p=p, x=x: op(x, p) for p in preps]), wb, 2)
+    )
+
+
+def _wna16_one(proj, m, k, n, sweep, results) -> None:
+    op = cuda_ops.OPS["wna16_linear"]
+    x, preps, wb = wna16_case(m, k, n)
+    us = graph_us([lambda p=p: op(x, p) for p in preps])
+    cfg = "dense" if m >= WNA16_DENSE_MIN_M else default_config(m, n, k, 4, DEVICE)
+    results.append(record("wna16_int4_g128", proj, m, k, n, us, wb, 2, config=cfg))
+    if m >= 64:  # dequantize to bf16 + cuBLAS, the path wna16_linear takes from WNA16_DENSE_MIN_M rows
+        fns = [lambda p=p: x @ wna16_dequantize(p) for p in preps]
+        results.append(record("wna16_int4_g128_dense_path", proj, m, k, n, graph_us(fns), wb, 2))
+    if m in sweep:
+        sweep_wna16(x, preps, proj, m, k, n, wb)
 
 
 def _wna16_variants(m: int, k: int, n: int) -> list[dict]:
+    """Decode-shaped launch variants (larger M: the dense path is timed beside the default instead)."""
     auto = default_config(m, n, k, 4, DEVICE)
+    split = auto["SPLIT_K"]
     out = []
-    if m <= 16:
-        for bn in (64, 128, 256):
-            for split in sorted({max(1, auto["SPLIT_K"] // 2), auto["SPLIT_K"], auto["SPLIT_K"] * 2}):
-                out.append(dict(BLOCK_M=16, BLOCK_N=bn, SPLIT_K=split, USE_DOT=True, num_warps=4, num_stages=4))
-        out.append(dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=auto["SPLIT_K"], USE_DOT=True, num_warps=8, num_stages=4))
-        out.append(dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=auto["SPLIT_K"], USE_DOT=True, num_warps=4, num_stages=2))
-        out.append(
-            dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=auto["SPLIT_K"], USE_DOT=True, FOLD=False, num_warps=4, num_stages=4)
-        )
-        if m == 1:
-            for bn in (64, 128, 256):
-                out.append(
-                    dict(BLOCK_M=1, BLOCK_N=bn, SPLIT_K=auto["SPLIT_K"], USE_DOT=False, num_warps=4, num_stages=3)
-                )
-    else:
-        for bm, bn, warps, stages in (
-            (64, 128, 4, 4),
-            (64, 128, 8, 3),
-            (128, 128, 8, 3),
-            (128, 256, 8, 3),
-            (128, 128, 4, 4),
-            (64, 256, 8, 3),
-        ):
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, USE_DOT=True, num_warps=warps, num_stages=stages))
-        out.append(dict(BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, USE_DOT=True, FOLD=False, num_warps=8, num_stages=3))
+    if m == 1:
+        for bn in (32, 64, 128):
+            for sk in sorted({split, 2 * split, max(1, split // 2)}):
+                out.append(dict(BLOCK_M=1, BLOCK_N=bn, SPLIT_K=sk, USE_DOT=False, num_warps=4, num_stages=3))
+        out.append(dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=split, USE_DOT=False, ASM=False, num_warps=4, num_stages=3))
+        out.append(dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=split, USE_DOT=False, FOLD=False, num_warps=4, num_stages=3))
+        out.append(dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=split, USE_DOT=False, num_warps=2, num_stages=3))
+        out.append(dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=split, USE_DOT=False, num_warps=4, num_stages=5))
+    if 1 <= m <= 16:
+        for bn in (64, 128):
+            for sk in sorted({split, 2 * split}):
+                out.append(dict(BLOCK_M=16, BLOCK_N=bn, SPLIT_K=sk, USE_DOT=True, num_warps=4, num_stages=4))
+        out.append(dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=split, USE_DOT=True, FOLD=False, num_warps=4, num_stages=4))
+        out.append(dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=split, USE_DOT=True, ASM=False, num_warps=4, num_stages=4))
+        out.append(dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=split, USE_DOT=True, num_warps=8, num_stages=4))
     return out
 
 
 def sweep_wna16(x, preps, proj, m, k, n, wb) -> None:
     variants = _wna16_variants(m, k, n)
-    for i, cfg in enumerate(variants):
-        for magic in (True, False) if i == 0 else (True,):
+    for cfg in variants:
+        for magic in (True,):
             try:
                 fns = [
                     lambda p=p, cfg=cfg, magic=magic: wna16_gemm(
@@ -226,57 +238,78 @@ def sweep_wna16(x, preps, proj, m, k, n, wb) -> None:
                 record("wna16_int4_g128_sweep", proj, m, k, n, graph_us(fns), wb, 2, config=cfg, magic=magic)
             except Exception as exc:  # a config that does not compile (shared memory) is reported, not fatal
                 emit({"scheme": "wna16_int4_g128_sweep", "proj": proj, "M": m, "config": cfg, "error": repr(exc)[:300]})
-    if m >= 64:
-        from lmforge.backends.cuda.quant import wna16_dequantize
-
-        fns = [lambda p=p: x @ wna16_dequantize(p) for p in preps]
-        record("wna16_int4_g128_dense_path", proj, m, k, n, graph_us(fns), wb, 2)
 
 
-def run_fp8(ms, sweep: bool, results: list) -> None:
-    op = cuda_ops.OPS["fp8_linear"]
+def run_fp8(ms, sweep: set, results: list) -> None:
     for proj, (k, n) in LLAMA_8B.items():
         for m in ms:
             for block in (False, True):
-                x, preps, wb = fp8_case(m, k, n, block)
-                name = "fp8_block128" if block else "fp8_channel_dynamic"
-                results.append(record(name, proj, m, k, n, graph_us([lambda p=p, x=x: op(x, p) for p in preps]), wb, 2))
-                if sweep and not block:  # the Triton scaled GEMM instead of torch._scaled_mm
-
-                    def triton_fp8(p, x=x):
-                        codes, xs = quantize_per_token(x, torch.float8_e4m3fn)
-                        return scaled_mm(codes, p["weight"], xs, p["w_scale"], BF16)
-
-                    record(
-                        "fp8_channel_dynamic_triton",
-                        proj,
-                        m,
-                        k,
-                        n,
-                        graph_us([lambda p=p: triton_fp8(p) for p in preps]),
-                        wb,
-                        2,
-                    )
-                del preps
+                guarded(
+                    "fp8",
+                    proj,
+                    m,
+                    lambda proj=proj, k=k, n=n, m=m, block=block: _fp8_one(proj, m, k, n, block, sweep, results),
+                )
 
 
-def run_int8(ms, sweep: bool, results: list) -> None:
-    op = cuda_ops.OPS["int8_linear"]
+def _fp8_one(proj, m, k, n, block, sweep, results) -> None:
+    op = cuda_ops.OPS["fp8_linear"]
+    x, preps, wb = fp8_case(m, k, n, block)
+    name = "fp8_block128" if block else "fp8_channel_dynamic"
+    results.append(record(name, proj, m, k, n, graph_us([lambda p=p: op(x, p) for p in preps]), wb, 2))
+    if m in sweep and block and m > 64:
+        for bm, bn, warps, stages in ((128, 128, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3), (128, 128, 8, 4)):
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=warps, num_stages=stages)
+
+            def block_fp8(p, cfg=cfg):
+                codes, xs = quantize_per_group_fp8(x, 128)
+                return scaled_mm(codes, p["weight"], xs, p["weight_scale"], BF16, block_size=(128, 128), config=cfg)
+
+            record(
+                "fp8_block128_sweep",
+                proj,
+                m,
+                k,
+                n,
+                graph_us([lambda p=p: block_fp8(p) for p in preps]),
+                wb,
+                2,
+                config=cfg,
+            )
+    if m in sweep and not block:  # the Triton scaled GEMM instead of torch._scaled_mm
+
+        def triton_fp8(p):
+            codes, xs = quantize_per_token(x, torch.float8_e4m3fn)
+            return scaled_mm(codes, p["weight"], xs, p["w_scale"], BF16)
+
+        record("fp8_channel_dynamic_triton", proj, m, k, n, graph_us([lambda p=p: triton_fp8(p) for p in preps]), wb, 2)
+        fns = [lambda p=p: torch._scaled_mm(*_fp8_rowwise_args(x, p), out_dtype=BF16) for p in preps]
+        record("fp8_channel_dynamic_scaled_mm", proj, m, k, n, graph_us(fns), wb, 2)
+
+
+def _fp8_rowwise_args(x, p):
+    codes, xs = quantize_per_token(x, torch.float8_e4m3fn)
+    return codes, p["weight"].t(), xs.view(-1, 1), p["w_scale"].view(1, -1)
+
+
+def run_int8(ms, sweep: set, results: list) -> None:
     for proj, (k, n) in LLAMA_8B.items():
         for m in ms:
-            x, preps, wb = int8_case(m, k, n)
-            results.append(
-                record("int8_dynamic", proj, m, k, n, graph_us([lambda p=p, x=x: op(x, p) for p in preps]), wb, 2)
-            )
-            if sweep and m > 16:  # torch._int_mm (needs M > 16) + the scale epilogue in torch
+            guarded("int8", proj, m, lambda proj=proj, k=k, n=n, m=m: _int8_one(proj, m, k, n, sweep, results))
 
-                def int_mm(p, x=x):
-                    codes, xs = quantize_per_token(x, torch.int8)
-                    acc = torch._int_mm(codes, p["weight"].t())
-                    return (acc.float() * xs[:, None] * p["w_scale"][None, :]).to(BF16)
 
-                record("int8_dynamic_int_mm", proj, m, k, n, graph_us([lambda p=p: int_mm(p) for p in preps]), wb, 2)
-            del preps
+def _int8_one(proj, m, k, n, sweep, results) -> None:
+    op = cuda_ops.OPS["int8_linear"]
+    x, preps, wb = int8_case(m, k, n)
+    results.append(record("int8_dynamic", proj, m, k, n, graph_us([lambda p=p: op(x, p) for p in preps]), wb, 2))
+    if m in sweep and m > 16:  # torch._int_mm (needs M > 16) + the scale epilogue in torch
+
+        def int_mm(p):
+            codes, xs = quantize_per_token(x, torch.int8)
+            acc = torch._int_mm(codes, p["weight"].t())
+            return (acc.float() * xs[:, None] * p["w_scale"][None, :]).to(BF16)
+
+        record("int8_dynamic_int_mm", proj, m, k, n, graph_us([lambda p=p: int_mm(p) for p in preps]), wb, 2)
 
 
 def decode_estimate(results: list) -> None:
@@ -313,18 +346,16 @@ def main() -> None:
     parser.add_argument("--only", default="wna16,fp8,int8")
     parser.add_argument("--m", default="1,4,16,64,300,2048", help="token counts (rows) to time")
     parser.add_argument("--sweep", action="store_true", help="also time launch-config variants")
+    parser.add_argument("--sweep-m", default="1,16,2048", help="the token counts the sweep covers")
     args = parser.parse_args()
     ms = [int(v) for v in args.m.split(",")]
+    sweep = {int(v) for v in args.sweep_m.split(",")} if args.sweep else set()
     # the copy bandwidth: the ceiling a weight-streaming kernel is held to
     bench_copy()
     results: list = []
     runners = {"wna16": run_wna16, "fp8": run_fp8, "int8": run_int8}
     for name in args.only.split(","):
-        try:
-            runners[name](ms, args.sweep, results)
-        except Exception:
-            emit({"scheme": name, "error": traceback.format_exc()[-1500:]})
-        torch.cuda.empty_cache()
+        runners[name](ms, sweep, results)
     decode_estimate(results)
 
 

@@ -142,7 +142,7 @@ def test_wna16_model_shapes(device, poison_allocator, dtype, m, kn):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wna16_formats(device, poison_allocator, dtype, bits, group_size, symmetric):
-    for m in (1, 7, 300) if ON_GPU else (1, 5):
+    for m in (1, 7, 33, 300) if ON_GPU else (1, 5):
         check_wna16(m, *FORMAT_KN, bits, group_size, symmetric, dtype, device, poison_allocator, with_bias=m == 7)
 
 
@@ -164,21 +164,24 @@ def test_wna16_kernel_variants_agree(device):
     x = torch.randn(1, k, device=device).half()
     ref = x.float() @ ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
     args = (p["qweight"], p["scales"], p["zeros"], 4, 128)
-    variants = (
-        dict(BLOCK_M=1, USE_DOT=False),
-        dict(SPLIT_K=1),
-        dict(SPLIT_K=3),
-        dict(SPLIT_K=k // 128),
-        dict(FOLD=False),
-        dict(FOLD=False, BLOCK_M=32, SPLIT_K=2),
-    )
+    gemv, dot = dict(BLOCK_M=1, USE_DOT=False), dict(BLOCK_M=16, USE_DOT=True)
+    variants = [
+        {**gemv, "FOLD": True, "ASM": True},
+        {**gemv, "FOLD": False, "ASM": False},
+        {**gemv, "FOLD": True, "ASM": False, "SPLIT_K": 3},
+        {**dot, "FOLD": True, "ASM": True},
+        {**dot, "FOLD": False, "ASM": True, "SPLIT_K": 1},
+        {**dot, "FOLD": True, "ASM": False, "SPLIT_K": k // 128},
+        {**dot, "BLOCK_M": 32, "FOLD": False, "ASM": False, "SPLIT_K": 2},
+    ]
     for cfg in variants:
         for magic in (True, False):
             y = wna16_gemm(x, *args, config=cfg, magic=magic)
             assert rel_err(y, ref) < REL_TOL[torch.float16], (cfg, magic)
-    first = wna16_gemm(x, *args, config=dict(SPLIT_K=8))
-    for _ in range(20 if ON_GPU else 2):
-        assert torch.equal(wna16_gemm(x, *args, config=dict(SPLIT_K=8)), first)
+    for cfg in (dict(SPLIT_K=8), {**dot, "SPLIT_K": 8}):
+        first = wna16_gemm(x, *args, config=cfg)
+        for _ in range(20 if ON_GPU else 2):
+            assert torch.equal(wna16_gemm(x, *args, config=cfg), first)
 
 
 def test_wna16_dense_path_and_dequantize(device):

@@ -15,8 +15,12 @@ from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
 from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
 
 # from this many rows a weight-only layer dequantizes its weight once per call and runs a dense cuBLAS GEMM: the
-# fused kernel re-dequantizes each weight tile for every 128-row tile, which costs more than one pass at large M
-WNA16_DENSE_MIN_M = 1024
+# fused kernel re-dequantizes each weight tile for every row tile and its dots are small; measured on an H200 it
+# already loses at 64 rows (llama-8b projections, benchmarks/quant.py)
+WNA16_DENSE_MIN_M = 48
+# up to this many rows the per-row x per-column FP8 GEMM runs in the split-K Triton kernel, which streams the weight
+# faster than cuBLASLt's row-wise scaled GEMM on decode shapes (H200: 1.3-1.7x at M <= 16); above it torch._scaled_mm
+FP8_TRITON_MAX_M = 64
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -149,12 +153,14 @@ def fp8_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None
         y = scaled_mm(codes, p["weight"], scales, p["weight_scale"], x2.dtype, bias, block_size=(bn, bk))
         return y.view(*x.shape[:-1], n)
     codes, scales = quantize_per_token(x2, torch.float8_e4m3fn, p["input_scale"])
-    if p["scaled_mm"] and p["mode"] == "tensor" and p["input_scale"] is not None:
+    if not p["scaled_mm"] or x2.shape[0] <= FP8_TRITON_MAX_M:
+        y = scaled_mm(codes, p["weight"], scales, p["w_scale"], x2.dtype, bias)
+    elif p["mode"] == "tensor" and p["input_scale"] is not None:
         # both scales per tensor: cuBLASLt's plain scaled GEMM, any output dtype
         y = torch._scaled_mm(
             codes, p["weight"].t(), scale_a=p["input_scale"], scale_b=p["w_scale_tensor"], bias=bias, out_dtype=x2.dtype
         )
-    elif p["scaled_mm"] and x2.dtype == torch.bfloat16:
+    elif x2.dtype == torch.bfloat16:
         # per-row x per-column scales; cuBLASLt's row-wise mode outputs bf16 only (fp16 takes the Triton kernel)
         y = torch._scaled_mm(
             codes,

@@ -26,8 +26,10 @@ def _to_codes(v, zero_point, IS_INT: tl.constexpr, QMAX: tl.constexpr):
     if IS_INT:
         v = tl.minimum(tl.maximum(v, -256.0), 256.0)  # keeps the rounding trick in range; clamped below
         v = (v + _RNE_MAGIC) - _RNE_MAGIC + zero_point
-        return tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int8)
-    return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+        codes = tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int8)
+    else:
+        codes = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+    return codes
 
 
 @triton.jit

@@ -34,6 +34,24 @@ def magic_offset(dtype: torch.dtype, bits: int) -> int:
     return 0
 
 
+def unpack_asm(bits: int, magic: int) -> str:
+    """PTX that splits one word into its fields as 16-bit floats MAGIC + code (`_unpack`), or "" where there is none
+    (no magic offset for the dtype, e.g. 8-bit codes in bf16). Field i and field i + p / 2 share one 32-bit op:
+    (word >> bits * i) & (mask in both halves) | (the magic float in both halves) is two floats at once."""
+    if magic not in (128, 1024) or (bits == 8 and magic != 1024):
+        return ""
+    magic2 = "0x43004300" if magic == 128 else "0x64006400"
+    half = 32 // bits // 2
+    mask2 = "0x000F000F" if bits == 4 else "0x00FF00FF"
+    lines = ["{", f".reg .b32 t<{half}>;"]
+    lines += [f"shr.u32 t{i}, ${2 * half}, {bits * i};" for i in range(1, half)]
+    lines.append(f"lop3.b32 t0, ${2 * half}, {mask2}, {magic2}, 0xEA;")  # 0xEA: (a & b) | c
+    lines += [f"lop3.b32 t{i}, t{i}, {mask2}, {magic2}, 0xEA;" for i in range(1, half)]
+    lines += [f"mov.b32 {{${i}, ${i + half}}}, t{i};" for i in range(half)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def repack(qweight: torch.Tensor, bits: int, ks: int = KS) -> torch.Tensor:
     """Canonical [K // p, N] int32 -> the kernel's chunked layout [cdiv(K, p * ks) * ks, N] int32 (K padded with
     zero weights to whole chunks)."""
@@ -86,6 +104,62 @@ def _group_params(
 
 
 @triton.jit
+def _unpack(q, BITS: tl.constexpr, MAGIC: tl.constexpr, UNPACK_ASM: tl.constexpr, DTYPE: tl.constexpr):
+    """Word tile q [KS, BLOCK_N] int32 -> the tuple of its 32 // BITS fields as MAGIC + code in DTYPE. With
+    UNPACK_ASM (PTX, `unpack_asm`), each word becomes two fields per 32-bit logic op (two 16-bit floats at once)."""
+    if UNPACK_ASM != "":
+        if BITS == 4:
+            f = tl.inline_asm_elementwise(
+                UNPACK_ASM,
+                "=h,=h,=h,=h,=h,=h,=h,=h,r",
+                [q],
+                dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
+                is_pure=True,
+                pack=1,
+            )
+            return (
+                f[0].to(DTYPE, bitcast=True),
+                f[1].to(DTYPE, bitcast=True),
+                f[2].to(DTYPE, bitcast=True),
+                f[3].to(DTYPE, bitcast=True),
+                f[4].to(DTYPE, bitcast=True),
+                f[5].to(DTYPE, bitcast=True),
+                f[6].to(DTYPE, bitcast=True),
+                f[7].to(DTYPE, bitcast=True),
+            )
+        else:
+            f = tl.inline_asm_elementwise(
+                UNPACK_ASM, "=h,=h,=h,=h,r", [q], dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1
+            )
+            return (
+                f[0].to(DTYPE, bitcast=True),
+                f[1].to(DTYPE, bitcast=True),
+                f[2].to(DTYPE, bitcast=True),
+                f[3].to(DTYPE, bitcast=True),
+            )
+    else:
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if BITS == 4:
+            return (
+                _codes(q, MASK, MAGIC, DTYPE),
+                _codes(q >> 4, MASK, MAGIC, DTYPE),
+                _codes(q >> 8, MASK, MAGIC, DTYPE),
+                _codes(q >> 12, MASK, MAGIC, DTYPE),
+                _codes(q >> 16, MASK, MAGIC, DTYPE),
+                _codes(q >> 20, MASK, MAGIC, DTYPE),
+                _codes(q >> 24, MASK, MAGIC, DTYPE),
+                _codes(q >> 28, MASK, MAGIC, DTYPE),
+            )
+        else:
+            return (
+                _codes(q, MASK, MAGIC, DTYPE),
+                _codes(q >> 8, MASK, MAGIC, DTYPE),
+                _codes(q >> 16, MASK, MAGIC, DTYPE),
+                _codes(q >> 24, MASK, MAGIC, DTYPE),
+            )
+
+
+@triton.jit
 def _wna16_kernel(
     x_ptr,
     qw_ptr,
@@ -109,6 +183,7 @@ def _wna16_kernel(
     HAS_ZEROS: tl.constexpr,
     SYM_ZERO: tl.constexpr,
     MAGIC: tl.constexpr,
+    UNPACK_ASM: tl.constexpr,
     USE_DOT: tl.constexpr,
     FOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -121,7 +196,6 @@ def _wna16_kernel(
 ):
     P: tl.constexpr = 32 // BITS
     CH: tl.constexpr = P * KS
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -132,47 +206,65 @@ def _wna16_kernel(
     col_mask = cols < N
     row_mask = rows < M
     ki = tl.arange(0, KS)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ki[None, :]
+    kc = tl.arange(0, CH)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     q_ptrs = qw_ptr + ki[:, None] * N + cols[None, :]
     num_chunks = tl.cdiv(K, CH)
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, num_chunks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     zero = tl.full([1, BLOCK_N], SYM_ZERO + MAGIC, dtype=dtype)
-    if not USE_DOT:
-        acc_2d = tl.zeros([KS, BLOCK_N], dtype=tl.float32)  # GEMV: per-element sums, one reduction at the end
+    if not USE_DOT:  # GEMV (BLOCK_M == 1): per-element sums, reduced over KS once at the end
+        acc_2d = tl.zeros([KS, BLOCK_N], dtype=tl.float32)
     for c in range(c_start, c_end):
         if EVEN_N:
             q = tl.load(q_ptrs + c * (KS * N))
         else:
             q = tl.load(q_ptrs + c * (KS * N), mask=col_mask[None, :], other=0)
+        codes = _unpack(q, BITS, MAGIC, UNPACK_ASM, dtype)
         if SCALE_PER_CHUNK:
             g = tl.minimum((c * CH) // GROUP, num_groups - 1)
             s, z = _group_params(s_ptr, z_ptr, g, N, cols, col_mask, zero, HAS_ZEROS, MAGIC, EVEN_N)
         if FOLD:
-            acc_c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            # sum_k x (q - z) s = s (sum_k x (MAGIC + q) - (MAGIC + z) sum_k x): the codes go to the products as
+            # they are, the chunk's scale and zero point are applied once per output element
+            if EVEN_K:
+                x_chunk = tl.load(x_rows + c * CH + kc[None, :], mask=row_mask[:, None], other=0.0)
+            else:
+                x_chunk = tl.load(
+                    x_rows + c * CH + kc[None, :], mask=row_mask[:, None] & (c * CH + kc < K)[None, :], other=0.0
+                )
+            x_sum = tl.sum(x_chunk.to(tl.float32), axis=1)  # [BLOCK_M]
+            if USE_DOT:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            else:
+                part = tl.zeros([KS, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(P):
             k0 = c * CH + j * KS
             if not SCALE_PER_CHUNK:
                 g = tl.minimum(k0 // GROUP, num_groups - 1)
                 s, z = _group_params(s_ptr, z_ptr, g, N, cols, col_mask, zero, HAS_ZEROS, MAGIC, EVEN_N)
             if EVEN_K:
-                x = tl.load(x_ptrs + k0, mask=row_mask[:, None], other=0.0)
+                x = tl.load(x_rows + k0 + ki[None, :], mask=row_mask[:, None], other=0.0)
             else:
-                x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & ((k0 + ki) < K)[None, :], other=0.0)
+                x = tl.load(x_rows + k0 + ki[None, :], mask=row_mask[:, None] & ((k0 + ki) < K)[None, :], other=0.0)
             if FOLD:
-                # sum_k x (q - z) s = s (sum_k x (MAGIC + q) - (MAGIC + z) sum_k x): codes go to the dot as they are
-                acc_c = tl.dot(x, _codes(q >> (BITS * j), MASK, MAGIC, dtype), acc_c, input_precision=DOT_PRECISION)
-                x_sum += tl.sum(x.to(tl.float32), axis=1)
+                if USE_DOT:
+                    part = tl.dot(x, codes[j], part, input_precision=DOT_PRECISION)
+                else:
+                    part += codes[j].to(tl.float32) * tl.reshape(x, [KS, 1]).to(tl.float32)
             else:
-                w = (_codes(q >> (BITS * j), MASK, MAGIC, dtype) - z) * s
+                w = (codes[j] - z) * s
                 if USE_DOT:
                     acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-                else:  # BLOCK_M == 1: x [1, KS] -> [KS, 1]
+                else:
                     acc_2d += w.to(tl.float32) * tl.reshape(x, [KS, 1]).to(tl.float32)
         if FOLD:
-            acc += (acc_c - x_sum[:, None] * z.to(tl.float32)) * s.to(tl.float32)
+            if USE_DOT:
+                acc += (part - x_sum[:, None] * z.to(tl.float32)) * s.to(tl.float32)
+            else:  # the zero-point term goes to row 0 of the per-element sums
+                first = (ki == 0).to(tl.float32)[:, None]
+                acc_2d += (part - first * x_sum[:, None] * z.to(tl.float32)) * s.to(tl.float32)
     if not USE_DOT:
         acc = tl.sum(acc_2d, axis=0)[None, :]
     tile = pid_m * num_n + pid_n
@@ -265,16 +357,19 @@ def _check(
 
 
 def default_config(m: int, n: int, k: int, bits: int, device: torch.device) -> dict:
-    """Tiles by M: decode (M <= 16) one 16-row tile and split K; mid M 32/64-row tiles; prefill 64/128-row tiles."""
+    """Tiles by M: one row a GEMV (no tensor cores: per-element products, no layout shuffle for a dot operand);
+    up to 16 rows one 16-row dot tile; both split K over programs to fill the GPU. More rows: 32- to 128-row tiles.
+    ASM: unpack codes with the PTX of `unpack_asm` (CUDA only). FOLD: scales after the sums of raw codes."""
     chunks = triton.cdiv(k, (32 // bits) * KS)
-    if m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=128 if n >= 4096 else 64, num_warps=4, num_stages=4)
+    if m == 1:
+        cfg = dict(BLOCK_M=1, BLOCK_N=64, USE_DOT=False, num_warps=4, num_stages=3)
+    elif m <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=128 if n >= 4096 else 64, USE_DOT=True, num_warps=4, num_stages=4)
     elif m <= 64:
-        cfg = dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=128, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=32 if m <= 32 else 64, BLOCK_N=128, USE_DOT=True, num_warps=4, num_stages=4)
     else:
-        cfg = dict(BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, num_warps=8, num_stages=3)
-    # FOLD: scales and zero points applied per chunk to the dot of raw codes (where a chunk is in one group)
-    cfg.update(USE_DOT=True, FOLD=True)
+        cfg = dict(BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, USE_DOT=True, num_warps=8, num_stages=3)
+    cfg.update(ASM=True, FOLD=True)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     cfg["SPLIT_K"] = pick_split_k(tiles, chunks, device)
     return cfg
@@ -313,6 +408,7 @@ def wna16_gemm(
     split_k = triton.cdiv(num_chunks, chunks_per_split)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     scale_per_chunk = group_size % chunk == 0 or group_size >= k
+    mag = magic_offset(x.dtype, bits) if magic else 0
     num_tiles = grid[0] * grid[1]
     ws = splitk_workspace(split_k, num_tiles, block_m, block_n, x.device)
     locks = splitk_locks(x.device)
@@ -338,9 +434,10 @@ def wna16_gemm(
         SCALE_PER_CHUNK=scale_per_chunk,
         HAS_ZEROS=zeros is not None,
         SYM_ZERO=sym_zero,
-        MAGIC=magic_offset(x.dtype, bits) if magic else 0,
+        MAGIC=mag,
+        UNPACK_ASM=unpack_asm(bits, mag) if cfg["ASM"] and x.is_cuda else "",
         USE_DOT=cfg["USE_DOT"],
-        FOLD=cfg.get("FOLD", True) and cfg["USE_DOT"] and scale_per_chunk,
+        FOLD=cfg["FOLD"] and scale_per_chunk,
         HAS_BIAS=bias is not None,
         EVEN_N=n % block_n == 0,
         EVEN_K=k % chunk == 0,
@@ -390,4 +487,4 @@ def dequantize(
     return out
 
 
-__all__ = ["KS", "dequantize", "default_config", "magic_offset", "num_sms", "repack", "wna16_gemm"]
+__all__ = ["KS", "dequantize", "default_config", "magic_offset", "num_sms", "repack", "unpack_asm", "wna16_gemm"]
