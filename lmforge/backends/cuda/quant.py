@@ -19,8 +19,9 @@ from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
 # already loses at 64 rows (llama-8b projections, benchmarks/quant.py)
 WNA16_DENSE_MIN_M = 48
 # up to this many rows the per-row x per-column FP8 GEMM runs in the split-K Triton kernel, which streams the weight
-# faster than cuBLASLt's row-wise scaled GEMM on decode shapes (H200: 1.3-1.7x at M <= 16); above it torch._scaled_mm
-FP8_TRITON_MAX_M = 64
+# faster than cuBLASLt's row-wise scaled GEMM on decode shapes (H200: 1.3-1.7x at M <= 16, but 2x slower at 64);
+# above it torch._scaled_mm
+FP8_TRITON_MAX_M = 16
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

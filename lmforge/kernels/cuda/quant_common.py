@@ -97,9 +97,11 @@ def store_tile(
             tl.atomic_xchg(lock_ptr + tile, 0)
 
 
-def pick_split_k(num_tiles: int, num_k_blocks: int, device: torch.device, min_blocks_per_split: int = 2) -> int:
-    """Enough programs for about three waves of the GPU, each still looping over a few K blocks."""
-    target = 3 * num_sms(device)
+def pick_split_k(
+    num_tiles: int, num_k_blocks: int, device: torch.device, min_blocks_per_split: int = 2, waves: float = 3.0
+) -> int:
+    """Enough programs for about `waves` waves of the GPU, each still looping over a few K blocks."""
+    target = int(waves * num_sms(device))
     if num_tiles >= target:
         return 1
     split = min(triton.cdiv(target, num_tiles), max(1, num_k_blocks // min_blocks_per_split), 64)

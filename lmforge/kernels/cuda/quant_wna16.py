@@ -359,10 +359,14 @@ def _check(
 def default_config(m: int, n: int, k: int, bits: int, device: torch.device) -> dict:
     """Tiles by M: one row a GEMV (no tensor cores: per-element products, no layout shuffle for a dot operand);
     up to 16 rows one 16-row dot tile; both split K over programs to fill the GPU. More rows: 32- to 128-row tiles.
-    ASM: unpack codes with the PTX of `unpack_asm` (CUDA only). FOLD: scales after the sums of raw codes."""
+    ASM: unpack codes with the PTX of `unpack_asm` (CUDA only). FOLD: scales after the sums of raw codes.
+    Measured on an H200 (benchmarks/quant.py --sweep, llama-8b projections): the GEMV with 128 columns and about
+    3.4 waves of programs (448) was the fastest of the swept tiles and splits for each projection."""
     chunks = triton.cdiv(k, (32 // bits) * KS)
+    waves = 3.0
     if m == 1:
-        cfg = dict(BLOCK_M=1, BLOCK_N=64, USE_DOT=False, num_warps=4, num_stages=3)
+        cfg = dict(BLOCK_M=1, BLOCK_N=128, USE_DOT=False, num_warps=4, num_stages=3)
+        waves = 3.4
     elif m <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=128 if n >= 4096 else 64, USE_DOT=True, num_warps=4, num_stages=4)
     elif m <= 64:
@@ -371,7 +375,7 @@ def default_config(m: int, n: int, k: int, bits: int, device: torch.device) -> d
         cfg = dict(BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, USE_DOT=True, num_warps=8, num_stages=3)
     cfg.update(ASM=True, FOLD=True)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    cfg["SPLIT_K"] = pick_split_k(tiles, chunks, device)
+    cfg["SPLIT_K"] = pick_split_k(tiles, chunks, device, waves=waves)
     return cfg
 
 
