@@ -1,8 +1,9 @@
 """Quantized-linear kernels of the cuda backend (wna16 / fp8 / int8) against a float32 reference of the contract's
 formulas (QUANT_CONTRACT.md), over decode and prefill shapes of the llama presets, and inside a CUDA graph.
 
-The reference lives here until the cpu backend's quant ops land; then it becomes get_op(..., "cpu"). Errors are
-judged by ||y - ref|| / ||ref|| on fresh random inputs, outputs are poisoned first (NaN never passes).
+The reference: the cpu backend's quant ops when they are registered (HAS_CPU_REFERENCE), else the formulas written
+out below (which also check the activation codes and the MoE). Errors are judged by ||y - ref|| / ||ref|| on fresh
+random inputs, outputs are poisoned first (NaN never passes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from lmforge.backends import cpu as cpu_backend  # noqa: E402
 from lmforge.backends import cuda as cuda_backend  # noqa: E402
 from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_token  # noqa: E402
 
@@ -20,6 +22,9 @@ from .conftest import INTERPRET  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() and not INTERPRET, reason="needs CUDA")]
 ON_GPU = torch.cuda.is_available()
 OPS = cuda_backend.OPS
+# the cpu backend's quant ops are the reference once they exist (QUANT_CONTRACT.md); until then the formulas below
+CPU_OPS = cpu_backend.OPS
+HAS_CPU_REFERENCE = all(f"{scheme}_linear" in CPU_OPS for scheme in ("wna16", "fp8", "int8"))
 # relative Frobenius error bounds: the kernels round dequantized weights (or the output) to the activation dtype
 REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float16]
@@ -58,13 +63,13 @@ def ref_quant_act(x: torch.Tensor, qdtype: torch.dtype, static_scale=None, zero_
     qmax = 127.0 if qdtype == torch.int8 else 448.0
     if group:
         xg = x.view(x.shape[0], -1, group)
-        scale = xg.abs().amax(-1).clamp(min=1e-10) / qmax
+        scale = (xg.abs().amax(-1) / qmax).clamp(min=1e-12)
         v = (xg / scale[..., None]).view_as(x)
     elif static_scale is not None:
         scale = static_scale.float().reshape(1).expand(x.shape[0])
         v = x / scale[:, None]
     else:
-        scale = x.abs().amax(-1).clamp(min=1e-10) / qmax
+        scale = (x.abs().amax(-1) / qmax).clamp(min=1e-12)
         v = x / scale[:, None]
     if qdtype == torch.int8:
         return (torch.round(v) + zero_point).clamp(-128, 127).to(torch.int8), scale
@@ -124,8 +129,15 @@ def check_wna16(m, k, n, bits, group_size, symmetric, dtype, device, poison, wit
     poison()
     y = OPS["wna16_linear"](x, prepared, bias)
     assert y.shape == (m, n) and y.dtype == dtype
-    ref = x.float() @ ref_wna16_weight_t(qweight, scales, zeros, bits, group_size)
-    ref = ref if bias is None else ref + bias.float()
+    if HAS_CPU_REFERENCE:
+        k = qweight.shape[0] * (32 // bits)
+        p = CPU_OPS["wna16_prepare"](
+            qweight, scales.float(), zeros.float(), bits, k if group_size == -1 else group_size
+        )
+        ref = CPU_OPS["wna16_linear"](x.float(), p, None if bias is None else bias.float())
+    else:
+        ref = x.float() @ ref_wna16_weight_t(qweight, scales, zeros, bits, group_size)
+        ref = ref if bias is None else ref + bias.float()
     err = rel_err(y, ref)
     assert err < REL_TOL[dtype], f"relative error {err:.2e}"
 
@@ -266,7 +278,12 @@ def check_fp8(m, k, n, mode, dtype, device, poison, with_bias=True):
     poison()
     y = OPS["fp8_linear"](x, p, bias)
     assert y.shape == (m, n) and y.dtype == dtype
-    err = rel_err(y, ref_fp8_linear(x, weight, scale, input_scale, block, bias))
+    if HAS_CPU_REFERENCE:
+        p = CPU_OPS["fp8_prepare"](weight, scale, input_scale, block)
+        ref = CPU_OPS["fp8_linear"](x.float(), p, None if bias is None else bias.float())
+    else:
+        ref = ref_fp8_linear(x, weight, scale, input_scale, block, bias)
+    err = rel_err(y, ref)
     assert err < FP8_SLACK * REL_TOL[dtype], f"relative error {err:.2e}"
 
 
@@ -336,7 +353,11 @@ def check_int8(m, k, n, mode, dtype, device, poison, with_bias=True):
     poison()
     y = OPS["int8_linear"](x, p, bias)
     assert y.shape == (m, n) and y.dtype == dtype
-    ref = ref_int8_linear(x, weight, w_scale, input_scale, -7 if zero_point is not None else 0, bias)
+    if HAS_CPU_REFERENCE:
+        p = CPU_OPS["int8_prepare"](weight, w_scale, input_scale, zero_point)
+        ref = CPU_OPS["int8_linear"](x.float(), p, None if bias is None else bias.float())
+    else:
+        ref = ref_int8_linear(x, weight, w_scale, input_scale, -7 if zero_point is not None else 0, bias)
     err = rel_err(y, ref)
     assert err < REL_TOL[dtype], f"relative error {err:.2e}"
 
@@ -402,3 +423,51 @@ def test_quant_linear_cuda_graph_replay(scheme, m):
 def test_ops_registered():
     for name in ("wna16", "fp8", "int8"):
         assert callable(OPS[f"{name}_prepare"]) and callable(OPS[f"{name}_linear"])
+
+
+# ---- MoE over quantized experts ----
+
+
+@pytest.mark.parametrize("scheme", ["wna16", "fp8", "int8"])
+def test_fused_moe_quantized(device, scheme):
+    """Each token through its top-k experts' quantized gate_up / act / down, against the per-token float32 sum."""
+    torch.manual_seed(0)
+    num_experts, hidden, inter, num_tokens, top_k = 4, 256, 128, 9, 2
+    dtype = torch.float16
+    experts = []  # per expert: (prepared gate_up, prepared down, reference fn [t, K] -> [t, N] for each)
+    for _ in range(num_experts):
+        pair = []
+        for n, k in ((2 * inter, hidden), (hidden, inter)):
+            if scheme == "wna16":
+                qw, s, z = make_wna16(k, n, 4, 64, False, dtype, device)
+                w_t = ref_wna16_weight_t(qw, s, z, 4, 64)
+                pair.append((OPS["wna16_prepare"](qw, s, z, 4, 64), lambda x, w_t=w_t: x.float() @ w_t))
+            elif scheme == "fp8":
+                weight, scale, _, block = make_fp8(k, n, "block", device)
+                ref = lambda x, w=weight, s=scale, b=block: ref_fp8_linear(x, w, s, None, b, None)  # noqa: E731
+                pair.append((OPS["fp8_prepare"](weight, scale, None, block), ref))
+            else:
+                w = torch.randn(n, k, device=device) / k**0.5
+                w_scale = w.abs().amax(1, keepdim=True) / 127
+                weight = torch.round(w / w_scale).to(torch.int8)
+                ref = lambda x, w=weight, s=w_scale: ref_int8_linear(x, w, s, None, 0, None)  # noqa: E731
+                pair.append((OPS["int8_prepare"](weight, w_scale, None, None), ref))
+        experts.append(pair)
+    x = torch.randn(num_tokens, hidden, device=device).to(dtype)
+    weights, ids = torch.randn(num_tokens, num_experts, device=device).softmax(-1).topk(top_k, dim=-1)
+    out = OPS["fused_moe_quantized"](
+        x, [e[0][0] for e in experts], [e[1][0] for e in experts], weights, ids, "silu", scheme
+    )
+    ref = torch.zeros(num_tokens, hidden, device=device)
+    for t in range(num_tokens):
+        for j in range(top_k):
+            (_, gate_up_ref), (_, down_ref) = experts[int(ids[t, j])]
+            # the op rounds gate_up's output and the activated intermediate to x's dtype
+            g, u = gate_up_ref(x[t : t + 1]).to(dtype).float().chunk(2, dim=-1)
+            h = (torch.nn.functional.silu(g) * u).to(dtype)
+            ref[t] += weights[t, j].float() * down_ref(h)[0]
+    # two quantized products in a row (the intermediate is quantized again for the W8A8 schemes)
+    slack = 3 * FP8_SLACK if scheme == "fp8" else 3.0
+    assert rel_err(out, ref) < slack * REL_TOL[dtype]
+    with pytest.raises(ValueError, match="scheme"):
+        OPS["fused_moe_quantized"](x, [], [], weights, ids, "silu", "nf4")

@@ -5,7 +5,15 @@ from .activation import gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
 from .moe import fused_moe
 from .norm import rms_norm
-from .quant import fp8_linear, fp8_prepare, int8_linear, int8_prepare, wna16_linear, wna16_prepare
+from .quant import (
+    fp8_linear,
+    fp8_prepare,
+    fused_moe_quantized,
+    int8_linear,
+    int8_prepare,
+    wna16_linear,
+    wna16_prepare,
+)
 from .rotary import apply_rotary
 
 OPS = {
@@ -22,4 +30,5 @@ OPS = {
     "fp8_linear": fp8_linear,
     "int8_prepare": int8_prepare,
     "int8_linear": int8_linear,
+    "fused_moe_quantized": fused_moe_quantized,
 }

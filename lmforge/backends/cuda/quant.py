@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.kernels.cuda.activation import gated_activation
 from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_token
 from lmforge.kernels.cuda.quant_common import splitk_locks
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
@@ -220,12 +221,42 @@ def int8_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = Non
     return y.view(*x.shape[:-1], n)
 
 
-__all__ = [
-    "fp8_linear",
-    "fp8_prepare",
-    "int8_linear",
-    "int8_prepare",
-    "wna16_dequantize",
-    "wna16_linear",
-    "wna16_prepare",
-]
+_LINEAR = {"wna16": wna16_linear, "fp8": fp8_linear, "int8": int8_linear}
+
+
+def fused_moe_quantized(
+    hidden_states: torch.Tensor,
+    gate_up: list[dict],
+    down: list[dict],
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    scheme: str,
+) -> torch.Tensor:
+    """MoE over quantized experts, the cpu op's signature: gate_up / down hold each expert's `<scheme>_prepare`
+    output of this backend ([2I, H] and [H, I] weights); each expert's routed tokens run through `<scheme>_linear`.
+    Reads the per-expert token counts on the host (one sync per call), so unlike fused_moe it cannot be recorded in
+    a CUDA graph: a grouped Triton kernel over quantized experts is still to come."""
+    if scheme not in _LINEAR:
+        raise ValueError(f"unknown quantization scheme {scheme!r} for fused_moe_quantized; known: {sorted(_LINEAR)}")
+    if activation not in ("silu", "gelu", "gelu_tanh"):
+        raise ValueError(f"unsupported MoE activation {activation!r}; supported: silu, gelu, gelu_tanh")
+    if len(gate_up) != len(down):
+        raise ValueError(f"{len(gate_up)} gate_up experts but {len(down)} down experts")
+    linear = _LINEAR[scheme]
+    top_k = topk_ids.shape[1]
+    out = torch.zeros_like(hidden_states)
+    flat_ids = topk_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=len(gate_up)).tolist()
+    token_of_slot, weight_of_slot = order // top_k, topk_weights.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens = token_of_slot[start : start + n]
+        h = gated_activation(linear(hidden_states[tokens], gate_up[e]), activation)
+        h = linear(h, down[e])
+        out.index_add_(0, tokens, (h * weight_of_slot[start : start + n, None]).to(out.dtype))
+        start += n
+    return out

@@ -1,7 +1,7 @@
 """Activation quantization for the W8A8 GEMMs: x [M, K] (fp16/bf16/fp32) -> codes [M, K] (int8 or float8_e4m3fn) and
 float32 scales, one per row (per token) or one per row and `group` columns (fine-grained FP8), so x ~= codes * scale.
 
-Dynamic: scale = max(amax, EPS) / QMAX over the row or group (QMAX 127 for int8, 448 for e4m3). Static: the given
+Dynamic: scale = max(amax / QMAX, MIN_SCALE) over the row or group (QMAX 127 for int8, 448 for e4m3). Static: the given
 per-tensor scale, copied into every row's slot so the GEMM reads per-row scales either way. int8 codes are
 round-half-to-even(x / scale) (+ zero point), clamped to [-128, 127]; e4m3 codes clamp x / scale to +-448 and round
 to nearest even in the cast. One program per row (or per row and block of groups), two passes over a row when it is
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-10  # amax floor: an all-zero row gets a tiny scale and zero codes instead of 0 / 0
+MIN_SCALE = 1e-12  # an all-zero row gets a tiny scale and zero codes instead of 0 / 0 (as the cpu reference)
 FP8_MAX = 448.0
 INT8_MAX = 127.0
 # adding then subtracting 1.5 * 2**23 rounds an fp32 of magnitude < 2**22 to the nearest integer, ties to even
@@ -57,7 +57,7 @@ def _quant_rows_kernel(
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / QMAX
+        scale = tl.maximum(tl.max(amax, axis=0) / QMAX, 1e-12)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = k0 + offs < K
@@ -84,7 +84,7 @@ def _quant_groups_kernel(
     cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = (groups < num_groups)[:, None] & (cols < K)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / QMAX
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / QMAX, 1e-12)
     tl.store(s_ptr + row * stride_s + groups, scale, mask=groups < num_groups)
     tl.store(q_ptr + row * stride_q + cols, _to_codes(x / scale[:, None], 0.0, False, QMAX), mask=mask)
 
