@@ -469,5 +469,54 @@ def test_fused_moe_quantized(device, scheme):
     # two quantized products in a row (the intermediate is quantized again for the W8A8 schemes)
     slack = 3 * FP8_SLACK if scheme == "fp8" else 3.0
     assert rel_err(out, ref) < slack * REL_TOL[dtype]
+    # the path a CUDA-graph capture takes: every expert on every token, weighted by the dense routing weights
+    from lmforge.backends.cuda.quant import moe_all_experts
+    from lmforge.kernels.cuda.activation import gated_activation
+
+    linear = OPS[f"{scheme}_linear"]
+
+    def expert(e, h):
+        return linear(gated_activation(linear(h, experts[e][0][0]), "silu"), experts[e][1][0])
+
+    assert rel_err(moe_all_experts(x, num_experts, expert, weights, ids), ref) < slack * REL_TOL[dtype]
     with pytest.raises(ValueError, match="scheme"):
         OPS["fused_moe_quantized"](x, [], [], weights, ids, "silu", "nf4")
+
+
+@gpu_only
+def test_fused_moe_quantized_cuda_graph_replay():
+    """Captured (the all-experts path), replayed on fresh tokens and routing: matches an eager (routed) call."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    num_experts, hidden, inter, num_tokens, top_k = 8, 512, 256, 4, 2
+    gate_up = [
+        OPS["wna16_prepare"](*make_wna16(hidden, 2 * inter, 4, 128, False, torch.bfloat16, device), 4, 128)
+        for _ in range(num_experts)
+    ]
+    down = [
+        OPS["wna16_prepare"](*make_wna16(inter, hidden, 4, 128, False, torch.bfloat16, device), 4, 128)
+        for _ in range(num_experts)
+    ]
+
+    def routing():
+        return torch.randn(num_tokens, num_experts, device=device).softmax(-1).topk(top_k, dim=-1)
+
+    x = torch.randn(num_tokens, hidden, device=device).to(torch.bfloat16)
+    weights, ids = routing()
+    op = OPS["fused_moe_quantized"]
+    op(x, gate_up, down, weights, ids, "silu", "wna16")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(x, gate_up, down, weights, ids, "silu", "wna16")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = op(x, gate_up, down, weights, ids, "silu", "wna16")
+    for _ in range(3):
+        fresh_w, fresh_ids = routing()
+        x.copy_(torch.randn_like(x))
+        weights.copy_(fresh_w)
+        ids.copy_(fresh_ids)
+        graph.replay()
+        assert rel_err(static_out, op(x, gate_up, down, weights, ids, "silu", "wna16").float()) < 1e-2

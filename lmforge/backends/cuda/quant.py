@@ -235,8 +235,9 @@ def fused_moe_quantized(
 ) -> torch.Tensor:
     """MoE over quantized experts, the cpu op's signature: gate_up / down hold each expert's `<scheme>_prepare`
     output of this backend ([2I, H] and [H, I] weights); each expert's routed tokens run through `<scheme>_linear`.
-    Reads the per-expert token counts on the host (one sync per call), so unlike fused_moe it cannot be recorded in
-    a CUDA graph: a grouped Triton kernel over quantized experts is still to come."""
+    Eager calls read the per-expert token counts on the host (one sync). Inside a CUDA-graph capture no value can
+    be read, so every expert runs on every token, weighted by its (mostly zero) routing weight: correct, but it
+    reads all experts' weights. A grouped Triton kernel over quantized experts is still to come."""
     if scheme not in _LINEAR:
         raise ValueError(f"unknown quantization scheme {scheme!r} for fused_moe_quantized; known: {sorted(_LINEAR)}")
     if activation not in ("silu", "gelu", "gelu_tanh"):
@@ -244,8 +245,14 @@ def fused_moe_quantized(
     if len(gate_up) != len(down):
         raise ValueError(f"{len(gate_up)} gate_up experts but {len(down)} down experts")
     linear = _LINEAR[scheme]
-    top_k = topk_ids.shape[1]
+
+    def expert(e: int, x: torch.Tensor) -> torch.Tensor:
+        return linear(gated_activation(linear(x, gate_up[e]), activation), down[e])
+
     out = torch.zeros_like(hidden_states)
+    if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+        return moe_all_experts(hidden_states, len(gate_up), expert, topk_weights, topk_ids)
+    top_k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
     counts = torch.bincount(flat_ids, minlength=len(gate_up)).tolist()
@@ -255,8 +262,19 @@ def fused_moe_quantized(
         if n == 0:
             continue
         tokens = token_of_slot[start : start + n]
-        h = gated_activation(linear(hidden_states[tokens], gate_up[e]), activation)
-        h = linear(h, down[e])
+        h = expert(e, hidden_states[tokens])
         out.index_add_(0, tokens, (h * weight_of_slot[start : start + n, None]).to(out.dtype))
         start += n
     return out
+
+
+def moe_all_experts(
+    hidden_states: torch.Tensor, num_experts: int, expert, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """sum_e routing_weight[t, e] * expert(e, x)[t] over all experts, with no value read on the host."""
+    dense = torch.zeros(hidden_states.shape[0], num_experts, dtype=torch.float32, device=hidden_states.device)
+    dense.scatter_add_(1, topk_ids.long(), topk_weights.float())
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    for e in range(num_experts):
+        out += expert(e, hidden_states).float() * dense[:, e : e + 1]
+    return out.to(hidden_states.dtype)
