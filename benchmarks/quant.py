@@ -257,6 +257,8 @@ def _fp8_one(proj, m, k, n, block, sweep, results) -> None:
     x, preps, wb = fp8_case(m, k, n, block)
     name = "fp8_block128" if block else "fp8_channel_dynamic"
     results.append(record(name, proj, m, k, n, graph_us([lambda p=p: op(x, p) for p in preps]), wb, 2))
+    if m in sweep and block:
+        scaled_mm_blockwise(x, preps, proj, m, k, n, wb)
     if m in sweep and block and m > 64:
         for bm, bn, warps, stages in ((128, 128, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3), (128, 128, 8, 4)):
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=warps, num_stages=stages)
@@ -285,6 +287,46 @@ def _fp8_one(proj, m, k, n, block, sweep, results) -> None:
         record("fp8_channel_dynamic_triton", proj, m, k, n, graph_us([lambda p=p: triton_fp8(p) for p in preps]), wb, 2)
         fns = [lambda p=p: torch._scaled_mm(*_fp8_rowwise_args(x, p), out_dtype=BF16) for p in preps]
         record("fp8_channel_dynamic_scaled_mm", proj, m, k, n, graph_us(fns), wb, 2)
+
+
+def scaled_mm_blockwise(x, preps, proj, m, k, n, wb) -> None:
+    """torch._scaled_mm's blockwise mode (1x128 activation, 128x128 weight scales; its meta function accepts
+    scale_a [M, K/128] and scale_b [K/128, N/128]), not yet seen running on the device: each scale layout is tried,
+    and its error against the Triton block kernel reported next to the time."""
+    op = cuda_ops.OPS["fp8_linear"]
+    for layout in ("row-major", "column-major"):
+
+        def blockwise(p, layout=layout):
+            codes, xs = quantize_per_group_fp8(x, 128)
+            if layout == "column-major":
+                xs = xs.t().contiguous().t()
+            return torch._scaled_mm(codes, p["weight"].t(), xs, p["weight_scale"].t(), out_dtype=BF16)
+
+        try:
+            got, want = blockwise(preps[0]).float(), op(x, preps[0]).float()
+            err = ((got - want).norm() / want.norm()).item()
+            record(
+                "fp8_block128_scaled_mm",
+                proj,
+                m,
+                k,
+                n,
+                graph_us([lambda p=p: blockwise(p) for p in preps]),
+                wb,
+                2,
+                scale_layout=layout,
+                rel_err_vs_triton=round(err, 5),
+            )
+        except Exception as exc:
+            emit(
+                {
+                    "scheme": "fp8_block128_scaled_mm",
+                    "proj": proj,
+                    "M": m,
+                    "scale_layout": layout,
+                    "error": repr(exc)[:400],
+                }
+            )
 
 
 def _fp8_rowwise_args(x, p):
