@@ -6,11 +6,14 @@ j-th `bits`-wide field, the weight of k = chunk * CH + j * KS + i. So field j of
 [KS, BLOCK_N] weight tile of KS consecutive k: the kernel shifts and masks it and feeds it straight to a dot with
 x[:, k .. k + KS], no reshape or gather. Words along N are contiguous (16-byte loads across a warp).
 
-Scales and zero points stay [K // G, N] in the activation dtype; the kernel dequantizes (q - z) * s in that dtype
-(q - z is an exact small integer there, so this equals the fp32 formula rounded once). Optionally q becomes a float
-by OR-ing its bits into the mantissa of a power of two (1024 for fp16, 128 for 4-bit bf16): one logic op instead of
-an int-to-float conversion. Decode shapes split K over programs (quant_common.store_tile); large M can instead
-dequantize the whole weight to the activation dtype once per call and use cuBLAS (`dequantize`).
+Codes become floats by OR-ing their bits into the mantissa of a power of two MAGIC (1024 for fp16, 128 for 4-bit
+bf16): MAGIC + q exactly, one logic op instead of an int-to-float conversion; on CUDA an inline-PTX block does two
+codes per 32-bit op (`unpack_asm`). Scales and zero points stay [K // G, N] in the activation dtype. Where a chunk
+lies in one group (G a multiple of CH), the products use the raw codes and the chunk's scale and zero point are
+applied once per output (FOLD: s * (sum_k x (MAGIC + q) - (MAGIC + z) * sum_k x)); else each weight is
+dequantized, (q - z) * s in the activation dtype (q - z is an exact small integer there). One row is a GEMV
+(per-element fp32 products, no tensor cores), up to 16 rows one 16-row dot tile; both split K over programs
+(quant_common.store_tile). Large M instead dequantizes the whole weight once per call for cuBLAS (`dequantize`).
 """
 
 from __future__ import annotations
