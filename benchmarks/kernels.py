@@ -23,7 +23,7 @@ from lmforge.backends import cpu as cpu_ops
 from lmforge.backends import cuda as cuda_ops
 from lmforge.kernels.cuda.decode_attention import decode_attention, default_block_n, default_num_splits
 from lmforge.kernels.cuda.prefill_attention import prefill_attention
-from lmforge.model_inputs import AttnMetadata
+from lmforge.model_inputs import AttnMetadata, AttnOptions
 
 DEVICE = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -137,9 +137,9 @@ def bench_decode(
     }
     num_bytes = 2 * num_seqs * kv_len * num_kv_heads * head_dim * 2 + 2 * query.numel() * 2
     op = cuda_ops.OPS["paged_attention"]
-    ms = bench(lambda: op(query, k_cache, v_cache, meta, scale))
-    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, scale))
-    graph_ms = graph_bench(lambda: op(query, k_cache, v_cache, meta, scale))
+    ms = bench(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale)))
+    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, AttnOptions(scale)))
+    graph_ms = graph_bench(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale)))
     block_n = default_block_n(head_dim, head_dim)
     splits = default_num_splits(num_seqs, num_kv_heads, meta.block_tables.shape[1] * block_size, block_n, DEVICE)
     emit(
@@ -152,7 +152,7 @@ def bench_decode(
         graph_gb_s=round(num_bytes / graph_ms / 1e6, 1),
         num_splits=splits,
         block_n=block_n,
-        eager_us=eager_us(lambda: op(query, k_cache, v_cache, meta, scale)),
+        eager_us=eager_us(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale))),
     )
     if not sweep:
         return
@@ -203,8 +203,8 @@ def bench_prefill(
     visible_pairs = num_seqs * sum(kv_len - q_len + i + 1 for i in range(q_len))
     flops = 4 * visible_pairs * num_heads * head_dim  # QK^T and PV, 2 flops per multiply-add
     op = cuda_ops.OPS["paged_attention"]
-    ms = bench(lambda: op(query, k_cache, v_cache, meta, scale))
-    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, scale))
+    ms = bench(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale)))
+    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, AttnOptions(scale)))
     extra = {}
     if q_len == kv_len:  # contiguous causal SDPA (FlashAttention in torch): what a non-paged kernel reaches
         q = torch.randn(num_seqs, num_heads, q_len, head_dim, device=DEVICE, dtype=BF16)

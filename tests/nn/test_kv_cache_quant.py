@@ -127,3 +127,19 @@ def test_constant_rows_and_fp8_range():
     cache = torch.zeros(1, 4, 1, 2, dtype=torch.float8_e4m3fn)
     cpu.fill_kv_cache(torch.tensor([[[1000.0, -1e6]], [[0.1, 2.0]]]), None, cache, None, torch.tensor([0, 3]))
     assert cache.float().flatten().tolist() == pytest.approx([448.0, -448.0, 0, 0, 0, 0, 0.1015625, 2.0])
+
+
+def test_fp8_latent_cache_shared_by_keys_and_values():
+    """MLA keeps one latent cache (keys, and values as its first v_head_dim channels): fp8 works on it as on any
+    cache (quant_policy is refused for it, see tests/engine/test_kv_cache_quant.py)."""
+    torch.manual_seed(2)
+    meta = _metadata([1, 6], [20, 6], 4)
+    latent = torch.randn(len(meta.slot_mapping), 1, 40)
+    query = torch.randn(7, 8, 40)
+    opts = AttnOptions(0.15, v_head_dim=32)
+    cache = torch.zeros(4, BLOCK_SIZE, 1, 40, dtype=torch.float8_e4m3fn)
+    cpu.fill_kv_cache(latent, None, cache, None, meta.slot_mapping)
+    out = cpu.paged_attention(query, cache, cache, meta, opts)
+    assert out.shape == (7, 8, 32)
+    as_fp32 = cache.float()
+    torch.testing.assert_close(out, cpu.paged_attention(query, as_fp32, as_fp32, meta, opts), atol=1e-5, rtol=1e-5)
