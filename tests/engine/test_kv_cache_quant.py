@@ -19,7 +19,8 @@ GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True, logprobs=5)
 
 
 def _engine(path: str, **kwargs) -> Engine:
-    cfg = {"device_type": "cpu", "block_size": 8, "num_cpu_blocks": 64, "session_len": 128, **kwargs}
+    cfg = {"device_type": "cpu", "dtype": "float32", "block_size": 8, "num_cpu_blocks": 64, "session_len": 128}
+    cfg.update(kwargs)
     return Engine(path, PytorchEngineConfig(**cfg))
 
 
@@ -57,6 +58,7 @@ def test_greedy_generation_close_to_the_unquantized_cache(tiny_llama_dir, refere
             if ref["tokens"][: step + 1] != out["tokens"][: step + 1]:
                 break
             agree += 1
+    print(fmt, "steps with equal tokens:", agree, "of", total)
     # tokens agree until the first flip of a near-tie; int8 keeps whole sequences here
     assert agree / total >= {"int8": 1.0, "fp8": 0.75, "int4": 0.5}[fmt], (fmt, agree, total)
 
@@ -67,7 +69,8 @@ def test_prefix_cache_hits_and_preemption_change_nothing(tiny_llama_dir, fmt):
     small for all of them, generate the tokens of a lone, uncached run under the same cache format."""
     base = [11 + (5 * j) % 290 for j in range(35)]
     prompts = [base + [3, 4], base + [250, 7, 9]]
-    alone = [_run(_engine(tiny_llama_dir, **FORMATS[fmt]), [p])[0]["tokens"] for p in prompts]
+    lone = _engine(tiny_llama_dir, **FORMATS[fmt])
+    alone = [_run(lone, [p])[0]["tokens"] for p in prompts]  # one at a time, no prefix cache
 
     cached = _engine(tiny_llama_dir, enable_prefix_caching=True, **FORMATS[fmt])
     first = _run(cached, [prompts[0]])[0]["tokens"]
@@ -118,3 +121,23 @@ def test_bad_formats_are_refused(tiny_llama_dir):
         ce.check_kv_cache_format(_llama(num_kv_caches=1), quant_policy=8)
     with pytest.raises(ValueError, match="even head dims"):
         ce.check_kv_cache_format(_llama(head_dim=65), quant_policy=4)
+
+
+def test_tensor_parallel_ranks_quantize_their_own_heads(tiny_llama_dir, reference):
+    """tp=2 (a gloo worker holding the other KV head) with an int4 cache gives the single-rank int4 logits, which
+    differ measurably from the unquantized cache's: the worker quantizes its half too."""
+    prompts = PROMPTS[:2]
+    single = _run(_engine(tiny_llama_dir, quant_policy=4), prompts)
+    engine = _engine(tiny_llama_dir, quant_policy=4, tp=2)
+    try:
+        sharded = _run(engine, prompts)
+    finally:
+        engine.close()
+
+    def first_step(results):
+        return [dict(r["logprobs"][0].top) for r in results]
+
+    for a, b, ref in zip(first_step(single), first_step(sharded), first_step(reference[:2]), strict=True):
+        assert a.keys() == b.keys()
+        assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+        assert max(abs(a[t] - ref[t]) for t in a.keys() & ref.keys()) > 1e-3
