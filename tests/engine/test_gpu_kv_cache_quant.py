@@ -20,9 +20,10 @@ FORMATS = {"int8": {"quant_policy": 8}, "int4": {"quant_policy": 4}, "fp8": {"kv
 def bf16_tokens(llama_dir):  # noqa: F811
     from lmforge.engine.engine import Engine
 
-    engine = Engine(
-        llama_dir, PytorchEngineConfig(device_type="cuda", dtype="bfloat16", block_size=16, num_gpu_blocks=512)
+    cfg = PytorchEngineConfig(
+        device_type="cuda", dtype="bfloat16", block_size=16, num_gpu_blocks=512, max_batch_size=8, eager_mode=True
     )
+    engine = Engine(llama_dir, cfg)
     return _generate(engine, _prompts(8))
 
 
@@ -31,7 +32,7 @@ def test_quantized_cache_graphs_eager_preemption(llama_dir, bf16_tokens, fmt):  
     from lmforge.engine.engine import Engine
 
     prompts = _prompts(8)
-    base = dict(device_type="cuda", dtype="bfloat16", block_size=16, **FORMATS[fmt])
+    base = dict(device_type="cuda", dtype="bfloat16", block_size=16, max_batch_size=8, **FORMATS[fmt])
     eager = Engine(llama_dir, PytorchEngineConfig(**base, eager_mode=True, num_gpu_blocks=512))
     eager.overlap = False
     ref = _generate(eager, prompts)
