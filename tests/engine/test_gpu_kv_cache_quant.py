@@ -1,6 +1,6 @@
 """The engine on CUDA with a quantized KV cache (skipped without a GPU): CUDA graphs and eager steps give the
-same tokens, preemption and chunked prefill keep the first tokens, greedy output stays near the bf16 cache's,
-and the same memory holds ~2x the blocks."""
+same tokens, preemption, chunked prefill and prefix caching keep them, and the same memory holds ~2x the blocks
+(closeness to the unquantized cache: tests/engine/test_kv_cache_quant.py on CPU, and the kernel tests)."""
 
 from __future__ import annotations
 
@@ -16,42 +16,44 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 FORMATS = {"int8": {"quant_policy": 8}, "int4": {"quant_policy": 4}, "fp8": {"kv_cache_dtype": "fp8"}}
 
 
-@pytest.fixture(scope="module")
-def bf16_tokens(llama_dir):  # noqa: F811
-    from lmforge.engine.engine import Engine
-
-    cfg = PytorchEngineConfig(
-        device_type="cuda", dtype="bfloat16", block_size=16, num_gpu_blocks=512, max_batch_size=8, eager_mode=True
-    )
-    engine = Engine(llama_dir, cfg)
-    return _generate(engine, _prompts(8))
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_quantized_cache_graphs_eager_preemption(llama_dir, bf16_tokens, fmt):  # noqa: F811
+def test_quantized_cache_graphs_give_the_eager_tokens(llama_dir, fmt):  # noqa: F811
     from lmforge.engine.engine import Engine
 
     prompts = _prompts(8)
-    base = dict(device_type="cuda", dtype="bfloat16", block_size=16, max_batch_size=8, **FORMATS[fmt])
-    eager = Engine(llama_dir, PytorchEngineConfig(**base, eager_mode=True, num_gpu_blocks=512))
+    base = dict(device_type="cuda", dtype="bfloat16", block_size=16, max_batch_size=8, num_gpu_blocks=512)
+    eager = Engine(llama_dir, PytorchEngineConfig(**base, eager_mode=True, **FORMATS[fmt]))
     eager.overlap = False
     ref = _generate(eager, prompts)
     del eager
-    graphs = Engine(llama_dir, PytorchEngineConfig(**base, num_gpu_blocks=512))
+    graphs = Engine(llama_dir, PytorchEngineConfig(**base, **FORMATS[fmt]))
     assert graphs.graph_runner is not None and graphs.graph_runner.graphs
-    assert _generate(graphs, prompts) == ref
-    del graphs
+    assert _generate(graphs, prompts) == ref  # graphs + overlapped steps
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_cache_preemption_chunked_prefill_and_prefix_caching(llama_dir, fmt):  # noqa: F811
+    """In float32: under bf16 a recomputed key differs from the original by a rounding, and a quantized cache
+    turns that into a whole quantization step whenever it crosses a rounding boundary, which flips near-ties
+    of this random model within a few tokens (seen on an H200 for all three formats). float32 rounding
+    almost never crosses one."""
+    from lmforge.engine.engine import Engine
+
+    prompts = _prompts(8)
+    base = dict(device_type="cuda", dtype="float32", block_size=16, max_batch_size=8, eager_mode=True)
+    ref = _generate(Engine(llama_dir, PytorchEngineConfig(**base, num_gpu_blocks=512, **FORMATS[fmt])), prompts)
     small = Engine(
-        llama_dir, PytorchEngineConfig(**base, num_gpu_blocks=48, max_prefill_token_num=128, enable_prefix_caching=True)
+        llama_dir,
+        PytorchEngineConfig(
+            **base, num_gpu_blocks=48, max_prefill_token_num=128, enable_prefix_caching=True, **FORMATS[fmt]
+        ),
     )
     got = _generate(small, prompts)
     assert small.scheduler.num_preemptions > 0
     assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
     assert all(g[:8] == r[:8] for g, r in zip(got, ref, strict=True))
-    # against the bf16 cache: tokens agree until a near-tie flips
-    same = sum(a == b for g, r in zip(ref, bf16_tokens, strict=True) for a, b in zip(g, r, strict=True))
-    print(fmt, "tokens equal to the bf16 cache's:", same, "of", sum(len(r) for r in ref))
-    assert same >= {"int8": 0.8, "fp8": 0.6, "int4": 0.3}[fmt] * sum(len(r) for r in ref)
+    same = sum(a == b for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True))
+    assert same >= 0.9 * sum(len(r) for r in ref)
 
 
 def test_capacity_from_free_memory():
