@@ -64,9 +64,10 @@ def test_greedy_generation_close_to_the_unquantized_cache(tiny_llama_dir, refere
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
-def test_prefix_cache_hits_and_preemption_change_nothing(tiny_llama_dir, fmt):
-    """A prompt whose prefix blocks come from the cache, and sequences preempted and recomputed in a cache too
-    small for all of them, generate the tokens of a lone, uncached run under the same cache format."""
+def test_prefix_cache_hits_preemption_and_chunked_prefill_change_nothing(tiny_llama_dir, fmt):
+    """A prompt whose prefix blocks come from the cache, and sequences prefilled in 16-token chunks, preempted
+    and recomputed in a cache too small for all of them, generate the tokens of a lone, uncached run under the
+    same cache format."""
     base = [11 + (5 * j) % 290 for j in range(35)]
     prompts = [base + [3, 4], base + [250, 7, 9]]
     lone = _engine(tiny_llama_dir, **FORMATS[fmt])
@@ -80,7 +81,7 @@ def test_prefix_cache_hits_and_preemption_change_nothing(tiny_llama_dir, fmt):
 
     # 4 sequences of up to 50 tokens want 28 blocks of 8; in 12 two run at once and then outgrow them: the
     # scheduler preempts one and recomputes it later
-    small = _engine(tiny_llama_dir, num_cpu_blocks=12, max_batch_size=4, **FORMATS[fmt])
+    small = _engine(tiny_llama_dir, num_cpu_blocks=12, max_batch_size=4, max_prefill_token_num=16, **FORMATS[fmt])
     together = _run(small, prompts * 2)
     assert small.scheduler.num_preemptions > 0
     assert [r["tokens"] for r in together] == alone * 2
