@@ -8,8 +8,10 @@ between releases); for one interpreter it is the same on every run.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import warnings
 
 import torch
 
@@ -32,7 +34,12 @@ EVALUATION_MODULES = (
 def _docstrings(module_name: str) -> list[str]:
     """The module's docstring, then those of its public classes, their public methods and its functions, in
     source-definition order (dir() is sorted, so the order does not depend on the interpreter's hashing)."""
-    module = importlib.import_module(module_name)
+    with warnings.catch_warnings():  # importing or touching deprecated names (typing.re) warns; we only read docs
+        warnings.simplefilter("ignore")
+        return _collect(importlib.import_module(module_name))
+
+
+def _collect(module) -> list[str]:
     docs, seen = [], set()
 
     def add(obj) -> None:
@@ -58,12 +65,29 @@ def _docstrings(module_name: str) -> list[str]:
     return docs
 
 
+@functools.lru_cache(maxsize=2)
 def builtin_text(split: str = "calibration") -> str:
     """The whole built-in text of `split` ('calibration' or 'evaluation'), paragraphs separated by blank lines."""
     modules = {"calibration": CALIBRATION_MODULES, "evaluation": EVALUATION_MODULES}.get(split)
     if modules is None:
         raise ValueError(f"unknown built-in text split {split!r}; expected 'calibration' or 'evaluation'")
     return "\n\n".join(doc for name in modules for doc in _docstrings(name))
+
+
+def encode_prefix(tokenizer, text: str, num_tokens: int | None) -> list[int]:
+    """Token ids of the text's start, at least num_tokens of them when the text has that many (None: all of it):
+    prefixes of growing length are encoded, so a short calibration does not tokenize the whole text. The last
+    token of a cut prefix may differ from the whole text's, so one spare token is dropped."""
+    if num_tokens is None:
+        return tokenizer.encode(text, add_special_tokens=False)
+    chars = 4 * (num_tokens + 1)
+    while True:
+        ids = tokenizer.encode(text[:chars], add_special_tokens=False)
+        if chars >= len(text):
+            return ids
+        if len(ids) > num_tokens:
+            return ids[:-1]
+        chars *= 2
 
 
 def token_blocks(token_ids: list[int], num_blocks: int | None, block_len: int) -> torch.Tensor:

@@ -118,13 +118,14 @@ def evaluate_perplexity(
     from lmforge.engine.model_loader import build_model, load_model_weights
     from lmforge.engine.startup import resolve_dtype
     from lmforge.model_source import load_model_source
-    from lmforge.quantize.calib import builtin_text, token_blocks
+    from lmforge.quantize.calib import builtin_text, encode_prefix, token_blocks
 
     source = load_model_source(model_path)
     if source.tokenizer is None:
         raise ValueError(f"{source.path} has no tokenizer files; lmforge eval needs one to encode the text")
-    ids = source.tokenizer.encode(builtin_text("evaluation") if text is None else text, add_special_tokens=False)
     num_seqs = None if max_tokens is None else max(1, max_tokens // seq_len)
+    text = builtin_text("evaluation") if text is None else text
+    ids = encode_prefix(source.tokenizer, text, None if num_seqs is None else num_seqs * seq_len)
     if num_seqs is not None and num_seqs * seq_len > len(ids):
         num_seqs = None  # less text than asked for: score all of it
     blocks = token_blocks(ids, num_seqs, seq_len)

@@ -9,6 +9,7 @@ The result goes to quantize/writer.py, which writes the checkpoint in its method
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from lmforge.quantize import awq as awq_lib
 from lmforge.quantize import writer
-from lmforge.quantize.calib import builtin_text, token_blocks
+from lmforge.quantize.calib import builtin_text, encode_prefix, token_blocks
 from lmforge.quantize.gptq import HessianAccumulator, gptq_quantize
 from lmforge.quantize.qparams import IntWeight, QuantSpec, fp8_quantize, int8_quantize, rtn_quantize
 
@@ -49,6 +50,8 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "awq" and self.bits != 4:
+            raise ValueError("AutoAWQ's gemm layout holds 4-bit weights only; use --bits 4 with --method awq")
         if self.method == "awq" and self.sym:
             raise ValueError("AWQ's gemm format stores zero points; --sym does not apply to --method awq")
         if self.method in ("fp8", "w8a8") and (self.bits, self.group_size, self.desc_act) != (4, 128, False):
@@ -275,7 +278,8 @@ class LayerQuantizer:
 
 
 def calibration_samples(tokenizer, num_samples: int, seq_len: int) -> torch.Tensor:
-    ids = tokenizer.encode(builtin_text("calibration"), add_special_tokens=False)
+    """[num_samples, seq_len] consecutive token blocks from the start of the built-in calibration text."""
+    ids = encode_prefix(tokenizer, builtin_text("calibration"), num_samples * seq_len)
     return token_blocks(ids, num_samples, seq_len)
 
 
@@ -291,15 +295,8 @@ def quantize_model(model_path: str | None, out_dir: str, opts: QuantizeOptions) 
     compute_dtype = torch.float32 if device.type == "cpu" else out_dtype
     model = load_dense_model(source, compute_dtype)
     layers_name, layers = _decoder_layers(model)
-    for i, layer in enumerate(layers):  # fail on a bad group size before minutes of calibration
-        for name, m in _linears(layer).items():
-            if opts.method not in ("fp8", "w8a8"):
-                try:
-                    spec.group_len(m.in_features)
-                except ValueError as e:
-                    raise ValueError(f"{layers_name}.{i}.{name}: {e}") from None
-                if m.out_features % (32 // spec.bits):
-                    raise ValueError(f"{layers_name}.{i}.{name}: {m.out_features} outputs do not pack into int32")
+    if opts.method not in ("fp8", "w8a8"):
+        _check_shapes(layers_name, layers, spec)  # before minutes of calibration
 
     inputs, kwargs = [], {}
     if opts.method in _CALIBRATED:
@@ -338,6 +335,21 @@ def quantize_model(model_path: str | None, out_dir: str, opts: QuantizeOptions) 
         "layers_quantized": len(results),
         "files": files,
     }
+
+
+def _check_shapes(layers_name: str, layers: nn.ModuleList, spec: QuantSpec) -> None:
+    linears = {f"{layers_name}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in _linears(layer).items()}
+    sizes = math.gcd(*(m.in_features for m in linears.values()))
+    for name, m in linears.items():
+        if spec.group_size != -1 and m.in_features % spec.group_size:
+            fits = [g for g in (128, 64, 32) if sizes % g == 0]
+            hint = f"--group-size {fits[0]}" if fits else "--group-size -1 (per channel)"
+            raise ValueError(
+                f"{name}: group size {spec.group_size} does not divide its {m.in_features} input features (the "
+                f"formats need whole groups); use {hint}, which divides every layer of this model"
+            )
+        if m.out_features % (32 // spec.bits):
+            raise ValueError(f"{name}: {m.out_features} outputs do not pack {32 // spec.bits} to an int32 word")
 
 
 def _to_cpu(result):

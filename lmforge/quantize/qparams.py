@@ -103,15 +103,23 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return rtn_quantize(w, spec).dequantize().to(w.dtype)
 
 
+def _channel_scale(w: torch.Tensor, qmax: float, scale_dtype: torch.dtype) -> torch.Tensor:
+    """amax / qmax per row, stored in scale_dtype and rounded up there, so the largest weight is not clipped."""
+    amax = w.float().abs().amax(dim=1, keepdim=True)
+    scale = (amax / qmax).clamp(min=1e-12).to(scale_dtype)
+    short = scale.float() * qmax < amax
+    return torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+
+
 def fp8_quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output channel: (weight float8_e4m3fn [N, K], weight_scale [N, 1] in scale_dtype), scale = amax / 448."""
-    scale = (w.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12).to(scale_dtype)
+    scale = _channel_scale(w, FP8_MAX, scale_dtype)
     q = (w.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 
 def int8_quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output channel, symmetric: (weight int8 [N, K], weight_scale [N, 1]), scale = amax / 127."""
-    scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12).to(scale_dtype)
+    scale = _channel_scale(w, 127, scale_dtype)
     q = torch.round(w.float() / scale.float()).clamp(-128, 127).to(torch.int8)
     return q, scale

@@ -158,9 +158,9 @@ def write_config(config: dict, quantization_config: dict | None, dtype: torch.dt
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
     dtype_name = str(dtype).removeprefix("torch.")
-    config["torch_dtype"] = dtype_name
-    if "dtype" in config:
-        config["dtype"] = dtype_name
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]  # the source's spelling
+    for key in keys:
+        config[key] = dtype_name
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
