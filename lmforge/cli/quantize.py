@@ -27,6 +27,7 @@ def _run(args: argparse.Namespace) -> int:
             desc_act=args.desc_act,
             damp=args.damp,
             awq_clip=args.awq_clip,
+            awq_search_samples=args.awq_search_samples,
             calib_samples=args.calib_samples,
             calib_seq_len=args.calib_seq_len,
             device=device,
@@ -65,6 +66,12 @@ def add_parser(sub) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
     p.add_argument(
         "--awq-clip", action=argparse.BooleanOptionalAction, default=True, help="AWQ's clipping search (default: on)"
+    )
+    p.add_argument(
+        "--awq-search-samples",
+        type=int,
+        default=None,
+        help="calibration sequences AWQ's scale grid scores its output error on (default: all; mean|x| uses all)",
     )
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (awq, gptq)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")

@@ -69,13 +69,15 @@ def search_scales(
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     spec: QuantSpec,
     n_grid: int = 20,
+    stat_inputs: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The best per-input-channel scale [K] for `group`, given its input rows (one tensor per calibration
-    sample). `run(module, x)` calls the inspected module (the attention needs the layer's extra arguments)."""
+    sample) on which each grid point's output error is measured; mean|x| comes from `stat_inputs` (default: the
+    same). `run(module, x)` calls the inspected module (the attention needs the layer's extra arguments)."""
     linears = [modules[n] for n in group.linears]
     inspect = modules[group.inspect]
     k = linears[0].weight.shape[1]
-    x_mean = torch.cat([x.reshape(-1, k) for x in inputs]).abs().float().mean(0)
+    x_mean = torch.cat([x.reshape(-1, k) for x in stat_inputs or inputs]).abs().float().mean(0)
     w = torch.cat([m.weight for m in linears]).float()
     g = spec.group_len(k)
     w_norm = w.abs().reshape(-1, g)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class QuantizeOptions:
     desc_act: bool = False  # GPTQ act-order
     damp: float = 0.01  # GPTQ dampening, a fraction of mean(diag H)
     awq_clip: bool = True  # AWQ's clipping search
+    awq_search_samples: int | None = None  # calibration sequences AWQ's grid scores (None: all; mean|x| uses all)
     calib_samples: int = 128
     calib_seq_len: int = 512
     device: str = "cpu"
@@ -228,9 +230,23 @@ class LayerQuantizer:
         results = {}
         for group in self._input_groups(layer, linears, inputs):  # true-sequential: later groups see quantized ones
             acc = {n: HessianAccumulator(linears[n].in_features, linears[n].weight.device) for n in group}
-            handles = [linears[n].register_forward_pre_hook(lambda m, a, h=acc[n]: h.add(a[0])) for n in group]
+
+            pending: set[str] = set()
+
+            def add(name, args, acc=acc, pending=pending):
+                acc[name].add(args[0])
+                pending.discard(name)
+                if not pending:  # the group has this sample's input: the rest of the layer is not needed
+                    raise _Captured
+
+            handles = [linears[n].register_forward_pre_hook(lambda m, a, n=n: add(n, a)) for n in group]
             try:
-                self.run_layer(layer, inputs)
+                for x in inputs:
+                    pending.update(group)
+                    try:
+                        self.run_layer(layer, [x])
+                    except _Captured:
+                        pass
             finally:
                 for h in handles:
                     h.remove()
@@ -256,7 +272,11 @@ class LayerQuantizer:
             return module(x, **self.kwargs) if module is modules["self_attn"] else module(x)
 
         # every group's scales are searched on the original layer, then all are folded in (as AutoAWQ does)
-        scales = [awq_lib.search_scales(modules, g, store[g.linears[0]], run, self.spec) for g in groups]
+        k = self.opts.awq_search_samples
+        scales = [
+            awq_lib.search_scales(modules, g, store[g.linears[0]][:k], run, self.spec, stat_inputs=store[g.linears[0]])
+            for g in groups
+        ]
         for g, s in zip(groups, scales, strict=True):
             awq_lib.apply_scales(modules, g, s)
         del store
@@ -308,6 +328,7 @@ def quantize_model(model_path: str | None, out_dir: str, opts: QuantizeOptions) 
     results: dict[str, object] = {}
     bar = tqdm(range(len(layers)), desc=f"{opts.method} layers", unit="layer",
                disable=not opts.progress or not sys.stderr.isatty())  # fmt: skip
+    start = time.monotonic()
     with torch.no_grad():
         for i in bar:
             layer = layers[i].to(device)
@@ -316,6 +337,7 @@ def quantize_model(model_path: str | None, out_dir: str, opts: QuantizeOptions) 
             if inputs:
                 inputs = quantizer.run_layer(layer, inputs)  # the quantized layer's outputs feed the next one
             layers[i] = layer.to("cpu")
+            logger.info("%s: layer %d/%d done, %.0f s", opts.method, i + 1, len(layers), time.monotonic() - start)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
