@@ -30,6 +30,7 @@ def _run(args: argparse.Namespace) -> int:
             awq_search_samples=args.awq_search_samples,
             calib_samples=args.calib_samples,
             calib_seq_len=args.calib_seq_len,
+            calib_random_ids=args.calib_random_ids,
             device=device,
             dtype=getattr(torch, args.dtype) if args.dtype != "auto" else None,
             max_shard_bytes=int(args.max_shard_size * 10**9),
@@ -74,6 +75,12 @@ def add_parser(sub) -> None:
         help="calibration sequences AWQ's scale grid scores its output error on (default: all; mean|x| uses all)",
     )
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (awq, gptq)")
+    p.add_argument(
+        "--calib-random-ids",
+        action="store_true",
+        help="calibrate on seeded random token ids instead of the built-in text (random-weight models without a "
+        "tokenizer, e.g. benchmark presets)",
+    )
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where layers are quantized (default: "
                    "cuda when present)")  # fmt: skip

@@ -43,6 +43,7 @@ class QuantizeOptions:
     awq_clip: bool = True  # AWQ's clipping search
     awq_search_samples: int | None = None  # calibration sequences AWQ's grid scores (None: all; mean|x| uses all)
     calib_samples: int = 128
+    calib_random_ids: bool = False  # seeded random token ids instead of the text: random-weight models, no tokenizer
     calib_seq_len: int = 512
     device: str = "cpu"
     dtype: torch.dtype | None = None  # unquantized tensors in the output; None: the source's fp16/bf16, else bf16
@@ -320,9 +321,17 @@ def quantize_model(model_path: str | None, out_dir: str, opts: QuantizeOptions) 
 
     inputs, kwargs = [], {}
     if opts.method in _CALIBRATED:
-        if source.tokenizer is None:
-            raise ValueError(f"{source.path} has no tokenizer to encode the calibration text with")
-        samples = calibration_samples(source.tokenizer, opts.calib_samples, opts.calib_seq_len)
+        if opts.calib_random_ids:
+            gen = torch.Generator().manual_seed(0)
+            vocab = source.hf_config.vocab_size
+            samples = torch.randint(0, vocab, (opts.calib_samples, opts.calib_seq_len), generator=gen)
+        elif source.tokenizer is None:
+            raise ValueError(
+                f"{source.path} has no tokenizer to encode the calibration text with; add its tokenizer files, or "
+                "pass --calib-random-ids for a random-weight (benchmark) model"
+            )
+        else:
+            samples = calibration_samples(source.tokenizer, opts.calib_samples, opts.calib_seq_len)
         inputs, kwargs = _capture_inputs(model, layers, samples, device)
     quantizer = LayerQuantizer(opts, kwargs, out_dtype)
     results: dict[str, object] = {}

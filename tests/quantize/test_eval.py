@@ -111,3 +111,18 @@ def test_sharded_output_reads_back(tmp_path):
 def test_too_little_text_is_an_error():
     with pytest.raises(ValueError, match="enough for 1 blocks of 8"):
         token_blocks(list(range(10)), 2, 8)
+
+
+def test_quantize_without_tokenizer_needs_random_ids(outlier_llama_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(outlier_llama_dir, name), bare / name)
+    args = ["quantize", str(bare), str(tmp_path / "o"), "--method", "gptq", "--group-size", "32", "--device", "cpu",
+            "--calib-samples", "2", "--calib-seq-len", "16"]  # fmt: skip
+    assert main(args) == 2
+    assert "--calib-random-ids" in capsys.readouterr().err
+    assert main([*args, "--calib-random-ids"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["layers_quantized"] == 14
