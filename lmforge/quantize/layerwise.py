@@ -306,9 +306,16 @@ def calibration_samples(tokenizer, num_samples: int, seq_len: int) -> torch.Tens
 
 def quantize_model(model_path: str | None, out_dir: str, opts: QuantizeOptions) -> dict:
     """Quantize `model_path` (None: the embedded default) into `out_dir`; returns a summary dict."""
-    from lmforge.model_source import load_model_source
+    from lmforge.model_source import load_model_source, load_tokenizer
 
-    source = load_model_source(model_path)
+    source = load_model_source(model_path, with_tokenizer=False)
+    needs_text = opts.method in _CALIBRATED and not opts.calib_random_ids
+    try:
+        source.tokenizer = load_tokenizer(source.path, source.model_config.eos_token_ids)
+    except (OSError, ValueError) as e:
+        if needs_text:
+            raise
+        logger.warning("%s: no usable tokenizer (%s); the checkpoint is written without one", source.path, e)
     out_dtype = _out_dtype(opts, source.hf_config)
     device = torch.device(opts.device)
     spec = opts.spec()

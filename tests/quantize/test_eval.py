@@ -126,3 +126,25 @@ def test_quantize_without_tokenizer_needs_random_ids(outlier_llama_dir, tmp_path
     assert "--calib-random-ids" in capsys.readouterr().err
     assert main([*args, "--calib-random-ids"]) == 0
     assert json.loads(capsys.readouterr().out.strip())["layers_quantized"] == 14
+
+
+def test_quantize_a_gguf_file(tmp_path, capsys):
+    """A GGUF source goes through lmforge's GGUF reader: the checkpoint decodes to the GGUF's weights (up to
+    the RTN step) and carries an HF config the HF loader reads."""
+    from transformers import AutoConfig
+
+    from lmforge.quantize.dequantize import dequantize_checkpoint
+    from lmforge.weights.files import iter_weights
+    from tests.weights.tiny_gguf import random_hf_weights, write_tiny_llama
+
+    gguf_path = str(tmp_path / "tiny.gguf")
+    write_tiny_llama(gguf_path, random_hf_weights())
+    out = str(tmp_path / "q")
+    assert main(["quantize", gguf_path, out, "--method", "rtn", "--group-size", "32", "--device", "cpu"]) == 0
+    assert AutoConfig.from_pretrained(out).quantization_config["quant_method"] == "gptq"
+    dequantize_checkpoint(out, str(tmp_path / "dense"))
+    got = dict(iter_weights(str(tmp_path / "dense"), progress=False))
+    for name, w in iter_weights(gguf_path, dtype=torch.float32, progress=False):
+        if ".layers." in name and name.endswith("proj.weight"):
+            step = 2 * w.abs().amax(dim=1, keepdim=True) / 15  # symmetric int4: a row's largest possible step
+            assert ((got[name] - w).abs() <= 0.51 * step).all(), name  # 0.5, and the fp16 rounding of the scale
