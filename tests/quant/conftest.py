@@ -3,6 +3,8 @@ that make an HF model compute what a W8A8 scheme computes (the contract's formul
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from safetensors import safe_open
 
@@ -53,3 +55,21 @@ def add_activation_quant(hf_model, path: str, kind: str, group: int | None = Non
                 return (_fake_quant(args[0], kind, scale, zp, g),)
 
             mod.register_forward_pre_hook(hook)
+
+
+@contextmanager
+def fake_quant_activations(storages: set[int], kind: str, group: int | None = None):
+    """While active, F.linear fake-quantizes its input whenever its weight lives in one of `storages` (the HF
+    model's quantized weights, HF 5's stacked experts included, which call F.linear per expert slice)."""
+    linear = torch.nn.functional.linear
+
+    def patched(x, weight, bias=None):
+        if weight.untyped_storage().data_ptr() in storages:
+            x = _fake_quant(x, kind, group=group)
+        return linear(x, weight, bias)
+
+    torch.nn.functional.linear = patched
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear

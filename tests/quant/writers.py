@@ -61,9 +61,11 @@ def _expert_names(model) -> tuple[str, str, str]:
     return cls.expert_proj_names or ("gate_proj", "up_proj", "down_proj")
 
 
-def _write(model, path: str, quantize_one, quant_config: dict) -> None:
+def _write(model, path: str, quantize_one, quant_config: dict) -> set[int]:
     """quantize_one(w [N, K]) -> ({suffix: tensor}, dequantized [N, K]); the rest of the state dict is saved as
-    is. Stacked experts become per-expert tensors."""
+    is. Stacked experts become per-expert tensors. Returns the storages (data_ptr) of the model's quantized
+    weights, for `fake_quant_activations`."""
+    storages = set()
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     gate, up, down = _expert_names(model)
     for name, weight in list(_linears(model)):
@@ -72,6 +74,7 @@ def _write(model, path: str, quantize_one, quant_config: dict) -> None:
             del state[f"{name}.weight"]
             state.update({f"{name}.{s}": t for s, t in tensors.items()})
             weight.data.copy_(deq)
+            storages.add(weight.untyped_storage().data_ptr())
             continue
         prefix, kind = name.rsplit(".", 1)  # model.layers.L.mlp.experts, gate_up_proj | down_proj
         del state[name]
@@ -84,6 +87,7 @@ def _write(model, path: str, quantize_one, quant_config: dict) -> None:
                 state.update({f"{prefix}.{e}.{proj}.{s}": t for s, t in tensors.items()})
                 deqs.append(deq)
             weight.data[e].copy_(torch.cat(deqs))
+        storages.add(weight.untyped_storage().data_ptr())
     model.config.quantization_config = quant_config
     model.save_pretrained(path)  # config.json (and a dense model.safetensors we replace)
     for f in os.listdir(path):
@@ -95,9 +99,10 @@ def _write(model, path: str, quantize_one, quant_config: dict) -> None:
     config["quantization_config"] = quant_config
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    return storages
 
 
-def write_awq(model, path: str, group_size: int = 32) -> None:
+def write_awq(model, path: str, group_size: int = 32) -> set[int]:
     """AutoAWQ gemm: qweight [K, N/8] / qzeros [K/G, N/8] in AWQ's nibble order, packed by WQLinear_GEMM.from_linear;
     the reference weight is AutoAWQ's own dequantize_gemm of what it packed."""
     gemm = awq_gemm()
@@ -113,10 +118,12 @@ def write_awq(model, path: str, group_size: int = 32) -> None:
         return {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}, ref
 
     cfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
-    _write(model, path, one, cfg)
+    return _write(model, path, one, cfg)
 
 
-def write_gptq(model, path: str, bits: int = 4, group_size: int = 32, sym: bool = True, desc_act: bool = False):
+def write_gptq(
+    model, path: str, bits: int = 4, group_size: int = 32, sym: bool = True, desc_act: bool = False
+) -> set[int]:
     """GPTQ v1 (AutoGPTQ 0.7.1's QuantLinear.pack, qzeros stored minus 1); the reference weight is that module's
     own torch dequantization (its forward on the identity). desc_act: a random act-order g_idx."""
     quant_linear = gptq_quant_linear()
@@ -153,10 +160,10 @@ def write_gptq(model, path: str, bits: int = 4, group_size: int = 32, sym: bool 
         "desc_act": desc_act,
         "checkpoint_format": "gptq",
     }
-    _write(model, path, one, cfg)
+    return _write(model, path, one, cfg)
 
 
-def write_hf_fp8(model, path: str, block: tuple[int, int] = (16, 16)) -> None:
+def write_hf_fp8(model, path: str, block: tuple[int, int] = (16, 16)) -> set[int]:
     """HF fine-grained FP8: weight e4m3 [N, K], weight_scale_inv [ceil(N/bn), ceil(K/bk)] (a multiplier)."""
     bn, bk = block
 
@@ -170,7 +177,7 @@ def write_hf_fp8(model, path: str, block: tuple[int, int] = (16, 16)) -> None:
         return {"weight": q, "weight_scale_inv": scale}, q.float() * full
 
     cfg = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block), "fmt": "e4m3"}
-    _write(model, path, one, cfg)
+    return _write(model, path, one, cfg)
 
 
 # --- compressed-tensors: its own compressor writes the checkpoint ---------------------------------------------
