@@ -266,3 +266,12 @@ def load_compressed_tensors_reference(path: str):
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
     ).eval()
+
+
+def load_hf_fp8_reference(path: str, block=(16, 16)):
+    """HF transformers' own reading of a fine-grained FP8 checkpoint, dequantized to float32 on load."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+
+    config = FineGrainedFP8Config(dequantize=True, weight_block_size=tuple(block))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config).eval()
