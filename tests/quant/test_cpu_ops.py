@@ -97,3 +97,30 @@ def test_block_fp8_dequantize_expands_partial_blocks():
     full = get_op("fp8_dequantize", "cpu")(w, scale, (16, 16))
     for i, j in [(0, 0), (39, 23), (17, 15), (32, 16)]:
         assert full[i, j] == w[i, j].float() * scale[i // 16, j // 16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k, group", [(48, 64, 32), (64, 256, 128), (32, 64, 64)])
+def test_wna16_int4pack_fast_path_agrees_with_the_reference(n, k, group, dtype):
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32)
+    scales = (torch.rand(k // group, n) * 0.02 + 0.001).to(dtype)
+    zeros = torch.randint(0, 16, (k // group, n)).to(dtype)
+    args = (pack_int32(q, 4, 0), scales, zeros, 4, group)
+    fast, ref = get_op("wna16_prepare", "cpu")(*args), get_op("wna16_prepare", "cpu")(*args, reference=True)
+    assert "int4pack" in fast and "weight" in ref
+    x, bias = torch.randn(3, k).to(dtype), torch.randn(n).to(dtype)
+    linear = get_op("wna16_linear", "cpu")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(linear(x, fast, bias).float(), linear(x, ref, bias).float(), **tol)
+
+
+@pytest.mark.parametrize("static_zp", [False, True])
+def test_int8_int_mm_fast_path_is_the_reference(static_zp):
+    w = torch.randint(-127, 128, (32, 80), dtype=torch.int8)
+    scale, x = torch.rand(32, 1) * 0.01, torch.randn(9, 80)
+    extra = (torch.tensor([0.02]), torch.tensor([3.0])) if static_zp else (None, None)
+    fast = get_op("int8_prepare", "cpu")(w, scale, *extra)
+    ref = get_op("int8_prepare", "cpu")(w, scale, *extra, reference=True)
+    assert fast["int_mm"] and not ref["int_mm"]
+    linear = get_op("int8_linear", "cpu")
+    assert torch.equal(linear(x, fast), linear(x, ref))

@@ -122,10 +122,13 @@ def write_awq(model, path: str, group_size: int = 32) -> set[int]:
 
 
 def write_gptq(
-    model, path: str, bits: int = 4, group_size: int = 32, sym: bool = True, desc_act: bool = False
+    model, path: str, bits: int = 4, group_size: int = 32, sym: bool = True, desc_act: bool = False, v2: bool = False
 ) -> set[int]:
     """GPTQ v1 (AutoGPTQ 0.7.1's QuantLinear.pack, qzeros stored minus 1); the reference weight is that module's
-    own torch dequantization (its forward on the identity). desc_act: a random act-order g_idx."""
+    own torch dequantization (its forward on the identity). desc_act: a random act-order g_idx. v2: the
+    `gptq_v2` checkpoint format (GPTQModel's), whose qzeros hold the zero points themselves."""
+    from lmforge.nn.quant.packing import pack_int32, unpack_int32
+
     quant_linear = gptq_quant_linear()
 
     def one(w):
@@ -145,9 +148,12 @@ def write_gptq(
         with torch.no_grad():
             layer.scales = layer.scales.float()
             ref = layer(torch.eye(k)).t()
+        qzeros = layer.qzeros
+        if v2:
+            qzeros = pack_int32((unpack_int32(qzeros, bits, 1) + 1) & (2**bits - 1), bits, 1)
         return {
             "qweight": layer.qweight,
-            "qzeros": layer.qzeros,
+            "qzeros": qzeros,
             "scales": layer.scales.half(),
             "g_idx": layer.g_idx.to(torch.int32),
         }, ref
@@ -158,7 +164,7 @@ def write_gptq(
         "group_size": group_size,
         "sym": sym,
         "desc_act": desc_act,
-        "checkpoint_format": "gptq",
+        "checkpoint_format": "gptq_v2" if v2 else "gptq",
     }
     return _write(model, path, one, cfg)
 

@@ -1,9 +1,14 @@
 """Quantized linear ops in plain torch: the reference the CUDA kernels are tested against (QUANT_CONTRACT.md).
 
 Each scheme is a pair: `<scheme>_prepare(...) -> dict` runs once per layer after loading, `<scheme>_linear(x,
-prepared, bias)` per forward. Here prepare dequantizes the weight once (the matmul then runs in x's dtype, or in
-fp32 for the W8A8 schemes, whose activation quantization is reproduced exactly), and `dequantize_<scheme>` gives
-the fp32 weight [N, K] from the canonical tensors for tests.
+prepared, bias)` per forward. The reference path dequantizes the weight once at prepare (the matmul then runs in
+x's dtype; in fp32 for FP8 and as exact integer products for int8, whose activation quantization it reproduces),
+and `dequantize_<scheme>` gives the fp32 weight [N, K] from the canonical tensors for tests.
+
+Fast paths on CPU tensors, which agree with the reference (tests/quant/test_cpu_ops.py): int4 weights with N a
+multiple of 16 and a group of 32/64/128/256 stay packed in torch's `_weight_int4pack_mm_for_cpu` layout (a
+quarter of bf16's memory); int8 W8A8 multiplies with `torch._int_mm`. `reference=True` in prepare forces the
+reference path.
 """
 
 from __future__ import annotations
@@ -26,7 +31,22 @@ def dequantize_wna16(
     return ((q - zeros.float()[groups]) * scales.float()[groups]).t().contiguous()
 
 
-def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> dict:
+def _int4pack_prepare(qweight, scales, zeros, group_size: int) -> dict | None:
+    """torch's packed int4 CPU matmul: w = (q - 8) * scale + offset per group, so offset = (8 - zero) * scale."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    if qweight.device.type != "cpu" or n % 16 or group_size not in (32, 64, 128, 256) or k % group_size:
+        return None
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if convert is None:
+        return None
+    q_nk = unpack_int32(qweight, 4, dim=0).t().contiguous()  # [N, K] values in [0, 16)
+    scales_and_zeros = torch.stack([scales.float(), (8 - zeros.float()) * scales.float()], dim=-1)  # [K/G, N, 2]
+    return {"int4pack": convert(q_nk, 1), "scales_and_zeros": scales_and_zeros, "group_size": group_size, "n": n}
+
+
+def wna16_prepare(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, reference=False
+) -> dict:
     if bits not in (4, 8):
         raise ValueError(f"wna16 supports 4 and 8 bit weights, not {bits}")
     k, n = qweight.shape[0] * (32 // bits), qweight.shape[1]
@@ -35,12 +55,22 @@ def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
             f"wna16: qweight {tuple(qweight.shape)} ({bits} bit) with group {group_size} needs scales and zeros "
             f"[{k // max(group_size, 1)}, {n}], got {tuple(scales.shape)} and {tuple(zeros.shape)}"
         )
+    if bits == 4 and not reference:
+        fast = _int4pack_prepare(qweight, scales, zeros, group_size)
+        if fast is not None:
+            return fast
     weight = dequantize_wna16(qweight, scales, zeros, bits, group_size).to(scales.dtype)
     return {"weight": weight}
 
 
 def wna16_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype."""
+    if "int4pack" in prepared:
+        scales_and_zeros = prepared["scales_and_zeros"].to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.contiguous(), prepared["int4pack"], prepared["group_size"], scales_and_zeros
+        )
+        return y if bias is None else y + bias.to(x.dtype)
     w = prepared["weight"]
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -144,28 +174,35 @@ def int8_prepare(
     weight_scale: torch.Tensor,
     input_scale: torch.Tensor | None = None,
     input_zero_point: torch.Tensor | None = None,
+    reference: bool = False,
 ) -> dict:
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"int8 weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
     n = weight.shape[0]
     if weight_scale.numel() not in (1, n):
         raise ValueError(f"int8 weight scale must be [{n}, 1] or [1], got {tuple(weight_scale.shape)}")
+    fast = weight.device.type == "cpu" and not reference and hasattr(torch, "_int_mm")
     return {
-        "weight": weight.contiguous(),
+        "weight": None if fast else weight.contiguous(),
+        "weight_t": weight.t().contiguous() if fast else None,  # _int_mm's [K, N]
+        "int_mm": fast,
         "weight_scale": weight_scale.float().reshape(1, -1),  # [1, N] or [1, 1], multiplies the output columns
         "input_scale": None if input_scale is None else input_scale.float().reshape(1),
         "input_zero_point": None if input_zero_point is None else input_zero_point.float().reshape(1),
+        "weight_row_sums": weight.double().sum(dim=1),  # for the asymmetric zero point
     }
 
 
 def int8_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact integer product (accumulated in float64, which holds every int32 sum of int8 products that fits in
-    2**53), then * x_scale * w_scale in fp32."""
+    """Exact integer product (torch._int_mm's int32, or float64 in the reference path, which holds every such
+    sum exactly), then * x_scale * w_scale in fp32."""
     q, scale, zp = quantize_int8_activation(x, prepared["input_scale"], prepared["input_zero_point"])
-    w = prepared["weight"]
-    acc = q.double() @ w.double().t()
+    if prepared["int_mm"]:
+        acc = torch._int_mm(q, prepared["weight_t"]).double()
+    else:
+        acc = q.double() @ prepared["weight"].double().t()
     if zp is not None:  # (q - zp) @ W^T = q @ W^T - zp * rowsum(W)
-        acc = acc - zp.double() * w.double().sum(dim=1)
+        acc = acc - zp.double() * prepared["weight_row_sums"]
     y = acc.float() * scale * prepared["weight_scale"]
     if bias is not None:
         y = y + bias.float()
