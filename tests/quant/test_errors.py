@@ -138,3 +138,14 @@ def test_modules_to_not_convert_with_quantized_tensors(gptq_dir, tmp_path):
     path = _edit(gptq_dir, str(tmp_path / "m"), config=lambda q: q.update(modules_to_not_convert=["down_proj"]))
     with pytest.raises(ValueError, match=r"no weights for .*down_proj.weight"):
         _build(path)
+
+
+def test_check_model_reports_and_refuses_quantization(gptq_dir, tmp_path):
+    from lmforge.check_env import ModelCheckError, check_model
+
+    report = check_model(gptq_dir, verbose=False)
+    assert report.quantization == "gptq: int4 weights, group 32, symmetric"
+    assert "quantization:   gptq: int4" in str(report)
+    path = _edit(gptq_dir, str(tmp_path / "m"), config=lambda q: q.update(bits=3))
+    with pytest.raises(ModelCheckError, match="read the quantization_config: QuantConfigError: .*bits=3"):
+        check_model(path, verbose=False)

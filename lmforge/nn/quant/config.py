@@ -60,6 +60,10 @@ class QuantConfig:
     def scheme_for(self, prefix: str, names: list[str]) -> LayerScheme | None:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """One line for `lmforge check_env`."""
+        return self.method
+
     def expert_scheme_for(self, prefix: str, names: list[str]) -> LayerScheme | None:
         """The scheme of MoE experts (names: the checkpoint names of one expert's projections)."""
         return self.scheme_for(prefix, names)
@@ -91,6 +95,9 @@ class AWQConfig(QuantConfig):
             return None
         return LayerScheme("awq", self.bits, self.group_size, sym=False, fmt="awq")
 
+    def describe(self):
+        return f"awq (gemm): int{self.bits} weights, group {self.group_size}, zero points"
+
 
 class GPTQConfig(QuantConfig):
     method = "gptq"
@@ -114,6 +121,11 @@ class GPTQConfig(QuantConfig):
         return LayerScheme(
             "gptq", self.bits, self.group_size, self.sym, self.desc_act, self.v1, fmt=f"gptq ({self.bits} bit)"
         )
+
+    def describe(self):
+        kind = "symmetric" if self.sym else "asymmetric"
+        act = ", act-order" if self.desc_act else ""
+        return f"gptq{'' if self.v1 else '_v2'}: int{self.bits} weights, group {self.group_size}, {kind}{act}"
 
 
 class CompressedTensorsConfig(QuantConfig):
@@ -207,6 +219,10 @@ class CompressedTensorsConfig(QuantConfig):
             )
         return next(iter(found.values()), None)
 
+    def describe(self):
+        groups = "; ".join(f"{name} ({', '.join(targets)}): {s.fmt}" for name, targets, s in self.groups)
+        return f"compressed-tensors: {groups}; ignore {self.ignore}"
+
 
 class FP8Config(QuantConfig):
     """HF transformers' fine-grained FP8 (`quant_method: fp8`): weight e4m3 + weight_scale_inv (a multiplier,
@@ -237,6 +253,10 @@ class FP8Config(QuantConfig):
             per_tensor_weight=self.block is None,
             fmt="fp8" + (f" (block {list(self.block)})" if self.block else ""),
         )
+
+    def describe(self):
+        weights = f"block {list(self.block)} scales" if self.block else "per-tensor scales"
+        return f"fp8 (HF fine-grained): e4m3 weights with {weights}, {self.scheme} activations"
 
 
 _CONFIGS = {c.method: c for c in (AWQConfig, GPTQConfig, CompressedTensorsConfig, FP8Config)}
