@@ -57,3 +57,24 @@ def test_family_loads_quantized_checkpoint(family, fmt, tmp_path):
             result = engine_vs_hf(path, PROMPTS, 3, hf_model=model.eval(), backend_config=cpu_config())
         result.tolerance = 1e-3
     assert result.passed, result.table()
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8_dynamic"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_moe_family_loads_compressed_tensors_experts(family, scheme, tmp_path):
+    """compressed-tensors int4 / FP8 experts (packed with compressed-tensors' own helpers)."""
+    model = tiny_model(family)
+    model.config._experts_implementation = "eager"
+    path = str(tmp_path / f"{family}-{scheme}")
+    storages = writers.write_ct_per_expert(model, path, scheme)
+    if scheme == "w4a16":
+        result = engine_vs_hf(path, PROMPTS, 3, hf_model=model.eval(), backend_config=cpu_config())
+        result.tolerance = 1e-4
+    else:
+        storages -= {
+            m.kv_b_proj.weight.untyped_storage().data_ptr() for m in model.modules() if hasattr(m, "kv_b_proj")
+        }
+        with fake_quant_activations(storages, "fp8"):
+            result = engine_vs_hf(path, PROMPTS, 3, hf_model=model.eval(), backend_config=cpu_config())
+        result.tolerance = 1e-3
+    assert result.passed, result.table()

@@ -281,3 +281,49 @@ def load_hf_fp8_reference(path: str, block=(16, 16)):
 
     config = FineGrainedFP8Config(dequantize=True, weight_block_size=tuple(block))
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config).eval()
+
+
+def write_ct_per_expert(model, path: str, scheme: str, group_size: int = 16) -> set[int]:
+    """compressed-tensors tensors for every linear layer *and* every MoE expert (compressed-tensors' model
+    compressor only reaches nn.Linear modules, and HF 5 stacks experts), packed with compressed-tensors' own
+    pack_to_int32 and scaled with its calculate_qparams. scheme: 'w4a16' (int4, symmetric, group) or
+    'fp8_dynamic' (per-channel e4m3 weights, dynamic per-token activations)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    if scheme == "w4a16":
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+        group = {"format": "pack-quantized", "input_activations": None, "weights": args.model_dump(mode="json")}
+    else:
+        args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+        act = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+        group = {"format": "float-quantized", "input_activations": act.model_dump(mode="json")}
+        group["weights"] = args.model_dump(mode="json")
+
+    def one(w):
+        n, k = w.shape
+        if scheme == "w4a16":
+            wg = w.float().reshape(n, k // group_size, group_size)
+            scale, _ = calculate_qparams(wg.amin(-1), wg.amax(-1), args)
+            full = scale.repeat_interleave(group_size, 1)
+            q = torch.clamp(torch.round(w / full), -8, 7)
+            tensors = {
+                "weight_packed": pack_to_int32(q.to(torch.int8), 4),
+                "weight_scale": scale,
+                "weight_shape": torch.tensor([n, k]),
+            }
+            return tensors, q * full
+        scale, _ = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+        q = (w / scale).clamp(-448, 448).to(FP8)
+        return {"weight": q, "weight_scale": scale}, q.float() * scale
+
+    group["targets"] = ["Linear"]
+    cfg = {
+        "quant_method": "compressed-tensors",
+        "format": group["format"],
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": ["lm_head", "re:.*gate$"],
+    }
+    return _write(model, path, one, cfg)

@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from lmforge.nn.quant.config import LayerScheme, QuantConfigError
+from lmforge.nn.quant.config import LayerScheme
 from lmforge.nn.quant.packing import awq_unpack, pack_int32, unpack_int32
 
 N, K = "N", "K"
@@ -328,12 +327,3 @@ class QuantState:
             input_scale=self._input_scale(t),
             input_zero_point=zp,
         )
-
-
-def check_scheme_fits(scheme: LayerScheme, prefix: str) -> None:
-    if scheme.kind not in ("awq", "gptq", "ct_wna16", "fp8", "int8"):
-        raise QuantConfigError(f"layer {prefix}: unknown scheme {scheme.kind!r}")
-
-
-def quant_states(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules() if getattr(m, "quant_config", None) is not None]
