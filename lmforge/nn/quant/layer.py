@@ -231,7 +231,10 @@ class QuantState:
         s, op = self.scheme, self.scheme.op
         canonical = getattr(self, f"_canonical_{s.kind}")(tensors)
         self.canonical = canonical
-        self.prepared = get_op(f"{op}_prepare")(**canonical)
+        try:
+            self.prepared = get_op(f"{op}_prepare")(**canonical)
+        except ValueError as e:  # a backend's own limits (a CUDA kernel's group sizes, ...)
+            raise self.error(f"the backend cannot run it: {e}") from e
 
     def _group(self) -> int:
         return self.geo.k if self.scheme.group_size == -1 else self.scheme.group_size
