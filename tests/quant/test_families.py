@@ -25,6 +25,12 @@ FAMILIES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "PhiForCausalLM": "phi",
+    "CohereForCausalLM": "cohere",
+    "GPT2LMHeadModel": "gpt2",
+    "GraniteForCausalLM": "granite",
+    "StableLmForCausalLM": "stablelm",
+    "Olmo2ForCausalLM": "olmo2",
 }
 
 
@@ -40,6 +46,8 @@ OVERRIDES = {"deepseek_v3": dict(qk_rope_head_dim=32, head_dim=32)}
 @pytest.mark.parametrize("fmt", ["int4", "fp8"])
 @pytest.mark.parametrize("family", sorted(set(FAMILIES.values())))
 def test_family_loads_quantized_checkpoint(family, fmt, tmp_path):
+    if family == "gpt2" and fmt == "fp8":
+        pytest.skip("HF's FP8 leaves GPT-2's Conv1D layers dense: there are no FP8 GPT-2 checkpoints to load")
     model = tiny_model(family, **OVERRIDES.get(family, {}))
     model.config._experts_implementation = "eager"  # HF 5's per-expert F.linear, which the FP8 reference patches
     path = str(tmp_path / f"{family}-{fmt}")

@@ -43,11 +43,15 @@ def quantize_rtn(w: torch.Tensor, bits: int, group: int, sym: bool):
     return q.to(torch.int32), scale, zero
 
 
-def _linears(model):
-    """(name, weight [N, K]) of every quantizable 2-D weight, with MoE experts (HF 5 stacks them [E, out, in])
-    split into the per-expert names checkpoints use."""
+def _linears(model, conv1d: bool = False):
+    """(name, weight) of every quantizable weight: nn.Linear's [N, K], HF 5's stacked experts [E, out, in] and,
+    with conv1d, GPT-2's Conv1D layers ([K, N]: AutoGPTQ quantizes them transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not _skip(name):
+            yield name, module.weight
+        elif conv1d and isinstance(module, Conv1D):
             yield name, module.weight
     for name, p in model.named_parameters():
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
@@ -67,8 +71,18 @@ def _write(model, path: str, quantize_one, quant_config: dict) -> set[int]:
     weights, for `fake_quant_activations`."""
     storages = set()
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    from transformers.pytorch_utils import Conv1D
+
     gate, up, down = _expert_names(model)
-    for name, weight in list(_linears(model)):
+    conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    for name, weight in list(_linears(model, conv1d=quant_config["quant_method"] == "gptq")):
+        if name in conv1d:  # [K, N]
+            tensors, deq = quantize_one(weight.data.t())
+            del state[f"{name}.weight"]
+            state.update({f"{name}.{s}": t for s, t in tensors.items()})
+            weight.data.copy_(deq.t())
+            storages.add(weight.untyped_storage().data_ptr())
+            continue
         if weight.dim() == 2:
             tensors, deq = quantize_one(weight.data)
             del state[f"{name}.weight"]
