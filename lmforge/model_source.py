@@ -1,5 +1,6 @@
 """Where a model comes from: an HF folder (safetensors/.bin + config.json) or a single GGUF file.
-Resolves the path, the HF config, the ModelConfig and the tokenizer; nothing is downloaded."""
+Resolves the path, the HF config, the ModelConfig and the tokenizer; nothing is downloaded. The HF config of a
+built-in family is read by configurations.hf_json (no transformers import); others go through AutoConfig."""
 
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ def load_hf_config(path: str, trust_remote_code: bool = False):
         return gguf_hf_config(gguf_file)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json (and is not a .gguf file); is it an HF model folder?")
+    # the built-in families' configs are read without importing transformers (seconds of every start)
+    from lmforge.configurations.hf_json import load_hf_config_json
+
+    config = load_hf_config_json(path)
+    if config is not None:
+        return config
     from transformers import AutoConfig
 
     try:
