@@ -77,7 +77,7 @@ class Engine:
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
-        source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+        source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
         ce.check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
         # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up

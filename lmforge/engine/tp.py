@@ -171,7 +171,7 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
         timeout=TIMEOUT,
     )
     channel = Channel(device)
-    source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+    source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
     dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
     source.model_config.dtype = dtype
     ctx_mgr = StepContextManager()
