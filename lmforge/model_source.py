@@ -51,20 +51,23 @@ def _gguf_in(path: str) -> str | None:
     return None
 
 
-def load_hf_config(path: str, trust_remote_code: bool = False):
+def load_hf_config(path: str, trust_remote_code: bool = False, custom_module_map: str | None = None):
+    """The model's HF config. A built-in family's is read by configurations.hf_json without importing transformers
+    (seconds of every start); other families, and every model under a custom_module_map (whose classes and
+    ConfigBuilders may hand the config to transformers code), get transformers' own PretrainedConfig."""
     gguf_file = _gguf_in(path)
     if gguf_file:
         from lmforge.weights.gguf import gguf_hf_config
 
-        return gguf_hf_config(gguf_file)
+        return gguf_hf_config(gguf_file, with_transformers=bool(custom_module_map))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json (and is not a .gguf file); is it an HF model folder?")
-    # the built-in families' configs are read without importing transformers (seconds of every start)
-    from lmforge.configurations.hf_json import load_hf_config_json
+    if not custom_module_map:
+        from lmforge.configurations.hf_json import load_hf_config_json
 
-    config = load_hf_config_json(path)
-    if config is not None:
-        return config
+        config = load_hf_config_json(path)
+        if config is not None:
+            return config
     from transformers import AutoConfig
 
     try:
@@ -97,7 +100,7 @@ def load_model_source(
 ) -> ModelSource:
     """custom_module_map is loaded first, so the ConfigBuilders it defines take part in building the ModelConfig."""
     path = resolve_model_path(model_path)
-    hf_config = load_hf_config(path, trust_remote_code)
+    hf_config = load_hf_config(path, trust_remote_code, custom_module_map)
     if custom_module_map:
         from lmforge.models.module_map import load_custom_module_map
 

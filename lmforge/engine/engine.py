@@ -76,14 +76,15 @@ class Engine:
             raise
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
-        self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
         ce.check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
-        # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
+        # the tokenizer (and the transformers import it needs) loads on a thread while CUDA starts and the weights
+        # go to the device; it is first needed by warm-up
         tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
+        self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         self.dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()

@@ -56,9 +56,10 @@ _EXPERT_NAMES = {
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
-def gguf_hf_config(path: str):
-    """The HF config of a GGUF model (`architectures`, sizes, rope, special token ids, tied embeddings)."""
-    return gguf_hf_config_from_file(read_gguf(path))
+def gguf_hf_config(path: str, with_transformers: bool = False):
+    """The HF config of a GGUF model (`architectures`, sizes, rope, special token ids, tied embeddings);
+    with_transformers: transformers' PretrainedConfig even for a family configurations.hf_json reads."""
+    return gguf_hf_config_from_file(read_gguf(path), with_transformers)
 
 
 def gguf_tokenizer(path: str):

@@ -117,14 +117,14 @@ def gguf_config_dict(file: GGUFFile) -> dict:
     return config
 
 
-def gguf_hf_config_from_file(file: GGUFFile):
-    """The HF config (a configurations.hf_json.HFConfig, or a transformers PretrainedConfig for a family that
-    module does not read) of the GGUF file's metadata."""
+def gguf_hf_config_from_file(file: GGUFFile, with_transformers: bool = False):
+    """The HF config of the GGUF file's metadata: a configurations.hf_json.HFConfig, or transformers'
+    PretrainedConfig for a family that module does not read or with_transformers."""
     from lmforge.configurations.hf_json import can_read, hf_config_from_dict
 
     config = gguf_config_dict(file)
     try:
-        if can_read(config):
+        if can_read(config) and not with_transformers:
             return hf_config_from_dict(config)
         import transformers
 

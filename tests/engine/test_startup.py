@@ -65,3 +65,15 @@ def test_config_and_weights_load_without_transformers(tiny_llama_dir):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_custom_module_map_gets_transformers_config(tiny_llama_dir, tmp_path):
+    """A user's model class or ConfigBuilder may hand the config to transformers code: it gets HF's own."""
+    from transformers import PretrainedConfig
+
+    from lmforge.model_source import load_hf_config
+
+    module_map = tmp_path / "module_map.py"
+    module_map.write_text("MODULE_MAP = {}\n")
+    assert isinstance(load_hf_config(tiny_llama_dir, custom_module_map=str(module_map)), PretrainedConfig)
+    assert type(load_hf_config(tiny_llama_dir)).__name__ == "HFConfig"
