@@ -89,7 +89,16 @@ class Engine:
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
         t_model = time.perf_counter()
-        self.model = build_model(source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map, 0, cfg.tp)
+        self.model = build_model(
+            source,
+            self.dtype,
+            self.device,
+            self.ctx_mgr,
+            cfg.custom_module_map,
+            0,
+            cfg.tp,
+            check_weights=cfg.check_weights,
+        )
         t_weights = time.perf_counter()
         self.cache_config = CacheConfig(
             block_size=cfg.block_size,

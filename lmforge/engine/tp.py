@@ -175,7 +175,9 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
     dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
     source.model_config.dtype = dtype
     ctx_mgr = StepContextManager()
-    model = build_model(source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None)
+    model = build_model(
+        source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None, check_weights=cfg.check_weights
+    )
     runner = None
     with torch.inference_mode():
         while True:
