@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from .hf_defaults import FAMILIES
+from .hf_defaults import FAMILIES, TRANSFORMERS_VERSION
 
 # keys HF pops from the kwargs of a config (generation settings belong to generation_config.json)
 _GENERATION_KEYS = frozenset(
@@ -51,6 +51,10 @@ class HFConfig:
         object.__setattr__(self, self._attribute_map.get(name, name), value)
 
     @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
+
+    @property
     def num_labels(self) -> int | None:
         return len(self.id2label) if self.id2label is not None else None
 
@@ -58,13 +62,23 @@ class HFConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: copy.deepcopy(v) for k, v in vars(self).items() if not k.startswith("_")}
-        if out.get("dtype") is not None and not isinstance(out["dtype"], str):
+        """What PretrainedConfig.to_dict gives: JSON-ready (dtype as a string), with model_type and
+        transformers_version (the version hf_defaults was generated from, which the tests hold to the installed)."""
+        out = {k: _lists(copy.deepcopy(v)) for k, v in vars(self).items() if k != "_attribute_map"}
+        out.pop("ignore_keys_at_rope_validation", None)
+        out.update(model_type=self.model_type, transformers_version=TRANSFORMERS_VERSION, output_attentions=False)
+        if self.model_type == "gemma3_text" and out.get("use_bidirectional_attention"):
+            out["sliding_window"] = (out["sliding_window"] - 1) * 2  # undoes the post-init's exclusive bound
+        if out.get("dtype") is not None and not isinstance(out["dtype"], (str, int)):
             out["dtype"] = str(out["dtype"]).removeprefix("torch.")
         return out
 
     def __repr__(self) -> str:
         return f"HFConfig({self.model_type}, {json.dumps(self.to_dict(), default=str)})"
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
 def can_read(config_dict: dict) -> bool:
@@ -87,9 +101,9 @@ def read_config_json(path: str) -> dict:
     return config_dict
 
 
-def hf_config_from_dict(config_dict: dict) -> HFConfig:
-    """The config that `AutoConfig.for_model(model_type, **rest)` (equivalently from_pretrained) would build, for a
-    model_type `can_read` accepts."""
+def hf_config_from_dict(config_dict: dict, name_or_path: str = "") -> HFConfig:
+    """The config that `AutoConfig.for_model(model_type, **rest)` would build (from_pretrained's, with the folder
+    as name_or_path), for a model_type `can_read` accepts."""
     if not can_read(config_dict):
         raise ValueError(f"model_type {config_dict.get('model_type')!r} is not read without transformers")
     config_dict = copy.deepcopy(config_dict)
@@ -104,6 +118,8 @@ def hf_config_from_dict(config_dict: dict) -> HFConfig:
         else:
             kwargs[key] = value
     config = HFConfig(model_type, attrs, attribute_map)
+    if name_or_path:
+        kwargs["name_or_path"] = name_or_path
     _POST_INIT.get(model_type, _post_init_default)(config, kwargs)
     _base_post_init(config, kwargs, family, model_type)
     return config
@@ -112,7 +128,7 @@ def hf_config_from_dict(config_dict: dict) -> HFConfig:
 def load_hf_config_json(folder: str) -> HFConfig | None:
     """The folder's config.json read here, or None when it needs transformers (see `can_read`)."""
     config_dict = read_config_json(os.path.join(folder, "config.json"))
-    return hf_config_from_dict(config_dict) if can_read(config_dict) else None
+    return hf_config_from_dict(config_dict, folder) if can_read(config_dict) else None
 
 
 # --- what each HF config class does in __post_init__ before the base class's -------------------------------------

@@ -55,6 +55,7 @@ _VARIANTS = [(t, "tiny", {}) for t in FAMILIES] + [
     ("gemma", "gelu", {"hidden_act": "gelu", "hidden_activation": None}),
     ("gemma2", "exact-gelu", {"hidden_activation": "gelu", "final_logit_softcapping": 30.0}),
     ("gemma3_text", "pattern", {"layer_types": None, "rope_parameters": None}),
+    ("gemma3_text", "bidirectional", {"use_bidirectional_attention": True, "sliding_window": 9}),
     ("deepseek_v3", "yarn", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0}}),
 ]
 # raw config.json dicts as checkpoints of older transformers versions write them (legacy keys, fields omitted)
@@ -142,8 +143,11 @@ def _compare(hf, ours: HFConfig) -> None:
     for key, value in hf_attrs.items():
         assert our_attrs[key] == value, key
         assert type(our_attrs[key]) is type(value), key
-    for alias in ["rope_scaling", "torch_dtype", "num_labels", *FAMILIES[hf.model_type]["attribute_map"]]:
+    aliases = ["rope_scaling", "torch_dtype", "num_labels", "name_or_path", *FAMILIES[hf.model_type]["attribute_map"]]
+    for alias in aliases:
         assert getattr(ours, alias, _MISSING) == getattr(hf, alias, _MISSING), alias
+    assert ours.to_dict() == hf.to_dict()
+    json.dumps(ours.to_dict())
     for missing in ("no_such_field", "rope_theta", "use_bidirectional_attention_x"):
         assert hasattr(ours, missing) == hasattr(hf, missing), missing
 
