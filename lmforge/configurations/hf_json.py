@@ -5,13 +5,17 @@ For the families in `hf_defaults.FAMILIES` this module does what the HF config c
 defaults, its attribute_map aliases, its `__post_init__` normalisations (head_dim and num_key_value_heads defaults,
 Qwen's sliding window only under use_sliding_window, layer_types, Gemma's hidden_act, partial_rotary_factor
 defaults) and the rope standardisation (legacy rope_scaling / rope_theta into rope_parameters). Any other
-model_type, remote code, or a config with sub-configs goes through AutoConfig as before.
-tests/configurations/test_hf_json.py compares every attribute with AutoConfig for each family.
+model_type, remote code, a config with sub-configs, or a transformers 4 install goes through AutoConfig as before.
+The defaults table is generated from one transformers 5 release (tools/gen_hf_config_defaults.py) and used with any
+5.x; tests/configurations/test_hf_json.py holds it to the installed transformers and compares every attribute,
+to_dict and the built model with AutoConfig's for each family.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.metadata
 import json
 import os
 from typing import Any
@@ -81,10 +85,21 @@ def _lists(value: Any) -> Any:
     return [_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
+@functools.cache
+def _same_transformers_generation() -> bool:
+    """The table is transformers 5's dataclass configs; a transformers 4 install normalises differently (rope_scaling
+    kept as is, other defaults), so there AutoConfig answers. Read from the package metadata, not by importing it."""
+    try:
+        installed = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return installed.split(".")[0] == TRANSFORMERS_VERSION.split(".")[0]
+
+
 def can_read(config_dict: dict) -> bool:
     """Whether `config_dict` can be read here exactly; otherwise the caller uses AutoConfig."""
     family = FAMILIES.get(config_dict.get("model_type"))
-    if family is None or "auto_map" in config_dict:
+    if family is None or "auto_map" in config_dict or not _same_transformers_generation():
         return False
     # sub-configs (text_config, vision_config, ...) are config objects in HF: leave them to transformers
     return not any(isinstance(v, dict) and "model_type" in v for v in config_dict.values())

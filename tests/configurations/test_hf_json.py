@@ -248,6 +248,19 @@ def test_what_needs_transformers_goes_to_autoconfig(tmp_path):
         hf_config_from_dict({"model_type": "bert"})
 
 
+def test_a_transformers_4_install_goes_to_autoconfig(monkeypatch):
+    from lmforge.configurations import hf_json
+
+    monkeypatch.setattr(hf_json.importlib.metadata, "version", lambda name: "4.57.1")
+    hf_json._same_transformers_generation.cache_clear()
+    try:
+        assert not can_read({"model_type": "llama"})
+    finally:
+        monkeypatch.undo()
+        hf_json._same_transformers_generation.cache_clear()
+    assert can_read({"model_type": "llama"})
+
+
 def test_broken_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
