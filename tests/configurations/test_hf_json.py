@@ -89,6 +89,10 @@ _RAW = {
     "stablelm-minimal": {"model_type": "stablelm"},
     "gpt2-aliases": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
     "id2label": {"model_type": "llama", "id2label": {"0": "a", "1": "b", "2": "c"}},
+    "llama-awq": {
+        "model_type": "llama",
+        "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True},
+    },
 }
 _TINY_SIZES = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16
