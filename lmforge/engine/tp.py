@@ -171,11 +171,13 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
         timeout=TIMEOUT,
     )
     channel = Channel(device)
-    source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+    source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
     dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
     source.model_config.dtype = dtype
     ctx_mgr = StepContextManager()
-    model = build_model(source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None)
+    model = build_model(
+        source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None, check_weights=cfg.check_weights
+    )
     runner = None
     with torch.inference_mode():
         while True:
