@@ -83,7 +83,7 @@ def test_stop_and_bad_words_take_one_string_or_a_list():
     [
         ("tp", 0, "tp must be an integer >= 1"),
         ("quant_policy", 8, "quant_policy"),
-        ("distributed_executor_backend", "ray", "one process"),
+        ("distributed_executor_backend", "slurm", "distributed_executor_backend must be"),
         ("revision", "main", "never downloads"),
         ("download_dir", "/tmp", "never downloads"),
     ],

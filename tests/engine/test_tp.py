@@ -40,11 +40,11 @@ def test_engine_shards_the_model_and_stops_its_worker(tiny_llama_dir):
     single = Engine(tiny_llama_dir, PytorchEngineConfig(**cfg))
     expected = _greedy(single, prompts)
     engine = Engine(tiny_llama_dir, PytorchEngineConfig(tp=2, **cfg))
-    worker = engine.tp.procs[0]
+    worker = engine.executor.procs[0]
     assert worker.is_alive()
     attn = engine.model.model.layers[0].self_attn
     assert attn.qkv_proj.num_q_heads == 2 and attn.attn_fwd.num_heads == 2  # 4 heads over 2 ranks
-    assert engine.cache.kv_caches[0][0].shape[2] == 1  # and 1 of the 2 KV heads per rank
+    assert engine.executor.driver.cache.kv_caches[0][0].shape[2] == 1  # and 1 of the 2 KV heads per rank
     assert _greedy(engine, prompts) == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.close()
@@ -68,7 +68,7 @@ def test_async_engine_serves_with_tp_and_stops_its_worker_on_close(tiny_llama_di
         aengine = AsyncEngine(
             tiny_llama_dir, PytorchEngineConfig(device_type="cpu", tp=2, num_cpu_blocks=32, block_size=8)
         )
-        procs = aengine.engine.tp.procs
+        procs = aengine.engine.executor.procs
         tokens = []
         async for out in aengine.generate([5, 6, 7, 8], GenerationConfig(max_new_tokens=4, ignore_eos=True)):
             tokens += out.token_ids
