@@ -22,11 +22,11 @@ from lmforge.model_source import load_model_source, load_tokenizer
 
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
-from .errors import ContextLengthError, RequestError
+from .errors import RequestError
 from .executor import make_executor
 from .host_memory import bound_cpu_kernel_caches, release_free_host_memory
 from .outputs import EngineStats, RequestOutput, TokenLogprob
-from .requests import build_request_guide, with_bad_word_ids
+from .requests import build_request_guide, validate_request, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
@@ -182,13 +182,7 @@ class Engine:
     # --- requests -----------------------------------------------------------------------------
     def validate_request(self, input_ids: list[int], gen_config: GenerationConfig) -> None:
         """Raise RequestError/ContextLengthError for a request that cannot run. Thread-safe (reads config only)."""
-        if not input_ids:
-            raise RequestError("the prompt is empty: give at least one token")
-        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in input_ids):
-            raise RequestError(f"token ids must be integers in [0, {self.vocab_size})")
-        if len(input_ids) >= self.session_len:
-            raise ContextLengthError(len(input_ids), self.session_len)
-        gen_config.validate()
+        validate_request(input_ids, gen_config, self.vocab_size, self.session_len)
 
     def add_request(
         self, input_ids: list[int], gen_config: GenerationConfig, request_id: str | None = None, guide=None

@@ -164,4 +164,6 @@ def build_guide(
         raise
     except Exception as exc:  # xgrammar raises RuntimeError / its own errors for unsupported schemas
         raise ValueError(f"invalid response_format schema: {exc}") from None
-    return Guide(compiled, vocab_size)
+    guide = Guide(compiled, vocab_size)
+    guide.spec = response_format  # what an engine in another process compiles again (engine/core.py)
+    return guide

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Generator
 
@@ -72,9 +74,23 @@ async def serve_async(
     max_concurrent_requests: int | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
-) -> None:
-    """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close."""
-    engine = engine_factory()
+    sock: socket.socket | None = None,
+) -> int:
+    """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
+
+    `engine_factory` may be a coroutine function; it gets a callback to call with a reason when the engine dies
+    under the server (then the server stops and this returns 1). Returns the exit status: 0 after a signal."""
+    died: list[str] = []
+    server: _Server | None = None
+
+    def on_engine_death(reason: str) -> None:
+        died.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    engine = engine_factory(on_engine_death) if _takes_callback(engine_factory) else engine_factory()
+    if inspect.isawaitable(engine):
+        engine = await engine
     try:
         app = build_app(engine, served_model_name, api_keys, max_concurrent_requests)
         config = uvicorn.Config(
@@ -96,11 +112,23 @@ async def serve_async(
             port,
             ", API keys required" if api_keys else "",
         )
-        await server.serve()
+        if not died:
+            await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         await engine.close()
         logger.info("shut down")
+    if died:
+        logger.error("stopped: %s", died[0])
+        return 1
+    return 0
 
 
-def run_server(engine_factory: Callable[[], object], **kwargs) -> None:
-    asyncio.run(serve_async(engine_factory, **kwargs))
+def _takes_callback(factory) -> bool:
+    try:
+        return len(inspect.signature(factory).parameters) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def run_server(engine_factory: Callable[[], object], **kwargs) -> int:
+    return asyncio.run(serve_async(engine_factory, **kwargs))

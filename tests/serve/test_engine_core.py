@@ -1,0 +1,136 @@
+"""`lmforge serve` with the engine core in its own process: data-parallel replicas (`--dp 2`) behind one endpoint
+give the same greedy outputs as one, abort, and sum their /metrics; several API servers share the port; and a
+killed engine core fails every waiting client with an error and makes the server exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from lmforge.serve.core_client import ReplicaRouter
+
+from .conftest import TINY_SERVER_ARGS, ServerProcess
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], list(range(30, 60)), [100, 7, 100, 7, 3], list(range(200, 280, 3))]
+HEADERS = {"Authorization": "Bearer k"}
+
+
+def _core_pids(server: ServerProcess) -> list[int]:
+    pids = [int(m) for line in server.lines for m in re.findall(r"engine core \d+ ready \(pid (\d+)", line)]
+    assert pids, "".join(server.lines[-20:])
+    return pids
+
+
+def _greedy(server: ServerProcess) -> list[str]:
+    texts = []
+    with httpx.Client(base_url=server.base_url, headers=HEADERS, timeout=60) as http:
+        for ids in PROMPTS:
+            body = {"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            resp = http.post("/v1/completions", json=body)
+            assert resp.status_code == 200, resp.text
+            texts.append(resp.json()["choices"][0]["text"])
+    return texts
+
+
+@pytest.fixture(scope="module")
+def dp1(tiny_model_dir):
+    server = ServerProcess([tiny_model_dir, *TINY_SERVER_ARGS], api_key="k")
+    yield server
+    server.stop()
+
+
+def test_router_keeps_a_prefix_on_its_replica_and_balances_the_rest():
+    router = ReplicaRouter(2, block_size=4, max_slack=2)
+    first = list(range(40))
+    a = router.choose(first)
+    router.load[a] += 1
+    b = router.choose(list(range(100, 140)))  # nothing cached: the idle replica
+    assert b != a
+    router.load[b] += 1
+    # the next turn of the first conversation starts with its prompt: same replica, though both are as busy
+    assert router.choose(first + [7, 8, 9, 10, 11]) == a
+    router.load[a] += 5
+    # a prefix hit is not worth a replica this much busier than the other
+    assert router.choose(first + [1] * 8) == b
+    assert router.choose([1, 2]) == b  # shorter than a block: load alone
+    with pytest.raises(RuntimeError, match="no engine replica"):
+        router.choose(first, alive=[False, False])
+    assert router.choose(first, alive=[False, True]) == 1  # a dead replica's prefixes are not used
+
+
+def test_dp2_with_two_api_servers_equals_dp1_aborts_and_sums_metrics(tiny_model_dir, dp1):
+    expected = _greedy(dp1)
+    server = ServerProcess([tiny_model_dir, *TINY_SERVER_ARGS, "--dp", "2", "--api-server-count", "2"], api_key="k")
+    try:
+        assert len(_core_pids(server)) == 2
+        assert _greedy(server) == expected
+        assert server.metric("lmforge_kv_cache_total_blocks") == 2 * 320  # both replicas' blocks
+        # a stream left mid-way is aborted in its replica: every block is free again
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.base_url, headers=HEADERS, timeout=60) as http:
+            for _ in range(2):
+                with http.stream("POST", "/v1/completions", json=body) as resp:
+                    assert resp.status_code == 200
+                    for i, _line in enumerate(resp.iter_lines()):
+                        if i == 10:
+                            break
+        deadline = time.monotonic() + 30
+        while server.metric("lmforge_kv_cache_free_blocks") < 640 or server.metric("lmforge_num_requests_running"):
+            assert time.monotonic() < deadline, "aborted requests still hold blocks"
+            time.sleep(0.05)
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+        assert server.stop(signal.SIGTERM) == 0
+        psutil.wait_procs(children, timeout=10)
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        server.stop()
+
+
+def test_a_killed_engine_core_fails_every_waiting_client_and_the_server_exits_non_zero(dp1):
+    (core,) = _core_pids(dp1)
+    results: dict[str, object] = {}
+    streaming = threading.Barrier(3)
+
+    def stream(name: str) -> None:
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3500, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.Client(base_url=dp1.base_url, headers=HEADERS, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                for i, line in enumerate(resp.iter_lines()):
+                    if line.startswith("data: "):
+                        events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                    if i == 2:
+                        streaming.wait(60)
+        results[name] = events
+
+    def plain() -> None:
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3500, "ignore_eos": True}
+        results["plain"] = httpx.post(dp1.base_url + "/v1/completions", json=body, headers=HEADERS, timeout=60)
+
+    threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(2)] + [threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    streaming.wait(60)  # both streams are producing tokens
+    deadline = time.monotonic() + 30
+    while dp1.metric("lmforge_num_requests_running") < 3:  # and the plain request runs too
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(core, signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "a client still hangs"
+    for name in ("s0", "s1"):
+        events = results[name]
+        assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+        assert "engine core" in events[-2]["error"]["message"]
+    assert results["plain"].status_code == 500 and "engine core" in results["plain"].text
+    assert dp1.proc.wait(30) == 1
+    assert "Traceback" not in "".join(dp1.lines)
