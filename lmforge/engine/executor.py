@@ -3,7 +3,7 @@
 
     UniprocExecutor      one rank, no process group
     MultiprocExecutor    tensor-parallel ranks 1..tp-1 as local processes (torch.multiprocessing, spawn)
-    RayExecutor          the same ranks as Ray actors placed on a Ray cluster's nodes (engine/ray_executor.py)
+    RayExecutor          the same ranks as Ray actors placed on a Ray cluster's nodes
 
 Every rank is the same engine.worker.Worker; the driver broadcasts each command to the others over tp.Channel.
 """
@@ -140,11 +140,96 @@ class MultiprocExecutor(_GroupExecutor):
         logger.info("tensor-parallel workers stopped (exit codes %s)", [p.exitcode for p in self.procs])
 
 
-def make_executor(model_path: str | None, cfg: PytorchEngineConfig, device_type: str) -> Executor:
-    backend = getattr(cfg, "distributed_executor_backend", None) or "mp"
-    if backend == "ray":
-        from .ray_executor import RayExecutor
+class RayExecutor(_GroupExecutor):
+    """Tensor-parallel ranks 1..tp-1 as Ray actors, placed by a placement group (one GPU, or one CPU, per rank)
+    on the Ray cluster this process joins (RAY_ADDRESS, or a cluster started here with `ray start --head`; with
+    none running, a local one that close() stops again). Each actor runs the same Worker as a local process would
+    (worker.run_worker); rank 0 stays in this process and the group meets at this node's address."""
 
+    def __init__(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str):
+        try:
+            import ray
+            from ray.util.placement_group import placement_group, remove_placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        except ImportError:
+            raise ValueError(
+                "distributed_executor_backend='ray' needs Ray: pip install 'lmforge[ray]' (or ray)"
+            ) from None
+        self._ray, self._remove_pg = ray, remove_placement_group
+        self._started_ray = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address="auto", log_to_driver=False)
+            except ConnectionError:
+                logger.info("no Ray cluster found: starting a local one")
+                ray.init(include_dashboard=False, log_to_driver=False)
+                self._started_ray = True
+        world = self.world_size = cfg.tp
+        if device_type == "cuda" and torch.cuda.device_count() < 1:
+            raise ValueError("distributed_executor_backend='ray' with CUDA needs a GPU for rank 0 on this node")
+        bundle = {"GPU": 1} if device_type == "cuda" else {"CPU": 1}
+        self.pg = placement_group([bundle] * (world - 1), strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=120)
+        except Exception:
+            self._remove_pg(self.pg)
+            raise RuntimeError(
+                f"the Ray cluster has no room for {world - 1} more rank(s) of {bundle} (tp={world}): "
+                f"its resources are {ray.cluster_resources()}"
+            ) from None
+        host = ray.util.get_node_ip_address()
+        init_method = f"tcp://{host}:{tp.free_port('0.0.0.0')}"
+        actor_cls = ray.remote(_RayRank)
+        self.actors, self.refs = [], []
+        for rank in range(1, world):
+            actor = actor_cls.options(
+                num_cpus=bundle.get("CPU", 0),
+                num_gpus=bundle.get("GPU", 0),
+                name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank - 1),
+            ).remote()
+            # a Ray GPU actor sees only its own GPU, as cuda:0
+            dev_index = 0 if device_type == "cuda" else None
+            self.actors.append(actor)
+            self.refs.append(actor.run.remote(rank, world, init_method, device_type, model_path, cfg, dev_index))
+        self._join(device_type, init_method)
+        self.driver = Worker(model_path, cfg, self.device, 0, self.channel)
+
+    def check_alive(self) -> None:
+        done, _ = self._ray.wait(self.refs, timeout=0)
+        if done:
+            self._ray.get(done[0])  # raises the rank's error
+            raise RuntimeError("a tensor-parallel Ray actor stopped early")
+
+    def _ranks_alive(self) -> bool:
+        done, _ = self._ray.wait(self.refs, timeout=0)
+        return not done
+
+    def _stop_ranks(self, abort: bool) -> None:
+        ray = self._ray
+        try:
+            ray.get(self.refs, timeout=5 if abort else 30)
+        except Exception as e:
+            logger.warning("tensor-parallel Ray actors did not stop cleanly: %s", e)
+        for actor in self.actors:
+            ray.kill(actor)
+        self._remove_pg(self.pg)
+        logger.info("tensor-parallel Ray actors stopped")
+        if self._started_ray:
+            ray.shutdown()
+
+
+class _RayRank:
+    """A Ray actor running one rank > 0 (the class is made remote when Ray is first used)."""
+
+    def run(self, rank, world, init_method, device_type, model_path, cfg, device_index) -> int:
+        run_worker(rank, world, init_method, device_type, model_path, cfg, device_index)
+        return 0
+
+
+def make_executor(model_path: str | None, cfg: PytorchEngineConfig, device_type: str) -> Executor:
+    backend = cfg.distributed_executor_backend or "mp"
+    if backend == "ray" and cfg.tp > 1:
         return RayExecutor(model_path, cfg, device_type)
     if backend != "mp":
         raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got {backend!r}")
