@@ -4,10 +4,13 @@ killed engine core fails every waiting client with an error and makes the server
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +20,10 @@ import pytest
 
 from lmforge.serve.core_client import ReplicaRouter
 
-from .conftest import TINY_SERVER_ARGS, ServerProcess
+from .conftest import REPO, TINY_SERVER_ARGS, ServerProcess
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import serve_bench as bench  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], list(range(30, 60)), [100, 7, 100, 7, 3], list(range(200, 280, 3))]
 HEADERS = {"Authorization": "Bearer k"}
@@ -92,6 +98,30 @@ def test_dp2_with_two_api_servers_equals_dp1_aborts_and_sums_metrics(tiny_model_
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         server.stop()
+
+
+def test_serve_bench_reports_throughput_and_latency_percentiles(dp1, tmp_path):
+    """benchmarks/serve_bench.py against the server: the peer kit's kind of workload at a fixed rate and all at
+    once, one JSON line each, every requested token counted."""
+    plot = tmp_path / "bench.png"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "serve_bench.py"), "--url", dp1.base_url, "--api-key", "k",
+           "--num-requests", "6", "--vocab", "500", "--input-len", "5,40", "--output-len", "3,9",
+           "--request-rates", "50,inf", "--plot", str(plot)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    expected_out = sum(n for _, n in bench.workload(6, 0, 500, (5, 40), (3, 9)))
+    assert [r["request_rate"] for r in rows] == [50.0, "inf"]
+    for r in rows:
+        assert r["completed"] == 6 and r["failed"] == 0 and r["wrong_length_requests"] == 0
+        assert r["out_tokens"] == expected_out and r["out_tok_s"] > 0 and r["req_per_s"] > 0
+        for name in ("ttft", "itl", "e2e"):
+            assert 0 < r[f"{name}_p50_s"] <= r[f"{name}_p90_s"] <= r[f"{name}_p99_s"]
+        assert r["ttft_p99_s"] <= r["e2e_p99_s"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.stat().st_size > 0
+    else:
+        assert "matplotlib is not installed" in proc.stderr and not plot.exists()
 
 
 def test_a_killed_engine_core_fails_every_waiting_client_and_the_server_exits_non_zero(dp1):
