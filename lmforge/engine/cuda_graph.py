@@ -112,6 +112,14 @@ class CudaGraphRunner:
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d CUDA graphs in %.1f s", len(self.graphs), self.capture_seconds)
 
+    def keep_largest(self, n: int) -> None:
+        """Keep only the n largest captured buckets (ranks agree on one set: capture stops on a clock, or fails,
+        per rank, and ranks that replayed different buckets would pair mismatched collectives)."""
+        for bs in sorted(self.graphs, reverse=True)[n:]:
+            del self.graphs[bs], self.outputs[bs]
+        if not self.graphs:
+            self.enabled = False
+
     def can_run(self, ctx: StepContext) -> bool:
         if not self.enabled or not ctx.is_decoding or ctx.inputs_embeds is not None:
             return False

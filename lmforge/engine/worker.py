@@ -127,9 +127,10 @@ class Worker:
         self._tell(tp.GRAPHS, max_batch_size, max_blocks)
         from .cuda_graph import CudaGraphRunner
 
-        self.graph_runner = CudaGraphRunner(
-            self.step, self.cache, self.cfg.block_size, self.device, max_batch_size, max_blocks
-        )
+        graphs = CudaGraphRunner(self.step, self.cache, self.cfg.block_size, self.device, max_batch_size, max_blocks)
+        if self.channel is not None:  # every rank keeps the buckets that all ranks captured
+            graphs.keep_largest(self.channel.reduce_int(len(graphs.graphs) if graphs.enabled else 0, dist.ReduceOp.MIN))
+        self.graph_runner = graphs
         self._make_runner()
 
     def _make_runner(self) -> None:

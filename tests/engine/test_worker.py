@@ -71,3 +71,88 @@ def test_the_engine_modules_import_no_cycle():
     for node in graph:
         if node not in state:
             visit(node, [])
+
+
+class _ScriptedChannel:
+    """A channel whose driver side records what it sends and whose follower side replays a script."""
+
+    world, rank = 2, 1
+
+    def __init__(self, script: list[list[int]]):
+        self.script, self.sent, self.reduced = list(script), [], []
+
+    def send(self, cmd: int, *args: int) -> None:
+        self.sent.append([cmd, *args])
+
+    def recv(self) -> list[int]:
+        return self.script.pop(0)
+
+    def send_step(self, sizes, flat64, flat32) -> None:
+        self.sent.append(["step", *sizes])
+
+    def reduce_int(self, value: int, op) -> int:
+        self.reduced.append(value)
+        return value
+
+
+class _RecordingGraphs:
+    """Stands in for CudaGraphRunner on CPU: records how it was built and replays by running the model eagerly."""
+
+    built: list = []
+
+    def __init__(self, step, cache, block_size, device, max_batch_size, max_blocks, **kw):
+        self.step = step
+        _RecordingGraphs.built.append((max_batch_size, max_blocks, cache.num_blocks))
+        self.replays = 0
+        self.enabled, self.graphs = True, {16: None, 8: None}
+        self.kept = None
+
+    def keep_largest(self, n: int) -> None:
+        self.kept = n
+
+    def can_run(self, ctx) -> bool:
+        return ctx.is_decoding
+
+    def run(self, ctx):
+        self.replays += 1
+        return self.step.forward(ctx)
+
+
+def test_graph_capture_reaches_every_rank_and_decode_steps_replay_on_followers(tiny_llama_dir, monkeypatch):
+    """CUDA graphs under tensor parallelism, on CPU: the driver's capture is a GRAPHS command that a following rank
+    acts on with the same batch limits, after its cache exists; then its decode steps go through the graphs and its
+    prefill steps run eagerly, as on the driver (the real capture runs on the GPU: tests/engine/test_gpu_engine.py)."""
+    from lmforge.engine import cuda_graph, tp
+
+    monkeypatch.setattr(cuda_graph, "CudaGraphRunner", _RecordingGraphs)
+    _RecordingGraphs.built = []
+    cfg = PytorchEngineConfig(device_type="cpu", dtype="float32", num_cpu_blocks=8, block_size=8)
+    # both ranks hold the whole model (a one-way split) so that the test needs no process group: what it checks is
+    # which commands the driver sends and what a following rank does with them
+    driver_channel = _ScriptedChannel([])
+    driver_channel.rank = 0
+    driver = Worker(tiny_llama_dir, cfg, torch.device("cpu"), 0, driver_channel)
+    driver.world_size = 1
+    driver.load_model()
+    driver.init_cache(8)
+    driver.capture_graphs(16, 4)
+    assert driver_channel.sent == [[tp.ALLOC, 8], [tp.GRAPHS, 16, 4]]
+    follower = Worker(tiny_llama_dir, cfg, torch.device("cpu"), 0, _ScriptedChannel(driver_channel.sent + [[tp.STOP]]))
+    follower.world_size = 1
+    follower.load_model()
+    follower.rank = 1  # from here on it follows
+    follower.serve()
+    assert _RecordingGraphs.built == [(16, 4, 8), (16, 4, 8)]  # the driver's and the follower's, alike
+    assert follower.runner.graph_runner is follower.graph_runner
+    # the ranks agree on the buckets they all captured (the count is min-reduced over the ranks)
+    assert driver_channel.reduced == [2] and follower.channel.reduced == [2] and follower.graph_runner.kept == 2
+    seq = Sequence(0, "r", [5, 6, 7], 3, GenerationConfig(max_new_tokens=2))
+    seq.block_ids = [0]
+    with torch.inference_mode():  # as in serve(), where the cache was made
+        prefill, _ = follower.runner.build_context(SchedulerOutput([seq], [3]))
+        follower.runner._run(prefill)
+        assert follower.graph_runner.replays == 0
+        seq.num_computed_tokens = 2
+        decode, _ = follower.runner.build_context(SchedulerOutput([seq], [1]))
+        follower.runner._run(decode)
+    assert follower.graph_runner.replays == 1
