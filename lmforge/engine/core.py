@@ -189,6 +189,23 @@ class EngineCore:
                     self._send(client, stats)
 
 
+def _configure_logging(log_level: str) -> None:
+    logging.basicConfig(level=getattr(logging, log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _router_socket(ctx, address: str):
+    import zmq
+
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    # protocol-level heartbeats, answered by libzmq's I/O thread even while a long step runs: a front end on
+    # another node learns of a dead core (or node) from the missing pongs
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+    sock.bind(address)
+    return sock
+
+
 def run_engine_core(
     model_path: str | None, cfg: PytorchEngineConfig, address: str, status, log_level: str = "WARNING"
 ) -> None:
@@ -199,11 +216,9 @@ def run_engine_core(
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=getattr(logging, log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(log_level)
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 2000)
-    sock.bind(address)
+    sock = _router_socket(ctx, address)
     parent = os.getppid()
     try:
         from .engine import Engine
@@ -250,6 +265,9 @@ class EngineCoreProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
     def wait_ready(self) -> dict:
         """The core's info once its engine is built; raises RuntimeError (ValueError for a bad model or setting,
         with the core's own message) if it fails or dies first."""
@@ -281,3 +299,93 @@ class EngineCoreProcess:
                 self.proc.kill()
                 self.proc.join(5)
         return self.proc.exitcode
+
+
+class _RayCoreActor:
+    """An engine core as a Ray actor (made remote when Ray is first used): `bind` picks its TCP address on its node,
+    `serve` builds the Engine there (its tensor-parallel ranks, if any, placed by its own RayExecutor) and runs the
+    same EngineCore loop until "shutdown"."""
+
+    def bind(self) -> str:
+        import ray
+        import zmq
+
+        from .tp import free_port
+
+        self.ctx = zmq.Context()
+        port = free_port("0.0.0.0")
+        self.sock = _router_socket(self.ctx, f"tcp://0.0.0.0:{port}")
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def serve(self, model_path: str | None, cfg: PytorchEngineConfig, log_level: str) -> int:
+        _configure_logging(log_level)
+        from .engine import Engine
+
+        engine = Engine(model_path, cfg)
+        try:
+            EngineCore(engine, self.sock).run()
+        finally:
+            engine.close()
+            self.sock.close()
+            self.ctx.term()
+        return 0
+
+
+class RayEngineCore:
+    """The server's handle on an engine core placed on the Ray cluster (`--dp N --distributed-executor-backend
+    ray`): one GPU (or CPU) for its rank 0, anywhere in the cluster. Same interface as EngineCoreProcess; its
+    liveness is seen through the socket's heartbeats (pid is None: it may run on another node)."""
+
+    pid = None
+
+    def __init__(self, model_path: str | None, cfg: PytorchEngineConfig, log_level: str, index: int):
+        import ray
+
+        self.index, self._ray = index, ray
+        device = cfg.device_type or ("cuda" if ray.cluster_resources().get("GPU") else "cpu")
+        resources = {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {"num_cpus": 1}
+        self.actor = ray.remote(_RayCoreActor).options(name=None, **resources).remote()
+        self.address = ray.get(self.actor.bind.remote(), timeout=300)
+        self.ref = self.actor.serve.remote(model_path, cfg, log_level)
+        self.info: dict | None = None
+
+    def alive(self) -> bool:
+        return not self._ray.wait([self.ref], timeout=0)[0]
+
+    def wait_ready(self) -> dict:
+        import zmq
+
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        sock.send(encode(["hello"]))
+        try:
+            while not sock.poll(500):
+                done, _ = self._ray.wait([self.ref], timeout=0)
+                if done:
+                    try:
+                        self._ray.get(done[0])
+                    except Exception as e:
+                        cause = getattr(e, "cause", None) or e
+                        raise ValueError(f"engine core {self.index} failed to start: {cause}") from None
+                    raise RuntimeError(f"engine core {self.index} stopped during start-up")
+            msg = decode(sock.recv())
+        finally:
+            sock.close()
+        self.info = msg[1]
+        return self.info
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        import zmq
+
+        done, _ = self._ray.wait([self.ref], timeout=0)
+        if not done:
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(self.address)
+            sock.send(encode(["shutdown"]))
+            self._ray.wait([self.ref], timeout=timeout)
+            sock.close()
+        self._ray.kill(self.actor)
+        return 0

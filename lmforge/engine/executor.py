@@ -231,9 +231,9 @@ def make_executor(model_path: str | None, cfg: PytorchEngineConfig, device_type:
     backend = cfg.distributed_executor_backend or "mp"
     if backend == "ray" and cfg.tp > 1:
         return RayExecutor(model_path, cfg, device_type)
-    if backend != "mp":
+    if backend not in ("mp", "ray"):
         raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got {backend!r}")
-    if cfg.tp > 1:
+    if cfg.tp > 1:  # one rank needs no placement: it runs here, whichever backend
         return MultiprocExecutor(model_path, cfg, device_type)
     device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
     return UniprocExecutor(model_path, cfg, device)

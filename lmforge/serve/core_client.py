@@ -99,20 +99,23 @@ class EngineCoreClient:
         self.session_len = min(i["session_len"] for i in infos)
         self.vocab_size = info["vocab_size"]
         self.num_replicas = len(addresses)
-        self.pids = pids
+        self.pids, self.addresses = pids, addresses
         self.on_core_death = on_core_death
         self._ctx = zmq.asyncio.Context()
         self._socks = []
         for address in addresses:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
             sock.connect(address)
             self._socks.append(sock)
         self.router = ReplicaRouter(self.num_replicas, info["block_size"])
         self._streams: dict[str, tuple[int, asyncio.Queue]] = {}
         self._stats = [EngineStats(0, 0, 0, 0, 0.0, 0, 0)] * self.num_replicas
         self._alive = [True] * self.num_replicas
-        self._procs = [psutil.Process(pid) for pid in pids]
+        # a core on this machine is watched by its pid; one elsewhere (Ray) by its socket's heartbeats
+        self._procs = [psutil.Process(pid) if pid is not None else None for pid in pids]
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -130,7 +133,9 @@ class EngineCoreClient:
             await sock.send(encode(["hello"]))
             while True:
                 if not await sock.poll(1000):
-                    if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    if pid is not None and (
+                        not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                    ):
                         raise RuntimeError(f"engine core at {address} is not running")
                     continue
                 msg = decode(await sock.recv())
@@ -147,6 +152,9 @@ class EngineCoreClient:
             await sock.send(encode(["hello"]))
             self._tasks.append(asyncio.create_task(self._read(i), name=f"lmforge-core{i}-reader"))
         self._tasks.append(asyncio.create_task(self._watch(), name="lmforge-core-watch"))
+        for i, proc in enumerate(self._procs):
+            if proc is None:
+                self._tasks.append(asyncio.create_task(self._watch_socket(i), name=f"lmforge-core{i}-monitor"))
 
     # --- inbound ------------------------------------------------------------------------------
     async def _read(self, i: int) -> None:
@@ -171,7 +179,25 @@ class EngineCoreClient:
             self.router.load[replica] -= 1
         q.put_nowait(out)
 
+    async def _watch_socket(self, i: int) -> None:
+        """A remote core: its connection dropping (the process or its node gone, or heartbeats unanswered for
+        10 s) is its death."""
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        monitor = self._socks[i].get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED and self._alive[i]:
+                    self._core_died(i)
+                    return
+        finally:
+            monitor.close()
+
     def _core_alive(self, i: int) -> bool:
+        if self._procs[i] is None:
+            return True  # see _watch_socket
         try:
             return self._procs[i].is_running() and self._procs[i].status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
@@ -186,7 +212,8 @@ class EngineCoreClient:
 
     def _core_died(self, i: int) -> None:
         self._alive[i] = False
-        reason = f"the engine core process (pid {self.pids[i]}) died"
+        where = f"pid {self.pids[i]}" if self.pids[i] is not None else self.addresses[i]
+        reason = f"the engine core process ({where}) died"
         logger.error("%s; failing its requests", reason)
         for rid, (replica, _q) in list(self._streams.items()):
             if replica == i:

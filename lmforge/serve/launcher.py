@@ -52,7 +52,26 @@ def _replica_configs(cfg: PytorchEngineConfig, dp: int) -> tuple[list[PytorchEng
     return cfgs, [{}] * dp, True
 
 
+def _start_ray_cores(model_path: str | None, cfg: PytorchEngineConfig, dp: int, log_level: str) -> list:
+    from lmforge.engine.core import RayEngineCore
+
+    cores = []
+    try:
+        for i in range(dp):
+            cores.append(RayEngineCore(model_path, cfg, log_level, i))
+        for core in cores:
+            core.wait_ready()
+            logger.info("engine core %d ready on Ray (%s)", core.index, core.address)
+    except BaseException:
+        for core in cores:
+            core.stop(timeout=5)
+        raise
+    return cores
+
+
 def start_engine_cores(model_path: str | None, cfg: PytorchEngineConfig, dp: int, log_level: str, tmp: str):
+    if cfg.distributed_executor_backend == "ray" and dp > 1:
+        return _start_ray_cores(model_path, cfg, dp, log_level)
     cfgs, envs, sequential = _replica_configs(cfg, dp)
     cores: list[EngineCoreProcess] = []
     try:
@@ -125,6 +144,7 @@ def serve_model(
         raise ValueError(f"--dp and --api-server-count must be >= 1, got {dp} and {api_server_count}")
     tmp = tempfile.mkdtemp(prefix="lmforge-serve-")
     cores: list[EngineCoreProcess] = []
+    ray_started = cfg.distributed_executor_backend == "ray" and dp > 1 and _join_ray()
     try:
         cores = start_engine_cores(model_path, cfg, dp, log_level, tmp)
         addresses, pids = [c.address for c in cores], [c.pid for c in cores]
@@ -139,6 +159,26 @@ def serve_model(
         for core in cores:
             core.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+
+def _join_ray() -> bool:
+    """Connect to the Ray cluster (RAY_ADDRESS, or one started on this node with `ray start --head`), or start a
+    local one; True when this process started it (and so stops it at exit)."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--distributed-executor-backend ray needs Ray: pip install 'lmforge[ray]'") from None
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        return False
+    except ConnectionError:
+        logger.info("no Ray cluster found: starting a local one")
+        ray.init(include_dashboard=False, log_to_driver=False)
+        return True
 
 
 def _run_api_servers(n, addresses, pids, model_path, cfg, kwargs, log_level, cores) -> int:
@@ -167,7 +207,7 @@ def _run_api_servers(n, addresses, pids, model_path, cfg, kwargs, log_level, cor
         status = 0
         while any(p.is_alive() for p in procs):
             failed = [p for p in procs if p.exitcode not in (None, 0)]
-            dead_core = [c for c in cores if not c.proc.is_alive()]
+            dead_core = [c for c in cores if not c.alive()]
             if (failed or dead_core) and not stopping:
                 status = 1
                 forward(signal.SIGTERM, None)

@@ -100,6 +100,26 @@ def test_dp2_with_two_api_servers_equals_dp1_aborts_and_sums_metrics(tiny_model_
         server.stop()
 
 
+def test_dp2_on_ray_places_the_replicas_as_actors_and_equals_dp1(tiny_model_dir, dp1):
+    """`--dp 2 --distributed-executor-backend ray` with no cluster running: the server starts a local one, each
+    replica is a Ray actor serving the same engine core loop over TCP, and SIGTERM leaves no process behind."""
+    pytest.importorskip("ray")
+    expected = _greedy(dp1)
+    env_args = [tiny_model_dir, *TINY_SERVER_ARGS, "--dp", "2", "--distributed-executor-backend", "ray"]
+    server = ServerProcess(env_args, api_key="k", timeout=300)
+    try:
+        assert len(re.findall(r"engine core \d ready on Ray \(tcp://", "".join(server.lines))) == 2
+        assert _greedy(server) == expected
+        assert server.metric("lmforge_kv_cache_total_blocks") == 2 * 320
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+        assert children  # Ray's own processes and the two actors
+        assert server.stop(signal.SIGTERM, timeout=60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline()[:2] for p in alive]
+    finally:
+        server.stop()
+
+
 def test_serve_bench_reports_throughput_and_latency_percentiles(dp1, tmp_path):
     """benchmarks/serve_bench.py against the server: the peer kit's kind of workload at a fixed rate and all at
     once, one JSON line each, every requested token counted."""
