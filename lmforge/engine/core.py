@@ -340,11 +340,21 @@ class RayEngineCore:
 
     def __init__(self, model_path: str | None, cfg: PytorchEngineConfig, log_level: str, index: int):
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.index, self._ray = index, ray
         device = cfg.device_type or ("cuda" if ray.cluster_resources().get("GPU") else "cpu")
+        bundle = {"GPU": 1} if device == "cuda" else {"CPU": 1}
         resources = {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {"num_cpus": 1}
-        self.actor = ray.remote(_RayCoreActor).options(name=None, **resources).remote()
+        # one group for all the replica's ranks (PACK: one node when it has room); the core takes bundle 0 and
+        # its RayExecutor the others
+        self.pg = placement_group([bundle] * cfg.tp, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=300)
+        strategy = PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        )
+        self.actor = ray.remote(_RayCoreActor).options(scheduling_strategy=strategy, **resources).remote()
         self.address = ray.get(self.actor.bind.remote(), timeout=300)
         self.ref = self.actor.serve.remote(model_path, cfg, log_level)
         self.info: dict | None = None
@@ -388,4 +398,7 @@ class RayEngineCore:
             self._ray.wait([self.ref], timeout=timeout)
             sock.close()
         self._ray.kill(self.actor)
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(self.pg)
         return 0

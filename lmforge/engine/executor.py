@@ -168,11 +168,21 @@ class RayExecutor(_GroupExecutor):
         if device_type == "cuda" and torch.cuda.device_count() < 1:
             raise ValueError("distributed_executor_backend='ray' with CUDA needs a GPU for rank 0 on this node")
         bundle = {"GPU": 1} if device_type == "cuda" else {"CPU": 1}
-        self.pg = placement_group([bundle] * (world - 1), strategy="PACK")
+        # an engine core that is itself a Ray actor (--dp on Ray) was placed in bundle 0 of a group made for all
+        # its ranks, so that they land together; otherwise ranks 1.. get a group of their own
+        from ray.util import get_current_placement_group
+
+        current = get_current_placement_group()
+        self._own_pg = current is None or len(current.bundle_specs) < world
+        if self._own_pg:
+            self.pg, first = placement_group([bundle] * (world - 1), strategy="PACK"), 0
+        else:
+            self.pg, first = current, 1
         try:
             ray.get(self.pg.ready(), timeout=120)
         except Exception:
-            self._remove_pg(self.pg)
+            if self._own_pg:
+                self._remove_pg(self.pg)
             raise RuntimeError(
                 f"the Ray cluster has no room for {world - 1} more rank(s) of {bundle} (tp={world}): "
                 f"its resources are {ray.cluster_resources()}"
@@ -186,7 +196,9 @@ class RayExecutor(_GroupExecutor):
                 num_cpus=bundle.get("CPU", 0),
                 num_gpus=bundle.get("GPU", 0),
                 name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank - 1),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=first + rank - 1
+                ),
             ).remote()
             # a Ray GPU actor sees only its own GPU, as cuda:0
             dev_index = 0 if device_type == "cuda" else None
@@ -213,7 +225,8 @@ class RayExecutor(_GroupExecutor):
             logger.warning("tensor-parallel Ray actors did not stop cleanly: %s", e)
         for actor in self.actors:
             ray.kill(actor)
-        self._remove_pg(self.pg)
+        if self._own_pg:
+            self._remove_pg(self.pg)
         logger.info("tensor-parallel Ray actors stopped")
         if self._started_ray:
             ray.shutdown()
