@@ -103,6 +103,7 @@ class EngineCore:
             "block_size": e.engine_config.block_size,
             "enable_prefix_caching": e.engine_config.enable_prefix_caching,
             "pid": os.getpid(),
+            "stats": pack_stats(e.stats()),
         }
 
     def _send(self, client: bytes, msg) -> None:

@@ -168,6 +168,8 @@ class EngineCoreClient:
                 self._stats[i] = unpack_stats(msg[2])
             elif kind == "stats":
                 self._stats[i] = unpack_stats(msg[1])
+            elif kind == "ready":  # the answer to this client's hello: the gauges before any traffic
+                self._stats[i] = unpack_stats(msg[1]["stats"])
 
     def _deliver(self, out: RequestOutput) -> None:
         target = self._streams.get(out.request_id)

@@ -1,8 +1,8 @@
 """`lmforge serve`'s processes: engine cores (one per `--dp` replica) and HTTP front ends (`--api-server-count`).
 
-    launcher (this process)  starts the engine cores and waits until their engines are built; then, with one API
-                             server, serves HTTP itself; with N, starts N API-server processes that share the port
-                             (SO_REUSEPORT, so the kernel spreads connections) and watches them
+    launcher (this process)  takes the port, starts the engine cores and waits until their engines are built;
+                             then, with one API server, serves HTTP itself; with N, starts N API-server processes
+                             that accept on its listening socket (the kernel spreads connections) and watches them
     engine core i            lmforge.engine.core: Engine + ZeroMQ ROUTER at ipc://<tmp>/core<i>
     API server j             uvicorn + FastAPI + an EngineCoreClient connected to every core
 
@@ -111,21 +111,32 @@ def _client_factory(addresses: list[str], pids: list[int], model_path, trust_rem
     return factory
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before any model loads (a busy port fails at once); every API server accepts
+    on it (the kernel hands each connection to one of them)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
 
 
-def _api_server_main(addresses, pids, model_path, trust_remote_code, server_kwargs, log_level) -> None:
+class ListenError(OSError):
+    """The port cannot be had; str() is the whole message (no errno prefix)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _api_server_main(addresses, pids, model_path, trust_remote_code, sock, server_kwargs, log_level) -> None:
     import asyncio
     import sys
 
     logging.basicConfig(level=getattr(logging, log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sock = _bind(server_kwargs["host"], server_kwargs["port"])
     factory = _client_factory(addresses, pids, model_path, trust_remote_code)
     sys.exit(asyncio.run(serve_async(factory, sock=sock, **server_kwargs)))
 
@@ -142,10 +153,12 @@ def serve_model(
     an engine cannot start (a missing model, a bad setting), with the engine's message."""
     if dp < 1 or api_server_count < 1:
         raise ValueError(f"--dp and --api-server-count must be >= 1, got {dp} and {api_server_count}")
+    sock = listen(server_kwargs.get("host", "127.0.0.1"), server_kwargs.get("port", 23333))
     tmp = tempfile.mkdtemp(prefix="lmforge-serve-")
     cores: list[EngineCoreProcess] = []
-    ray_started = cfg.distributed_executor_backend == "ray" and dp > 1 and _join_ray()
+    ray_started = False
     try:
+        ray_started = cfg.distributed_executor_backend == "ray" and dp > 1 and _join_ray()
         cores = start_engine_cores(model_path, cfg, dp, log_level, tmp)
         addresses, pids = [c.address for c in cores], [c.pid for c in cores]
         kwargs = dict(server_kwargs, log_level=log_level.lower())
@@ -153,11 +166,12 @@ def serve_model(
             import asyncio
 
             factory = _client_factory(addresses, pids, model_path, cfg.trust_remote_code)
-            return asyncio.run(serve_async(factory, **kwargs))
-        return _run_api_servers(api_server_count, addresses, pids, model_path, cfg, kwargs, log_level, cores)
+            return asyncio.run(serve_async(factory, sock=sock, **kwargs))
+        return _run_api_servers(api_server_count, addresses, pids, model_path, cfg, sock, kwargs, log_level, cores)
     finally:
         for core in cores:
             core.stop()
+        sock.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if ray_started:
             import ray
@@ -181,12 +195,12 @@ def _join_ray() -> bool:
         return True
 
 
-def _run_api_servers(n, addresses, pids, model_path, cfg, kwargs, log_level, cores) -> int:
+def _run_api_servers(n, addresses, pids, model_path, cfg, sock, kwargs, log_level, cores) -> int:
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(
             target=_api_server_main,
-            args=(addresses, pids, model_path, cfg.trust_remote_code, kwargs, log_level),
+            args=(addresses, pids, model_path, cfg.trust_remote_code, sock, kwargs, log_level),
             name=f"lmforge-api{j}",
         )
         for j in range(n)

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +52,20 @@ def dp1(tiny_model_dir):
     server = ServerProcess([tiny_model_dir, *TINY_SERVER_ARGS], api_key="k")
     yield server
     server.stop()
+
+
+def test_a_busy_port_fails_before_any_engine_starts(tiny_model_dir, capsys):
+    from lmforge.cli.main import build_parser
+    from lmforge.cli.serve import run
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = build_parser().parse_args(["serve", tiny_model_dir, "--device", "cpu", "--port", str(port)])
+        assert run(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "Traceback" not in err
 
 
 def test_router_keeps_a_prefix_on_its_replica_and_balances_the_rest():
