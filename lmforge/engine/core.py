@@ -12,8 +12,8 @@ each. Messages are msgpack (msgspec) arrays:
                         ["stats", stats]                        when the engine goes idle
 
 The loop blocks on the socket while there is nothing to run and otherwise steps the engine, reading every message
-that arrived since the previous step first. Detokenization and stop strings stay with the Engine (they decide
-when a request ends); tokenization, chat templates, JSON and SSE framing are the front end's.
+that arrived since the previous step first. Outputs carry token ids only: detokenization and stop strings are the
+front end's (it aborts a request whose text hit a stop string), as are tokenization, chat templates, JSON and SSE.
 
 A core whose parent process disappears stops by itself; the front end watches the core's pid and fails every
 waiting request when it dies.
@@ -89,6 +89,7 @@ class EngineCore:
 
     def __init__(self, engine, socket, parent_pid: int | None = None):
         self.engine, self.socket = engine, socket
+        engine.detokenize = False  # the front ends turn tokens into text and watch for stop strings
         self.parent_pid = parent_pid
         self.clients: set[bytes] = set()
         self.owner: dict[str, bytes] = {}  # request id -> the front end that sent it
@@ -104,6 +105,7 @@ class EngineCore:
             "enable_prefix_caching": e.engine_config.enable_prefix_caching,
             "pid": os.getpid(),
             "stats": pack_stats(e.stats()),
+            "eos_token_ids": e.eos_token_ids,
         }
 
     def _send(self, client: bytes, msg) -> None:

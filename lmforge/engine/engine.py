@@ -110,6 +110,8 @@ class Engine:
         # device sync and per-token work); read by benchmarks and metrics
         self.step_stats = dict.fromkeys(("steps", "decode_steps", "schedule_s", "launch_s", "process_s"), 0)
         self.tokenizer = source.tokenizer = tokenizer_future.result()
+        # text and stop strings per request; an engine core leaves them to its front end (serve/core_client.py)
+        self.detokenize = True
         if device_type == "cuda":
             self.warmup()
         self.load_seconds = time.perf_counter() - start
@@ -135,6 +137,12 @@ class Engine:
             driver.cache.nbytes / 2**30,
             self.session_len,
         )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The tokens that end a request unless it sets ignore_eos (the tokenizer's and the model config's)."""
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
+        return list(dict.fromkeys(eos + self.model_config.eos_token_ids))
 
     @property
     def model(self):
@@ -193,8 +201,7 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         stop_ids = list(gen_config.stop_token_ids or [])
         if not gen_config.ignore_eos:
-            eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
-            stop_ids += [t for t in eos + self.model_config.eos_token_ids if t not in stop_ids]
+            stop_ids += [t for t in self.eos_token_ids if t not in stop_ids]
         if guide is None and gen_config.response_format is not None:
             guide = build_request_guide(self.tokenizer, self.vocab_size, gen_config.response_format)
         if gen_config.bad_words and self.tokenizer is not None:
@@ -203,7 +210,7 @@ class Engine:
         if gen_config.random_seed is not None and not gen_config.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(gen_config.random_seed)
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.detokenize:
             detok = Detokenizer(
                 self.tokenizer.hf, list(input_ids), gen_config.skip_special_tokens, gen_config.stop_words
             )

@@ -1,7 +1,8 @@
 """EngineCoreClient: the server's engine when the engine cores run in processes of their own (`lmforge serve`).
 
 It has AsyncEngine's ServingEngine protocol (generate / abort / stats / close / is_healthy), and talks to one or
-more engine-core processes (lmforge.engine.core) over ZeroMQ. With several cores (`--dp N`) a ReplicaRouter picks
+more engine-core processes (lmforge.engine.core) over ZeroMQ. The cores send token ids; the text (and stop
+strings) are made here, off the engine's process. With several cores (`--dp N`) a ReplicaRouter picks
 the core of each request: the one that holds the longest cached prefix of its prompt unless that core is much
 busier than the least-loaded one, else the least-loaded. Stats are summed over the cores for /metrics.
 
@@ -81,6 +82,43 @@ class ReplicaRouter:
         return choice
 
 
+class _RequestText:
+    """One request's text, made here from the core's token ids exactly as the Engine makes it in-process: a
+    Detokenizer over the prompt, stop tokens never in the text, held-back text released at the finish, and a stop
+    string ending the request (finish_reason 'stop', the text cut before it)."""
+
+    def __init__(self, tokenizer, input_ids: list[int], cfg: GenerationConfig, eos_token_ids: list[int]):
+        from lmforge.engine.detokenizer import Detokenizer
+
+        self.detok = None
+        if tokenizer is not None:
+            self.detok = Detokenizer(tokenizer.hf, list(input_ids), cfg.skip_special_tokens, cfg.stop_words)
+        self.stop_ids = set(cfg.stop_token_ids or ()) | (set() if cfg.ignore_eos else set(eos_token_ids))
+        self.min_new_tokens = cfg.min_new_tokens
+        self.hit_stop_string = False
+
+    def apply(self, out: RequestOutput) -> RequestOutput:
+        if self.detok is None or not out.token_ids:
+            return out
+        first = out.num_generated_tokens - len(out.token_ids) + 1  # the count of the delta's first token
+        parts = []
+        for i, token in enumerate(out.token_ids):
+            if token in self.stop_ids and first + i > self.min_new_tokens:
+                continue  # the core finishes the request on it; its text is never shown
+            piece, hit = self.detok.step([token])
+            parts.append(piece)
+            if hit:
+                self.hit_stop_string = True
+                out.token_ids = out.token_ids[: i + 1]
+                out.num_generated_tokens = first + i
+                out.finish_reason = "stop"
+                break
+        if out.finish_reason in ("stop", "length") and not self.hit_stop_string:
+            parts.append(self.detok.flush())  # text held back as a possible stop-string prefix
+        out.text = "".join(parts)
+        return out
+
+
 class EngineCoreClient:
     def __init__(
         self,
@@ -98,6 +136,7 @@ class EngineCoreClient:
         self.model_name = info["model_name"]
         self.session_len = min(i["session_len"] for i in infos)
         self.vocab_size = info["vocab_size"]
+        self.eos_token_ids = info["eos_token_ids"]
         self.num_replicas = len(addresses)
         self.pids, self.addresses = pids, addresses
         self.on_core_death = on_core_death
@@ -238,12 +277,17 @@ class EngineCoreClient:
         self._streams[request_id] = (replica, q)
         self.router.load[replica] += 1
         spec = getattr(guide, "spec", None) if guide is not None else None
+        text = _RequestText(self.tokenizer, input_ids, gen_config, self.eos_token_ids)
         await self._socks[replica].send(encode(["add", request_id, input_ids, pack_gen_config(gen_config), spec]))
         finished = False
         try:
             while True:
-                out = await q.get()
+                out = text.apply(await q.get())
                 finished = out.finish_reason is not None
+                # a stop string: the core still runs the request, so stop it there (its last outputs are dropped)
+                if text.hit_stop_string and self._streams.pop(request_id, None) is not None:
+                    self.router.load[replica] -= 1
+                    await self._socks[replica].send(encode(["abort", request_id]))
                 yield out
                 if finished:
                     return

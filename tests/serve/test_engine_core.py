@@ -36,11 +36,13 @@ def _core_pids(server: ServerProcess) -> list[int]:
     return pids
 
 
-def _greedy(server: ServerProcess) -> list[str]:
+def _greedy(server: ServerProcess, stop: list[str] | None = None) -> list[str]:
     texts = []
     with httpx.Client(base_url=server.base_url, headers=HEADERS, timeout=60) as http:
         for ids in PROMPTS:
             body = {"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            if stop:
+                body["stop"] = stop
             resp = http.post("/v1/completions", json=body)
             assert resp.status_code == 200, resp.text
             texts.append(resp.json()["choices"][0]["text"])
@@ -85,6 +87,31 @@ def test_router_keeps_a_prefix_on_its_replica_and_balances_the_rest():
     with pytest.raises(RuntimeError, match="no engine replica"):
         router.choose(first, alive=[False, False])
     assert router.choose(first, alive=[False, True]) == 1  # a dead replica's prefixes are not used
+
+
+def _in_process(model_dir: str, stop: list[str] | None = None) -> list[str]:
+    """The same requests through an Engine in this process, which detokenizes itself."""
+    from lmforge.engine.engine import Engine
+    from lmforge.messages import GenerationConfig, PytorchEngineConfig
+
+    engine = Engine(model_dir, PytorchEngineConfig(device_type="cpu", num_cpu_blocks=320, block_size=16))
+    texts = []
+    for ids in PROMPTS:
+        engine.add_request(ids, GenerationConfig(max_new_tokens=8, ignore_eos=True, stop_words=stop))
+        text = ""
+        while engine.has_unfinished():
+            text += "".join(out.text for out in engine.step())
+        texts.append(text)
+    return texts
+
+
+def test_text_made_by_the_front_end_equals_the_engines_own(tiny_model_dir, dp1):
+    """The core sends token ids; the front end's text, stop strings included, is what the Engine makes itself."""
+    expected = _in_process(tiny_model_dir)
+    assert _greedy(dp1) == expected
+    stop = next(t[2:4] for t in expected if len(t.strip()) >= 4)
+    cut = _in_process(tiny_model_dir, [stop])
+    assert cut != expected and _greedy(dp1, stop=[stop]) == cut
 
 
 def test_dp2_with_two_api_servers_equals_dp1_aborts_and_sums_metrics(tiny_model_dir, dp1):
