@@ -156,14 +156,7 @@ class RayExecutor(_GroupExecutor):
                 "distributed_executor_backend='ray' needs Ray: pip install 'lmforge[ray]' (or ray)"
             ) from None
         self._ray, self._remove_pg = ray, remove_placement_group
-        self._started_ray = False
-        if not ray.is_initialized():
-            try:
-                ray.init(address="auto", log_to_driver=False)
-            except ConnectionError:
-                logger.info("no Ray cluster found: starting a local one")
-                ray.init(include_dashboard=False, log_to_driver=False)
-                self._started_ray = True
+        self._started_ray = False if ray.is_initialized() else join_ray()
         world = self.world_size = cfg.tp
         if device_type == "cuda" and torch.cuda.device_count() < 1:
             raise ValueError("distributed_executor_backend='ray' with CUDA needs a GPU for rank 0 on this node")
@@ -230,6 +223,32 @@ class RayExecutor(_GroupExecutor):
         logger.info("tensor-parallel Ray actors stopped")
         if self._started_ray:
             ray.shutdown()
+
+
+def join_ray() -> bool:
+    """Join the Ray cluster named by RAY_ADDRESS, or the one `ray start --head` recorded on this node if its GCS
+    answers, or else start a local one; True when this process started it (and so should stop it)."""
+    import os
+    import socket
+
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        try:  # where `ray start` writes the address of the cluster it started; stale after a crash or a kill
+            with open(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "ray_current_cluster")) as f:
+                recorded = f.read().strip()
+            host, _, port = recorded.rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=2):
+                address = recorded
+        except (OSError, ValueError):
+            address = None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    logger.info("no Ray cluster is running: starting a local one")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    return True
 
 
 class _RayRank:

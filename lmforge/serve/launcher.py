@@ -180,19 +180,13 @@ def serve_model(
 
 
 def _join_ray() -> bool:
-    """Connect to the Ray cluster (RAY_ADDRESS, or one started on this node with `ray start --head`), or start a
-    local one; True when this process started it (and so stops it at exit)."""
     try:
-        import ray
+        import ray  # noqa: F401
     except ImportError:
         raise ValueError("--distributed-executor-backend ray needs Ray: pip install 'lmforge[ray]'") from None
-    try:
-        ray.init(address="auto", log_to_driver=False)
-        return False
-    except ConnectionError:
-        logger.info("no Ray cluster found: starting a local one")
-        ray.init(include_dashboard=False, log_to_driver=False)
-        return True
+    from lmforge.engine.executor import join_ray
+
+    return join_ray()
 
 
 def _run_api_servers(n, addresses, pids, model_path, cfg, sock, kwargs, log_level, cores) -> int:
