@@ -21,6 +21,7 @@ from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_source import load_model_source, load_tokenizer
 
 from .block_manager import BlockManager
+from .cache_engine import check_kv_cache_format
 from .detokenizer import Detokenizer
 from .errors import RequestError
 from .executor import make_executor
@@ -70,8 +71,9 @@ class Engine:
         executor = self.executor
         driver = executor.driver
         self.device = driver.device
-        source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+        source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
+        check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
         # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
         tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code

@@ -61,7 +61,7 @@ class Worker:
         the layers' post-load weight processing)."""
         cfg = self.cfg
         if source is None:
-            source = load_model_source(self.model_path, cfg.trust_remote_code, with_tokenizer=False)
+            source = load_model_source(self.model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
         self.dtype = resolve_dtype(cfg.dtype, source.hf_config, self.device.type)
         self.model_config.dtype = self.dtype
@@ -104,6 +104,8 @@ class Worker:
             num_cpu_blocks=cfg.num_cpu_blocks,
             cache_max_entry_count=cfg.cache_max_entry_count,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
         )
 
     def _gpu_blocks(self, reserved: int) -> int:
@@ -116,8 +118,16 @@ class Worker:
 
     def init_cache(self, num_blocks: int) -> None:
         self._tell(tp.ALLOC, num_blocks)
+        cfg = self.cfg
         self.cache = ce.CacheEngine(
-            self.model_config, num_blocks, self.cfg.block_size, self.dtype, self.device, tp_size=self.world_size
+            self.model_config,
+            num_blocks,
+            cfg.block_size,
+            self.dtype,
+            self.device,
+            tp_size=self.world_size,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
         )
         self._make_runner()
 
