@@ -152,6 +152,11 @@ class Engine:
         return self.executor.driver.model
 
     @property
+    def cache(self):
+        """The driver rank's KV cache (rank 0's KV heads under tensor parallelism)."""
+        return self.executor.driver.cache
+
+    @property
     def graph_runner(self):
         """The driver rank's CUDA graphs, or None (CPU, eager mode)."""
         return self.executor.driver.graph_runner
