@@ -67,7 +67,14 @@ class Worker:
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
         self.model = build_model(
-            source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map, self.rank, self.world_size
+            source,
+            self.dtype,
+            self.device,
+            self.ctx_mgr,
+            cfg.custom_module_map,
+            self.rank,
+            self.world_size,
+            check_weights=cfg.check_weights,
         )
         self.step = ModelStep(self.model, self.ctx_mgr)
 

@@ -19,14 +19,13 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 
 from lmforge.engine.core import EngineCoreProcess
 from lmforge.messages import PytorchEngineConfig
 
-from .server import serve_async
+from .server import bind_socket, serve_async
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -111,27 +110,6 @@ def _client_factory(addresses: list[str], pids: list[int], model_path, trust_rem
     return factory
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, taken before any model loads (a busy port fails at once); every API server accepts
-    on it (the kernel hands each connection to one of them)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-class ListenError(OSError):
-    """The port cannot be had; str() is the whole message (no errno prefix)."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
 def _api_server_main(addresses, pids, model_path, trust_remote_code, sock, server_kwargs, log_level) -> None:
     import asyncio
     import sys
@@ -153,7 +131,7 @@ def serve_model(
     an engine cannot start (a missing model, a bad setting), with the engine's message."""
     if dp < 1 or api_server_count < 1:
         raise ValueError(f"--dp and --api-server-count must be >= 1, got {dp} and {api_server_count}")
-    sock = listen(server_kwargs.get("host", "127.0.0.1"), server_kwargs.get("port", 23333))
+    sock = bind_socket(server_kwargs.get("host", "127.0.0.1"), server_kwargs.get("port", 23333))
     tmp = tempfile.mkdtemp(prefix="lmforge-serve-")
     cores: list[EngineCoreProcess] = []
     ray_started = False
