@@ -104,7 +104,9 @@ class PytorchEngineConfig:
     """Engine settings. `device_type=None` picks 'cuda' when a GPU is present, else 'cpu'. dtype 'auto' is the
     checkpoint's float16/bfloat16 (else bfloat16) on CUDA; on CPU bfloat16 where the CPU computes it natively
     (AVX512-BF16 or AMX), float32 otherwise. `tp` > 1 splits the model over that many ranks, one worker process
-    each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); those steps run without CUDA graphs.
+    each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); decode steps replay CUDA graphs on every rank.
+    `distributed_executor_backend`: where ranks 1..tp-1 run, local processes (None or 'mp') or Ray actors
+    ('ray', on the Ray cluster this process joins).
 
     KV cache format: `quant_policy` 8 / 4 stores keys and values as int8 / int4 with a scale and zero point per
     token and head (lmdeploy's meaning; about 1.9x / 3.6x the tokens of a bf16 cache at head_dim 128);
@@ -153,10 +155,10 @@ class PytorchEngineConfig:
             not (self.quant_policy and self.kv_cache_dtype != "auto"),
             "quant_policy and kv_cache_dtype='fp8' are two KV cache formats: choose one",
         )
-        # accepted for lmdeploy compatibility, but an engine that quietly ignored it would mislead
         _check(
-            self.distributed_executor_backend is None,
-            "distributed_executor_backend is not used: lmforge runs one process per engine",
+            self.distributed_executor_backend in (None, "mp", "ray"),
+            "distributed_executor_backend must be None/'mp' (tensor-parallel ranks as local processes) or 'ray' "
+            f"(ranks as Ray actors), got {self.distributed_executor_backend!r}",
         )
         for name in ("download_dir", "revision"):
             _check(getattr(self, name) is None, f"{name} is not used: lmforge never downloads; pass a local model path")

@@ -23,6 +23,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="tensor parallelism: ranks (GPUs, or CPU worker processes) the model is split over (default: 1)",
     )
+    g.add_argument(
+        "--distributed-executor-backend",
+        choices=["mp", "ray"],
+        default=None,
+        help="where tensor-parallel ranks 1..tp-1 run: local processes (mp, the default) or Ray actors on the Ray "
+        "cluster this machine belongs to (ray; start it with `ray start --head`)",
+    )
     g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
@@ -80,6 +87,7 @@ def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
         dtype=args.dtype,
         device_type=args.device,
         tp=args.tp,
+        distributed_executor_backend=args.distributed_executor_backend,
         session_len=args.session_len,
         max_batch_size=args.max_batch_size,
         block_size=args.block_size,

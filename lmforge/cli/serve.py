@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
         help="OpenAI-compatible HTTP server with a chat page at /",
         description="Serve MODEL over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions), "
         "with /health, Prometheus /metrics and a chat page at /. MODEL defaults to the embedded "
-        "SmolLM2-135M-Instruct. Binds 127.0.0.1 unless --host says otherwise.",
+        "SmolLM2-135M-Instruct. Binds 127.0.0.1 unless --host says otherwise. The engine runs in a process of its "
+        "own (one per --dp replica); the HTTP front end in this one (or in --api-server-count processes).",
     )
     p.add_argument("model", nargs="?", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2)")
     g = p.add_argument_group("server")
@@ -86,16 +87,34 @@ def add_parser(subparsers) -> None:
         default=10.0,
         help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted",
     )
+    g.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data parallelism: engine replicas (each with --tp ranks) behind this one endpoint, each request "
+        "routed by load and to the replica holding its prompt's prefix (default: 1)",
+    )
+    g.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        help="HTTP front-end processes sharing the port (tokenization, templates, JSON and SSE off the engine's "
+        "processes; default: 1)",
+    )
     add_engine_args(p)
     p.set_defaults(func=run, log_level="INFO")  # INFO: one log line per request
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM (status 0); 1 when the model cannot start or an engine core dies."""
+    from lmforge.serve.launcher import serve_model
     from lmforge.serve.limits import ServeLimits
-    from lmforge.serve.server import run_server
 
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         print("error: --max-concurrent-requests must be >= 1", file=sys.stderr)
+        return 2
+    if args.dp < 1 or args.api_server_count < 1:
+        print("error: --dp and --api-server-count must be >= 1", file=sys.stderr)
         return 2
     try:
         given = {
@@ -109,22 +128,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     backend_config = engine_config(args)  # also sets up logging
-
-    def engine_factory():
-        from lmforge.engine.async_engine import AsyncEngine
-
-        return AsyncEngine(args.model, backend_config)
-
     try:
-        run_server(
-            engine_factory,
+        return serve_model(
+            args.model,
+            backend_config,
+            dp=args.dp,
+            api_server_count=args.api_server_count,
+            log_level=args.log_level,
             host=args.host,
             port=args.port,
             served_model_name=args.served_model_name,
             api_keys=args.api_keys,
             max_concurrent_requests=args.max_concurrent_requests,
             shutdown_timeout=args.shutdown_timeout,
-            log_level=args.log_level.lower(),
             limits=limits,
             metrics_key=args.metrics_key,
             allowed_hosts=args.allowed_hosts,
@@ -132,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,15 +20,30 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, engine, max_capture_s: float = 60.0):
-        self.model, self.ctx_mgr = engine.model, engine.ctx_mgr
-        self.kv_caches = engine.cache.kv_caches
-        self.block_size = engine.engine_config.block_size
-        self.device = engine.device
-        self.max_batch_size = engine.max_batch_size
-        self.max_blocks = (engine.session_len + self.block_size - 1) // self.block_size
+    """Captures and replays decode graphs of one rank. It gets only what it uses: the model's step, the KV
+    cache, and the batch limits. Under tensor parallelism every rank captures the same buckets in the same order,
+    so the collectives inside each graph pair up across the ranks when the graphs replay."""
+
+    def __init__(
+        self,
+        step,
+        cache,
+        block_size: int,
+        device: torch.device,
+        max_batch_size: int,
+        max_blocks: int,
+        max_capture_s: float = 60.0,
+        capture: bool = True,
+    ):
+        self.step = step  # model_runner.ModelStep
+        self.model = step.model
+        self.kv_caches = cache.kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_blocks = max_blocks
         self.max_kv_len = self.max_blocks * self.block_size
-        trash = engine.cache.trash_block
+        trash = cache.trash_block
         n, dev = self.max_batch_size, self.device
         self.trash_slot = trash * self.block_size
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
@@ -44,7 +59,8 @@ class CudaGraphRunner:
         support = getattr(self.model, "support_cuda_graph", True)
         self._support = support if callable(support) else (lambda *a, **k: bool(support))
         self.enabled = bool(support)
-        if self.enabled:
+        self.capture_seconds = 0.0
+        if self.enabled and capture:
             self._capture_all(max_capture_s)
 
     def _context(self, bs: int) -> StepContext:
@@ -66,10 +82,7 @@ class CudaGraphRunner:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        ctx = self._context(bs)
-        with self.ctx_mgr.context(ctx):
-            inputs = self.model.prepare_inputs_for_generation(self.kv_caches, context=ctx)
-            return self.model(**inputs)
+        return self.step.forward(self._context(bs))
 
     @torch.inference_mode()
     def _capture_all(self, max_capture_s: float) -> None:
@@ -98,6 +111,14 @@ class CudaGraphRunner:
             self.enabled = False
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d CUDA graphs in %.1f s", len(self.graphs), self.capture_seconds)
+
+    def keep_largest(self, n: int) -> None:
+        """Keep only the n largest captured buckets (ranks agree on one set: capture stops on a clock, or fails,
+        per rank, and ranks that replayed different buckets would pair mismatched collectives)."""
+        for bs in sorted(self.graphs, reverse=True)[n:]:
+            del self.graphs[bs], self.outputs[bs]
+        if not self.graphs:
+            self.enabled = False
 
     def can_run(self, ctx: StepContext) -> bool:
         if not self.enabled or not ctx.is_decoding or ctx.inputs_embeds is not None:

@@ -1,7 +1,8 @@
 """Engine: the loop that owns all scheduling state. add_request / abort / step.
 
-Each step: Scheduler.schedule -> ModelRunner.forward -> Sampler -> append tokens, detokenize,
-check stop conditions -> free finished sequences. AsyncEngine runs this loop on a thread.
+Each step: Scheduler.schedule -> executor.execute (the Workers' ModelRunner.forward) -> Sampler -> append
+tokens, detokenize, check stop conditions -> free finished sequences. AsyncEngine runs this loop on a thread;
+lmforge.engine.core runs it in a process of its own for the server.
 """
 
 from __future__ import annotations
@@ -14,28 +15,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from lmforge.config import CacheConfig, SchedulerConfig
+from lmforge.config import SchedulerConfig
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
-from lmforge.model_inputs import StepContextManager
 from lmforge.model_source import load_model_source, load_tokenizer
 
-from . import cache_engine as ce
-from . import tp
 from .block_manager import BlockManager
+from .cache_engine import check_kv_cache_format
 from .detokenizer import Detokenizer
-from .errors import ContextLengthError, RequestError
+from .errors import RequestError
+from .executor import make_executor
 from .host_memory import bound_cpu_kernel_caches, release_free_host_memory
-from .model_loader import build_model
-from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, TokenLogprob
-from .requests import build_request_guide, with_bad_word_ids
+from .requests import build_request_guide, validate_request, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
-from .startup import configure_triton_cache, resolve_device_type, resolve_dtype, start_weight_prefetch, warmup
-from .tp import TensorParallel
+from .startup import configure_triton_cache, resolve_device_type, start_weight_prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +49,9 @@ class _Inflight:
 
 
 class Engine:
+    """Scheduling, sampling and request bookkeeping; the model runs in the Workers of one executor
+    (engine/executor.py: one in-process Worker, tensor-parallel ranks as local processes, or Ray actors)."""
+
     def __init__(self, model_path: str | None = None, backend_config: PytorchEngineConfig | None = None):
         cfg = backend_config or PytorchEngineConfig()
         self.engine_config = cfg
@@ -66,64 +65,32 @@ class Engine:
             configure_triton_cache() if device_type == "cuda" else (None, 0)
         )
         # tensor parallelism: the other ranks start now and load their shards while this one loads its own
-        self.tp = TensorParallel(cfg.tp, device_type, model_path, cfg) if cfg.tp > 1 else None
+        self.executor = make_executor(model_path, cfg, device_type)
         try:
             self._build(model_path, cfg, device_type, start)
         except BaseException:
-            if self.tp is not None:  # the worker processes
-                self.tp.close(abort=True)
-                self.tp = None
+            self.executor.close(abort=True)
             raise
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
+        executor = self.executor
+        driver = executor.driver
+        self.device = driver.device
         source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
-        ce.check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
-        # the tokenizer (and the transformers import it needs) loads on a thread while CUDA starts and the weights
-        # go to the device; it is first needed by warm-up
+        check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
+        # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
         tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
-        self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
-        self.dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
-        self.model_config.dtype = self.dtype
-        self.ctx_mgr = StepContextManager()
         t_model = time.perf_counter()
-        self.model = build_model(
-            source,
-            self.dtype,
-            self.device,
-            self.ctx_mgr,
-            cfg.custom_module_map,
-            0,
-            cfg.tp,
-            check_weights=cfg.check_weights,
-        )
+        driver.load_model(source)
+        self.dtype = driver.dtype
         t_weights = time.perf_counter()
-        self.cache_config = CacheConfig(
-            block_size=cfg.block_size,
-            num_gpu_blocks=cfg.num_gpu_blocks,
-            num_cpu_blocks=cfg.num_cpu_blocks,
-            cache_max_entry_count=cfg.cache_max_entry_count,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            quant_policy=cfg.quant_policy,
-            kv_cache_dtype=cfg.kv_cache_dtype,
-        )
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
-        num_blocks = self._num_blocks(device_type)
+        num_blocks = executor.determine_num_blocks(self.max_batch_size)
         t_cache = time.perf_counter()
-        self.cache = ce.CacheEngine(
-            self.model_config,
-            num_blocks,
-            cfg.block_size,
-            self.dtype,
-            self.device,
-            tp_size=cfg.tp,
-            quant_policy=cfg.quant_policy,
-            kv_cache_dtype=cfg.kv_cache_dtype,
-        )
-        if self.tp is not None:
-            self.tp.channel.send(tp.ALLOC, num_blocks)
+        executor.init_cache(num_blocks)
         max_pos = self.model_config.max_position_embeddings or 1 << 30
         capacity = num_blocks * cfg.block_size
         self.session_len = min(cfg.session_len or max_pos, capacity)
@@ -135,24 +102,16 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(self.max_batch_size, self.session_len, cfg.max_prefill_token_num), self.block_manager
         )
-        self.graph_runner = self._build_graph_runner(device_type)
+        if device_type == "cuda" and not cfg.eager_mode:
+            executor.capture_graphs(self.max_batch_size, -(-self.session_len // cfg.block_size))
         t_graphs = time.perf_counter()
-        self.runner = ModelRunner(
-            self.model,
-            self.ctx_mgr,
-            self.cache.kv_caches,
-            cfg.block_size,
-            self.device,
-            self.graph_runner,
-            channel=self.tp.channel if self.tp is not None else None,
-        )
         self.vocab_size = getattr(source.hf_config, "vocab_size", self.model_config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self.device)
         self._seq_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = self.generation_tokens_total = 0
         # overlap host work with the device only where launches are asynchronous
-        self.overlap = self.device.type == "cuda" and self.tp is None
+        self.overlap = self.device.type == "cuda" and cfg.tp == 1
         self._inflight: _Inflight | None = None
         # where host time goes: schedule / launch (inputs, forward and sampling enqueued) / process (the
         # device sync and per-token work); read by benchmarks and metrics
@@ -160,8 +119,10 @@ class Engine:
         t_tokenizer = time.perf_counter()
         self.tokenizer = source.tokenizer = tokenizer_future.result()
         t_warmup = time.perf_counter()
+        # text and stop strings per request; an engine core leaves them to its front end (serve/core_client.py)
+        self.detokenize = True
         if device_type == "cuda":
-            warmup(self)
+            self.warmup()
         self.load_seconds = time.perf_counter() - start
         # seconds per start-up phase, in order, summing to load_seconds: CUDA start + config, model build + weights,
         # memory profile + KV cache, CUDA graphs, waiting for the tokenizer (it loads on a thread from the config
@@ -185,38 +146,59 @@ class Engine:
             str(self.dtype).replace("torch.", ""),
             num_blocks,
             cfg.block_size,
-            self.cache.nbytes / 2**30,
+            driver.cache.nbytes / 2**30,
             self.session_len,
         )
 
-    def _num_blocks(self, device_type: str) -> int:
-        if device_type == "cpu":
-            return ce.num_cpu_blocks(self.model_config, self.cache_config, self.dtype)
-        from .profile import profile_peak_memory
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The tokens that end a request unless it sets ignore_eos (the tokenizer's and the model config's)."""
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
+        return list(dict.fromkeys(eos + self.model_config.eos_token_ids))
 
-        reserved = profile_peak_memory(self)
-        blocks = ce.num_gpu_blocks(
-            self.model_config, self.cache_config, self.dtype, self.device, reserved, tp_size=self.engine_config.tp
-        )
-        if self.tp is not None:  # every rank sizes from its own free memory; the smallest count wins
-            self.tp.channel.send(tp.SIZE, reserved)
-            blocks = self.tp.channel.reduce_int(blocks, dist.ReduceOp.MIN)
-        return blocks
+    @property
+    def model(self):
+        """The driver rank's model (rank 0's shard under tensor parallelism)."""
+        return self.executor.driver.model
 
-    def _build_graph_runner(self, device_type: str):
-        # tensor-parallel steps run eagerly: graphs would have to capture the collectives on every rank
-        if device_type != "cuda" or self.engine_config.eager_mode or self.tp is not None:
-            return None
-        from .cuda_graph import CudaGraphRunner
+    @property
+    def cache(self):
+        """The driver rank's KV cache (rank 0's KV heads under tensor parallelism)."""
+        return self.executor.driver.cache
 
-        return CudaGraphRunner(self)
+    @property
+    def graph_runner(self):
+        """The driver rank's CUDA graphs, or None (CPU, eager mode)."""
+        return self.executor.driver.graph_runner
+
+    def warmup(self) -> None:
+        """Run a small burst through the real loop at start: prefill chunks short and long (one a full
+        max_prefill_token_num chunk), mixed and decode steps, greedy and sampled rows, logprobs. Kernel
+        compilation and library autotuning then happen here, not under the first real requests."""
+        limit = self.session_len - 8
+        chunk = self.engine_config.max_prefill_token_num + 50
+        lengths = sorted({min(n, limit) for n in (1, 17, 100, 333, 1100, chunk)})
+        for i, n in enumerate(lengths):
+            gen = GenerationConfig(
+                max_new_tokens=4,
+                ignore_eos=True,
+                do_sample=bool(i % 2),
+                temperature=0.7,
+                logprobs=2 if i == 2 else None,
+            )
+            self.add_request([(i + 3) % self.vocab_size] * n, gen, request_id=f"warmup-{i}")
+            self.step()
+        while self.has_unfinished():
+            self.step()
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.step_stats = dict.fromkeys(self.step_stats, 0)
+        self.block_manager.num_cache_hit_tokens = 0
+        self.scheduler.num_preemptions = 0
 
     def close(self) -> None:
-        """Stop the tensor-parallel worker processes, if any; a no-op otherwise. Steps need them, so an
-        engine with tp > 1 runs nothing after this."""
-        if self.tp is not None:
-            self.tp.close()
-            self.tp = None
+        """Stop the other ranks' workers, if any; a no-op otherwise. Steps need them, so an engine with tp > 1
+        runs nothing after this."""
+        self.executor.close()
 
     @property
     def model_name(self) -> str:
@@ -225,13 +207,7 @@ class Engine:
     # --- requests -----------------------------------------------------------------------------
     def validate_request(self, input_ids: list[int], gen_config: GenerationConfig) -> None:
         """Raise RequestError/ContextLengthError for a request that cannot run. Thread-safe (reads config only)."""
-        if not input_ids:
-            raise RequestError("the prompt is empty: give at least one token")
-        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in input_ids):
-            raise RequestError(f"token ids must be integers in [0, {self.vocab_size})")
-        if len(input_ids) >= self.session_len:
-            raise ContextLengthError(len(input_ids), self.session_len)
-        gen_config.validate()
+        validate_request(input_ids, gen_config, self.vocab_size, self.session_len)
 
     def add_request(
         self, input_ids: list[int], gen_config: GenerationConfig, request_id: str | None = None, guide=None
@@ -242,8 +218,7 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         stop_ids = list(gen_config.stop_token_ids or [])
         if not gen_config.ignore_eos:
-            eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
-            stop_ids += [t for t in eos + self.model_config.eos_token_ids if t not in stop_ids]
+            stop_ids += [t for t in self.eos_token_ids if t not in stop_ids]
         if guide is None and gen_config.response_format is not None:
             guide = build_request_guide(self.tokenizer, self.vocab_size, gen_config.response_format)
         if gen_config.bad_words and self.tokenizer is not None:
@@ -252,7 +227,7 @@ class Engine:
         if gen_config.random_seed is not None and not gen_config.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(gen_config.random_seed)
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.detokenize:
             detok = Detokenizer(
                 self.tokenizer.hf, list(input_ids), gen_config.skip_special_tokens, gen_config.stop_words
             )
@@ -368,7 +343,7 @@ class Engine:
                 offset += n
             patch = (dst, src, self._inflight.token_ids) if dst else None
         try:
-            logits = self.runner.forward(sched, sample_rows, patch)
+            logits = self.executor.execute(sched, sample_rows, patch)
             token_ids = None
             result = None
             if sampled:

@@ -50,9 +50,11 @@ def _compiler(tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | No
 class Guide:
     """Per-request grammar state. Not thread-safe: one request's tokens come from one engine loop."""
 
-    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int) -> None:
+    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int, spec: dict | None = None) -> None:
         import xgrammar as xgr
 
+        # the response_format it was compiled from: what an engine core in another process compiles again
+        self.spec = spec
         self.matcher = xgr.GrammarMatcher(compiled)
         self.vocab_size = vocab_size
         self.stop_token_ids = list(self.matcher.stop_token_ids)
@@ -191,4 +193,4 @@ def build_guide(
     response_format: dict, tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | None = None
 ) -> Guide:
     """One request's Guide for `response_format` (see compile_response_format)."""
-    return Guide(*compile_response_format(response_format, tokenizer_hf, vocab_size, stop_token_ids))
+    return Guide(*compile_response_format(response_format, tokenizer_hf, vocab_size, stop_token_ids), response_format)

@@ -13,16 +13,40 @@ from torch import nn
 
 from lmforge.model_inputs import AttnMetadata, StepContext, StepContextManager
 
-from . import tp
 from .scheduler import SchedulerOutput
 from .staging import PinnedStaging
+
+
+class ModelStep:
+    """The one route of a step into a model: `forward(ctx)` gives hidden states (or a seed-style model's logits),
+    `logits(hidden, rows)` the float32 logits of the sampled rows.
+
+    A built-in model takes the context itself (`CausalLM.forward_step`). A model written the design document's
+    way gets a thin adapter: the context is set on its ctx_mgr and its `prepare_inputs_for_generation` kwargs
+    are passed to its forward."""
+
+    def __init__(self, model: nn.Module, ctx_mgr: StepContextManager):
+        self.model, self.ctx_mgr = model, ctx_mgr
+        forward_step = getattr(model, "forward_step", None)
+        self.forward = forward_step if callable(forward_step) else self._seed_forward
+        self.has_get_logits = callable(getattr(model, "get_logits", None))
+
+    def _seed_forward(self, ctx: StepContext) -> torch.Tensor:
+        with self.ctx_mgr.context(ctx):
+            return self.model(**self.model.prepare_inputs_for_generation(ctx.kv_caches, context=ctx))
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.has_get_logits:
+            return self.model.get_logits(hidden.index_select(0, rows))
+        if hidden.dim() == 3:  # a seed-style model returning [1, num_tokens, vocab]
+            hidden = hidden[0]
+        return hidden.index_select(0, rows).float()
 
 
 class ModelRunner:
     def __init__(
         self,
-        model: nn.Module,
-        ctx_mgr: StepContextManager,
+        step: ModelStep,
         kv_caches: list,
         block_size: int,
         device: torch.device,
@@ -31,10 +55,9 @@ class ModelRunner:
     ):
         """channel: with tensor parallelism, the tp.Channel over which rank 0 broadcasts each step's inputs
         (and which the other ranks `follow`)."""
-        self.model, self.ctx_mgr, self.kv_caches = model, ctx_mgr, kv_caches
+        self.step, self.kv_caches = step, kv_caches
         self.channel = channel
         self.block_size, self.device = block_size, device
-        self.has_get_logits = callable(getattr(model, "get_logits", None))
         self.graph_runner = graph_runner
 
         self.staging = PinnedStaging(device)
@@ -86,9 +109,7 @@ class ModelRunner:
         p32["kv_lens"][:] = kv_lens
         flat64, flat32 = self.staging.to_device(p64.array), self.staging.to_device(p32.array)
         if self.channel is not None:  # tensor parallel: the other ranks run the same step on their shards
-            self.channel.send(tp.STEP, num_tokens, num_seqs, max_blocks, len(sample), n_patch)
-            self.channel.broadcast(flat64)
-            self.channel.broadcast(flat32)
+            self.channel.send_step((num_tokens, num_seqs, max_blocks, len(sample), n_patch), flat64, flat32)
         return self._context(p64, flat64, p32, flat32, num_seqs, max_blocks, q_lens.tolist(), kv_lens.tolist())
 
     @staticmethod
@@ -149,20 +170,17 @@ class ModelRunner:
         ctx, extra = self.build_context(sched, sample_rows, rows, src)
         if tokens is not None:
             ctx.input_ids.index_copy_(0, extra["patch_rows"], tokens.index_select(0, extra["patch_src"]))
-        if self.graph_runner is not None and self.graph_runner.can_run(ctx):
-            hidden = self.graph_runner.run(ctx)
-        else:
-            with self.ctx_mgr.context(ctx):
-                inputs = self.model.prepare_inputs_for_generation(self.kv_caches, context=ctx)
-                hidden = self.model(**inputs)
+        hidden = self._run(ctx)
         if not sample_rows:
             return None
-        rows = extra["sample"]
-        if self.has_get_logits:
-            return self.model.get_logits(hidden.index_select(0, rows))
-        if hidden.dim() == 3:  # a seed-style model returning [1, num_tokens, vocab]
-            hidden = hidden[0]
-        return hidden.index_select(0, rows).float()
+        return self.step.logits(hidden, extra["sample"])
+
+    def _run(self, ctx: StepContext) -> torch.Tensor:
+        # every rank decides the same way from the same shapes, so under tensor parallelism all ranks replay
+        # their graphs (with the collectives captured in them) or all run eagerly
+        if self.graph_runner is not None and self.graph_runner.can_run(ctx):
+            return self.graph_runner.run(ctx)
+        return self.step.forward(ctx)
 
     @torch.inference_mode()
     def follow(self, header: list[int]) -> None:
@@ -178,8 +196,7 @@ class ModelRunner:
         ctx, _ = self._context(
             p64, flat64, p32, flat32, num_seqs, max_blocks, lens["q_lens"].tolist(), lens["kv_lens"].tolist()
         )
-        with self.ctx_mgr.context(ctx):
-            self.model(**self.model.prepare_inputs_for_generation(self.kv_caches, context=ctx))
+        self._run(ctx)
 
 
 class _Pack:

@@ -7,7 +7,7 @@ import dataclasses
 
 from lmforge.messages import GenerationConfig
 
-from .errors import RequestError
+from .errors import ContextLengthError, RequestError
 
 
 def build_request_guide(tokenizer, vocab_size: int, response_format: dict):
@@ -30,3 +30,14 @@ def with_bad_word_ids(gen_config: GenerationConfig, tokenizer) -> GenerationConf
             if len(tokens) == 1:
                 ids.add(tokens[0])
     return dataclasses.replace(gen_config, bad_token_ids=sorted(ids))
+
+
+def validate_request(input_ids: list[int], gen_config, vocab_size: int, session_len: int) -> None:
+    """Raise RequestError/ContextLengthError for a request that cannot run (the engine's and its clients' check)."""
+    if not input_ids:
+        raise RequestError("the prompt is empty: give at least one token")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in input_ids):
+        raise RequestError(f"token ids must be integers in [0, {vocab_size})")
+    if len(input_ids) >= session_len:
+        raise ContextLengthError(len(input_ids), session_len)
+    gen_config.validate()

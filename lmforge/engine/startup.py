@@ -1,4 +1,4 @@
-"""Engine start-up decisions (device, dtype, the Triton kernel cache) and the warm-up burst that runs before serving."""
+"""Engine start-up decisions: the device, the dtype and the Triton kernel cache."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import logging
 import os
 
 import torch
-
-from lmforge.messages import GenerationConfig
 
 logger = logging.getLogger(__name__)
 _logged_triton_cache: set[str] = set()
@@ -79,27 +77,3 @@ def resolve_dtype(dtype: str, hf_config, device_type: str) -> torch.dtype:
     if stored in (torch.float16, "float16"):
         return torch.float16
     return torch.bfloat16
-
-
-def warmup(engine) -> None:
-    """Run a small burst through the real loop at start: prefill chunks short and long (one a full
-    max_prefill_token_num chunk), mixed and decode steps, greedy and sampled rows, logprobs. Kernel
-    compilation and library autotuning then happen here, not under the first real requests."""
-    limit = engine.session_len - 8
-    lengths = sorted({min(n, limit) for n in (1, 17, 100, 333, 1100, engine.engine_config.max_prefill_token_num + 50)})
-    for i, n in enumerate(lengths):
-        gen = GenerationConfig(
-            max_new_tokens=4,
-            ignore_eos=True,
-            do_sample=bool(i % 2),
-            temperature=0.7,
-            logprobs=2 if i == 2 else None,
-        )
-        engine.add_request([(i + 3) % engine.vocab_size] * n, gen, request_id=f"warmup-{i}")
-        engine.step()
-    while engine.has_unfinished():
-        engine.step()
-    engine.prompt_tokens_total = engine.generation_tokens_total = 0
-    engine.step_stats = dict.fromkeys(engine.step_stats, 0)
-    engine.block_manager.num_cache_hit_tokens = 0
-    engine.scheduler.num_preemptions = 0

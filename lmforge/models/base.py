@@ -127,6 +127,14 @@ class CausalLM(nn.Module):
         """Hidden states [num_tokens, hidden]; the engine calls get_logits on the rows it samples from."""
         return self.model(input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds)
 
+    def forward_step(self, context: StepContext) -> torch.Tensor:
+        """The engine's one route into a built-in model: the step's context in, hidden states out. (Models written
+        the design document's way, with prepare_inputs_for_generation and ctx_mgr, go through
+        engine.model_runner.ModelStep's adapter instead.)"""
+        return self(
+            context.input_ids, context.position_ids, context.kv_caches, context.attn_metadata, context.inputs_embeds
+        )
+
     def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden_states).float()
         return logits * self.logit_scale if self.logit_scale != 1.0 else logits

@@ -80,7 +80,7 @@ async def _guides(req: ChatCompletionRequest, ctx: ServeContext) -> list:
         raise invalid(
             f"response_format schema took longer than {budget:g} s to compile; simplify it", "response_format"
         ) from None
-    return [Guide(compiled, vocab_size) for _ in range(req.n)]
+    return [Guide(compiled, vocab_size, spec) for _ in range(req.n)]
 
 
 def _logprobs(ctx: ServeContext, entries: list) -> ChatLogprobs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
 import signal
@@ -112,18 +113,32 @@ async def serve_async(
     limits: ServeLimits | None = None,
     metrics_key: str | None = None,
     allowed_hosts: list[str] | None = None,
-) -> None:
+    sock: socket.socket | None = None,
+) -> int:
     """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
 
-    The port is taken first: a busy one fails before the model loads.
-    """
+    The port is taken first: a busy one fails before the model loads (`sock`: a socket already listening, as
+    `lmforge serve`'s launcher takes it before its engine cores start). `engine_factory` may be a coroutine
+    function; given a parameter, it gets a callback to call with a reason when the engine dies under the server
+    (then the server stops and this returns 1). Returns the exit status: 0 after a signal."""
     limits = limits or ServeLimits()
-    sock = bind_socket(host, port)
+    if sock is None:
+        sock = bind_socket(host, port)
     warning = exposure_warning(host, api_keys)
     if warning:
         logger.warning(warning)
+    died: list[str] = []
+    server: _Server | None = None
+
+    def on_engine_death(reason: str) -> None:
+        died.append(reason)
+        if server is not None:
+            server.should_exit = True
+
     try:
-        engine = engine_factory()
+        engine = engine_factory(on_engine_death) if _takes_callback(engine_factory) else engine_factory()
+        if inspect.isawaitable(engine):
+            engine = await engine
     except BaseException:
         sock.close()
         raise
@@ -158,14 +173,26 @@ async def serve_async(
             port,
             ", API keys required" if api_keys else "",
         )
-        await server.serve(sockets=[sock])
+        if not died:
+            await server.serve(sockets=[sock])
     finally:
         sock.close()
         if app is not None:
             app.state.ctx.workers.close()
         await engine.close()
         logger.info("shut down")
+    if died:
+        logger.error("stopped: %s", died[0])
+        return 1
+    return 0
 
 
-def run_server(engine_factory: Callable[[], object], **kwargs) -> None:
-    asyncio.run(serve_async(engine_factory, **kwargs))
+def _takes_callback(factory) -> bool:
+    try:
+        return len(inspect.signature(factory).parameters) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def run_server(engine_factory: Callable[[], object], **kwargs) -> int:
+    return asyncio.run(serve_async(engine_factory, **kwargs))

@@ -4,6 +4,7 @@ is in tests/engine/test_gpu_engine.py."""
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from lmforge.check_env.parity import PREEMPTION, run_parity
@@ -40,11 +41,11 @@ def test_engine_shards_the_model_and_stops_its_worker(tiny_llama_dir):
     single = Engine(tiny_llama_dir, PytorchEngineConfig(**cfg))
     expected = _greedy(single, prompts)
     engine = Engine(tiny_llama_dir, PytorchEngineConfig(tp=2, **cfg))
-    worker = engine.tp.procs[0]
+    worker = engine.executor.procs[0]
     assert worker.is_alive()
     attn = engine.model.model.layers[0].self_attn
     assert attn.qkv_proj.num_q_heads == 2 and attn.attn_fwd.num_heads == 2  # 4 heads over 2 ranks
-    assert engine.cache.kv_caches[0][0].shape[2] == 1  # and 1 of the 2 KV heads per rank
+    assert engine.executor.driver.cache.kv_caches[0][0].shape[2] == 1  # and 1 of the 2 KV heads per rank
     assert _greedy(engine, prompts) == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.close()
@@ -68,7 +69,7 @@ def test_async_engine_serves_with_tp_and_stops_its_worker_on_close(tiny_llama_di
         aengine = AsyncEngine(
             tiny_llama_dir, PytorchEngineConfig(device_type="cpu", tp=2, num_cpu_blocks=32, block_size=8)
         )
-        procs = aengine.engine.tp.procs
+        procs = aengine.engine.executor.procs
         tokens = []
         async for out in aengine.generate([5, 6, 7, 8], GenerationConfig(max_new_tokens=4, ignore_eos=True)):
             tokens += out.token_ids
@@ -80,3 +81,25 @@ def test_async_engine_serves_with_tp_and_stops_its_worker_on_close(tiny_llama_di
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_decodes_through_cuda_graphs_on_every_rank_with_eager_tokens(tiny_llama_dir):
+    """CUDA graphs under tensor parallelism: both ranks capture the same buckets (the all-reduces inside the graphs),
+    decode steps replay them, and the tokens are those of eager tp=2 steps."""
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [3] * 9]
+    cfg = dict(device_type="cuda", tp=2, num_gpu_blocks=64, block_size=16, max_batch_size=8)
+    eager = Engine(tiny_llama_dir, PytorchEngineConfig(eager_mode=True, **cfg))
+    expected = _greedy(eager, prompts)
+    eager.close()
+    engine = Engine(tiny_llama_dir, PytorchEngineConfig(**cfg))
+    graphs = engine.graph_runner
+    assert graphs is not None and graphs.enabled and graphs.graphs
+    replays = []
+    for graph in graphs.graphs.values():
+        original = graph.replay
+        graph.replay = lambda original=original: replays.append(1) or original()
+    assert _greedy(engine, prompts) == expected
+    assert replays  # the decode steps went through the graphs
+    engine.close()

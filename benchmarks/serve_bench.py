@@ -1,0 +1,321 @@
+"""HTTP serving benchmark: streaming OpenAI-style clients against `lmforge serve` (or lmdeploy's api_server), the peer
+kit's workload (token-id prompts, exact output lengths), at fixed request rates or all at once.
+
+    python benchmarks/serve_bench.py --url http://127.0.0.1:23333 --request-rates 4,8,16,inf --plot bench.png
+    python benchmarks/serve_bench.py --url http://127.0.0.1:23333 --api generate     # lmdeploy api_server
+
+Per request rate one JSON line: request and token throughput, and TTFT / inter-token latency (ITL) / end-to-end
+(E2E) latency mean, p50, p90 and p99, in seconds. `inf` sends every request at once; a finite rate draws Poisson
+arrivals (seeded). With --plot, a PNG of output throughput and p99 latencies against the request rate (needs
+matplotlib; without it the JSON lines are still written and the plot is skipped with a message).
+
+Workload: `../shared/peer/bench_peer.py`'s draw for draw (seed 0: per request in_len, out_len in [100, 1024], then
+in_len ids in [10, vocab - 1]); --input-len / --output-len change the ranges (tiny test models), --workload reads
+a file written by `bench_peer.py --write-workload`. Every request asks for exactly out_len tokens (EOS ignored),
+temperature 0.6, top_p 1.0, as bench_peer.py does.
+
+Endpoints (--api): `completions` posts the ids as an OpenAI `/v1/completions` prompt (a list of token ids) with
+`stream_options.include_usage`, which lmforge serves; lmdeploy's `/v1/completions` reads a list as several
+prompts, so for lmdeploy use `generate`, its `/generate` endpoint with `input_ids` (same streaming SSE framing,
+token ids in each chunk). An ITL sample is the gap between two streamed chunks that carry output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+VOCAB = 49152
+TEMPERATURE, TOP_P = 0.6, 1.0
+
+
+def workload(n: int, seed: int, vocab: int, in_range=(100, 1024), out_range=(100, 1024)) -> list[tuple[list, int]]:
+    """bench_peer.gen_workload, draw for draw, with the length ranges as parameters."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        in_len = rng.randint(*in_range)
+        out_len = rng.randint(*out_range)
+        reqs.append(([rng.randint(10, vocab - 1) for _ in range(in_len)], out_len))
+    return reqs
+
+
+def load_workload(path: str) -> list[tuple[list, int]]:
+    with open(path) as f:
+        data = json.load(f)
+    reqs = data["requests"] if isinstance(data, dict) else data
+    return [(r["input_ids"], int(r["out_len"])) for r in reqs]
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""
+
+
+def _payload(api: str, model: str, ids: list[int], out_len: int) -> tuple[str, dict]:
+    common = {"max_tokens": out_len, "temperature": TEMPERATURE, "top_p": TOP_P, "ignore_eos": True, "stream": True}
+    if api == "generate":
+        return "/generate", {"input_ids": ids, **common}
+    body = {"model": model, "prompt": ids, "stream_options": {"include_usage": True}, **common}
+    return "/v1/completions", body
+
+
+def _parse(api: str, data: dict, res: Result) -> int:
+    """Fold one SSE payload into `res`; returns how many output tokens it carries (0: no output in it)."""
+    if "error" in data:
+        raise RuntimeError(json.dumps(data["error"])[:300])
+    if api == "generate":
+        n = len(data.get("output_ids") or [])
+        meta = data.get("meta_info") or {}
+        res.prompt_tokens = meta.get("prompt_tokens") or res.prompt_tokens
+        res.output_tokens += n
+        return n
+    if data.get("usage"):
+        res.prompt_tokens = data["usage"]["prompt_tokens"]
+        res.output_tokens = data["usage"]["completion_tokens"]
+    choices = data.get("choices") or []
+    return int(any(c.get("text") for c in choices))
+
+
+async def _lines_aiohttp(session, url: str, body: dict, headers: dict):
+    async with session.post(url, json=body, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+        async for raw in resp.content:
+            yield raw.decode().strip()
+
+
+async def _lines_httpx(client, url: str, body: dict, headers: dict):
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:300]}")
+        async for line in resp.aiter_lines():
+            yield line.strip()
+
+
+async def one_request(lines, api: str, model: str, ids: list[int], out_len: int) -> Result:
+    path, body = _payload(api, model, ids, out_len)
+    res = Result(prompt_tokens=len(ids))
+    start = last = time.perf_counter()
+    try:
+        async for line in lines(path, body):
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            if _parse(api, json.loads(payload), res):
+                now = time.perf_counter()
+                if res.ttft == 0.0:
+                    res.ttft = now - start
+                else:
+                    res.itls.append(now - last)
+                last = now
+        res.e2e = time.perf_counter() - start
+        res.ok = res.ttft > 0
+        if not res.ok:
+            res.error = "no output"
+    except Exception as e:  # a failed request is counted, not fatal
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(results: list[Result], reqs, wall: float, rate: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    row = {
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "wrong_length_requests": sum(r.output_tokens != n for r, (_, n) in zip(results, reqs, strict=True) if r.ok),
+        "wall_s": round(wall, 3),
+        "req_per_s": round(len(ok) / wall, 3),
+        "out_tok_s": round(out_tokens / wall, 1),
+        "total_tok_s": round((out_tokens + in_tokens) / wall, 1),
+        "in_tokens": in_tokens,
+        "out_tokens": out_tokens,
+    }
+    for name, xs in (
+        ("ttft", [r.ttft for r in ok]),
+        ("itl", [x for r in ok for x in r.itls]),
+        ("e2e", [r.e2e for r in ok]),
+    ):
+        row[f"{name}_mean_s"] = round(sum(xs) / len(xs), 5) if xs else float("nan")
+        for p in (50, 90, 99):
+            row[f"{name}_p{p}_s"] = round(_pct(xs, p), 5)
+    errors = [r.error for r in results if not r.ok]
+    if errors:
+        row["first_error"] = errors[0]
+    return row
+
+
+async def run_rate(args, model: str, reqs, rate: float) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    rng = random.Random(args.seed + 7)
+    timeout = args.timeout
+
+    async def with_client(lines) -> tuple[list[Result], float]:
+        async def fire(i: int, delay: float) -> Result:
+            await asyncio.sleep(delay)
+            ids, n = reqs[i]
+            if limit is None:
+                return await one_request(lines, args.api, model, ids, n)
+            async with limit:
+                return await one_request(lines, args.api, model, ids, n)
+
+        delays, t = [], 0.0
+        for _ in reqs:
+            delays.append(t)
+            if not math.isinf(rate):
+                t += rng.expovariate(rate)
+        start = time.perf_counter()
+        results = await asyncio.gather(*(fire(i, d) for i, d in enumerate(delays)))
+        return list(results), time.perf_counter() - start
+
+    try:
+        import aiohttp
+    except ImportError:
+        aiohttp = None
+    if aiohttp is not None:
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(
+            base_url=args.url, connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as session:
+            results, wall = await with_client(lambda path, body: _lines_aiohttp(session, path, body, headers))
+    else:
+        import httpx
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=args.url, timeout=timeout, limits=limits) as client:
+            results, wall = await with_client(lambda path, body: _lines_httpx(client, path, body, headers))
+    return summarize(results, reqs, wall, rate)
+
+
+def model_name(args) -> str:
+    if args.model_name:
+        return args.model_name
+    import urllib.request
+
+    req = urllib.request.Request(args.url + "/v1/models")
+    if args.api_key:
+        req.add_header("Authorization", f"Bearer {args.api_key}")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)["data"][0]["id"]
+
+
+def plot(rows: list[dict], path: str, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"serve_bench: matplotlib is not installed, so no plot was written to {path} "
+              "(pip install matplotlib; the JSON lines above have every figure)", file=sys.stderr)  # fmt: skip
+        return False
+    finite = [r["request_rate"] for r in rows if r["request_rate"] != "inf"]
+    inf_x = (max(finite) * 1.5 if finite else 1.0) if any(r["request_rate"] == "inf" for r in rows) else None
+    xs = [inf_x if r["request_rate"] == "inf" else r["request_rate"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(xs, [r["out_tok_s"] for r in rows], "o-", label="output tok/s")
+    ax1.plot(xs, [r["total_tok_s"] for r in rows], "s--", label="total tok/s")
+    ax1.set_xlabel("request rate (req/s)")
+    ax1.set_ylabel("tokens / s")
+    ax1.legend()
+    for key, label in (("ttft_p99_s", "TTFT p99"), ("itl_p99_s", "ITL p99"), ("e2e_p99_s", "E2E p99")):
+        ax2.plot(xs, [r[key] for r in rows], "o-", label=label)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("request rate (req/s)")
+    ax2.set_ylabel("seconds")
+    ax2.legend()
+    if inf_x is not None:
+        for ax in (ax1, ax2):
+            ticks = sorted(set(finite)) + [inf_x]
+            ax.set_xticks(ticks, [f"{t:g}" for t in sorted(set(finite))] + ["all at once"])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(",")
+    lo, hi = int(lo), int(hi or lo)
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _rates(text: str) -> list[float]:
+    rates = []
+    for part in text.split(","):
+        rate = float(part)
+        if not rate > 0:
+            raise argparse.ArgumentTypeError(f"request rates must be > 0 or inf, got {part!r}")
+        rates.append(rate)
+    return rates
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:23333", help="the server's base URL")
+    p.add_argument("--api", choices=["completions", "generate"], default="completions",
+                   help="completions: OpenAI /v1/completions with token-id prompts (lmforge); generate: lmdeploy's "
+                   "/generate with input_ids")  # fmt: skip
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--model-name", default=None, help="default: the first of /v1/models")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=VOCAB, help="token ids are drawn from [10, vocab - 1]")
+    p.add_argument("--input-len", type=_range, default=(100, 1024), help="LO,HI of the prompt lengths")
+    p.add_argument("--output-len", type=_range, default=(100, 1024), help="LO,HI of the output lengths")
+    p.add_argument("--workload", default=None, help="a JSON workload from bench_peer.py --write-workload")
+    p.add_argument("--request-rates", type=_rates, default=[math.inf],
+                   help="comma-separated requests per second, 'inf' = all at once (default: inf)")  # fmt: skip
+    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds a request may take")
+    p.add_argument("--plot", default=None, help="write a PNG of throughput and p99 latency vs request rate here")
+    p.add_argument("--label", default=None, help="added to every JSON line (e.g. the server and model)")
+    args = p.parse_args(argv)
+    if args.workload:
+        reqs = load_workload(args.workload)[: args.num_requests]
+    else:
+        reqs = workload(args.num_requests, args.seed, args.vocab, args.input_len, args.output_len)
+    model = model_name(args) if args.api == "completions" else (args.model_name or "")
+    rows = []
+    for rate in args.request_rates:
+        row = asyncio.run(run_rate(args, model, reqs, rate))
+        row = {"bench": "serve", "label": args.label, "api": args.api, "url": args.url, **row}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.plot:
+        plot(rows, args.plot, args.label or args.url)
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Worker: everything one rank does. Build the model under the build context and load its weights (with the
+weights' post-load processing), profile activation memory, size and allocate the KV cache, capture CUDA graphs,
+and run steps.
+
+Rank 0 (the "driver", in the Engine's process) gets steps from the Engine through `execute`; with tensor
+parallelism it broadcasts each command to the other ranks over its tp.Channel, and those ranks (Workers in
+processes of their own, started by an executor) act on it in `serve`. A single rank has no channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+from lmforge.config import CacheConfig
+from lmforge.messages import PytorchEngineConfig
+from lmforge.model_inputs import StepContextManager
+from lmforge.model_source import ModelSource, load_model_source
+
+from . import cache_engine as ce
+from . import tp
+from .model_loader import build_model
+from .model_runner import ModelRunner, ModelStep
+from .profile import peak_step_memory, profile_num_tokens
+from .scheduler import SchedulerOutput
+from .startup import resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        model_path: str | None,
+        cfg: PytorchEngineConfig,
+        device: torch.device,
+        rank: int = 0,
+        channel: tp.Channel | None = None,
+    ):
+        self.model_path, self.cfg, self.device, self.rank, self.channel = model_path, cfg, device, rank, channel
+        self.world_size = channel.world if channel is not None else 1
+        self.cache: ce.CacheEngine | None = None
+        self.graph_runner = None
+        self.runner: ModelRunner | None = None
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def _tell(self, cmd: int, *args: int) -> None:
+        """The driver: have the other ranks do what it is about to do."""
+        if self.channel is not None and self.is_driver:
+            self.channel.send(cmd, *args)
+
+    # --- start-up -------------------------------------------------------------------------------
+    def load_model(self, source: ModelSource | None = None) -> None:
+        """Build this rank's shard of the model under the build context and load its weights (model_loader runs
+        the layers' post-load weight processing)."""
+        cfg = self.cfg
+        if source is None:
+            source = load_model_source(self.model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
+        self.source, self.model_config = source, source.model_config
+        self.dtype = resolve_dtype(cfg.dtype, source.hf_config, self.device.type)
+        self.model_config.dtype = self.dtype
+        self.ctx_mgr = StepContextManager()
+        self.model = build_model(
+            source,
+            self.dtype,
+            self.device,
+            self.ctx_mgr,
+            cfg.custom_module_map,
+            self.rank,
+            self.world_size,
+            check_weights=cfg.check_weights,
+        )
+        self.step = ModelStep(self.model, self.ctx_mgr)
+
+    def profile_peak_memory(self, max_batch_size: int) -> int:
+        """Bytes the largest step needs beyond the weights (activations + logits of a full batch); with tensor
+        parallelism, the largest over the ranks (each runs the same step on its shard)."""
+        num_tokens = profile_num_tokens(self.cfg.max_prefill_token_num, self.model_config)
+        self._tell(tp.PROFILE, num_tokens)
+        peak = peak_step_memory(
+            self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens, self.channel
+        )
+        if self.is_driver:  # the sampler holds a few [batch, vocab] float32 tensors at once
+            peak += 4 * max(1, min(max_batch_size, 256)) * self.model_config.vocab_size * 4
+        if self.channel is not None:
+            peak = self.channel.reduce_int(peak, dist.ReduceOp.MAX)
+        if self.is_driver:
+            logger.info("profile: a %d-token step needs %.2f GiB of activations", num_tokens, peak / 2**30)
+        return int(peak)
+
+    def determine_num_blocks(self, max_batch_size: int) -> int:
+        """KV blocks every rank can hold: on CPU from the host budget, on GPU from each rank's free memory after
+        the profile step (the smallest count over the ranks)."""
+        if self.device.type == "cpu":
+            return ce.num_cpu_blocks(self.model_config, self._cache_config(), self.dtype)
+        reserved = self.profile_peak_memory(max_batch_size)
+        self._tell(tp.SIZE, reserved)
+        return self._gpu_blocks(reserved)
+
+    def _cache_config(self) -> CacheConfig:
+        cfg = self.cfg
+        return CacheConfig(
+            block_size=cfg.block_size,
+            num_gpu_blocks=cfg.num_gpu_blocks,
+            num_cpu_blocks=cfg.num_cpu_blocks,
+            cache_max_entry_count=cfg.cache_max_entry_count,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+        )
+
+    def _gpu_blocks(self, reserved: int) -> int:
+        blocks = ce.num_gpu_blocks(
+            self.model_config, self._cache_config(), self.dtype, self.device, reserved, tp_size=self.world_size
+        )
+        if self.channel is not None:
+            blocks = self.channel.reduce_int(blocks, dist.ReduceOp.MIN)
+        return blocks
+
+    def init_cache(self, num_blocks: int) -> None:
+        self._tell(tp.ALLOC, num_blocks)
+        cfg = self.cfg
+        self.cache = ce.CacheEngine(
+            self.model_config,
+            num_blocks,
+            cfg.block_size,
+            self.dtype,
+            self.device,
+            tp_size=self.world_size,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+        )
+        self._make_runner()
+
+    def capture_graphs(self, max_batch_size: int, max_blocks: int) -> None:
+        """CUDA graphs for decode batches up to max_batch_size sequences of up to max_blocks blocks each; every
+        rank captures the same buckets, so a graph's collectives meet the other ranks' graphs."""
+        self._tell(tp.GRAPHS, max_batch_size, max_blocks)
+        from .cuda_graph import CudaGraphRunner
+
+        graphs = CudaGraphRunner(self.step, self.cache, self.cfg.block_size, self.device, max_batch_size, max_blocks)
+        if self.channel is not None:  # every rank keeps the buckets that all ranks captured
+            graphs.keep_largest(self.channel.reduce_int(len(graphs.graphs) if graphs.enabled else 0, dist.ReduceOp.MIN))
+        self.graph_runner = graphs
+        self._make_runner()
+
+    def _make_runner(self) -> None:
+        self.runner = ModelRunner(
+            self.step, self.cache.kv_caches, self.cfg.block_size, self.device, self.graph_runner, self.channel
+        )
+
+    # --- steps ----------------------------------------------------------------------------------
+    def execute(self, sched: SchedulerOutput, sample_rows: list[int], patch=None) -> torch.Tensor | None:
+        """The driver: run one step on every rank; float32 logits of the sampled rows (see ModelRunner.forward)."""
+        return self.runner.forward(sched, sample_rows, patch)
+
+    @torch.inference_mode()
+    def serve(self) -> None:
+        """Ranks > 0: act on the driver's commands until STOP."""
+        channel = self.channel
+        while True:
+            cmd, *args = channel.recv()
+            if cmd == tp.STOP:
+                return
+            if cmd == tp.STEP:
+                self.runner.follow(args)
+            elif cmd == tp.PROFILE:
+                self.profile_peak_memory(0)
+            elif cmd == tp.SIZE:
+                self._gpu_blocks(args[0])
+            elif cmd == tp.ALLOC:
+                self.init_cache(args[0])
+            elif cmd == tp.GRAPHS:
+                self.capture_graphs(args[0], args[1])
+            else:
+                raise RuntimeError(f"tensor-parallel rank {self.rank}: unknown command {cmd}")
+
+
+def run_worker(
+    rank: int, world: int, init_method: str, device_type: str, model_path, cfg, device_index: int | None = None
+) -> None:
+    """A rank > 0 in a process of its own (a local process or a Ray actor): join the group, load the shard, then
+    serve the driver's commands until STOP. `device_index`: the GPU to use (default: the rank's).
+
+    Ctrl-C and SIGTERM reach the whole process group; only rank 0 acts on them (it finishes or aborts its
+    requests, then sends STOP), since a rank that left mid-step would stall the other ranks' collectives."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if device_type == "cpu":
+        from .host_memory import bound_cpu_kernel_caches
+
+        bound_cpu_kernel_caches()
+        torch.set_num_threads(tp.cpu_threads_per_rank(world))
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", rank if device_index is None else device_index)
+        torch.cuda.set_device(device)
+    tp.init_group(device_type, init_method, rank, world)
+    try:
+        worker = Worker(model_path, cfg, device, rank, tp.Channel(device))
+        worker.load_model()
+        worker.serve()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,210 @@
+"""`lmforge serve`'s processes: engine cores (one per `--dp` replica) and HTTP front ends (`--api-server-count`).
+
+    launcher (this process)  takes the port, starts the engine cores and waits until their engines are built;
+                             then, with one API server, serves HTTP itself; with N, starts N API-server processes
+                             that accept on its listening socket (the kernel spreads connections) and watches them
+    engine core i            lmforge.engine.core: Engine + ZeroMQ ROUTER at ipc://<tmp>/core<i>
+    API server j             uvicorn + FastAPI + an EngineCoreClient connected to every core
+
+A core that dies fails the requests waiting on it; its API servers then stop with status 1, and so does the
+launcher. SIGINT/SIGTERM: the API servers finish (or, after --shutdown-timeout, abort) what is in flight, then the
+launcher shuts the cores down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import time
+
+from lmforge.engine.core import EngineCoreProcess
+from lmforge.messages import PytorchEngineConfig
+
+from .server import bind_socket, serve_async
+
+logger = logging.getLogger("lmforge.serve")
+
+
+def _replica_configs(cfg: PytorchEngineConfig, dp: int) -> tuple[list[PytorchEngineConfig], list[dict], bool]:
+    """Per replica: its engine config, its environment, and whether the replicas must start one after another
+    (they share GPUs, so each must see the memory the ones before it took)."""
+    import torch
+
+    device = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // (dp * cfg.tp))
+        env = {"OMP_NUM_THREADS": str(threads)} if dp > 1 else {}
+        return [cfg] * dp, [env] * dp, False
+    gpus = torch.cuda.device_count()
+    if gpus >= dp * cfg.tp and dp > 1:  # every replica on GPUs of its own
+        envs = [{"CUDA_VISIBLE_DEVICES": ",".join(str(i * cfg.tp + r) for r in range(cfg.tp))} for i in range(dp)]
+        return [cfg] * dp, envs, False
+    # replicas share the GPUs: each takes its share of the memory free when it starts, which is what the ones
+    # before it left: replica i asks for c / (dp - i * c) of that, so all get c / dp of the memory free at first
+    c = cfg.cache_max_entry_count
+    cfgs = [dataclasses.replace(cfg, cache_max_entry_count=c / (dp - i * c)) for i in range(dp)]
+    return cfgs, [{}] * dp, True
+
+
+def _start_ray_cores(model_path: str | None, cfg: PytorchEngineConfig, dp: int, log_level: str) -> list:
+    from lmforge.engine.core import RayEngineCore
+
+    cores = []
+    try:
+        for i in range(dp):
+            cores.append(RayEngineCore(model_path, cfg, log_level, i))
+        for core in cores:
+            core.wait_ready()
+            logger.info("engine core %d ready on Ray (%s)", core.index, core.address)
+    except BaseException:
+        for core in cores:
+            core.stop(timeout=5)
+        raise
+    return cores
+
+
+def start_engine_cores(model_path: str | None, cfg: PytorchEngineConfig, dp: int, log_level: str, tmp: str):
+    if cfg.distributed_executor_backend == "ray" and dp > 1:
+        return _start_ray_cores(model_path, cfg, dp, log_level)
+    cfgs, envs, sequential = _replica_configs(cfg, dp)
+    cores: list[EngineCoreProcess] = []
+    try:
+        for i in range(dp):
+            saved = {k: os.environ.get(k) for k in envs[i]}
+            os.environ.update(envs[i])  # the spawned child inherits it
+            try:
+                cores.append(EngineCoreProcess(model_path, cfgs[i], f"ipc://{tmp}/core{i}", log_level, i))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            if sequential:
+                cores[-1].wait_ready()
+        for core in cores:
+            if core.info is None:
+                core.wait_ready()
+            logger.info("engine core %d ready (pid %d, %s)", core.index, core.pid, core.address)
+    except BaseException:
+        for core in cores:
+            core.stop(timeout=5)
+        raise
+    return cores
+
+
+def _client_factory(addresses: list[str], pids: list[int], model_path, trust_remote_code: bool):
+    async def factory(on_core_death):
+        from lmforge.model_source import load_model_source
+
+        from .core_client import EngineCoreClient
+
+        tokenizer = load_model_source(model_path, trust_remote_code, with_tokenizer=True).tokenizer
+        return await EngineCoreClient.connect(addresses, pids, tokenizer, on_core_death)
+
+    return factory
+
+
+def _api_server_main(addresses, pids, model_path, trust_remote_code, sock, server_kwargs, log_level) -> None:
+    import asyncio
+    import sys
+
+    logging.basicConfig(level=getattr(logging, log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    factory = _client_factory(addresses, pids, model_path, trust_remote_code)
+    sys.exit(asyncio.run(serve_async(factory, sock=sock, **server_kwargs)))
+
+
+def serve_model(
+    model_path: str | None,
+    cfg: PytorchEngineConfig,
+    dp: int = 1,
+    api_server_count: int = 1,
+    log_level: str = "INFO",
+    **server_kwargs,
+) -> int:
+    """Run `lmforge serve` until a signal (status 0) or an engine core's death (status 1). Raises ValueError when
+    an engine cannot start (a missing model, a bad setting), with the engine's message."""
+    if dp < 1 or api_server_count < 1:
+        raise ValueError(f"--dp and --api-server-count must be >= 1, got {dp} and {api_server_count}")
+    sock = bind_socket(server_kwargs.get("host", "127.0.0.1"), server_kwargs.get("port", 23333))
+    tmp = tempfile.mkdtemp(prefix="lmforge-serve-")
+    cores: list[EngineCoreProcess] = []
+    ray_started = False
+    try:
+        ray_started = cfg.distributed_executor_backend == "ray" and dp > 1 and _join_ray()
+        cores = start_engine_cores(model_path, cfg, dp, log_level, tmp)
+        addresses, pids = [c.address for c in cores], [c.pid for c in cores]
+        kwargs = dict(server_kwargs, log_level=log_level.lower())
+        if api_server_count == 1:
+            import asyncio
+
+            factory = _client_factory(addresses, pids, model_path, cfg.trust_remote_code)
+            return asyncio.run(serve_async(factory, sock=sock, **kwargs))
+        return _run_api_servers(api_server_count, addresses, pids, model_path, cfg, sock, kwargs, log_level, cores)
+    finally:
+        for core in cores:
+            core.stop()
+        sock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+
+def _join_ray() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("--distributed-executor-backend ray needs Ray: pip install 'lmforge[ray]'") from None
+    from lmforge.engine.executor import join_ray
+
+    return join_ray()
+
+
+def _run_api_servers(n, addresses, pids, model_path, cfg, sock, kwargs, log_level, cores) -> int:
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=_api_server_main,
+            args=(addresses, pids, model_path, cfg.trust_remote_code, sock, kwargs, log_level),
+            name=f"lmforge-api{j}",
+        )
+        for j in range(n)
+    ]
+    stopping: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stopping.append(signum)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        logger.info("%d API servers on http://%s:%d", n, kwargs["host"], kwargs["port"])
+        status = 0
+        while any(p.is_alive() for p in procs):
+            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            dead_core = [c for c in cores if not c.alive()]
+            if (failed or dead_core) and not stopping:
+                status = 1
+                forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+        if any(p.exitcode != 0 for p in procs):
+            status = 1
+        return status
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
