@@ -140,7 +140,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_block_n(head_dim: int, v_dim: int) -> int:
-    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernels.py sweep)."""
+    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernel_sweep.py sweep)."""
     block_d = max(sum(split_head_dim(head_dim)), triton.next_power_of_2(v_dim))
     return 128 if block_d <= 64 else 64 if block_d <= 128 else 32
 

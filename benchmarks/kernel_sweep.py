@@ -4,7 +4,7 @@ Prints one JSON line per case to stdout: device, op, shape, median ms (triton.te
 clears L2 between runs), achieved GB/s (bytes the op must move / time) and the same for the reference.
 The first line measures a plain device copy: the bandwidth floor the memory-bound kernels are held to.
 
-    python3 benchmarks/kernels.py [--quick] [--only copy,decode,prefill,pointwise,moe]
+    python3 benchmarks/kernel_sweep.py [--quick] [--only copy,decode,prefill,pointwise,moe]
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def bench_moe(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k:
 
 def main() -> None:
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
+        print("benchmarks/kernel_sweep.py needs a CUDA device", file=sys.stderr)
         sys.exit(1)
     quick = "--quick" in sys.argv
     groups = {"copy", "decode", "prefill", "pointwise", "moe"}
