@@ -36,7 +36,28 @@ def paged_attention(
     meta = attn_metadata
     # a shape test, not a data test, so the choice is fixed when a decode step is captured in a CUDA graph
     if meta.is_decoding and query.shape[0] == meta.num_seqs:
-        return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.kv_seqlens, scale, sliding_window,
-                                logit_softcapping, v_head_dim)
-    return prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.q_start_loc, meta.q_seqlens,
-                             meta.kv_seqlens, meta.max_q_seqlen, scale, sliding_window, logit_softcapping, v_head_dim)
+        return decode_attention(
+            query,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.kv_seqlens,
+            scale,
+            sliding_window,
+            logit_softcapping,
+            v_head_dim,
+        )
+    return prefill_attention(
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.q_start_loc,
+        meta.q_seqlens,
+        meta.kv_seqlens,
+        meta.max_q_seqlen,
+        scale,
+        sliding_window,
+        logit_softcapping,
+        v_head_dim,
+    )

@@ -42,5 +42,4 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
 def shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, v_dim: int, block_d1: int) -> bool:
     """True when the values are the leading block_d1 channels of the key cache itself (MLA's latent cache):
     then the kernels reuse the key tile as the value tile instead of loading the same bytes twice."""
-    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
-            and v_dim == block_d1)
+    return v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and v_dim == block_d1

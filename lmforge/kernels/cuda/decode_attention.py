@@ -37,13 +37,45 @@ def _split_range(kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_
 
 # split count and block-table width vary with the batch: no variant per value
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_seqlens_ptr, part_out_ptr,
-                         part_lse_ptr, scale, softcap, window, num_heads, group_size, head_dim, v_dim, block_size,
-                         num_splits, stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
-                         stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-                         SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    kv_seqlens_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale,
+    softcap,
+    window,
+    num_heads,
+    group_size,
+    head_dim,
+    v_dim,
+    block_size,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_bt,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     seq = tl.program_id(0)
     # a large group (MLA: 16-128 query heads on one latent head) is served BLOCK_G heads per program
     head_blocks = tl.cdiv(group_size, BLOCK_G)
@@ -111,10 +143,22 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_s
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, kv_seqlens_ptr, out_ptr, window, v_dim, num_splits,
-                          stride_ot, stride_oh, stride_od,
-                          WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_DV: tl.constexpr):
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    kv_seqlens_ptr,
+    out_ptr,
+    window,
+    v_dim,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_len = tl.load(kv_seqlens_ptr + seq)
@@ -126,12 +170,12 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, kv_seqlens_ptr, out_ptr, w
     m = tl.maximum(tl.max(lse, axis=0), NEG_BIG)
     w = tl.where(valid, tl.exp2(lse - m), 0.0)
     dv = tl.arange(0, BLOCK_DV)
-    parts = tl.load(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], mask=valid[:, None],
-                    other=0.0)
+    parts = tl.load(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], mask=valid[:, None], other=0.0)
     w_sum = tl.sum(w, axis=0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0, w_sum, 1.0)  # no keys (padding row): zeros
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dv * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=dv < v_dim)
+    tl.store(
+        out_ptr + seq * stride_ot + head * stride_oh + dv * stride_od, out.to(out_ptr.dtype.element_ty), mask=dv < v_dim
+    )
 
 
 @functools.lru_cache
@@ -158,11 +202,22 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_
     return max(1, min(wanted, triton.cdiv(max_kv_len, block_n), 64))
 
 
-def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     kv_seqlens: torch.Tensor, scale: float, sliding_window: int | None = None,
-                     logit_softcapping: float | None = None, v_head_dim: int | None = None,
-                     out: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+def decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcapping: float | None = None,
+    v_head_dim: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
     """query [num_seqs, heads, d] -> [num_seqs, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
 
     block_tables [num_seqs, max_blocks] int32, kv_seqlens [num_seqs] int32 (keys visible to each query, its own
@@ -177,8 +232,10 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache.shape[-1]:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} does not fit k_cache {tuple(k_cache.shape)}")
     if block_tables.shape[0] != num_seqs or kv_seqlens.shape != (num_seqs,):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} / kv_seqlens {tuple(kv_seqlens.shape)} "
-                         f"do not match {num_seqs} sequences")
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)} / kv_seqlens {tuple(kv_seqlens.shape)} "
+            f"do not match {num_seqs} sequences"
+        )
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     group_size = num_heads // num_kv_heads
@@ -187,8 +244,9 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_n = block_n or default_block_n(head_dim, v_dim)
     block_g = default_block_g(group_size, head_dim)
     if num_splits is None:
-        num_splits = default_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n,
-                                        query.device)
+        num_splits = default_num_splits(
+            num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n, query.device
+        )
     out = check_out(out, query, (num_seqs, num_heads, v_dim))
     if num_seqs == 0:
         return out
@@ -198,16 +256,51 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     softcap = logit_softcapping or 0.0
     grid = (num_seqs, num_kv_heads * triton.cdiv(group_size, block_g), num_splits)
     _decode_split_kernel[grid](
-        query, k_cache, v_cache, block_tables, kv_seqlens, part_out, part_lse, scale, softcap, window, num_heads,
-        group_size, head_dim, v_dim, block_size, num_splits, *query.stride(), *k_cache.stride(), *v_cache.stride(),
-        block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window), BLOCK_G=block_g, BLOCK_N=block_n,
-        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, SHARED_KV=shares_kv(k_cache, v_cache, v_dim, block_d1),
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps if head_dim <= 256 else max(num_warps, 8),
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        kv_seqlens,
+        part_out,
+        part_lse,
+        scale,
+        softcap,
+        window,
+        num_heads,
+        group_size,
+        head_dim,
+        v_dim,
+        block_size,
+        num_splits,
+        *query.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        block_tables.stride(0),
+        SOFTCAP=bool(softcap),
+        WINDOW=bool(window),
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_D1=block_d1,
+        BLOCK_D2=block_d2,
+        BLOCK_DV=block_dv,
+        SHARED_KV=shares_kv(k_cache, v_cache, v_dim, block_d1),
+        DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=num_warps if head_dim <= 256 else max(num_warps, 8),
         num_stages=num_stages,
     )
     _decode_reduce_kernel[(num_seqs, num_heads)](
-        part_out, part_lse, kv_seqlens, out, window, v_dim, num_splits, *out.stride(), WINDOW=bool(window),
-        BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv, num_warps=4,
+        part_out,
+        part_lse,
+        kv_seqlens,
+        out,
+        window,
+        v_dim,
+        num_splits,
+        *out.stride(),
+        WINDOW=bool(window),
+        BLOCK_N=block_n,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_DV=block_dv,
+        num_warps=4,
     )
     return out
-
