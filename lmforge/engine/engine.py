@@ -202,6 +202,8 @@ class Engine:
         if len(input_ids) >= self.session_len:
             raise ContextLengthError(len(input_ids), self.session_len)
         gen_config.validate()
+        if gen_config.logit_bias and max(gen_config.logit_bias) >= self.vocab_size:
+            raise RequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
 
     def add_request(
         self, input_ids: list[int], gen_config: GenerationConfig, request_id: str | None = None, guide=None
