@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import CacheConfig, SchedulerConfig
+from lmforge.generation_defaults import load_generation_defaults
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_inputs import StepContextManager
 from lmforge.model_source import load_model_source, load_tokenizer
@@ -123,6 +124,9 @@ class Engine:
         )
         self.vocab_size = getattr(source.hf_config, "vocab_size", self.model_config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self.device)
+        # what a request that leaves sampling unset gets (lmforge.generation_defaults); the engine itself never
+        # applies them: GenerationConfig has no "unset", so the callers that know do
+        self.generation_defaults = load_generation_defaults(source.path, source.gguf_file)
         self._seq_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = self.generation_tokens_total = 0

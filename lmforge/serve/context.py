@@ -56,9 +56,13 @@ class ServeContext:
     max_concurrent_requests: int | None = None
     slots: set[Slot] = field(default_factory=set)
     token_strings: TokenStrings = field(init=False)
+    tool_call_parser: str = "hermes"  # lmforge.serve.tool_parsers name
+    reasoning_parser: str | None = None  # lmforge.serve.reasoning name, None: replies are not split
+    generation_defaults: dict = field(default_factory=dict)  # the model's own sampling defaults
 
     def __post_init__(self) -> None:
         self.token_strings = TokenStrings(self.engine.tokenizer)
+        self.generation_defaults = dict(getattr(self.engine, "generation_defaults", None) or {})
 
     @property
     def tokenizer(self):
