@@ -7,6 +7,10 @@ import sys
 
 from .common import add_engine_args, engine_config
 
+# lmforge.serve.parsers' choices, written out so `--help` does not import the server (a test keeps them equal)
+TOOL_CALL_PARSER_CHOICES = ("auto", "hermes", "llama3_json", "mistral")
+REASONING_PARSER_CHOICES = ("auto", "none", "qwen3", "deepseek_r1")
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -46,6 +50,20 @@ def add_parser(subparsers) -> None:
         default=10.0,
         help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted",
     )
+    g.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=TOOL_CALL_PARSER_CHOICES,
+        help="how the model writes tool calls: hermes (<tool_call> JSON, Qwen), llama3_json, mistral "
+        "([TOOL_CALLS]); auto: read from the chat template, else hermes",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        choices=REASONING_PARSER_CHOICES,
+        help="split <think>...</think> into reasoning_content (qwen3, deepseek_r1); auto: when the chat template "
+        "writes the tags; none: never",
+    )
     add_engine_args(p)
     p.set_defaults(func=run, log_level="INFO")  # INFO: one log line per request
 
@@ -73,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests,
             shutdown_timeout=args.shutdown_timeout,
             log_level=args.log_level.lower(),
+            tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
         )
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)

@@ -77,11 +77,20 @@ async def serve_async(
     max_concurrent_requests: int | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
+    tool_call_parser: str = "auto",
+    reasoning_parser: str = "auto",
 ) -> None:
     """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close."""
     engine = engine_factory()
     try:
-        app = build_app(engine, served_model_name, api_keys, max_concurrent_requests)
+        app = build_app(
+            engine,
+            served_model_name,
+            api_keys,
+            max_concurrent_requests,
+            tool_call_parser=tool_call_parser,
+            reasoning_parser=reasoning_parser,
+        )
         config = uvicorn.Config(
             app,
             host=host,

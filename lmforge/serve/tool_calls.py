@@ -157,6 +157,7 @@ class ToolCallReader:
         self.buf = ""
         self.num_calls = 0
         self.has_text = False  # non-blank content already emitted (Llama's JSON must open the reply)
+        self.has_text_after_call = False
 
     def _call(self, name: str, args) -> list[tuple]:
         if self.num_calls and not self.plan.parallel:
@@ -166,6 +167,9 @@ class ToolCallReader:
         return [("call", self.num_calls - 1, new_call_id(), name, arguments)]
 
     def _content(self, text: str) -> list[tuple]:
+        if self.num_calls:  # the blanks between and after calls are layout, not content
+            text = text.lstrip() if not self.has_text_after_call else text
+            self.has_text_after_call = bool(text)
         if not text:
             return []
         self.has_text = self.has_text or bool(text.strip())

@@ -67,3 +67,13 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
     args = build_parser().parse_args(["serve", "--max-concurrent-requests", "0"])
     assert run(args) == 2
+
+
+def test_parser_choices_match_the_server():
+    from lmforge.cli import serve as cli_serve
+    from lmforge.serve import parsers
+
+    assert cli_serve.TOOL_CALL_PARSER_CHOICES == parsers.TOOL_CALL_PARSER_CHOICES
+    assert cli_serve.REASONING_PARSER_CHOICES == parsers.REASONING_PARSER_CHOICES
+    args = build_parser().parse_args(["serve", "--tool-call-parser", "mistral", "--reasoning-parser", "none"])
+    assert (args.tool_call_parser, args.reasoning_parser) == ("mistral", "none")
