@@ -80,6 +80,8 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="assistant messages: the calls it made")
     tool_call_id: str | None = Field(None, description="tool messages: the call this result answers")
+    # an earlier reply sent back as it came (the official clients do): templates that show past thinking read it
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if self.content is None:

@@ -111,6 +111,8 @@ def template_messages(req: ChatCompletionRequest) -> list[dict]:
             raise invalid("only tool messages carry a tool_call_id", f"messages.{i}.tool_call_id")
         if m.name is not None:
             msg["name"] = m.name
+        if m.reasoning_content is not None:
+            msg["reasoning_content"] = m.reasoning_content
         messages.append(msg)
     return messages
 
