@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
-from .common import add_engine_args, engine_config
+from .common import HelpFormatter, add_engine_args, engine_config
 
 # lmforge.serve.parsers' choices, written out so `--help` does not import the server (a test keeps them equal)
 TOOL_CALL_PARSER_CHOICES = ("auto", "hermes", "llama3_json", "mistral")
@@ -15,6 +16,7 @@ REASONING_PARSER_CHOICES = ("auto", "none", "qwen3", "deepseek_r1")
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
+        formatter_class=HelpFormatter,
         help="OpenAI-compatible HTTP server with a chat page at /",
         description="Serve MODEL over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions), "
         "with /health, Prometheus /metrics and a chat page at /. MODEL defaults to the embedded "
@@ -69,11 +71,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.serve.server import run_server
+    from lmforge.serve.server import bind_socket, run_server
 
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         print("error: --max-concurrent-requests must be >= 1", file=sys.stderr)
         return 2
+    try:
+        sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
+    except OSError as e:
+        hint = " (is another server running there? pick a free port with --port)" if e.errno == errno.EADDRINUSE else ""
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}{hint}", file=sys.stderr)
+        return 1
     backend_config = engine_config(args)  # also sets up logging
 
     def engine_factory():
@@ -93,10 +101,13 @@ def run(args: argparse.Namespace) -> int:
             log_level=args.log_level.lower(),
             tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
+            sock=sock,
         )
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        sock.close()
     return 0
 
 

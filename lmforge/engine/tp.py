@@ -21,6 +21,7 @@ import datetime
 import logging
 import signal
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -171,11 +172,16 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
         timeout=TIMEOUT,
     )
     channel = Channel(device)
-    source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
-    dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
-    source.model_config.dtype = dtype
-    ctx_mgr = StepContextManager()
-    model = build_model(source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None)
+    try:
+        source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+        dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
+        source.model_config.dtype = dtype
+        ctx_mgr = StepContextManager()
+        model = build_model(source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None)
+    except (ValueError, NotImplementedError, OSError):
+        # a model this split cannot build (e.g. 9 heads over tp=2): rank 0 builds the same one and reports the
+        # same error in one clear line; a second copy from here, as a traceback, would only bury it
+        sys.exit(1)
     runner = None
     with torch.inference_mode():
         while True:

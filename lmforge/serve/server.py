@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Generator
 
@@ -68,6 +69,22 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a busy port is an error in a second, not after the
+    load. OSError (errno EADDRINUSE for a port in use) when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a TIME_WAIT port is free
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 async def serve_async(
     engine_factory: Callable[[], object],
     host: str = "127.0.0.1",
@@ -79,8 +96,11 @@ async def serve_async(
     log_level: str = "info",
     tool_call_parser: str = "auto",
     reasoning_parser: str = "auto",
+    sock: socket.socket | None = None,
 ) -> None:
-    """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close."""
+    """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
+
+    `sock`: an already bound socket (bind_socket) to serve on, instead of binding host:port after the load."""
     engine = engine_factory()
     try:
         app = build_app(
@@ -107,10 +127,10 @@ async def serve_async(
             "serving %s on http://%s:%d (chat page at /, API at /v1, docs at /docs)%s",
             app.state.ctx.served_model_names[0],
             host,
-            port,
+            sock.getsockname()[1] if sock is not None else port,
             ", API keys required" if api_keys else "",
         )
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         await engine.close()
         logger.info("shut down")

@@ -77,3 +77,18 @@ def test_parser_choices_match_the_server():
     assert cli_serve.REASONING_PARSER_CHOICES == parsers.REASONING_PARSER_CHOICES
     args = build_parser().parse_args(["serve", "--tool-call-parser", "mistral", "--reasoning-parser", "none"])
     assert (args.tool_call_parser, args.reasoning_parser) == ("mistral", "none")
+
+
+def test_busy_port_is_reported_before_the_model_loads(tmp_path, capsys):
+    """The port is bound first: with a missing model, a busy port is still what gets reported (the model was never
+    looked at), with the option to change."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        args = build_parser().parse_args(["serve", str(tmp_path / "nope"), "--device", "cpu", "--port", str(port)])
+        assert run(args) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "does not exist" not in err
