@@ -241,10 +241,10 @@ class ToolCallReader:
         if mode == "required":
             text, self.buf = self.buf, ""
             try:
-                calls = json.loads(text)
-            except json.JSONDecodeError:  # cut off by max_tokens: what there is, as text
+                calls = [(c["name"], c["arguments"]) for c in json.loads(text)]
+            except (ValueError, TypeError, KeyError):  # cut off by max_tokens (or the grammar ended): as text
                 return self._content(text)
-            return [e for c in calls for e in self._call(c["name"], c["arguments"])]
+            return [e for name, args in calls for e in self._call(name, args)]
         if mode == "auto":
             return self._scan(final=True)
         return []

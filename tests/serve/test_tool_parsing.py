@@ -166,3 +166,15 @@ def test_detection_from_the_chat_template():
     assert detect_tool_parser(None) == "hermes"
     assert detect_reasoning_parser("{{ '<think>' }}...{{ '</think>' }}") == "qwen3"
     assert detect_reasoning_parser("<|im_start|>") is None
+
+
+def test_a_forced_call_cut_off_by_max_tokens():
+    out = ChatOutput(ToolPlan("required", TOOLS), "", False)
+    out.feed('[{"name": "get_weather", "argu')
+    _, reason = out.finish("length")
+    msg = out.message()
+    assert reason == "length" and msg.tool_calls is None and msg.content == '[{"name": "get_weather", "argu'
+    named = ChatOutput(ToolPlan("named", TOOLS, "get_weather"), "", False)
+    named.feed('{"city": "Pa')
+    _, reason = named.finish("length")  # streamed as it came: the partial arguments stay, as OpenAI's do
+    assert reason == "length" and named.message().tool_calls[0].function.arguments == '{"city": "Pa'
