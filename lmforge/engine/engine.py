@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,21 @@ class _Inflight:
     ready: torch.cuda.Event | None = None
 
 
+def _in_daemon_thread(fn, *args) -> Future:
+    """fn(*args) on a daemon thread: a load abandoned by Ctrl-C must not hold the exiting process for as long as
+    it takes (a ThreadPoolExecutor's worker would be joined at exit)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="lmforge-tokenizer", daemon=True).start()
+    return future
+
+
 class Engine:
     def __init__(self, model_path: str | None = None, backend_config: PytorchEngineConfig | None = None):
         cfg = backend_config or PytorchEngineConfig()
@@ -76,7 +92,7 @@ class Engine:
         source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
         self.source, self.model_config = source, source.model_config
         # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
-        tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
+        tokenizer_future = _in_daemon_thread(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
         self.dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)

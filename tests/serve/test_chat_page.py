@@ -28,7 +28,9 @@ FLAGS = [
 REPLY_TEXT = "(sel) => document.querySelector(sel + ' .content')?.textContent || ''"
 
 
-def _idle_soon(server, timeout: float = 2.0) -> bool:
+def _idle_soon(server, timeout: float = 10.0) -> bool:
+    """The stopped request leaves the engine within `timeout`: far less than its 300 tokens would take even on an
+    idle machine, so a busy one cannot pass it by finishing, nor fail it by being slow to notice."""
     deadline = time.monotonic() + timeout
     while server.metric("lmforge_num_requests_running") > 0:
         if time.monotonic() > deadline:
