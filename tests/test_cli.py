@@ -206,3 +206,18 @@ def test_tp_that_does_not_divide_the_heads_is_one_clear_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "not divisible by tp=2" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["chat"], ["generate", "hi"], ["serve"]], ids=lambda a: a[0])
+def test_kv_cache_format_flags_reach_the_engine_config(argv):
+    from lmforge.cli.common import engine_config
+
+    parser = build_parser()
+    if argv[0] == "serve" and "serve" not in parser._subparsers._group_actions[0].choices:
+        pytest.skip("the serve extra is not installed")
+    cfg = engine_config(parser.parse_args([*argv, "--quant-policy", "8"]))
+    assert cfg.quant_policy == 8 and cfg.kv_cache_dtype == "auto"
+    cfg = engine_config(parser.parse_args([*argv, "--kv-cache-dtype", "fp8"]))
+    assert cfg.quant_policy == 0 and cfg.kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--quant-policy", "3"])

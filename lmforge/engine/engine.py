@@ -91,6 +91,7 @@ class Engine:
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
         self.source, self.model_config = source, source.model_config
+        ce.check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
         # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
         tokenizer_future = _in_daemon_thread(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
@@ -107,12 +108,21 @@ class Engine:
             num_cpu_blocks=cfg.num_cpu_blocks,
             cache_max_entry_count=cfg.cache_max_entry_count,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
         )
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
         num_blocks = self._num_blocks(device_type)
         t_cache = time.perf_counter()
         self.cache = ce.CacheEngine(
-            self.model_config, num_blocks, cfg.block_size, self.dtype, self.device, tp_size=cfg.tp
+            self.model_config,
+            num_blocks,
+            cfg.block_size,
+            self.dtype,
+            self.device,
+            tp_size=cfg.tp,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
         )
         if self.tp is not None:
             self.tp.channel.send(tp.ALLOC, num_blocks)

@@ -197,7 +197,12 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
             elif cmd == SIZE:
                 blocks = ce.num_gpu_blocks(
                     source.model_config,
-                    ce.CacheConfig(block_size=cfg.block_size, cache_max_entry_count=cfg.cache_max_entry_count),
+                    ce.CacheConfig(
+                        block_size=cfg.block_size,
+                        cache_max_entry_count=cfg.cache_max_entry_count,
+                        quant_policy=cfg.quant_policy,
+                        kv_cache_dtype=cfg.kv_cache_dtype,
+                    ),
                     dtype,
                     device,
                     args[0],
@@ -205,6 +210,15 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
                 )
                 channel.reduce_int(blocks, dist.ReduceOp.MIN)
             elif cmd == ALLOC:
-                cache = ce.CacheEngine(source.model_config, args[0], cfg.block_size, dtype, device, tp_size=world)
+                cache = ce.CacheEngine(
+                    source.model_config,
+                    args[0],
+                    cfg.block_size,
+                    dtype,
+                    device,
+                    tp_size=world,
+                    quant_policy=cfg.quant_policy,
+                    kv_cache_dtype=cfg.kv_cache_dtype,
+                )
                 runner = ModelRunner(model, ctx_mgr, cache.kv_caches, cfg.block_size, device, channel=channel)
     dist.destroy_process_group()

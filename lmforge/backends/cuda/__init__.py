@@ -5,6 +5,15 @@ from .activation import gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
 from .moe import fused_moe
 from .norm import rms_norm
+from .quant import (
+    fp8_linear,
+    fp8_prepare,
+    fused_moe_quantized,
+    int8_linear,
+    int8_prepare,
+    wna16_linear,
+    wna16_prepare,
+)
 from .rotary import apply_rotary
 
 OPS = {
@@ -15,4 +24,11 @@ OPS = {
     "fill_kv_cache": fill_kv_cache,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,
+    "wna16_prepare": wna16_prepare,
+    "wna16_linear": wna16_linear,
+    "fp8_prepare": fp8_prepare,
+    "fp8_linear": fp8_linear,
+    "int8_prepare": int8_prepare,
+    "int8_linear": int8_linear,
+    "fused_moe_quantized": fused_moe_quantized,
 }

@@ -1,0 +1,280 @@
+"""Quantized linear ops of the cuda backend: `<scheme>_prepare` once after loading, `<scheme>_linear` per call.
+
+The inputs are the canonical forms of the quantized-linear contract (QUANT_CONTRACT.md, shared with the cpu
+reference ops in lmforge.backends.cpu); the `prepared` dicts are private to this file. No `*_linear` reads a value
+on the host or allocates by value, so every one of them can be recorded in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.kernels.cuda.activation import gated_activation
+from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_token
+from lmforge.kernels.cuda.quant_common import splitk_locks
+from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
+from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
+
+# from this many rows a weight-only layer dequantizes its weight once per call and runs a dense cuBLAS GEMM: the
+# fused kernel re-dequantizes each weight tile for every row tile and its dots are small; measured on an H200 it
+# already loses at 64 rows (llama-8b projections, benchmarks/quant.py)
+WNA16_DENSE_MIN_M = 48
+# up to this many rows the per-row x per-column FP8 GEMM runs in the split-K Triton kernel, which streams the weight
+# faster than cuBLASLt's row-wise scaled GEMM on decode shapes (H200: 1.3-1.7x at M <= 16, but 2x slower at 64);
+# above it torch._scaled_mm
+FP8_TRITON_MAX_M = 16
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"{what}: x has {x.shape[-1]} input features, the layer {k}")
+    return x.reshape(-1, k)
+
+
+def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> dict:
+    """qweight int32 [K // (32 // bits), N] (GPTQ order), scales / zeros [K // G, N] in the activation dtype, zeros in
+    integer units. Repacks the weight for the kernel; all-2**(bits-1) zeros (symmetric) are dropped."""
+    if bits not in (4, 8):
+        raise ValueError(f"wna16: bits must be 4 or 8, got {bits}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"wna16: qweight must be 2-D int32, got {qweight.dtype} {tuple(qweight.shape)}")
+    k, n = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    group = k if group_size in (-1, 0) or group_size >= k else group_size
+    if group <= 0 or k % group:
+        raise ValueError(f"wna16: group size {group_size} does not divide in_features {k}")
+    if group < k and group % 16:
+        raise ValueError(f"wna16: group size {group_size} must be a multiple of 16 for the CUDA kernel")
+    if scales.dtype not in ACT_DTYPES or tuple(scales.shape) != (k // group, n):
+        raise ValueError(f"wna16: scales must be a float [{k // group}, {n}], got {scales.dtype} {tuple(scales.shape)}")
+    if zeros.shape != scales.shape:
+        raise ValueError(f"wna16: zeros must be [{k // group}, {n}] like scales, got {tuple(zeros.shape)}")
+    sym_zero = 1 << (bits - 1)
+    symmetric = bool((zeros == sym_zero).all())
+    return {
+        "qweight": repack(qweight, bits),
+        "scales": scales.contiguous(),
+        "zeros": None if symmetric else zeros.to(scales.dtype).contiguous(),
+        "sym_zero": sym_zero if symmetric else 0,
+        "bits": bits,
+        "group_size": group,
+        "in_features": k,
+        "out_features": n,
+        "locks": splitk_locks(qweight.device),  # allocated at load, never inside a graph capture
+    }
+
+
+def wna16_dequantize(prepared: dict) -> torch.Tensor:
+    """W^T [K, N] in the scales' dtype (the dense weight the kernel computes with)."""
+    p = prepared
+    return dequantize(
+        p["qweight"], p["scales"], p["zeros"], p["bits"], p["group_size"], p["in_features"], sym_zero=p["sym_zero"]
+    )
+
+
+def wna16_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    p = prepared
+    k, n = p["in_features"], p["out_features"]
+    x2 = _rows(x, k, "wna16_linear")
+    if x2.dtype != p["scales"].dtype:
+        raise ValueError(f"wna16_linear: x is {x2.dtype} but the layer's scales are {p['scales'].dtype}")
+    if x2.shape[0] >= WNA16_DENSE_MIN_M:
+        w_t = wna16_dequantize(p)
+        y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+    else:
+        y = wna16_gemm(
+            x2, p["qweight"], p["scales"], p["zeros"], p["bits"], p["group_size"], bias, sym_zero=p["sym_zero"]
+        )
+    return y.view(*x.shape[:-1], n)
+
+
+def _float32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise ValueError(f"{what} must be a float tensor, got {t.dtype}")
+    return t.to(torch.float32)
+
+
+def fp8_prepare(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    block_size: tuple[int, int] | list[int] | None,
+) -> dict:
+    """weight float8_e4m3fn [N, K]; weight_scale float32 per tensor ([] / [1]), per channel ([N, 1]) or per block
+    ([cdiv(N, bn), cdiv(K, bk)] with block_size (bn, bk)); input_scale float32 [1] (static) or None (dynamic)."""
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise ValueError(f"fp8: weight must be 2-D float8_e4m3fn, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    weight_scale = _float32(weight_scale, "fp8: weight_scale")
+    if input_scale is not None:
+        input_scale = _float32(input_scale, "fp8: input_scale").reshape(1)
+    if block_size is not None:
+        bn, bk = (int(v) for v in block_size)
+        want = (-(-n // bn), -(-k // bk))
+        if tuple(weight_scale.shape) != want:
+            raise ValueError(f"fp8: block {bn}x{bk} weight_scale must be {want}, got {tuple(weight_scale.shape)}")
+        if input_scale is not None:
+            raise ValueError(
+                "fp8: block-scaled weights take dynamic per-token-group activation scales, got a static input_scale"
+            )
+        if bk < 16 or bk & (bk - 1):
+            raise ValueError(f"fp8: the K block {bk} must be a power of two >= 16 for the CUDA kernel")
+        return {
+            "mode": "block",
+            "weight": weight.contiguous(),
+            "weight_scale": weight_scale.contiguous(),
+            "block_size": (bn, bk),
+            "locks": splitk_locks(weight.device),
+        }
+    if weight_scale.numel() == 1:
+        per_tensor = True
+    elif weight_scale.numel() == n and weight_scale.shape[0] == n:
+        per_tensor = False
+    else:
+        raise ValueError(f"fp8: weight_scale must be [], [1] or [{n}, 1], got {tuple(weight_scale.shape)}")
+    w_scale = weight_scale.reshape(-1).expand(n).contiguous()
+    return {
+        "mode": "tensor" if per_tensor else "channel",
+        "weight": weight.contiguous(),
+        "w_scale": w_scale,  # [N]
+        "w_scale_tensor": weight_scale.reshape(1)[:1].contiguous() if per_tensor else None,
+        "input_scale": input_scale,
+        # cuBLASLt (torch._scaled_mm) wants K and N in multiples of 16 and reads B column-major: weight.t() is
+        "scaled_mm": weight.is_cuda and k % 16 == 0 and n % 16 == 0,
+        "locks": splitk_locks(weight.device),
+    }
+
+
+def fp8_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    p = prepared
+    n, k = p["weight"].shape
+    x2 = _rows(x, k, "fp8_linear")
+    if p["mode"] == "block":
+        bn, bk = p["block_size"]
+        codes, scales = quantize_per_group_fp8(x2, bk)
+        y = scaled_mm(codes, p["weight"], scales, p["weight_scale"], x2.dtype, bias, block_size=(bn, bk))
+        return y.view(*x.shape[:-1], n)
+    codes, scales = quantize_per_token(x2, torch.float8_e4m3fn, p["input_scale"])
+    if not p["scaled_mm"] or x2.shape[0] <= FP8_TRITON_MAX_M:
+        y = scaled_mm(codes, p["weight"], scales, p["w_scale"], x2.dtype, bias)
+    elif p["mode"] == "tensor" and p["input_scale"] is not None:
+        # both scales per tensor: cuBLASLt's plain scaled GEMM, any output dtype
+        y = torch._scaled_mm(
+            codes, p["weight"].t(), scale_a=p["input_scale"], scale_b=p["w_scale_tensor"], bias=bias, out_dtype=x2.dtype
+        )
+    elif x2.dtype == torch.bfloat16:
+        # per-row x per-column scales; cuBLASLt's row-wise mode outputs bf16 only (fp16 takes the Triton kernel)
+        y = torch._scaled_mm(
+            codes,
+            p["weight"].t(),
+            scale_a=scales.view(-1, 1),
+            scale_b=p["w_scale"].view(1, -1),
+            bias=bias,
+            out_dtype=torch.bfloat16,
+        )
+    else:
+        y = scaled_mm(codes, p["weight"], scales, p["w_scale"], x2.dtype, bias)
+    return y.view(*x.shape[:-1], n)
+
+
+def int8_prepare(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    input_zero_point: torch.Tensor | None,
+) -> dict:
+    """weight int8 [N, K] symmetric, weight_scale float32 [N, 1] or [1]; input_scale float32 [1] (static) or None
+    (dynamic per token); input_zero_point: an integer [1] for asymmetric static activations, or None."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"int8: weight must be 2-D int8, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    weight_scale = _float32(weight_scale, "int8: weight_scale")
+    if weight_scale.numel() not in (1, n) or (weight_scale.numel() == n and weight_scale.shape[0] != n):
+        raise ValueError(f"int8: weight_scale must be [1] or [{n}, 1], got {tuple(weight_scale.shape)}")
+    if input_scale is not None:
+        if input_scale.numel() != 1:
+            raise ValueError(f"int8: a static input_scale is one value, got {tuple(input_scale.shape)}")
+        input_scale = _float32(input_scale, "int8: input_scale").reshape(1)
+    zero_point = 0
+    if input_zero_point is not None:
+        if input_scale is None or input_zero_point.numel() != 1:
+            raise ValueError("int8: input_zero_point needs a static input_scale and must be one value")
+        zero_point = int(round(float(input_zero_point.reshape(-1)[0])))  # read once, at load
+    return {
+        "weight": weight.contiguous(),
+        "w_scale": weight_scale.reshape(-1).expand(n).contiguous(),
+        "input_scale": input_scale,
+        "zero_point": zero_point,
+        "w_sum": weight.sum(dim=1, dtype=torch.int32) if zero_point else None,
+        "locks": splitk_locks(weight.device),
+    }
+
+
+def int8_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    p = prepared
+    n, k = p["weight"].shape
+    x2 = _rows(x, k, "int8_linear")
+    codes, scales = quantize_per_token(x2, torch.int8, p["input_scale"], p["zero_point"])
+    y = scaled_mm(
+        codes, p["weight"], scales, p["w_scale"], x2.dtype, bias, zero_point=p["zero_point"], b_sum=p["w_sum"]
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+_LINEAR = {"wna16": wna16_linear, "fp8": fp8_linear, "int8": int8_linear}
+
+
+def fused_moe_quantized(
+    hidden_states: torch.Tensor,
+    gate_up: list[dict],
+    down: list[dict],
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    scheme: str,
+) -> torch.Tensor:
+    """MoE over quantized experts, the cpu op's signature: gate_up / down hold each expert's `<scheme>_prepare`
+    output of this backend ([2I, H] and [H, I] weights); each expert's routed tokens run through `<scheme>_linear`.
+    Eager calls read the per-expert token counts on the host (one sync). Inside a CUDA-graph capture no value can
+    be read, so every expert runs on every token, weighted by its (mostly zero) routing weight: correct, but it
+    reads all experts' weights. A grouped Triton kernel over quantized experts is still to come."""
+    if scheme not in _LINEAR:
+        raise ValueError(f"unknown quantization scheme {scheme!r} for fused_moe_quantized; known: {sorted(_LINEAR)}")
+    if activation not in ("silu", "gelu", "gelu_tanh"):
+        raise ValueError(f"unsupported MoE activation {activation!r}; supported: silu, gelu, gelu_tanh")
+    if len(gate_up) != len(down):
+        raise ValueError(f"{len(gate_up)} gate_up experts but {len(down)} down experts")
+    linear = _LINEAR[scheme]
+
+    def expert(e: int, x: torch.Tensor) -> torch.Tensor:
+        return linear(gated_activation(linear(x, gate_up[e]), activation), down[e])
+
+    out = torch.zeros_like(hidden_states)
+    if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+        return moe_all_experts(hidden_states, len(gate_up), expert, topk_weights, topk_ids)
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=len(gate_up)).tolist()
+    token_of_slot, weight_of_slot = order // top_k, topk_weights.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens = token_of_slot[start : start + n]
+        h = expert(e, hidden_states[tokens])
+        out.index_add_(0, tokens, (h * weight_of_slot[start : start + n, None]).to(out.dtype))
+        start += n
+    return out
+
+
+def moe_all_experts(
+    hidden_states: torch.Tensor, num_experts: int, expert, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """sum_e routing_weight[t, e] * expert(e, x)[t] over all experts, with no value read on the host."""
+    dense = torch.zeros(hidden_states.shape[0], num_experts, dtype=torch.float32, device=hidden_states.device)
+    dense.scatter_add_(1, topk_ids.long(), topk_weights.float())
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    for e in range(num_experts):
+        out += expert(e, hidden_states).float() * dense[:, e : e + 1]
+    return out.to(hidden_states.dtype)
