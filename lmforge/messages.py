@@ -141,6 +141,7 @@ class PytorchEngineConfig:
     trust_remote_code: bool = False
     download_dir: str | None = None
     revision: str | None = None
+    check_weights: bool = True  # NaN/Inf or unused checkpoint tensors fail the load (False: only logged)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

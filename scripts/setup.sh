@@ -16,6 +16,8 @@ fi
 "$PY" -m pip install -q -c constraints.txt "torch==2.13.0"
 if [ "${1:-}" = "test" ]; then
   "$PY" -m pip install -q -c constraints.txt -e ".[test]"
+  # the AWQ / GPTQ reference packers of tests/quant; only their pure-torch code is used (declared deps: CUDA)
+  "$PY" -m pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1"
 else
   "$PY" -m pip install -q -c constraints.txt -e ".[serve]"
 fi

@@ -71,6 +71,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--eager-mode", action="store_true", help="no CUDA graphs")
     g.add_argument("--custom-module-map", default=None, help="a Python file defining MODULE_MAP for your own models")
+    g.add_argument(
+        "--skip-weight-checks",
+        action="store_true",
+        help="load a checkpoint even if tensors hold NaN/Inf or match no parameter (they are only logged)",
+    )
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -109,6 +114,7 @@ def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
         kv_cache_dtype=args.kv_cache_dtype,
         eager_mode=args.eager_mode,
         custom_module_map=args.custom_module_map,
+        check_weights=not args.skip_weight_checks,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from .common import HelpFormatter, add_engine_args, engine_config
@@ -31,7 +30,21 @@ def add_parser(subparsers) -> None:
         nargs="+",
         default=None,
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1/* (any of these keys)",
+        help="require 'Authorization: Bearer KEY' (any of these keys) on /v1/*, the docs and /metrics; "
+        "/health and the chat page stay open",
+    )
+    g.add_argument(
+        "--metrics-key",
+        default=None,
+        metavar="KEY",
+        help="the key /metrics takes instead of the API keys (for a scraper that should not hold an API key)",
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="accept only these Host header names ('*.example.com' for subdomains); others get a 400 (default: any)",
     )
     g.add_argument(
         "--served-model-name",
@@ -45,6 +58,32 @@ def add_parser(subparsers) -> None:
         type=int,
         default=None,
         help="answer 429 to generation requests beyond this many in flight (default: no limit)",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="larger request bodies get a 413 before they are read (default: 8388608, 8 MiB)",
+    )
+    g.add_argument(
+        "--request-header-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="close a connection (408) that has not sent its request headers in this time (default: 10)",
+    )
+    g.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="answer 408 to a request whose body has not arrived in this time (default: 60)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections beyond this many get a 503 and are closed (default: 1024)",
     )
     g.add_argument(
         "--shutdown-timeout",
@@ -71,17 +110,23 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.serve.server import bind_socket, run_server
+    from lmforge.serve.limits import ServeLimits
+    from lmforge.serve.server import run_server
 
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         print("error: --max-concurrent-requests must be >= 1", file=sys.stderr)
         return 2
     try:
-        sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
-    except OSError as e:
-        hint = " (is another server running there? pick a free port with --port)" if e.errno == errno.EADDRINUSE else ""
-        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}{hint}", file=sys.stderr)
-        return 1
+        given = {
+            "max_request_bytes": args.max_request_bytes,
+            "header_timeout": args.request_header_timeout,
+            "body_timeout": args.request_body_timeout,
+            "max_connections": args.max_connections,
+        }
+        limits = ServeLimits(**{k: v for k, v in given.items() if v is not None})  # the defaults the help names
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     backend_config = engine_config(args)  # also sets up logging
 
     def engine_factory():
@@ -101,13 +146,13 @@ def run(args: argparse.Namespace) -> int:
             log_level=args.log_level.lower(),
             tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
-            sock=sock,
+            limits=limits,
+            metrics_key=args.metrics_key,
+            allowed_hosts=args.allowed_hosts,
         )
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        sock.close()
     return 0
 
 

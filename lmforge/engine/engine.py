@@ -89,7 +89,7 @@ class Engine:
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
-        source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+        source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
         ce.check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
         # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
@@ -100,7 +100,16 @@ class Engine:
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
         t_model = time.perf_counter()
-        self.model = build_model(source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map, 0, cfg.tp)
+        self.model = build_model(
+            source,
+            self.dtype,
+            self.device,
+            self.ctx_mgr,
+            cfg.custom_module_map,
+            0,
+            cfg.tp,
+            check_weights=cfg.check_weights,
+        )
         t_weights = time.perf_counter()
         self.cache_config = CacheConfig(
             block_size=cfg.block_size,

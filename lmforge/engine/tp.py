@@ -173,11 +173,13 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
     )
     channel = Channel(device)
     try:
-        source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+        source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
         source.model_config.dtype = dtype
         ctx_mgr = StepContextManager()
-        model = build_model(source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None)
+        model = build_model(
+            source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None, check_weights=cfg.check_weights
+        )
     except (ValueError, NotImplementedError, OSError):
         # a model this split cannot build (e.g. 9 heads over tp=2): rank 0 builds the same one and reports the
         # same error in one clear line; a second copy from here, as a traceback, would only bury it

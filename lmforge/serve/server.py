@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -18,6 +19,8 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from .app import build_app
+from .connections import guarded_protocol
+from .limits import ServeLimits
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -70,19 +73,36 @@ class _Server(uvicorn.Server):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads so a busy port is an error in a second, not after the
-    load. OSError (errno EADDRINUSE for a port in use) when it cannot be had."""
+    """A listening socket on host:port, taken before the model loads so a busy port fails at once, not after."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a TIME_WAIT port is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
+        sock.listen(2048)  # listening now: a second bind to this port fails even with SO_REUSEADDR
+    except OSError as e:
         sock.close()
-        raise
-    sock.set_inheritable(True)
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def exposure_warning(host: str, api_keys: list[str] | None) -> str | None:
+    """The warning for a server reachable from other machines that anyone may use, or None."""
+    if api_keys or is_loopback(host):
+        return None
+    return (
+        f"!!! SECURITY WARNING: serving on {host}, reachable from other machines, WITHOUT API keys: anyone who can "
+        "reach this port can run the model, read /metrics and the docs. Pass --api-keys KEY (or bind 127.0.0.1). !!!"
+    )
 
 
 async def serve_async(
@@ -96,12 +116,25 @@ async def serve_async(
     log_level: str = "info",
     tool_call_parser: str = "auto",
     reasoning_parser: str = "auto",
-    sock: socket.socket | None = None,
+    limits: ServeLimits | None = None,
+    metrics_key: str | None = None,
+    allowed_hosts: list[str] | None = None,
 ) -> None:
     """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
 
-    `sock`: an already bound socket (bind_socket) to serve on, instead of binding host:port after the load."""
-    engine = engine_factory()
+    The port is taken first: a busy one fails before the model loads.
+    """
+    limits = limits or ServeLimits()
+    sock = bind_socket(host, port)
+    warning = exposure_warning(host, api_keys)
+    if warning:
+        logger.warning(warning)
+    try:
+        engine = engine_factory()
+    except BaseException:
+        sock.close()
+        raise
+    app = None
     try:
         app = build_app(
             engine,
@@ -110,6 +143,9 @@ async def serve_async(
             max_concurrent_requests,
             tool_call_parser=tool_call_parser,
             reasoning_parser=reasoning_parser,
+            limits=limits,
+            metrics_key=metrics_key,
+            allowed_hosts=allowed_hosts,
         )
         config = uvicorn.Config(
             app,
@@ -121,6 +157,7 @@ async def serve_async(
             lifespan="off",
             timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S,
             timeout_keep_alive=5,
+            http=guarded_protocol(limits.header_timeout, limits.max_connections),
         )
         server = _Server(config, app.state.ctx, shutdown_timeout)
         logger.info(
@@ -130,8 +167,11 @@ async def serve_async(
             sock.getsockname()[1] if sock is not None else port,
             ", API keys required" if api_keys else "",
         )
-        await server.serve(sockets=[sock] if sock is not None else None)
+        await server.serve(sockets=[sock])
     finally:
+        sock.close()
+        if app is not None:
+            app.state.ctx.workers.close()
         await engine.close()
         logger.info("shut down")
 

@@ -22,6 +22,7 @@ from lmforge.weights.errors import WeightFileError
 __all__ = ["WeightFileError", "iter_weights", "find_weight_files"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _LOOKED_FOR = (
     f"*.safetensors (with or without {_SAFETENSORS_INDEX}), pytorch_model*.bin (with or without {_BIN_INDEX}), "
@@ -37,7 +38,8 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every weight under `model_path` (an HF folder or one weight file).
 
-    Floating-point tensors are cast to `dtype` when given (integer tensors keep theirs); GGUF weights are
+    16/32/64-bit float tensors are cast to `dtype` when given (integer and float8 tensors, a quantized
+    checkpoint's own data, keep theirs); GGUF weights are
     dequantized to `dtype`, float32 when it is None. Safetensors open straight onto `device`, so GPU weights
     skip a host copy.
     """
@@ -53,7 +55,7 @@ def iter_weights(
     disabled = not progress or not sys.stderr.isatty()
     for path in tqdm(files, desc="Loading weight files", unit="file", disable=disabled or len(files) == 1):
         for name, tensor in read(path, device):
-            if dtype is not None and tensor.is_floating_point():
+            if dtype is not None and tensor.dtype in _CAST_DTYPES:
                 tensor = tensor.to(dtype)
             yield name, tensor.to(device)
 
