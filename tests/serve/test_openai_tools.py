@@ -116,8 +116,12 @@ def test_streamed_tool_call_deltas_reassemble(client):
 
 
 def reference_text(client, prompt: str, max_tokens: int) -> str:
-    """The same prompt through /v1/completions, greedy: what the split reply must add up to."""
-    return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+    """The same prompt through /v1/completions, greedy: what the split reply must add up to. The rendered chat's
+    special tokens are meant as such here (parse_special_tokens), as the chat endpoint's template puts them."""
+    extra = {"parse_special_tokens": True}
+    kw = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra)
+    resp = client.completions.create(**kw)
+    return resp.choices[0].text
 
 
 def test_reasoning_content_streamed_and_not(client, think_model_dir):
