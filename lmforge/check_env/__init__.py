@@ -63,7 +63,7 @@ def check_model(
         steps.append("resolve the model path")
         path = resolve_model_path(model_path)
         steps.append("read the HF config")
-        hf_config = load_hf_config(path, trust_remote_code)
+        hf_config = load_hf_config(path, trust_remote_code, custom_module_map)
         if custom_module_map:  # its ConfigBuilders take part from here on, as in the engine
             steps.append(f"load the custom module map {custom_module_map}")
             custom_config_builders(custom_module_map)

@@ -308,7 +308,8 @@ def quantize_model(model_path: str | None, out_dir: str, opts: QuantizeOptions) 
     """Quantize `model_path` (None: the embedded default) into `out_dir`; returns a summary dict."""
     from lmforge.model_source import load_model_source, load_tokenizer
 
-    source = load_model_source(model_path, with_tokenizer=False)
+    # transformers' own config: an HF model is built from it (AutoModelForCausalLM.from_config)
+    source = load_model_source(model_path, with_tokenizer=False, with_transformers=True)
     needs_text = opts.method in _CALIBRATED and not opts.calib_random_ids
     try:
         source.tokenizer = load_tokenizer(source.path, source.model_config.eos_token_ids)
