@@ -97,8 +97,9 @@ def bench_lmforge(args, reqs, bs1_ids) -> None:
 
 
 def bench_hf(args, reqs, bs1_ids) -> None:
-    from lmforge.weights.default_model import default_model_path
     from transformers import AutoModelForCausalLM
+
+    from lmforge.weights.default_model import default_model_path
 
     path = default_model_path()
     folder, name = path.rsplit("/", 1)

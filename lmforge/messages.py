@@ -41,6 +41,7 @@ class GenerationConfig:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     response_format: dict | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
 
     def __post_init__(self) -> None:
         for name in ("stop_words", "bad_words"):  # one string is one word, as OpenAI's `stop` takes it
@@ -86,6 +87,17 @@ class GenerationConfig:
                 words is None or (isinstance(words, (list, tuple)) and all(isinstance(w, str) and w for w in words)),
                 f"{name} must be a list of non-empty strings",
             )
+        _check(
+            self.logit_bias is None
+            or (
+                isinstance(self.logit_bias, dict)
+                and all(
+                    isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100.0 <= b <= 100.0
+                    for t, b in self.logit_bias.items()
+                )
+            ),
+            "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]",
+        )
         for name in ("stop_token_ids", "bad_token_ids"):
             ids = getattr(self, name)
             _check(

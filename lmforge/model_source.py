@@ -74,10 +74,39 @@ def load_hf_config(
             return config
     from transformers import AutoConfig
 
+    _check_model_type(path, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except ValueError as e:
         raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
+
+
+def _check_model_type(path: str, trust_remote_code: bool) -> None:
+    """A model_type transformers does not know: say so plainly, with what lmforge runs, instead of transformers'
+    advice to upgrade (which rarely helps: such a model usually ships its own code, or is not supported here)."""
+    import json
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {file}: {e}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is None or model_type in CONFIG_MAPPING:
+        return
+    if trust_remote_code and "auto_map" in config:
+        return  # the folder brings its own config class
+    from lmforge.models.module_map import MODULE_MAP
+
+    raise ValueError(
+        f"{file} has model_type '{model_type}', which neither lmforge nor transformers {transformers.__version__} "
+        f"knows. lmforge runs these architectures: {', '.join(sorted(MODULE_MAP))}"
+        + (" (this folder ships its own code: pass --trust-remote-code to load it)" if "auto_map" in config else "")
+    )
 
 
 def load_tokenizer(path: str, eos_token_ids: list[int], trust_remote_code: bool = False) -> Tokenizer | None:

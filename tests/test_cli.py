@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +82,132 @@ def test_check_env_names_the_failing_step(tmp_path, capsys):
     assert main(["check_env", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "resolve the model class" in err and "NoSuchModel" in err
+
+
+def test_version_and_defaults_in_help(capsys):
+    import lmforge
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"lmforge {lmforge.__version__}"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["chat", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for shown in ("--max-new-tokens MAX_NEW_TOKENS default: 512", "(default: 64)", "(default: 0.8)", "(default: 8192)"):
+        assert shown in out, shown
+    assert "model's generation_config.json" in out
+
+
+def _tmux(socket: str, *args: str) -> str:
+    return subprocess.run(["tmux", "-L", socket, *args], capture_output=True, text=True, check=True).stdout
+
+
+def _wait_for_pane(socket: str, text: str, timeout: float = 120.0) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pane = _tmux(socket, "capture-pane", "-p", "-J", "-S", "-200", "-t", "chat")
+        if text in pane:
+            return pane
+        assert time.monotonic() < deadline, f"{text!r} never appeared:\n{pane}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_chat_help_and_reset_in_a_terminal(tiny_llama_dir):
+    """A real terminal (tmux): /help lists the commands and /reset says so; neither reaches the model."""
+    socket = f"lmforge-test-{os.getpid()}"
+    cmd = [sys.executable, "-m", "lmforge.cli.main", "chat", tiny_llama_dir, "--device", "cpu"]
+    cmd += ["--max-new-tokens", "4", "--num-cpu-blocks", "64"]
+    env = f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))}"
+    _tmux(socket, "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", f"env {env} {shlex.join(cmd)}")
+    try:
+        _wait_for_pane(socket, "user> ")
+        _tmux(socket, "send-keys", "-t", "chat", "/help", "Enter")
+        pane = _wait_for_pane(socket, "forget the conversation")
+        assert "/exit" in pane and "assistant>" not in pane
+        _tmux(socket, "send-keys", "-t", "chat", "hello", "Enter")
+        _wait_for_pane(socket, "assistant> ")
+        _tmux(socket, "send-keys", "-t", "chat", "/reset", "Enter")
+        pane = _wait_for_pane(socket, "(conversation reset)")
+        _tmux(socket, "send-keys", "-t", "chat", "/nonsense", "Enter")
+        pane = _wait_for_pane(socket, "unknown command /nonsense")
+        assert pane.count("assistant> ") == 1
+    finally:
+        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True)
+
+
+def test_ctrl_c_while_the_model_loads_is_a_clean_exit(tiny_llama_dir, tmp_path):
+    """SIGINT during the load (held there by a custom module map that waits) ends with 'interrupted', status 130,
+    and no traceback."""
+    import signal
+    import time
+
+    marker = tmp_path / "loading"
+    module_map = tmp_path / "slow_map.py"
+    module_map.write_text(
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(120)\nMODULE_MAP = {{}}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli.main", "chat", tiny_llama_dir, "--device", "cpu"]
+        + ["--custom-module-map", str(module_map), "--num-cpu-blocks", "64"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job inherits SIGINT ignored (then Python installs no Ctrl-C handler): undo that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 300  # the load reaches the module map after torch's import: slow when busy
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_cuda_without_a_gpu_names_the_cpu_option(tiny_llama_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["generate", "hi", "--model", tiny_llama_dir, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cpu" in err and "device_type='cuda'" not in err
+
+
+def test_unknown_model_type_is_named(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "wizardlm_xl", "architectures": ["WizardForCausalLM"]}')
+    assert main(["generate", "hi", "--model", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'wizardlm_xl'" in err and "LlamaForCausalLM" in err and "upgrade" not in err
+
+
+def test_tp_that_does_not_divide_the_heads_is_one_clear_line(tmp_path):
+    """9 heads over --tp 2: rank 0 says so; the worker exits quietly instead of adding its own traceback."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=72,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=9,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli.main", "generate", "hi", "--model", str(tmp_path), "--no-chat"]
+        + ["--tp", "2", "--device", "cpu", "--num-cpu-blocks", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "not divisible by tp=2" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("argv", [["chat"], ["generate", "hi"], ["serve"]], ids=lambda a: a[0])

@@ -8,6 +8,21 @@ import logging
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in --help, unless its help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "default: %(default)s"  # argparse would skip an option without help text
+        return super()._format_action(action)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when a GPU is present")
@@ -30,8 +45,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="where tensor-parallel ranks 1..tp-1 run: local processes (mp, the default) or Ray actors on the Ray "
         "cluster this machine belongs to (ray; start it with `ray start --head`)",
     )
-    g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
-    g.add_argument("--max-batch-size", type=int, default=None)
+    g.add_argument(
+        "--session-len", type=int, default=None, help="max tokens per sequence, prompt + output (default: the model's)"
+    )
+    g.add_argument(
+        "--max-batch-size", type=int, default=None, help="sequences per step (default: 256 on GPUs, 64 on CPUs)"
+    )
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
     g.add_argument(
         "--num-cpu-blocks",
@@ -67,15 +86,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+# what a sampling option is when neither the command line nor the model's generation defaults set it
+SAMPLING_FALLBACKS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (unset: the model's generation_config.json, else the value shown)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (else: 0)")
+    g.add_argument("--top-p", type=float, default=None, help="(else: 1.0, off)")
+    g.add_argument("--top-k", type=int, default=None, help="(else: 0, off)")
+    g.add_argument("--min-p", type=float, default=None, help="(else: 0.0, off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="(else: 1.0, off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: none, a new draw each run)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
@@ -103,15 +126,25 @@ def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
     )
 
 
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
+def sampling_settings(args: argparse.Namespace, model_defaults: dict | None = None) -> dict:
+    """Each sampling option: the command line's, else the model's default, else SAMPLING_FALLBACKS'."""
+    model_defaults = model_defaults or {}
+    return {
+        name: getattr(args, name) if getattr(args, name) is not None else model_defaults.get(name, fallback)
+        for name, fallback in SAMPLING_FALLBACKS.items()
+    }
+
+
+def generation_config(args: argparse.Namespace, model_defaults: dict | None = None) -> GenerationConfig:
+    s = sampling_settings(args, model_defaults)
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
+        do_sample=s["temperature"] > 0,
+        temperature=s["temperature"] if s["temperature"] > 0 else 1.0,
+        top_p=s["top_p"],
+        top_k=s["top_k"],
+        min_p=s["min_p"],
+        repetition_penalty=s["repetition_penalty"],
         random_seed=args.seed,
         stop_words=args.stop,
     )

@@ -5,7 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_engine_args, add_sampling_args, engine_config, generation_config
+import lmforge
+
+from .common import (
+    HelpFormatter,
+    add_engine_args,
+    add_sampling_args,
+    engine_config,
+    generation_config,
+    sampling_settings,
+)
+
+CHAT_HELP = """commands:
+  /help     this list
+  /reset    forget the conversation (the system prompt stays)
+  /exit     quit (also /quit, Ctrl-D)
+Ctrl-C stops a reply mid-way; anything else is sent to the model."""
 
 
 def _load(args: argparse.Namespace):
@@ -24,9 +39,13 @@ def _chat(args: argparse.Namespace) -> int:
     pipe = _load(args)
     if pipe is None:
         return 2
-    gen = generation_config(args)
+    defaults = pipe.engine.generation_defaults
+    gen = generation_config(args, defaults)
+    settings = ", ".join(f"{k} {v}" for k, v in sampling_settings(args, defaults).items())
+    source = " (unset ones from the model's generation defaults)" if defaults else ""
+    print(f"sampling: {settings}{source}", file=sys.stderr)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("type a message (Ctrl-D or /exit to quit, /reset to start over)", file=sys.stderr)
+    print("type a message (/help for commands, Ctrl-D or /exit to quit)", file=sys.stderr)
     while True:
         try:
             user = input("\nuser> ").strip()
@@ -35,8 +54,15 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         if user in ("/exit", "/quit"):
             return 0
+        if user == "/help":
+            print(CHAT_HELP)
+            continue
         if user == "/reset":
             messages = messages[:1] if args.system else []
+            print("(conversation reset" + (": the system prompt stays)" if args.system else ")"))
+            continue
+        if user.startswith("/") and " " not in user:
+            print(f"unknown command {user}; /help lists the commands (this was not sent to the model)")
             continue
         if not user:
             continue
@@ -63,7 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     try:
-        for delta in pipe.stream_infer(prompt, generation_config(args)):
+        for delta in pipe.stream_infer(prompt, generation_config(args, pipe.engine.generation_defaults)):
             print(delta.text, end="", flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,11 +123,15 @@ def _check_env(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="LLM inference and serving engine.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="LLM inference and serving engine.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {lmforge.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
         "chat",
+        formatter_class=HelpFormatter,
         help="interactive, streaming, multi-turn chat in the terminal",
         description="Chat with a model in the terminal. MODEL defaults to the embedded SmolLM2-135M.",
     )
@@ -113,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
+        formatter_class=HelpFormatter,
         help="generate a completion for one prompt, streamed to stdout",
         description="Generate text for PROMPT and stream it to stdout.",
     )
@@ -130,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "check_env",
+        formatter_class=HelpFormatter,
         aliases=["check-env"],
         help="check that a model's config, ConfigBuilder and class resolve (no weights loaded); --parity vs HF",
         description="Resolve MODEL's config, ConfigBuilder and model class (check_model); with "
@@ -166,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C while the model loads (a reply or a prompt handles its own)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_engine_args, engine_config
+from .common import HelpFormatter, add_engine_args, engine_config
+
+# lmforge.serve.parsers' choices, written out so `--help` does not import the server (a test keeps them equal)
+TOOL_CALL_PARSER_CHOICES = ("auto", "hermes", "llama3_json", "mistral")
+REASONING_PARSER_CHOICES = ("auto", "none", "qwen3", "deepseek_r1")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
+        formatter_class=HelpFormatter,
         help="OpenAI-compatible HTTP server with a chat page at /",
         description="Serve MODEL over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions), "
         "with /health, Prometheus /metrics and a chat page at /. MODEL defaults to the embedded "
@@ -101,6 +106,20 @@ def add_parser(subparsers) -> None:
         help="HTTP front-end processes sharing the port (tokenization, templates, JSON and SSE off the engine's "
         "processes; default: 1)",
     )
+    g.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=TOOL_CALL_PARSER_CHOICES,
+        help="how the model writes tool calls: hermes (<tool_call> JSON, Qwen), llama3_json, mistral "
+        "([TOOL_CALLS]); auto: read from the chat template, else hermes",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        choices=REASONING_PARSER_CHOICES,
+        help="split <think>...</think> into reasoning_content (qwen3, deepseek_r1); auto: when the chat template "
+        "writes the tags; none: never",
+    )
     add_engine_args(p)
     p.set_defaults(func=run, log_level="INFO")  # INFO: one log line per request
 
@@ -141,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             api_keys=args.api_keys,
             max_concurrent_requests=args.max_concurrent_requests,
             shutdown_timeout=args.shutdown_timeout,
+            tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
             limits=limits,
             metrics_key=args.metrics_key,
             allowed_hosts=args.allowed_hosts,

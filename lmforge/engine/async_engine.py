@@ -36,6 +36,7 @@ class AsyncEngine:
         self.model_name = self.engine.model_name
         self.session_len = self.engine.session_len
         self.vocab_size = self.engine.vocab_size
+        self.generation_defaults = self.engine.generation_defaults
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.engine.stats()

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from lmforge.config import SchedulerConfig
+from lmforge.generation_defaults import load_generation_defaults
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_source import load_model_source, load_tokenizer
 
@@ -46,6 +48,21 @@ class _Inflight:
     token_ids: torch.Tensor | None  # on the device: the next step reads its placeholders from here
     result: SampleResult | None  # host copies (pinned) once `ready` has fired
     ready: torch.cuda.Event | None = None
+
+
+def _in_daemon_thread(fn, *args) -> Future:
+    """fn(*args) on a daemon thread: a load abandoned by Ctrl-C must not hold the exiting process for as long as
+    it takes (a ThreadPoolExecutor's worker would be joined at exit)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="lmforge-tokenizer", daemon=True).start()
+    return future
 
 
 class Engine:
@@ -79,8 +96,9 @@ class Engine:
         source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
         check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
-        # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
-        tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
+        # the tokenizer (and the transformers import it needs) loads on a thread while CUDA starts and the weights
+        # go to the device; it is first needed by warm-up
+        tokenizer_future = _in_daemon_thread(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
         t_model = time.perf_counter()
@@ -107,6 +125,9 @@ class Engine:
         t_graphs = time.perf_counter()
         self.vocab_size = getattr(source.hf_config, "vocab_size", self.model_config.vocab_size)
         self.sampler = Sampler(self.vocab_size, self.device)
+        # what a request that leaves sampling unset gets (lmforge.generation_defaults); the engine itself never
+        # applies them: GenerationConfig has no "unset", so the callers that know do
+        self.generation_defaults = load_generation_defaults(source.path, source.gguf_file)
         self._seq_counter = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = self.generation_tokens_total = 0

@@ -41,3 +41,5 @@ def validate_request(input_ids: list[int], gen_config, vocab_size: int, session_
     if len(input_ids) >= session_len:
         raise ContextLengthError(len(input_ids), session_len)
     gen_config.validate()
+    if gen_config.logit_bias and max(gen_config.logit_bias) >= vocab_size:
+        raise RequestError(f"logit_bias token ids must be in [0, {vocab_size})")

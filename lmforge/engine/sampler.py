@@ -1,7 +1,7 @@
 """Batched sampler: the engine hands it the float32 last-token logits of every sequence that samples
 this step (a prefill chunk that does not reach the end of its prompt does not).
 
-Order (HF logits-processor order where they overlap): penalties -> bad/min-token masks -> guide mask ->
+Order (HF logits-processor order where they overlap): penalties -> logit_bias -> bad/min-token masks -> guide mask ->
 temperature -> top-k -> top-p -> min-p -> draw. Greedy rows take the argmax after the masks. Everything is batched
 over rows; only rows with their own seeded generator or a grammar guide get a Python loop, and nothing here calls
 `.item()`/`.tolist()`, so the step stays free of host<->device syncs until the engine reads the token ids.
@@ -66,11 +66,15 @@ class Sampler:
         has_rep = any(c.repetition_penalty != 1.0 for c in cfgs)
         has_pres_freq = any(c.presence_penalty != 0.0 or c.frequency_penalty != 0.0 for c in cfgs)
         masked = self._mask_pairs(seqs)
+        biased = self._bias_entries(cfgs)
         guided = [i for i, s in enumerate(seqs) if s.guide is not None]
-        if (masked is not None or guided) and not (has_rep or has_pres_freq):
+        if (masked is not None or biased is not None or guided) and not (has_rep or has_pres_freq):
             logits = logits.clone()  # masks write in place; the caller's tensor stays raw
         if has_rep or has_pres_freq:
             logits = self._apply_penalties(logits, seqs, params, has_rep)
+        if biased is not None:
+            rows, tokens, values = biased
+            logits.index_put_((rows, tokens), values, accumulate=True)
         if masked is not None:
             logits.index_put_(masked, logits.new_full((), float("-inf")))
         for i in guided:
@@ -120,6 +124,22 @@ class Sampler:
             return None
         pairs = self._to_device([rows, tokens], torch.int64)
         return pairs[0], pairs[1]
+
+    def _bias_entries(self, cfgs: list[GenerationConfig]) -> tuple[torch.Tensor, ...] | None:
+        """logit_bias as (row, token, bias) device tensors (validate_request has checked the ids)."""
+        rows: list[int] = []
+        tokens: list[int] = []
+        values: list[float] = []
+        for i, c in enumerate(cfgs):
+            for t, b in (c.logit_bias or {}).items():
+                if b != 0:
+                    rows.append(i)
+                    tokens.append(t)
+                    values.append(float(b))
+        if not rows:
+            return None
+        pairs = self._to_device([rows, tokens], torch.int64)
+        return pairs[0], pairs[1], self._to_device(values, torch.float32)
 
     def _history(self, seqs: Sequence[SamplingSeq], with_prompt: bool) -> tuple[torch.Tensor, ...]:
         """Flattened token history on the device: (row, token id, is_generated), one entry per token.

@@ -54,7 +54,10 @@ def resolve_device_type(device_type: str | None) -> str:
     if device_type is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device_type='cuda' was asked for but torch sees no CUDA device; use device_type='cpu'")
+        raise ValueError(  # a setting to change, like any other bad option
+            "CUDA was asked for, but torch sees no CUDA device; run on the CPU with `--device cpu` "
+            "(PytorchEngineConfig(device_type='cpu') from Python)"
+        )
     return device_type
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -207,7 +208,12 @@ def run_worker(
     tp.init_group(device_type, init_method, rank, world)
     try:
         worker = Worker(model_path, cfg, device, rank, tp.Channel(device))
-        worker.load_model()
+        try:
+            worker.load_model()
+        except (ValueError, NotImplementedError, OSError):
+            # a model this split cannot build (e.g. 9 heads over tp=2): rank 0 builds the same one and reports the
+            # same error in one clear line; a second copy from here, as a traceback, would only bury it
+            sys.exit(1)
         worker.serve()
     finally:
         dist.destroy_process_group()

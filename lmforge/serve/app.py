@@ -22,6 +22,7 @@ from .generation import RequestRecord
 from .limits import AllowedHostsMiddleware, BodyLimitMiddleware, ServeLimits
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, RequestLogMiddleware
+from .parsers import resolve_parsers
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -62,6 +63,8 @@ def build_app(
     served_model_name: str | list[str] | None = None,
     api_keys: list[str] | None = None,
     max_concurrent_requests: int | None = None,
+    tool_call_parser: str = "auto",
+    reasoning_parser: str = "auto",
     limits: ServeLimits | None = None,
     metrics_key: str | None = None,
     allowed_hosts: list[str] | None = None,
@@ -71,6 +74,8 @@ def build_app(
     `served_model_name`: the name(s) clients must send as `model` (default: the engine's model name).
     `api_keys`: when given, /v1/* needs `Authorization: Bearer <one of them>`.
     `max_concurrent_requests`: generation requests beyond this many in flight get a 429.
+    `tool_call_parser`: how replies write tool calls (lmforge.serve.tool_parsers), "auto": from the chat template.
+    `reasoning_parser`: "auto" (split <think> replies when the chat template writes the tags), "none", or a name.
     `limits`: the body size and body read time (ServeLimits; its connection limits are the server's to apply).
     `metrics_key`: the key /metrics takes instead of the API keys. `allowed_hosts`: Host header names accepted.
     """
@@ -82,6 +87,7 @@ def build_app(
         raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
     metrics = ServerMetrics(engine.stats)
     ctx = ServeContext(engine, names, metrics, max_concurrent_requests)
+    ctx.tool_call_parser, ctx.reasoning_parser = resolve_parsers(engine.tokenizer, tool_call_parser, reasoning_parser)
     app = FastAPI(
         title="lmforge",
         version=lmforge.__version__,
@@ -100,7 +106,7 @@ def build_app(
     app.add_middleware(RequestLogMiddleware, metrics=metrics)  # added last = outermost, so it also logs 401s
 
     def card(name: str) -> ModelCard:
-        return ModelCard(id=name, max_model_len=engine.session_len)
+        return ModelCard(id=name, max_model_len=engine.session_len, generation_defaults=ctx.generation_defaults)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def list_models() -> ModelList:

@@ -1,12 +1,14 @@
 """POST /v1/chat/completions: the model's chat template, n choices, logprobs, and response_format enforced by a
 grammar (lmforge.engine.guided) so json_object / json_schema replies parse
-(unless max_tokens cuts them off: finish_reason "length").
+(unless max_tokens cuts them off: finish_reason "length"). Tool calls and reasoning output are read from each
+reply by lmforge.serve.chat_output (tool_calls.py, reasoning.py); forced tool calls reuse the grammar path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +18,7 @@ from fastapi import Request
 from lmforge.engine.guided import Guide, compile_response_format
 from lmforge.engine.guided_limits import DEFAULT_SCHEMA_LIMITS
 
+from .chat_output import ChatOutput
 from .context import ServeContext
 from .errors import APIError, invalid
 from .generation import (
@@ -32,7 +35,6 @@ from .generation import (
 )
 from .prompts import check_prompt_chars
 from .protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -41,31 +43,45 @@ from .protocol import (
     TopLogprob,
 )
 from .streaming import EventStreamResponse, run_unless_disconnected
+from .tool_calls import ToolPlan, plan_tools, template_messages, with_tools
 
 
-def _prompt_ids(req: ChatCompletionRequest, ctx: ServeContext) -> list[int]:
+def _chat_template(ctx: ServeContext) -> str:
+    template = getattr(getattr(ctx.tokenizer, "hf", None), "chat_template", None)
+    return template if isinstance(template, str) else ""
+
+
+def _prompt_ids(req: ChatCompletionRequest, ctx: ServeContext, plan: ToolPlan) -> tuple[list[int], str]:
+    """The prompt's token ids, and the text of its last tokens (the reasoning reader looks at how it ends)."""
     tok = ctx.tokenizer
     if tok is None:
         raise invalid("this model has no tokenizer: use /v1/completions with token ids", "messages")
-    # 'developer' is OpenAI's newer name for 'system'; chat templates only know the latter.
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    messages, kwargs = with_tools(template_messages(req), plan, _chat_template(ctx))
     try:
         # control tokens only where the template puts them: message text spelling one stays plain text
-        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        ids = tok.encode_chat(messages, add_generation_prompt=True, **{**(req.chat_template_kwargs or {}), **kwargs})
     except Exception as e:  # jinja raises TemplateError (e.g. "roles must alternate") for chats it refuses
         raise invalid(f"the model's chat template rejected these messages: {e}", "messages") from None
     if not ids:
         raise invalid("messages encode to an empty prompt", "messages")
-    return ids
+    # how the prompt ends tells the reasoning reader whether the reply starts inside <think>
+    return ids, tok.decode(ids[-64:], skip_special_tokens=False)
 
 
-async def _guides(req: ChatCompletionRequest, ctx: ServeContext) -> list:
+async def _guides(req: ChatCompletionRequest, ctx: ServeContext, plan: ToolPlan) -> list:
     rf = req.response_format
-    if rf is None or rf.type == "text":
+    param = "response_format"
+    if plan.is_forced:
+        if rf is not None and rf.type != "text":
+            raise invalid("response_format cannot be combined with a required or named tool_choice", "tool_choice")
+        rf, param = None, "tools"
+        spec = plan.guide_spec()
+    elif rf is None or rf.type == "text":
         return [None] * req.n
-    if rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
-        raise invalid("response_format of type json_schema needs json_schema.schema", "response_format")
-    spec = rf.model_dump(by_alias=True, exclude_none=True)
+    else:
+        if rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+            raise invalid("response_format of type json_schema needs json_schema.schema", "response_format")
+        spec = rf.model_dump(by_alias=True, exclude_none=True)
     tok = ctx.tokenizer
     budget = DEFAULT_SCHEMA_LIMITS.compile_timeout
     try:
@@ -75,11 +91,9 @@ async def _guides(req: ChatCompletionRequest, ctx: ServeContext) -> list:
             ctx.workers.run(compile_response_format, spec, tok.hf, ctx.engine.vocab_size, tok.eos_token_ids), budget
         )
     except ValueError as e:
-        raise invalid(str(e), "response_format") from None
+        raise invalid(str(e), param) from None
     except TimeoutError:
-        raise invalid(
-            f"response_format schema took longer than {budget:g} s to compile; simplify it", "response_format"
-        ) from None
+        raise invalid(f"the {param} schema took longer than {budget:g} s to compile; simplify it", param) from None
     return [Guide(compiled, vocab_size, spec) for _ in range(req.n)]
 
 
@@ -106,12 +120,21 @@ async def create_chat_completion(
         raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
     num_chars = sum(len(m.text()) for m in req.messages)
     check_prompt_chars(num_chars, ctx.engine.session_len, ctx.max_token_chars, "messages")
-    ids = await ctx.workers.run(_prompt_ids, req, ctx)
+    plan = plan_tools(req, ctx.tool_call_parser)
+    ids, prompt = await ctx.workers.run(_prompt_ids, req, ctx, plan)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_new = check_context(len(ids), max_tokens, ctx.engine.session_len, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    configs = [build_gen_config(req, max_new, logprobs, i) for i in range(req.n)]
-    guides = await _guides(req, ctx)
+    configs = [
+        build_gen_config(req, max_new, logprobs, i, ctx.generation_defaults, ctx.engine.vocab_size)
+        for i in range(req.n)
+    ]
+    if plan.parser is not None and plan.parser.needs_special_tokens:
+        configs = [dataclasses.replace(c, skip_special_tokens=False) for c in configs]  # keep [TOOL_CALLS]
+    guides = await _guides(req, ctx, plan)
+    # a grammar writes JSON from the first token: no thinking to split off then
+    split_reasoning = ctx.reasoning_parser is not None and guides[0] is None
+    readers = [ChatOutput(plan, prompt, split_reasoning) for _ in range(req.n)]
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     record.request_id = rid
     record.prompt_tokens = len(ids)
@@ -120,29 +143,33 @@ async def create_chat_completion(
     slot = ctx.acquire([job[2] for job in jobs])
     if req.stream:
         return EventStreamResponse(
-            _events(req, ctx, rid, jobs, choices, arrival, record), on_close=closer(slot, record, choices)
+            _events(req, ctx, rid, jobs, choices, readers, arrival, record), on_close=closer(slot, record, choices)
         )
     try:
-        return await run_unless_disconnected(request, _collect(req, ctx, rid, jobs, choices, arrival, record))
+        work = _collect(req, ctx, rid, jobs, choices, readers, arrival, record)
+        return await run_unless_disconnected(request, work)
     finally:
         closer(slot, record, choices)()
 
 
-async def _collect(req, ctx, rid, jobs, choices: list[Choice], arrival, record) -> ChatCompletionResponse:
+async def _collect(req, ctx, rid, jobs, choices: list[Choice], readers, arrival, record) -> ChatCompletionResponse:
     await collect_outputs(ctx, jobs, choices, arrival, record, "messages")
-    result = [
-        ChatChoice(
-            index=c.index,
-            message=AssistantMessage(content="".join(c.text)),
-            logprobs=_logprobs(ctx, c.logprobs) if req.logprobs else None,
-            finish_reason=c.finish_reason,
+    result = []
+    for c, output in zip(choices, readers, strict=True):
+        output.feed("".join(c.text))
+        _, finish_reason = output.finish(c.finish_reason)
+        result.append(
+            ChatChoice(
+                index=c.index,
+                message=output.message(),
+                logprobs=_logprobs(ctx, c.logprobs) if req.logprobs else None,
+                finish_reason=finish_reason,
+            )
         )
-        for c in choices
-    ]
     return ChatCompletionResponse(id=rid, model=req.model, choices=result, usage=record.usage())
 
 
-async def _events(req, ctx, rid, jobs, choices: list[Choice], arrival, record) -> AsyncIterator[str]:
+async def _events(req, ctx, rid, jobs, choices: list[Choice], readers, arrival, record) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -171,10 +198,16 @@ async def _events(req, ctx, rid, jobs, choices: list[Choice], arrival, record) -
         async with contextlib.aclosing(observed_outputs(ctx, jobs, choices, arrival, record)) as outputs:
             async for i, out in outputs:
                 lp = _logprobs(ctx, out.logprobs) if req.logprobs and out.logprobs else None
-                if out.text or lp is not None:
-                    yield chunk(i, {"content": out.text}, lp)
+                deltas = readers[i].feed(out.text) if out.text else []
+                if lp is not None and not deltas:
+                    deltas = [{}]  # held-back text (a tag may be starting) still reports its tokens' logprobs
+                for k, delta in enumerate(deltas):
+                    yield chunk(i, delta, lp if k == 0 else None)
                 if out.finish_reason is not None:
-                    yield chunk(i, {}, None, out.finish_reason)
+                    deltas, finish_reason = readers[i].finish(out.finish_reason)
+                    for delta in deltas:
+                        yield chunk(i, delta)
+                    yield chunk(i, {}, None, finish_reason)
         ctx.metrics.e2e.observe(time.perf_counter() - arrival)
         if include_usage:
             yield sse(

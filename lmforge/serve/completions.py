@@ -111,7 +111,7 @@ async def create_completion(
         max_new = check_context(len(ids), req.max_tokens, ctx.engine.session_len, "prompt")
         record.prompt_tokens += len(ids)
         for i in range(req.n):
-            cfg = build_gen_config(req, max_new, req.logprobs, i)
+            cfg = build_gen_config(req, max_new, req.logprobs, i, ctx.generation_defaults, ctx.engine.vocab_size)
             jobs.append((ids, cfg, f"{rid}-{len(choices)}", None))
             choices.append(Choice(len(choices), prompt_index=p))
     slot = ctx.acquire([job[2] for job in jobs])

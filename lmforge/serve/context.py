@@ -59,9 +59,13 @@ class ServeContext:
     token_strings: TokenStrings = field(init=False)
     workers: PromptWorkers = field(default_factory=PromptWorkers)  # tokenization, templating, grammar compiling
     _max_token_chars: int | None = field(default=None, init=False)
+    tool_call_parser: str = "hermes"  # lmforge.serve.tool_parsers name
+    reasoning_parser: str | None = None  # lmforge.serve.reasoning name, None: replies are not split
+    generation_defaults: dict = field(default_factory=dict)  # the model's own sampling defaults
 
     def __post_init__(self) -> None:
         self.token_strings = TokenStrings(self.engine.tokenizer)
+        self.generation_defaults = dict(getattr(self.engine, "generation_defaults", None) or {})
 
     def max_token_chars(self) -> int:
         """No token spans more characters (lmforge.serve.prompts); computed once, on the first long prompt."""

@@ -80,6 +80,10 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
             f"We could not parse the JSON body of your request: {first.get('msg', 'invalid JSON')}", code="invalid_json"
         ).response()
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":  # a field we do not model: we cannot honour it, so say which
+        return invalid(
+            f"Unsupported parameter: '{param}' is not supported by this server.", param, "unsupported_parameter"
+        ).response()
     msg = first.get("msg", "invalid request")
     if param:
         msg = f"Invalid value for '{param}': {msg}"

@@ -31,9 +31,25 @@ def stop_words(stop: str | list[str] | None) -> list[str] | None:
     return words or None
 
 
-def build_gen_config(req: SamplingRequest, max_new_tokens: int, logprobs: int | None, index: int) -> GenerationConfig:
-    """One choice's GenerationConfig. Choice i of a seeded request uses seed + i, so choices differ but repeat."""
-    temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
+def build_gen_config(
+    req: SamplingRequest,
+    max_new_tokens: int,
+    logprobs: int | None,
+    index: int,
+    defaults: dict | None = None,
+    vocab_size: int | None = None,
+) -> GenerationConfig:
+    """One choice's GenerationConfig. Choice i of a seeded request uses seed + i, so choices differ but repeat.
+
+    `defaults`: the model's own sampling defaults (lmforge.generation_defaults), for what the request leaves unset.
+    """
+    defaults = defaults or {}
+
+    def pick(name: str, fallback):
+        value = getattr(req, name)
+        return defaults.get(name, fallback) if value is None else value
+
+    temperature = pick("temperature", 1.0)  # 1.0: OpenAI's default
     if req.min_tokens > max_new_tokens:
         raise invalid(f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_new_tokens})", "min_tokens")
     seed = None if req.seed is None else (req.seed + index) % 2**63
@@ -44,19 +60,40 @@ def build_gen_config(req: SamplingRequest, max_new_tokens: int, logprobs: int | 
             min_new_tokens=req.min_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=max(req.top_k or 0, 0),
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
+            top_p=pick("top_p", 1.0),
+            top_k=max(pick("top_k", 0), 0),
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             random_seed=seed,
             stop_words=stop_words(req.stop),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            logit_bias=logit_bias(req.logit_bias, vocab_size),
         )
     except ValueError as e:
         raise invalid(str(e)) from None
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int | None = None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON object keys) as GenerationConfig takes it; 400s name the entry."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise invalid(
+                f"logit_bias token ids must be in [0, {vocab_size or 'vocab size'}), got {token}", "logit_bias"
+            )
+        if not -100.0 <= value <= 100.0:
+            raise invalid(f"logit_bias values must be in [-100, 100], got {value} for token {token}", "logit_bias")
+        out[token] = float(value)
+    return out
 
 
 def check_context(num_prompt: int, max_tokens: int | None, session_len: int, param: str) -> int:

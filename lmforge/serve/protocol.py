@@ -17,8 +17,9 @@ INT64 = 2**63
 
 
 class _Request(BaseModel):
-    # Official clients send fields we do not model (user, logit_bias, ...): ignore them rather than fail.
-    model_config = ConfigDict(extra="ignore")
+    # A field we do not model is one we cannot honour: a 400 names it (code unsupported_parameter) instead of
+    # the request running without it.
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(BaseModel):
@@ -44,7 +45,10 @@ class SamplingRequest(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    user: str | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100], added to that token's logit"
+    )
+    user: str | None = None  # an end-user id for the caller's abuse tracking; it changes no output
 
 
 class CompletionRequest(SamplingRequest):
@@ -62,10 +66,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object, encoded as a string")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool messages: the call this result answers")
+    # an earlier reply sent back as it came (the official clients do): templates that show past thinking read it
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -89,6 +108,27 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="JSON schema of the arguments object")
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
@@ -96,6 +136,14 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without; required and a named function are grammar-forced"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="default true: a reply may hold several calls")
+    chat_template_kwargs: dict | None = Field(
+        None, description="extra variables for the chat template, e.g. {'enable_thinking': false}"
+    )
 
 
 # --- responses ------------------------------------------------------------------------------------------------
@@ -147,6 +195,8 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -166,9 +216,23 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -193,6 +257,9 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "lmforge"
     max_model_len: int | None = None
+    generation_defaults: dict = Field(
+        default_factory=dict, description="the model's own sampling defaults, used for what a request leaves unset"
+    )
 
 
 class ModelList(BaseModel):

@@ -33,6 +33,14 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, ctx, shutdown_timeout: float):
         super().__init__(config)
         self.ctx, self.shutdown_timeout = ctx, shutdown_timeout
+        self.num_in_flight_at_signal: int | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        # Counted when the signal arrives (this handler runs on the event loop's thread, between its callbacks),
+        # not when uvicorn's main loop next polls should_exit: a request finishing in between was not cut short.
+        if self.num_in_flight_at_signal is None:
+            self.num_in_flight_at_signal = self.ctx.num_in_flight
+        super().handle_exit(sig, frame)
 
     async def _abort_in_flight(self) -> None:
         await asyncio.sleep(self.shutdown_timeout)
@@ -41,12 +49,9 @@ class _Server(uvicorn.Server):
             logger.info("shutdown: aborted %d request(s) still running after %.1f s", num, self.shutdown_timeout)
 
     async def shutdown(self, sockets=None) -> None:
-        if self.ctx.num_in_flight:
-            logger.info(
-                "shutdown: waiting up to %.1f s for %d request(s) in flight",
-                self.shutdown_timeout,
-                self.ctx.num_in_flight,
-            )
+        num = self.ctx.num_in_flight if self.num_in_flight_at_signal is None else self.num_in_flight_at_signal
+        if num:
+            logger.info("shutdown: waiting up to %.1f s for %d request(s) in flight", self.shutdown_timeout, num)
         watchdog = asyncio.create_task(self._abort_in_flight())
         try:
             await super().shutdown(sockets)
@@ -110,6 +115,8 @@ async def serve_async(
     max_concurrent_requests: int | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
+    tool_call_parser: str = "auto",
+    reasoning_parser: str = "auto",
     limits: ServeLimits | None = None,
     metrics_key: str | None = None,
     allowed_hosts: list[str] | None = None,
@@ -149,6 +156,8 @@ async def serve_async(
             served_model_name,
             api_keys,
             max_concurrent_requests,
+            tool_call_parser=tool_call_parser,
+            reasoning_parser=reasoning_parser,
             limits=limits,
             metrics_key=metrics_key,
             allowed_hosts=allowed_hosts,
@@ -170,7 +179,7 @@ async def serve_async(
             "serving %s on http://%s:%d (chat page at /, API at /v1, docs at /docs)%s",
             app.state.ctx.served_model_names[0],
             host,
-            port,
+            sock.getsockname()[1] if sock is not None else port,
             ", API keys required" if api_keys else "",
         )
         if not died:

@@ -344,3 +344,35 @@ def test_no_host_device_sync_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     assert out.token_ids.shape == (len(seqs),) and out.top_ids.shape == (len(seqs), 4)
     assert int(out.token_ids[0]) == int(logits[0].argmax())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_bias_is_added_to_the_logits_before_sampling(device):
+    """OpenAI semantics: the bias adds to the logit, so +100 forces a token, -100 bans it, and a small bias shifts
+    the sampled frequencies to softmax((logits + bias) / T), the reference computed here by hand."""
+    torch.manual_seed(0)
+    logits = torch.randn(12)
+    top = int(logits.argmax())
+    low = int(logits.argmin())
+    greedy = GenerationConfig(logit_bias={low: 100.0})
+    assert sample(greedy, logits, 4, device).tolist() == [low] * 4
+    banned = GenerationConfig(logit_bias={top: -100.0})
+    assert top not in sample(banned, logits, 4, device).tolist()
+    forced = GenerationConfig(do_sample=True, temperature=1.5, logit_bias={low: 100.0})
+    assert set(sample(forced, logits, 200, device).tolist()) == {low}
+    bias = {3: 1.5, 7: -2.0}
+    shifted = logits.clone()
+    for t, b in bias.items():
+        shifted[t] += b
+    draws = sample(GenerationConfig(do_sample=True, temperature=1.0, logit_bias=bias), logits, 20000, device)
+    assert chi_square(draws, shifted.softmax(-1)) < 40  # 11 degrees of freedom: p < 1e-4 if the bias were wrong
+    # one row's bias never reaches another row of the batch
+    batch = logits.to(device).expand(2, -1).contiguous()
+    out = Sampler(12, torch.device(device))(batch, [FakeSeq(greedy), FakeSeq(GenerationConfig())]).token_ids
+    assert out.tolist() == [low, top]
+
+
+def test_logit_bias_is_validated():
+    for bad in ({3: 101.0}, {-1: 1.0}, {"3": 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            GenerationConfig(logit_bias=bad)

@@ -71,9 +71,19 @@ def paged_batch():
     """Factory of a random paged batch: caches full of random values (stale slots included, so a kernel
     that reads past a sequence's keys gets garbage), blocks assigned in shuffled order, and the metadata."""
 
-    def build(q_lens: list[int], kv_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-              block_size: int, dtype: torch.dtype, device: torch.device, is_decoding: bool | None = None,
-              extra_blocks: int = 2, v_head_dim: int | None = None) -> dict:
+    def build(
+        q_lens: list[int],
+        kv_lens: list[int],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        is_decoding: bool | None = None,
+        extra_blocks: int = 2,
+        v_head_dim: int | None = None,
+    ) -> dict:
         num_seqs = len(q_lens)
         v_head_dim = v_head_dim or head_dim
         blocks_per_seq = [-(-kv // block_size) for kv in kv_lens]
@@ -83,7 +93,7 @@ def paged_batch():
         block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
         used = 0
         for i, n in enumerate(blocks_per_seq):
-            block_tables[i, :n] = perm[used:used + n].to(torch.int32)
+            block_tables[i, :n] = perm[used : used + n].to(torch.int32)
             used += n
         slots = []
         for i, (q, kv) in enumerate(zip(q_lens, kv_lens, strict=True)):

@@ -20,24 +20,49 @@ HEAD_IDS = ["gqa1", "gqa4", "gqa8"]
 
 
 def _reference(batch: dict, scale: float, **kwargs) -> torch.Tensor:
-    return cpu_backend.paged_attention(batch["query"].float(), batch["k_cache"].float(), batch["v_cache"].float(),
-                                       batch["meta"], AttnOptions(scale, **kwargs))
+    return cpu_backend.paged_attention(
+        batch["query"].float(),
+        batch["k_cache"].float(),
+        batch["v_cache"].float(),
+        batch["meta"],
+        AttnOptions(scale, **kwargs),
+    )
 
 
 def _decode(batch: dict, scale: float, **kwargs) -> torch.Tensor:
     q, meta = batch["query"], batch["meta"]
-    out = torch.full((q.shape[0], q.shape[1], kwargs.get("v_head_dim") or batch["v_cache"].shape[-1]), float("nan"),
-                     dtype=q.dtype, device=q.device)
-    return decode_attention(q, batch["k_cache"], batch["v_cache"], meta.block_tables, meta.kv_seqlens, scale,
-                            out=out, **kwargs)
+    out = torch.full(
+        (q.shape[0], q.shape[1], kwargs.get("v_head_dim") or batch["v_cache"].shape[-1]),
+        float("nan"),
+        dtype=q.dtype,
+        device=q.device,
+    )
+    return decode_attention(
+        q, batch["k_cache"], batch["v_cache"], meta.block_tables, meta.kv_seqlens, scale, out=out, **kwargs
+    )
 
 
 def _prefill(batch: dict, scale: float, **kwargs) -> torch.Tensor:
     q, meta = batch["query"], batch["meta"]
-    out = torch.full((q.shape[0], q.shape[1], kwargs.get("v_head_dim") or batch["v_cache"].shape[-1]), float("nan"),
-                     dtype=q.dtype, device=q.device)
-    return prefill_attention(q, batch["k_cache"], batch["v_cache"], meta.block_tables, meta.q_start_loc,
-                             meta.q_seqlens, meta.kv_seqlens, meta.max_q_seqlen, scale, out=out, **kwargs)
+    out = torch.full(
+        (q.shape[0], q.shape[1], kwargs.get("v_head_dim") or batch["v_cache"].shape[-1]),
+        float("nan"),
+        dtype=q.dtype,
+        device=q.device,
+    )
+    return prefill_attention(
+        q,
+        batch["k_cache"],
+        batch["v_cache"],
+        meta.block_tables,
+        meta.q_start_loc,
+        meta.q_seqlens,
+        meta.kv_seqlens,
+        meta.max_q_seqlen,
+        scale,
+        out=out,
+        **kwargs,
+    )
 
 
 def _decode_lens(batch_size: int, block_size: int) -> list[int]:
@@ -101,8 +126,7 @@ def test_prefill_attention_window_softcap(device, check_dtype, paged_batch, tol,
     check_dtype(dtype)
     batch = paged_batch([1, 17, 70, 130], [30, 17, 150, 130], 16, 4, 64, 16, dtype, device)
     kwargs = {"sliding_window": window, "logit_softcapping": softcap}
-    torch.testing.assert_close(_prefill(batch, 0.2, **kwargs).float(), _reference(batch, 0.2, **kwargs),
-                               **tol(dtype))
+    torch.testing.assert_close(_prefill(batch, 0.2, **kwargs).float(), _reference(batch, 0.2, **kwargs), **tol(dtype))
 
 
 @pytest.mark.parametrize("head_dim", [80, 96, 256])
@@ -133,8 +157,9 @@ def test_backend_paged_attention_dispatch(device, check_dtype, paged_batch, pois
     for q_lens, kv_lens, is_decoding in cases:
         batch = paged_batch(q_lens, kv_lens, 8, 2, 64, 16, dtype, device, is_decoding=is_decoding)
         poison_allocator()
-        out = cuda_backend.OPS["paged_attention"](batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"],
-                                                  AttnOptions(0.125))
+        out = cuda_backend.OPS["paged_attention"](
+            batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"], AttnOptions(0.125)
+        )
         torch.testing.assert_close(out.float(), _reference(batch, 0.125), **tol(dtype))
 
 

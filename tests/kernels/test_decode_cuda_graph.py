@@ -31,11 +31,19 @@ def _random_inputs(device: torch.device) -> dict:
 def _metadata(inputs: dict) -> AttnMetadata:
     device, kv_lens = inputs["query"].device, inputs["kv_seqlens"].tolist()
     ones = torch.ones(NUM_SEQS, dtype=torch.int32, device=device)
-    return AttnMetadata(is_decoding=True, block_tables=inputs["block_tables"],
-                        q_start_loc=torch.arange(NUM_SEQS, dtype=torch.int32, device=device), q_seqlens=ones,
-                        kv_seqlens=inputs["kv_seqlens"], slot_mapping=torch.zeros(NUM_SEQS, dtype=torch.int64),
-                        max_q_seqlen=1, max_kv_seqlen=MAX_BLOCKS * BLOCK_SIZE, block_size=BLOCK_SIZE,
-                        q_seqlens_list=[1] * NUM_SEQS, kv_seqlens_list=kv_lens)
+    return AttnMetadata(
+        is_decoding=True,
+        block_tables=inputs["block_tables"],
+        q_start_loc=torch.arange(NUM_SEQS, dtype=torch.int32, device=device),
+        q_seqlens=ones,
+        kv_seqlens=inputs["kv_seqlens"],
+        slot_mapping=torch.zeros(NUM_SEQS, dtype=torch.int64),
+        max_q_seqlen=1,
+        max_kv_seqlen=MAX_BLOCKS * BLOCK_SIZE,
+        block_size=BLOCK_SIZE,
+        q_seqlens_list=[1] * NUM_SEQS,
+        kv_seqlens_list=kv_lens,
+    )
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (48, 2.0)])
@@ -68,8 +76,13 @@ def test_decode_attention_cuda_graph_replay(window, softcap):
         torch.cuda.synchronize()
         assert torch.equal(graph_out, eager)
         meta = _metadata(fresh)
-        ref = cpu_backend.paged_attention(fresh["query"].float(), fresh["k_cache"].float(), fresh["v_cache"].float(),
-                                          meta, AttnOptions(0.1, window, softcap))
+        ref = cpu_backend.paged_attention(
+            fresh["query"].float(),
+            fresh["k_cache"].float(),
+            fresh["v_cache"].float(),
+            meta,
+            AttnOptions(0.1, window, softcap),
+        )
         torch.testing.assert_close(graph_out.float(), ref, atol=2e-2, rtol=2e-2)
 
     static["kv_seqlens"][0] = 0  # a padding row of a graph batch: no keys, so zeros and no NaN

@@ -30,14 +30,24 @@ def _inputs(num_tokens, hidden, inter, num_experts, top_k, dtype, device, skew: 
         logits[:, 0] += 4.0
         logits[:, num_experts // 2 :] -= 8.0
     weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
-    return {"hidden_states": x.to(dtype), "gate_up_weight": gate_up.to(dtype), "down_weight": down.to(dtype),
-            "topk_weights": weights, "topk_ids": ids}
+    return {
+        "hidden_states": x.to(dtype),
+        "gate_up_weight": gate_up.to(dtype),
+        "down_weight": down.to(dtype),
+        "topk_weights": weights,
+        "topk_ids": ids,
+    }
 
 
 def _reference(inputs: dict, activation: str = "silu") -> torch.Tensor:
-    return fused_moe_grouped(inputs["hidden_states"].float(), inputs["gate_up_weight"].float(),
-                             inputs["down_weight"].float(), inputs["topk_weights"].float(), inputs["topk_ids"],
-                             activation)
+    return fused_moe_grouped(
+        inputs["hidden_states"].float(),
+        inputs["gate_up_weight"].float(),
+        inputs["down_weight"].float(),
+        inputs["topk_weights"].float(),
+        inputs["topk_ids"],
+        activation,
+    )
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -100,10 +110,19 @@ def test_fused_moe_rejects_bad_arguments(device):
     with pytest.raises(ValueError, match="activation"):
         fused_moe(**inputs, activation="relu")
     with pytest.raises(ValueError, match="do not fit"):
-        fused_moe(inputs["hidden_states"][:, :32], inputs["gate_up_weight"], inputs["down_weight"],
-                  inputs["topk_weights"], inputs["topk_ids"])
-    empty = {**inputs, "hidden_states": inputs["hidden_states"][:0], "topk_weights": inputs["topk_weights"][:0],
-             "topk_ids": inputs["topk_ids"][:0]}
+        fused_moe(
+            inputs["hidden_states"][:, :32],
+            inputs["gate_up_weight"],
+            inputs["down_weight"],
+            inputs["topk_weights"],
+            inputs["topk_ids"],
+        )
+    empty = {
+        **inputs,
+        "hidden_states": inputs["hidden_states"][:0],
+        "topk_weights": inputs["topk_weights"][:0],
+        "topk_ids": inputs["topk_ids"][:0],
+    }
     assert fused_moe(**empty).shape == (0, 64)
 
 

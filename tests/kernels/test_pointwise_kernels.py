@@ -25,8 +25,9 @@ def test_rms_norm(device, check_dtype, poison_allocator, tol, dtype, hidden, wit
     x_before = x.clone()
     poison_allocator()
     got = cuda_backend.OPS["rms_norm"](x, weight, 1e-6, residual, weight_offset)
-    ref = cpu_backend.rms_norm(x.float(), weight.float(), 1e-6,
-                               None if residual is None else residual.float(), weight_offset)
+    ref = cpu_backend.rms_norm(
+        x.float(), weight.float(), 1e-6, None if residual is None else residual.float(), weight_offset
+    )
     if with_residual:
         (got, got_res), (ref, ref_res) = got, ref
         assert torch.equal(got_res, x + residual)  # the same rounding as torch's add in this dtype

@@ -158,7 +158,8 @@ REPO = Path(__file__).resolve().parents[2]
 class ServerProcess:
     """`lmforge serve ARGS` as a child process on a free loopback port; its output is kept in `lines`."""
 
-    def __init__(self, args: list[str], api_key: str | None = None, timeout: float = 120.0):
+    # timeout: for a server that hangs; a loaded 2-core machine may take minutes to import torch and load
+    def __init__(self, args: list[str], api_key: str | None = None, timeout: float = 600.0):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key

@@ -69,6 +69,16 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert run(args) == 2
 
 
+def test_parser_choices_match_the_server():
+    from lmforge.cli import serve as cli_serve
+    from lmforge.serve import parsers
+
+    assert cli_serve.TOOL_CALL_PARSER_CHOICES == parsers.TOOL_CALL_PARSER_CHOICES
+    assert cli_serve.REASONING_PARSER_CHOICES == parsers.REASONING_PARSER_CHOICES
+    args = build_parser().parse_args(["serve", "--tool-call-parser", "mistral", "--reasoning-parser", "none"])
+    assert (args.tool_call_parser, args.reasoning_parser) == ("mistral", "none")
+
+
 def test_hardening_options_and_their_stated_defaults(capsys):
     from lmforge.serve.limits import ServeLimits
 

@@ -20,8 +20,20 @@ def tanh(x):
 
 
 @triton.jit
-def load_kv_tile(cache_ptr, sz_ptr, rows, sz_rows, row_mask, col0, num_cols, stride_d,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, MASK_COLS: tl.constexpr):
+def load_kv_tile(
+    cache_ptr,
+    sz_ptr,
+    rows,
+    sz_rows,
+    row_mask,
+    col0,
+    num_cols,
+    stride_d,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+):
     """Channels col0 + [0, BLOCK_D) (those < num_cols when MASK_COLS) of BLOCK_N cached key/value rows.
 
     rows / sz_rows [BLOCK_N]: offsets of each row in the cache and in its scales_zeros (same head). QUANT 0 returns
@@ -72,9 +84,13 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     return block_d1, (max(16, 1 << (rest - 1).bit_length()) if rest else 0)
 
 
-def kv_quant_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales_zeros: torch.Tensor | None,
-                  v_scales_zeros: torch.Tensor | None, quant_bits: int) -> tuple[tuple[int, int], torch.Tensor,
-                                                                                  torch.Tensor, tuple[int, ...]]:
+def kv_quant_args(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scales_zeros: torch.Tensor | None,
+    v_scales_zeros: torch.Tensor | None,
+    quant_bits: int,
+) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """((k_dim, v_dim) in channels, k / v scales_zeros pointers, their 3 leading strides) of a paged cache, checked:
     quant_bits 0 reads a plain cache (any float dtype, float8_e4m3fn included), 8 / 4 a uint8 one of packed codes."""
     if quant_bits == 0:
@@ -93,5 +109,4 @@ def kv_quant_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales_zeros: 
 def shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, v_dim: int, block_d1: int) -> bool:
     """True when the values are the leading block_d1 channels of the key cache itself (MLA's latent cache):
     then the kernels reuse the key tile as the value tile instead of loading the same bytes twice."""
-    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
-            and v_dim == block_d1)
+    return v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and v_dim == block_d1

@@ -47,13 +47,51 @@ def _split_range(kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_
 
 # split count and block-table width vary with the batch: no variant per value
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr, kv_seqlens_ptr,
-                         part_out_ptr, part_lse_ptr, scale, softcap, window, num_heads, group_size, head_dim, v_dim,
-                         block_size, num_splits, stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh,
-                         stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_zb, stride_zs, stride_zh,
-                         stride_bt, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         SHARED_KV: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_sz_ptr,
+    v_sz_ptr,
+    block_tables_ptr,
+    kv_seqlens_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale,
+    softcap,
+    window,
+    num_heads,
+    group_size,
+    head_dim,
+    v_dim,
+    block_size,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_zb,
+    stride_zs,
+    stride_zh,
+    stride_bt,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     seq = tl.program_id(0)
     # a large group (MLA: 16-128 query heads on one latent head) is served BLOCK_G heads per program
     head_blocks = tl.cdiv(group_size, BLOCK_G)
@@ -93,12 +131,14 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bl
         offset = j % block_size
         k_row = block_id * stride_kb + offset * stride_ks
         sz_row = block_id * stride_zb + offset * stride_zs
-        k1 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1,
-                          QUANT, False).to(q1.dtype)
+        k1 = load_kv_tile(
+            k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT, False
+        ).to(q1.dtype)
         s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
         if BLOCK_D2 > 0:
-            k2 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N,
-                              BLOCK_D2, QUANT, True)
+            k2 = load_kv_tile(
+                k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2, QUANT, True
+            )
             s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
         if SOFTCAP:
             s = softcap * tanh(s * (scale / softcap)) * LOG2E
@@ -113,8 +153,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bl
             v = k1
         else:
             v_row = block_id * stride_vb + offset * stride_vs
-            v = load_kv_tile(v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT,
-                             True).to(q1.dtype)
+            v = load_kv_tile(
+                v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT, True
+            ).to(q1.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -126,10 +167,22 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bl
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, kv_seqlens_ptr, out_ptr, window, v_dim, num_splits,
-                          stride_ot, stride_oh, stride_od,
-                          WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_DV: tl.constexpr):
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    kv_seqlens_ptr,
+    out_ptr,
+    window,
+    v_dim,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_len = tl.load(kv_seqlens_ptr + seq)
@@ -141,12 +194,12 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, kv_seqlens_ptr, out_ptr, w
     m = tl.maximum(tl.max(lse, axis=0), NEG_BIG)
     w = tl.where(valid, tl.exp2(lse - m), 0.0)
     dv = tl.arange(0, BLOCK_DV)
-    parts = tl.load(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], mask=valid[:, None],
-                    other=0.0)
+    parts = tl.load(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], mask=valid[:, None], other=0.0)
     w_sum = tl.sum(w, axis=0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0, w_sum, 1.0)  # no keys (padding row): zeros
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dv * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=dv < v_dim)
+    tl.store(
+        out_ptr + seq * stride_ot + head * stride_oh + dv * stride_od, out.to(out_ptr.dtype.element_ty), mask=dv < v_dim
+    )
 
 
 @functools.lru_cache
@@ -155,7 +208,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_block_n(head_dim: int, v_dim: int) -> int:
-    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernels.py sweep)."""
+    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernel_sweep.py sweep)."""
     block_d = max(sum(split_head_dim(head_dim)), triton.next_power_of_2(v_dim))
     return 128 if block_d <= 64 else 64 if block_d <= 128 else 32
 
@@ -173,12 +226,25 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_
     return max(1, min(wanted, triton.cdiv(max_kv_len, block_n), 64))
 
 
-def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     kv_seqlens: torch.Tensor, scale: float, sliding_window: int | None = None,
-                     logit_softcapping: float | None = None, v_head_dim: int | None = None,
-                     out: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2, k_scales_zeros: torch.Tensor | None = None,
-                     v_scales_zeros: torch.Tensor | None = None, quant_bits: int = 0) -> torch.Tensor:
+def decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcapping: float | None = None,
+    v_head_dim: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
+) -> torch.Tensor:
     """query [num_seqs, heads, d] -> [num_seqs, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
 
     block_tables [num_seqs, max_blocks] int32, kv_seqlens [num_seqs] int32 (keys visible to each query, its own
@@ -189,16 +255,19 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """
     num_seqs, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    (k_dim, v_cache_dim), k_sz, v_sz, sz_strides = kv_quant_args(k_cache, v_cache, k_scales_zeros, v_scales_zeros,
-                                                                  quant_bits)
+    (k_dim, v_cache_dim), k_sz, v_sz, sz_strides = kv_quant_args(
+        k_cache, v_cache, k_scales_zeros, v_scales_zeros, quant_bits
+    )
     v_dim = v_head_dim or v_cache_dim
     if k_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"query {tuple(query.shape)} does not fit k_cache {tuple(k_cache.shape)}")
     if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache_dim:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} does not fit k_cache {tuple(k_cache.shape)}")
     if block_tables.shape[0] != num_seqs or kv_seqlens.shape != (num_seqs,):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} / kv_seqlens {tuple(kv_seqlens.shape)} "
-                         f"do not match {num_seqs} sequences")
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)} / kv_seqlens {tuple(kv_seqlens.shape)} "
+            f"do not match {num_seqs} sequences"
+        )
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     group_size = num_heads // num_kv_heads
@@ -207,8 +276,9 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_n = block_n or default_block_n(head_dim, v_dim)
     block_g = default_block_g(group_size, head_dim)
     if num_splits is None:
-        num_splits = default_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n,
-                                        query.device)
+        num_splits = default_num_splits(
+            num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n, query.device
+        )
     out = check_out(out, query, (num_seqs, num_heads, v_dim))
     if num_seqs == 0:
         return out
@@ -221,17 +291,55 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if shared_kv and quant_bits:
         raise ValueError("a quantized cache cannot be shared by keys and values (MLA latent cache)")
     _decode_split_kernel[grid](
-        query, k_cache, v_cache, k_sz, v_sz, block_tables, kv_seqlens, part_out, part_lse, scale, softcap, window,
-        num_heads, group_size, head_dim, v_dim, block_size, num_splits, *query.stride(), *k_cache.stride(),
-        *v_cache.stride(), *sz_strides, block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, SHARED_KV=shared_kv,
-        QUANT=quant_bits, DOT_PRECISION=dot_precision(query.dtype),
+        query,
+        k_cache,
+        v_cache,
+        k_sz,
+        v_sz,
+        block_tables,
+        kv_seqlens,
+        part_out,
+        part_lse,
+        scale,
+        softcap,
+        window,
+        num_heads,
+        group_size,
+        head_dim,
+        v_dim,
+        block_size,
+        num_splits,
+        *query.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *sz_strides,
+        block_tables.stride(0),
+        SOFTCAP=bool(softcap),
+        WINDOW=bool(window),
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_D1=block_d1,
+        BLOCK_D2=block_d2,
+        BLOCK_DV=block_dv,
+        SHARED_KV=shared_kv,
+        QUANT=quant_bits,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=num_warps if head_dim <= 256 else max(num_warps, 8),
         num_stages=num_stages,
     )
     _decode_reduce_kernel[(num_seqs, num_heads)](
-        part_out, part_lse, kv_seqlens, out, window, v_dim, num_splits, *out.stride(), WINDOW=bool(window),
-        BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv, num_warps=4,
+        part_out,
+        part_lse,
+        kv_seqlens,
+        out,
+        window,
+        v_dim,
+        num_splits,
+        *out.stride(),
+        WINDOW=bool(window),
+        BLOCK_N=block_n,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_DV=block_dv,
+        num_warps=4,
     )
     return out
-

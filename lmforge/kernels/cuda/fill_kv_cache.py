@@ -17,10 +17,30 @@ from .common import FP8_E4M3_MAX, QUANT_MIN_RANGE
 
 
 @triton.jit
-def _copy_token(src_ptr, dst_ptr, sz_ptr, token, block_id, offset, num_heads, dim,
-                stride_st, stride_sh, stride_sd, stride_db, stride_ds, stride_dh, stride_dd,
-                stride_zb, stride_zs, stride_zh,
-                QUANT: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _copy_token(
+    src_ptr,
+    dst_ptr,
+    sz_ptr,
+    token,
+    block_id,
+    offset,
+    num_heads,
+    dim,
+    stride_st,
+    stride_sh,
+    stride_sd,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_dd,
+    stride_zb,
+    stride_zs,
+    stride_zh,
+    QUANT: tl.constexpr,
+    FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     heads = tl.arange(0, BLOCK_H)
     h_mask = heads < num_heads
     src = src_ptr + token * stride_st + heads[:, None] * stride_sh
@@ -45,10 +65,12 @@ def _copy_token(src_ptr, dst_ptr, sz_ptr, token, block_id, offset, num_heads, di
             mask = h_mask[:, None] & (cols[None, :] * 2 < dim)
             x = tl.load(src + (2 * cols)[None, :] * stride_sd, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(src + (2 * cols + 1)[None, :] * stride_sd, mask=mask, other=0.0).to(tl.float32)
-            lo = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1),
-                            tl.min(tl.where(mask, x2, float("inf")), axis=1))
-            hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=1),
-                            tl.max(tl.where(mask, x2, float("-inf")), axis=1))
+            lo = tl.minimum(
+                tl.min(tl.where(mask, x, float("inf")), axis=1), tl.min(tl.where(mask, x2, float("inf")), axis=1)
+            )
+            hi = tl.maximum(
+                tl.max(tl.where(mask, x, float("-inf")), axis=1), tl.max(tl.where(mask, x2, float("-inf")), axis=1)
+            )
         lo = tl.where(h_mask, lo, 0.0)
         value_range = tl.maximum(tl.where(h_mask, hi, 0.0) - lo, QUANT_MIN_RANGE)
         # IEEE divisions, as torch computes them: the default float32 division is approximate on the GPU
@@ -65,38 +87,120 @@ def _copy_token(src_ptr, dst_ptr, sz_ptr, token, block_id, offset, num_heads, di
 
 
 @triton.jit
-def _fill_kv_cache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, slot_ptr, block_size,
-                          num_heads, k_dim, v_dim,
-                          stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                          stride_kcb, stride_kcs, stride_kch, stride_kcd,
-                          stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_zb, stride_zs, stride_zh,
-                          HAS_VALUE: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _fill_kv_cache_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_sz_ptr,
+    v_sz_ptr,
+    slot_ptr,
+    block_size,
+    num_heads,
+    k_dim,
+    v_dim,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_kcd,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    stride_vcd,
+    stride_zb,
+    stride_zs,
+    stride_zh,
+    HAS_VALUE: tl.constexpr,
+    QUANT: tl.constexpr,
+    FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:  # padding token (e.g. a CUDA-graph batch filled up to its bucket size): nothing to write
         return
     block_id = slot // block_size
     offset = slot % block_size
-    _copy_token(key_ptr, k_cache_ptr, k_sz_ptr, token, block_id, offset, num_heads, k_dim, stride_kt, stride_kh,
-                stride_kd, stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_zb, stride_zs, stride_zh, QUANT,
-                FP8, BLOCK_H, BLOCK_DK)
+    _copy_token(
+        key_ptr,
+        k_cache_ptr,
+        k_sz_ptr,
+        token,
+        block_id,
+        offset,
+        num_heads,
+        k_dim,
+        stride_kt,
+        stride_kh,
+        stride_kd,
+        stride_kcb,
+        stride_kcs,
+        stride_kch,
+        stride_kcd,
+        stride_zb,
+        stride_zs,
+        stride_zh,
+        QUANT,
+        FP8,
+        BLOCK_H,
+        BLOCK_DK,
+    )
     if HAS_VALUE:
-        _copy_token(value_ptr, v_cache_ptr, v_sz_ptr, token, block_id, offset, num_heads, v_dim, stride_vt,
-                    stride_vh, stride_vd, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_zb, stride_zs,
-                    stride_zh, QUANT, FP8, BLOCK_H, BLOCK_DV)
+        _copy_token(
+            value_ptr,
+            v_cache_ptr,
+            v_sz_ptr,
+            token,
+            block_id,
+            offset,
+            num_heads,
+            v_dim,
+            stride_vt,
+            stride_vh,
+            stride_vd,
+            stride_vcb,
+            stride_vcs,
+            stride_vch,
+            stride_vcd,
+            stride_zb,
+            stride_zs,
+            stride_zh,
+            QUANT,
+            FP8,
+            BLOCK_H,
+            BLOCK_DV,
+        )
 
 
 def _check_scales(scales_zeros: torch.Tensor | None, cache: torch.Tensor, name: str) -> None:
-    if scales_zeros is None or scales_zeros.dtype != torch.float32 or scales_zeros.shape != (*cache.shape[:3], 2) \
-            or scales_zeros.stride(-1) != 1:
+    if (
+        scales_zeros is None
+        or scales_zeros.dtype != torch.float32
+        or scales_zeros.shape != (*cache.shape[:3], 2)
+        or scales_zeros.stride(-1) != 1
+    ):
         got = None if scales_zeros is None else f"{scales_zeros.dtype} {tuple(scales_zeros.shape)}"
         raise ValueError(f"{name} must be float32 {(*cache.shape[:3], 2)} with unit last stride, got {got}")
 
 
-def fill_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
-                  slot_mapping: torch.Tensor, k_scales_zeros: torch.Tensor | None = None,
-                  v_scales_zeros: torch.Tensor | None = None, quant_bits: int = 0) -> None:
+def fill_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
+) -> None:
     """key/value [T, kv_heads, dim] (any strides) -> k_cache/v_cache rows; negative slots are skipped.
 
     value may be None (MLA keeps one latent cache), then only the keys are written. quant_bits 8 / 4: the caches
@@ -134,9 +238,27 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch.
         return
     v_dim = value.shape[2]
     _fill_kv_cache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, k_scales_zeros, v_scales_zeros, slot_mapping, k_cache.shape[1], num_heads,
-        k_dim, v_dim, *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
-        *k_scales_zeros.stride()[:3], HAS_VALUE=has_value, QUANT=quant_bits,
-        FP8=k_cache.dtype == torch.float8_e4m3fn, BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_DK=max(2, triton.next_power_of_2(k_dim)), BLOCK_DV=max(2, triton.next_power_of_2(v_dim)), num_warps=4,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        k_scales_zeros,
+        v_scales_zeros,
+        slot_mapping,
+        k_cache.shape[1],
+        num_heads,
+        k_dim,
+        v_dim,
+        *key.stride(),
+        *value.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *k_scales_zeros.stride()[:3],
+        HAS_VALUE=has_value,
+        QUANT=quant_bits,
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_DK=max(2, triton.next_power_of_2(k_dim)),
+        BLOCK_DV=max(2, triton.next_power_of_2(v_dim)),
+        num_warps=4,
     )

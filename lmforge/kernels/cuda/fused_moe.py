@@ -45,10 +45,31 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _moe_gate_up_kernel(x_ptr, w_ptr, inter_ptr, sorted_ids_ptr, topk_ids_ptr, num_slots, top_k, hidden,
-                        inter_size, num_m, stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_it,
-                        ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _moe_gate_up_kernel(
+    x_ptr,
+    w_ptr,
+    inter_ptr,
+    sorted_ids_ptr,
+    topk_ids_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    inter_size,
+    num_m,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_it,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     m_block, n_block = _swizzle(tl.program_id(0), num_m, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
     rows, slots, valid, expert = _tile_rows(sorted_ids_ptr, topk_ids_ptr, num_slots, m_block, BLOCK_M)
     if expert < 0:
@@ -89,10 +110,29 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, inter_ptr, sorted_ids_ptr, topk_ids_ptr, n
 
 
 @triton.jit
-def _moe_down_kernel(inter_ptr, w_ptr, out_ptr, sorted_ids_ptr, topk_ids_ptr, topk_weights_ptr, num_slots, hidden,
-                     inter_size, num_m, stride_it, stride_we, stride_wn, stride_wk, stride_ot,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _moe_down_kernel(
+    inter_ptr,
+    w_ptr,
+    out_ptr,
+    sorted_ids_ptr,
+    topk_ids_ptr,
+    topk_weights_ptr,
+    num_slots,
+    hidden,
+    inter_size,
+    num_m,
+    stride_it,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_ot,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     m_block, n_block = _swizzle(tl.program_id(0), num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     rows, slots, valid, expert = _tile_rows(sorted_ids_ptr, topk_ids_ptr, num_slots, m_block, BLOCK_M)
     if expert < 0:
@@ -117,8 +157,11 @@ def _moe_down_kernel(inter_ptr, w_ptr, out_ptr, sorted_ids_ptr, topk_ids_ptr, to
     weight = tl.load(topk_weights_ptr + slots, mask=valid, other=0.0).to(tl.float32)
     out = acc * weight[:, None]
     safe_slots = tl.where(valid, slots, 0).to(tl.int64)
-    tl.store(out_ptr + safe_slots[:, None] * stride_ot + n[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=valid[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + safe_slots[:, None] * stride_ot + n[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=valid[:, None] & n_mask[None, :],
+    )
 
 
 def _launch_config(num_slots: int, num_experts: int) -> dict:
@@ -154,9 +197,15 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     return sorted_ids
 
 
-def fused_moe(hidden_states: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
-              config: dict | None = None) -> torch.Tensor:
+def fused_moe(
+    hidden_states: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    config: dict | None = None,
+) -> torch.Tensor:
     """hidden_states [T, H], gate_up_weight [E, 2I, H] ([gate; up]), down_weight [E, H, I], topk_weights [T, k]
     (any float dtype), topk_ids [T, k] (int) -> [T, H] in hidden_states' dtype. config overrides the tile heuristic
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
@@ -167,11 +216,15 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weight: torch.Tensor, down_we
     inter_size = two_inter // 2
     top_k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
     if w_hidden != hidden or two_inter % 2 or tuple(down_weight.shape) != (num_experts, hidden, inter_size):
-        raise ValueError(f"weights gate_up {tuple(gate_up_weight.shape)} / down {tuple(down_weight.shape)} "
-                         f"do not fit hidden_states {tuple(hidden_states.shape)}")
+        raise ValueError(
+            f"weights gate_up {tuple(gate_up_weight.shape)} / down {tuple(down_weight.shape)} "
+            f"do not fit hidden_states {tuple(hidden_states.shape)}"
+        )
     if tuple(topk_ids.shape) != (num_tokens, top_k) or topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-                         f"must both be [{num_tokens}, top_k]")
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [{num_tokens}, top_k]"
+        )
     num_slots = num_tokens * top_k
     if num_slots == 0:
         return torch.zeros_like(hidden_states)
@@ -187,15 +240,50 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weight: torch.Tensor, down_we
     precision = dot_precision(hidden_states.dtype)
     inter = hidden_states.new_empty(num_m * block_m, inter_size)
     _moe_gate_up_kernel[(num_m * triton.cdiv(inter_size, block_n),)](
-        hidden_states, gate_up_weight, inter, sorted_ids, topk_ids, num_slots, top_k, hidden, inter_size, num_m,
-        *hidden_states.stride(), *gate_up_weight.stride(), inter.stride(0), ACT=activation, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **launch,
+        hidden_states,
+        gate_up_weight,
+        inter,
+        sorted_ids,
+        topk_ids,
+        num_slots,
+        top_k,
+        hidden,
+        inter_size,
+        num_m,
+        *hidden_states.stride(),
+        *gate_up_weight.stride(),
+        inter.stride(0),
+        ACT=activation,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        EVEN_K=hidden % block_k == 0,
+        DOT_PRECISION=precision,
+        **launch,
     )
     out_slots = hidden_states.new_empty(num_slots, hidden)
     _moe_down_kernel[(num_m * triton.cdiv(hidden, block_n),)](
-        inter, down_weight, out_slots, sorted_ids, topk_ids, topk_weights, num_slots, hidden, inter_size, num_m,
-        inter.stride(0), *down_weight.stride(), out_slots.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, EVEN_K=inter_size % block_k == 0, DOT_PRECISION=precision, **launch,
+        inter,
+        down_weight,
+        out_slots,
+        sorted_ids,
+        topk_ids,
+        topk_weights,
+        num_slots,
+        hidden,
+        inter_size,
+        num_m,
+        inter.stride(0),
+        *down_weight.stride(),
+        out_slots.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        EVEN_K=inter_size % block_k == 0,
+        DOT_PRECISION=precision,
+        **launch,
     )
     # torch sums half-precision inputs in float32 and rounds once
     return out_slots.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -29,23 +29,59 @@ from .common import (
 
 
 @triton.jit
-def _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_head, v_head, k_sz_head, v_sz_head,
-                  block_size, head_dim, v_dim, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                  stride_zb, stride_zs, scale, softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
-                  WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend_chunk(
+    q1,
+    q2,
+    acc,
+    m_i,
+    l_i,
+    chunk,
+    pos,
+    kv_len,
+    window,
+    table,
+    k_head,
+    v_head,
+    k_sz_head,
+    v_sz_head,
+    block_size,
+    head_dim,
+    v_dim,
+    stride_kb,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vd,
+    stride_zb,
+    stride_zs,
+    scale,
+    softcap,
+    MASKED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     j_mask = j < kv_len
     block_id = tl.load(table + j // block_size, mask=j_mask, other=0).to(tl.int64)
     offset = j % block_size
     k_row = block_id * stride_kb + offset * stride_ks
     sz_row = block_id * stride_zb + offset * stride_zs
-    k1 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT,
-                      False).to(q1.dtype)
+    k1 = load_kv_tile(
+        k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT, False
+    ).to(q1.dtype)
     s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if BLOCK_D2 > 0:
-        k2 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2,
-                          QUANT, True)
+        k2 = load_kv_tile(
+            k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2, QUANT, True
+        )
         s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
     if SOFTCAP:
         s = softcap * tanh(s * (scale / softcap)) * LOG2E
@@ -64,23 +100,62 @@ def _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_he
         v = k1
     else:
         v_row = block_id * stride_vb + offset * stride_vs
-        v = load_kv_tile(v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT,
-                         True).to(q1.dtype)
+        v = load_kv_tile(
+            v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT, True
+        ).to(q1.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 # block-table width varies per step: specialising on it would compile a variant mid-serving
 @triton.jit(do_not_specialize=["stride_bt"])
-def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, out_ptr, block_tables_ptr,
-                              q_start_ptr, q_seqlens_ptr, kv_seqlens_ptr, scale, softcap, window, group_size, head_dim,
-                              v_dim, block_size, stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh,
-                              stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_zb, stride_zs, stride_zh,
-                              stride_ot, stride_oh, stride_od, stride_bt,
-                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-                              BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, QUANT: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr):
+def _prefill_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_sz_ptr,
+    v_sz_ptr,
+    out_ptr,
+    block_tables_ptr,
+    q_start_ptr,
+    q_seqlens_ptr,
+    kv_seqlens_ptr,
+    scale,
+    softcap,
+    window,
+    group_size,
+    head_dim,
+    v_dim,
+    block_size,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_zb,
+    stride_zs,
+    stride_zh,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_bt,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     # heads vary fastest in launch order, so the group_size heads reading the same keys run together (L2 reuse)
     head = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -122,21 +197,92 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_pt
     else:  # chunks wholly at or before the first query's position are visible to every query
         lo_chunk = (first_pos + 1) // BLOCK_N
         for chunk in range(0, lo_chunk):
-            acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_head, v_head,
-                                          k_sz_head, v_sz_head, block_size, head_dim, v_dim, stride_kb, stride_ks,
-                                          stride_kd, stride_vb, stride_vs, stride_vd, stride_zb, stride_zs, scale,
-                                          softcap, False, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV,
-                                          SHARED_KV, QUANT, DOT_PRECISION)
+            acc, m_i, l_i = _attend_chunk(
+                q1,
+                q2,
+                acc,
+                m_i,
+                l_i,
+                chunk,
+                pos,
+                kv_len,
+                window,
+                table,
+                k_head,
+                v_head,
+                k_sz_head,
+                v_sz_head,
+                block_size,
+                head_dim,
+                v_dim,
+                stride_kb,
+                stride_ks,
+                stride_kd,
+                stride_vb,
+                stride_vs,
+                stride_vd,
+                stride_zb,
+                stride_zs,
+                scale,
+                softcap,
+                False,
+                SOFTCAP,
+                WINDOW,
+                BLOCK_N,
+                BLOCK_D1,
+                BLOCK_D2,
+                BLOCK_DV,
+                SHARED_KV,
+                QUANT,
+                DOT_PRECISION,
+            )
     for chunk in range(lo_chunk, tl.cdiv(last_pos + 1, BLOCK_N)):
-        acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_head, v_head,
-                                      k_sz_head, v_sz_head, block_size, head_dim, v_dim, stride_kb, stride_ks,
-                                      stride_kd, stride_vb, stride_vs, stride_vd, stride_zb, stride_zs, scale, softcap,
-                                      True, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, SHARED_KV, QUANT,
-                                      DOT_PRECISION)
+        acc, m_i, l_i = _attend_chunk(
+            q1,
+            q2,
+            acc,
+            m_i,
+            l_i,
+            chunk,
+            pos,
+            kv_len,
+            window,
+            table,
+            k_head,
+            v_head,
+            k_sz_head,
+            v_sz_head,
+            block_size,
+            head_dim,
+            v_dim,
+            stride_kb,
+            stride_ks,
+            stride_kd,
+            stride_vb,
+            stride_vs,
+            stride_vd,
+            stride_zb,
+            stride_zs,
+            scale,
+            softcap,
+            True,
+            SOFTCAP,
+            WINDOW,
+            BLOCK_N,
+            BLOCK_D1,
+            BLOCK_D2,
+            BLOCK_DV,
+            SHARED_KV,
+            QUANT,
+            DOT_PRECISION,
+        )
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dv[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dv_mask)
+    tl.store(
+        out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dv[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & dv_mask,
+    )
 
 
 # shared memory kept for the q tile and the pipelined k/v tiles; the rest of the ~227 KiB an H100 block may use
@@ -144,8 +290,9 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_pt
 _SMEM_BUDGET = 160 * 1024
 
 
-def _launch_config(block_dk: int, block_dv: int, shared_kv: bool, elem_size: int,
-                   max_q_seqlen: int) -> tuple[int, int, int, int]:
+def _launch_config(
+    block_dk: int, block_dv: int, shared_kv: bool, elem_size: int, max_q_seqlen: int
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): register/shared-memory budget by head dim.
 
     Up to 256 channels the measured defaults; beyond (MLA: 576 key / 512 value channels) the largest tile whose q
@@ -165,12 +312,25 @@ def _launch_config(block_dk: int, block_dv: int, shared_kv: bool, elem_size: int
     return 16, 16, 4, 1
 
 
-def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      q_start_loc: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor, max_q_seqlen: int,
-                      scale: float, sliding_window: int | None = None, logit_softcapping: float | None = None,
-                      v_head_dim: int | None = None, out: torch.Tensor | None = None,
-                      config: tuple[int, int, int, int] | None = None, k_scales_zeros: torch.Tensor | None = None,
-                      v_scales_zeros: torch.Tensor | None = None, quant_bits: int = 0) -> torch.Tensor:
+def prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_start_loc: torch.Tensor,
+    q_seqlens: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_q_seqlen: int,
+    scale: float,
+    sliding_window: int | None = None,
+    logit_softcapping: float | None = None,
+    v_head_dim: int | None = None,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
+) -> torch.Tensor:
     """query [num_tokens, heads, d] -> [num_tokens, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
 
     Per-sequence tensors (block_tables [num_seqs, max_blocks], q_start_loc, q_seqlens, kv_seqlens [num_seqs])
@@ -181,8 +341,9 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """
     num_tokens, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    (k_dim, v_cache_dim), k_sz, v_sz, sz_strides = kv_quant_args(k_cache, v_cache, k_scales_zeros, v_scales_zeros,
-                                                                  quant_bits)
+    (k_dim, v_cache_dim), k_sz, v_sz, sz_strides = kv_quant_args(
+        k_cache, v_cache, k_scales_zeros, v_scales_zeros, quant_bits
+    )
     v_dim = v_head_dim or v_cache_dim
     num_seqs = q_seqlens.shape[0]
     if k_dim != head_dim or num_heads % num_kv_heads:
@@ -202,17 +363,46 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if shared_kv and quant_bits:
         raise ValueError("a quantized cache cannot be shared by keys and values (MLA latent cache)")
     block_m, block_n, num_warps, num_stages = config or _launch_config(
-        block_d1 + block_d2, block_dv, shared_kv, query.element_size(), max_q_seqlen)
+        block_d1 + block_d2, block_dv, shared_kv, query.element_size(), max_q_seqlen
+    )
     window = sliding_window or 0
     softcap = logit_softcapping or 0.0
     grid = (num_heads, triton.cdiv(max_q_seqlen, block_m), num_seqs)
     _prefill_attention_kernel[grid](
-        query, k_cache, v_cache, k_sz, v_sz, out, block_tables, q_start_loc, q_seqlens, kv_seqlens, scale, softcap,
-        window, num_heads // num_kv_heads, head_dim, v_dim, block_size, *query.stride(), *k_cache.stride(),
-        *v_cache.stride(), *sz_strides, *out.stride(), block_tables.stride(0), SOFTCAP=bool(softcap),
-        WINDOW=bool(window), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2,
-        BLOCK_DV=block_dv, SHARED_KV=shared_kv, QUANT=quant_bits,
+        query,
+        k_cache,
+        v_cache,
+        k_sz,
+        v_sz,
+        out,
+        block_tables,
+        q_start_loc,
+        q_seqlens,
+        kv_seqlens,
+        scale,
+        softcap,
+        window,
+        num_heads // num_kv_heads,
+        head_dim,
+        v_dim,
+        block_size,
+        *query.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *sz_strides,
+        *out.stride(),
+        block_tables.stride(0),
+        SOFTCAP=bool(softcap),
+        WINDOW=bool(window),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D1=block_d1,
+        BLOCK_D2=block_d2,
+        BLOCK_DV=block_dv,
+        SHARED_KV=shared_kv,
+        QUANT=quant_bits,
         DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

@@ -15,8 +15,21 @@ MAX_HIDDEN_SIZE = 32768  # one row must fit in registers
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, n, stride_x, stride_res, eps, weight_offset,
-                     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    new_res_ptr,
+    n,
+    stride_x,
+    stride_res,
+    eps,
+    weight_offset,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -40,8 +53,9 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             weight_offset: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, weight_offset: float = 0.0
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [..., n] -> norm(x), or (norm(x + residual), x + residual) given a residual; new tensors, inputs untouched."""
     n = x.shape[-1]
     if weight.shape != (n,):
@@ -62,8 +76,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     block = triton.next_power_of_2(n)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, res2, weight, out, new_res if new_res is not None else out, n, x2.stride(0), res2.stride(0), eps,
-        float(weight_offset), HAS_RESIDUAL=residual is not None, HAS_OFFSET=bool(weight_offset), BLOCK=block,
+        x2,
+        res2,
+        weight,
+        out,
+        new_res if new_res is not None else out,
+        n,
+        x2.stride(0),
+        res2.stride(0),
+        eps,
+        float(weight_offset),
+        HAS_RESIDUAL=residual is not None,
+        HAS_OFFSET=bool(weight_offset),
+        BLOCK=block,
         num_warps=num_warps,
     )
     return out if residual is None else (out, new_res)

@@ -12,8 +12,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(x_ptr, token, head0, num_heads, stride_t, stride_h, stride_d, cos1, cos2, sin1, sin2, half,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    token,
+    head0,
+    num_heads,
+    stride_t,
+    stride_h,
+    stride_d,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    half,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     heads = head0 + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < num_heads) & (cols[None, :] < half)
@@ -27,9 +41,25 @@ def _rotate_heads(x_ptr, token, head0, num_heads, stride_t, stride_h, stride_d, 
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, num_q_heads, num_k_heads, half,
-                   stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_cos, stride_sin,
-                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    num_q_heads,
+    num_k_heads,
+    half,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_cos,
+    stride_sin,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     cols = tl.arange(0, BLOCK_HALF)
@@ -40,15 +70,44 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, num_q_heads, num_k_heads, hal
     sin2 = tl.load(sin_ptr + token * stride_sin + half + cols, mask=cmask, other=0.0).to(tl.float32)
     num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     if head_block < num_q_blocks:
-        _rotate_heads(q_ptr, token, head_block * BLOCK_H, num_q_heads, stride_qt, stride_qh, stride_qd,
-                      cos1, cos2, sin1, sin2, half, BLOCK_H, BLOCK_HALF)
+        _rotate_heads(
+            q_ptr,
+            token,
+            head_block * BLOCK_H,
+            num_q_heads,
+            stride_qt,
+            stride_qh,
+            stride_qd,
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            half,
+            BLOCK_H,
+            BLOCK_HALF,
+        )
     else:
-        _rotate_heads(k_ptr, token, (head_block - num_q_blocks) * BLOCK_H, num_k_heads, stride_kt, stride_kh,
-                      stride_kd, cos1, cos2, sin1, sin2, half, BLOCK_H, BLOCK_HALF)
+        _rotate_heads(
+            k_ptr,
+            token,
+            (head_block - num_q_blocks) * BLOCK_H,
+            num_k_heads,
+            stride_kt,
+            stride_kh,
+            stride_kd,
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            half,
+            BLOCK_H,
+            BLOCK_HALF,
+        )
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k [T, Hk, D] (any strides), cos/sin [T, rot_dim] -> (q, k), rotated in place."""
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(f"q and k must be [tokens, heads, head_dim], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -69,7 +128,19 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     block_h = max(1, min(triton.next_power_of_2(max(q.shape[1], k.shape[1])), 2048 // block_half))
     grid = (num_tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(k.shape[1], block_h))
     _rotary_kernel[grid](
-        q, k, cos, sin, num_q_heads, k.shape[1], half, *q.stride(), *k.stride(), cos.stride(0), sin.stride(0),
-        BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+        q,
+        k,
+        cos,
+        sin,
+        num_q_heads,
+        k.shape[1],
+        half,
+        *q.stride(),
+        *k.stride(),
+        cos.stride(0),
+        sin.stride(0),
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        num_warps=4,
     )
     return q, k

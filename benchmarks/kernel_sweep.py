@@ -4,7 +4,7 @@ Prints one JSON line per case to stdout: device, op, shape, median ms (triton.te
 clears L2 between runs), achieved GB/s (bytes the op must move / time) and the same for the reference.
 The first line measures a plain device copy: the bandwidth floor the memory-bound kernels are held to.
 
-    python3 benchmarks/kernels.py [--quick] [--only copy,decode,prefill,pointwise,moe,kvquant]
+    python3 benchmarks/kernel_sweep.py [--quick] [--only copy,decode,prefill,pointwise,moe,kvquant]
 """
 
 from __future__ import annotations
@@ -173,8 +173,16 @@ def bench_decode(
                 )
 
             ms = graph_bench(run, rep=30)
-            emit("paged_attention_decode_sweep", shape, ms, num_bytes, block_n=block_n, num_splits=num_splits,
-                 num_warps=num_warps, timing="cuda_graph")
+            emit(
+                "paged_attention_decode_sweep",
+                shape,
+                ms,
+                num_bytes,
+                block_n=block_n,
+                num_splits=num_splits,
+                num_warps=num_warps,
+                timing="cuda_graph",
+            )
 
 
 def bench_prefill(
@@ -216,12 +224,33 @@ def bench_prefill(
     emit("paged_attention_prefill", shape, ms, None, ref_ms, flops=flops, **extra)
     if not sweep:
         return
-    configs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
-               (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 2)]
+    configs = [
+        (64, 64, 4, 2),
+        (64, 64, 4, 3),
+        (128, 64, 4, 2),
+        (128, 64, 4, 3),
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 128, 8, 2),
+        (128, 32, 4, 3),
+        (64, 128, 4, 2),
+    ]
     for config in configs:
+
         def run(config=config):
-            return prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.q_start_loc, meta.q_seqlens,
-                                     meta.kv_seqlens, meta.max_q_seqlen, scale, config=config)
+            return prefill_attention(
+                query,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.q_start_loc,
+                meta.q_seqlens,
+                meta.kv_seqlens,
+                meta.max_q_seqlen,
+                scale,
+                config=config,
+            )
+
         try:
             emit("paged_attention_prefill_sweep", shape, bench(run, rep=50), flops=flops, config=config)
         except Exception as exc:  # a config that does not fit shared memory is a result, not a crash
@@ -239,29 +268,54 @@ def bench_pointwise(num_tokens: int) -> None:
     res = torch.randn_like(x)
     w = torch.randn(hidden, device=DEVICE, dtype=BF16)
     shape = {"tokens": num_tokens, "hidden": hidden}
-    bench_op("rms_norm_residual", shape, lambda: cuda_ops.OPS["rms_norm"](x, w, 1e-6, res),
-             lambda: cpu_ops.rms_norm(x, w, 1e-6, res), 4 * x.numel() * 2)
+    bench_op(
+        "rms_norm_residual",
+        shape,
+        lambda: cuda_ops.OPS["rms_norm"](x, w, 1e-6, res),
+        lambda: cpu_ops.rms_norm(x, w, 1e-6, res),
+        4 * x.numel() * 2,
+    )
     gate_up = torch.randn(num_tokens, 2 * inter, device=DEVICE, dtype=BF16)
     shape = {"tokens": num_tokens, "intermediate": inter}
-    bench_op("silu_and_mul", shape, lambda: cuda_ops.OPS["silu_and_mul"](gate_up),
-             lambda: cpu_ops.silu_and_mul(gate_up), 3 * num_tokens * inter * 2)
-    bench_op("gelu_tanh_and_mul", shape, lambda: cuda_ops.OPS["gelu_and_mul"](gate_up, "tanh"),
-             lambda: cpu_ops.gelu_and_mul(gate_up, "tanh"), 3 * num_tokens * inter * 2)
+    bench_op(
+        "silu_and_mul",
+        shape,
+        lambda: cuda_ops.OPS["silu_and_mul"](gate_up),
+        lambda: cpu_ops.silu_and_mul(gate_up),
+        3 * num_tokens * inter * 2,
+    )
+    bench_op(
+        "gelu_tanh_and_mul",
+        shape,
+        lambda: cuda_ops.OPS["gelu_and_mul"](gate_up, "tanh"),
+        lambda: cpu_ops.gelu_and_mul(gate_up, "tanh"),
+        3 * num_tokens * inter * 2,
+    )
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=BF16)
     q = qkv[:, : heads * head_dim].view(num_tokens, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(num_tokens, kv_heads, head_dim)
     pos = torch.arange(num_tokens, device=DEVICE).float()[:, None] * torch.rand(head_dim, device=DEVICE)[None]
     cos, sin = pos.cos(), pos.sin()
     shape = {"tokens": num_tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
-    bench_op("apply_rotary", shape, lambda: cuda_ops.OPS["apply_rotary"](q, k, cos, sin),
-             lambda: cpu_ops.apply_rotary(q, k, cos, sin), 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 4)
+    bench_op(
+        "apply_rotary",
+        shape,
+        lambda: cuda_ops.OPS["apply_rotary"](q, k, cos, sin),
+        lambda: cpu_ops.apply_rotary(q, k, cos, sin),
+        2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 4,
+    )
     value = qkv[:, (heads + kv_heads) * head_dim :].view(num_tokens, kv_heads, head_dim)
     k_cache = torch.empty(math.ceil(num_tokens / 16) + 8, 16, kv_heads, head_dim, device=DEVICE, dtype=BF16)
     v_cache = torch.empty_like(k_cache)
     slots = torch.randperm(k_cache.shape[0] * 16, device=DEVICE)[:num_tokens]
     shape = {"tokens": num_tokens, "kv_heads": kv_heads, "head_dim": head_dim}
-    bench_op("fill_kv_cache", shape, lambda: cuda_ops.OPS["fill_kv_cache"](k, value, k_cache, v_cache, slots),
-             lambda: cpu_ops.fill_kv_cache(k, value, k_cache, v_cache, slots), 4 * k.numel() * 2)
+    bench_op(
+        "fill_kv_cache",
+        shape,
+        lambda: cuda_ops.OPS["fill_kv_cache"](k, value, k_cache, v_cache, slots),
+        lambda: cpu_ops.fill_kv_cache(k, value, k_cache, v_cache, slots),
+        4 * k.numel() * 2,
+    )
 
 
 def bench_moe(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int) -> None:
@@ -315,7 +369,7 @@ def bench_kv_quant(num_seqs: int, kv_len: int, q_len: int, head_dim: int, block_
 
 def main() -> None:
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
+        print("benchmarks/kernel_sweep.py needs a CUDA device", file=sys.stderr)
         sys.exit(1)
     quick = "--quick" in sys.argv
     groups = {"copy", "decode", "prefill", "pointwise", "moe"}  # and, on request, kvquant
