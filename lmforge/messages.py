@@ -104,11 +104,13 @@ class PytorchEngineConfig:
     """Engine settings. `device_type=None` picks 'cuda' when a GPU is present, else 'cpu'. dtype 'auto' is the
     checkpoint's float16/bfloat16 (else bfloat16) on CUDA; on CPU bfloat16 where the CPU computes it natively
     (AVX512-BF16 or AMX), float32 otherwise. `tp` > 1 splits the model over that many ranks, one worker process
-    each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); those steps run without CUDA graphs."""
+    each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); those steps run without CUDA graphs. `cpu_threads`
+    is a CPU engine's torch thread count (0: OMP_NUM_THREADS if set, else one per physical core)."""
 
     dtype: str = "auto"
     device_type: str | None = None
     tp: int = 1
+    cpu_threads: int = 0
     session_len: int | None = None
     max_batch_size: int | None = None
     cache_max_entry_count: float = 0.8
@@ -133,6 +135,10 @@ class PytorchEngineConfig:
         )
         _check(
             self.device_type in (None, "cpu", "cuda"), f"device_type must be 'cpu' or 'cuda', got {self.device_type!r}"
+        )
+        _check(
+            isinstance(self.cpu_threads, int) and self.cpu_threads >= 0,
+            f"cpu_threads must be an integer >= 0 (0: one per physical core), got {self.cpu_threads!r}",
         )
         _check(isinstance(self.tp, int) and self.tp >= 1, f"tp must be an integer >= 1, got {self.tp!r}")
         # accepted for lmdeploy compatibility, but an engine that quietly ignored them would mislead

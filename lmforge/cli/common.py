@@ -23,6 +23,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="tensor parallelism: ranks (GPUs, or CPU worker processes) the model is split over (default: 1)",
     )
+    g.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="CPU engine threads (default 0: OMP_NUM_THREADS if set, else one per physical core)",
+    )
     g.add_argument("--session-len", type=int, default=None, help="max tokens per sequence (prompt + output)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
@@ -62,6 +68,7 @@ def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
         dtype=args.dtype,
         device_type=args.device,
         tp=args.tp,
+        cpu_threads=args.cpu_threads,
         session_len=args.session_len,
         max_batch_size=args.max_batch_size,
         block_size=args.block_size,

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import CacheConfig, SchedulerConfig
+from lmforge.cpu_threads import configure_cpu_threads
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_inputs import StepContextManager
 from lmforge.model_source import load_model_source, load_tokenizer
@@ -60,6 +61,7 @@ class Engine:
         device_type = resolve_device_type(cfg.device_type)
         if device_type == "cpu":
             bound_cpu_kernel_caches()
+            configure_cpu_threads(cfg.cpu_threads)
         # tensor parallelism: the other ranks start now and load their shards while this one loads its own
         self.tp = TensorParallel(cfg.tp, device_type, model_path, cfg) if cfg.tp > 1 else None
         try:
