@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests,
             shutdown_timeout=args.shutdown_timeout,
             log_level=args.log_level.lower(),
+            stats_interval=10.0 if args.stats else None,
         )
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Generator
 
 import uvicorn
@@ -72,9 +73,12 @@ async def serve_async(
     max_concurrent_requests: int | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
+    stats_interval: float | None = None,
 ) -> None:
-    """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close."""
+    """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
+    stats_interval: log the generation rate every that many seconds (when tokens were generated)."""
     engine = engine_factory()
+    stats_task = asyncio.create_task(_log_speed(engine, stats_interval)) if stats_interval else None
     try:
         app = build_app(engine, served_model_name, api_keys, max_concurrent_requests)
         config = uvicorn.Config(
@@ -98,8 +102,32 @@ async def serve_async(
         )
         await server.serve()
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         await engine.close()
         logger.info("shut down")
+
+
+async def _log_speed(engine, interval: float) -> None:
+    """Every `interval` seconds in which tokens were generated, one line: generated tokens/s, prompt tokens/s,
+    requests running and waiting."""
+    last = engine.stats()
+    last_t = time.perf_counter()
+    while True:
+        await asyncio.sleep(interval)
+        now, now_t = engine.stats(), time.perf_counter()
+        generated = now.generation_tokens_total - last.generation_tokens_total
+        if generated or now.num_running:
+            span = now_t - last_t
+            logger.info(
+                "stats: %.1f generated tok/s, %.1f prompt tok/s over %.1f s; %d running, %d waiting",
+                generated / span,
+                (now.prompt_tokens_total - last.prompt_tokens_total) / span,
+                span,
+                now.num_running,
+                now.num_waiting,
+            )
+        last, last_t = now, now_t
 
 
 def run_server(engine_factory: Callable[[], object], **kwargs) -> None:
