@@ -4,7 +4,7 @@ Prints one JSON line per case to stdout: device, op, shape, median ms (triton.te
 clears L2 between runs), achieved GB/s (bytes the op must move / time) and the same for the reference.
 The first line measures a plain device copy: the bandwidth floor the memory-bound kernels are held to.
 
-    python3 benchmarks/kernels.py [--quick] [--only copy,decode,prefill,pointwise,moe]
+    python3 benchmarks/kernels.py [--quick] [--only copy,decode,prefill,pointwise,moe,kvquant]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lmforge.backends import cpu as cpu_ops
 from lmforge.backends import cuda as cuda_ops
 from lmforge.kernels.cuda.decode_attention import decode_attention, default_block_n, default_num_splits
 from lmforge.kernels.cuda.prefill_attention import prefill_attention
-from lmforge.model_inputs import AttnMetadata
+from lmforge.model_inputs import AttnMetadata, AttnOptions
 
 DEVICE = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -137,9 +137,9 @@ def bench_decode(
     }
     num_bytes = 2 * num_seqs * kv_len * num_kv_heads * head_dim * 2 + 2 * query.numel() * 2
     op = cuda_ops.OPS["paged_attention"]
-    ms = bench(lambda: op(query, k_cache, v_cache, meta, scale))
-    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, scale))
-    graph_ms = graph_bench(lambda: op(query, k_cache, v_cache, meta, scale))
+    ms = bench(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale)))
+    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, AttnOptions(scale)))
+    graph_ms = graph_bench(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale)))
     block_n = default_block_n(head_dim, head_dim)
     splits = default_num_splits(num_seqs, num_kv_heads, meta.block_tables.shape[1] * block_size, block_n, DEVICE)
     emit(
@@ -152,7 +152,7 @@ def bench_decode(
         graph_gb_s=round(num_bytes / graph_ms / 1e6, 1),
         num_splits=splits,
         block_n=block_n,
-        eager_us=eager_us(lambda: op(query, k_cache, v_cache, meta, scale)),
+        eager_us=eager_us(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale))),
     )
     if not sweep:
         return
@@ -203,8 +203,8 @@ def bench_prefill(
     visible_pairs = num_seqs * sum(kv_len - q_len + i + 1 for i in range(q_len))
     flops = 4 * visible_pairs * num_heads * head_dim  # QK^T and PV, 2 flops per multiply-add
     op = cuda_ops.OPS["paged_attention"]
-    ms = bench(lambda: op(query, k_cache, v_cache, meta, scale))
-    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, scale))
+    ms = bench(lambda: op(query, k_cache, v_cache, meta, AttnOptions(scale)))
+    ref_ms = bench(lambda: cpu_ops.paged_attention(query, k_cache, v_cache, meta, AttnOptions(scale)))
     extra = {}
     if q_len == kv_len:  # contiguous causal SDPA (FlashAttention in torch): what a non-paged kernel reaches
         q = torch.randn(num_seqs, num_heads, q_len, head_dim, device=DEVICE, dtype=BF16)
@@ -280,12 +280,45 @@ def bench_moe(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k:
     emit("fused_moe", shape, ms, num_bytes, ref_ms, flops=flops, graph_ms=round(graph_ms, 4))
 
 
+def bench_kv_quant(num_seqs: int, kv_len: int, q_len: int, head_dim: int, block_size: int = 64) -> None:
+    """Decode (q_len 1) or prefill attention over a bf16, int8, int4 and fp8 cache of the same keys (llama-1b
+    heads: 32 / 8); GB/s counts the cache bytes each format reads."""
+    from lmforge.model_inputs import QuantizedCache
+
+    query, k_cache, v_cache, meta = paged_inputs([q_len] * num_seqs, [kv_len] * num_seqs, 32, 8, head_dim, block_size)
+    opts = AttnOptions(head_dim**-0.5)
+    op = cuda_ops.OPS["paged_attention"]
+    slots = torch.arange(k_cache.shape[0] * block_size, device=DEVICE)
+    rows = num_seqs * kv_len * 8  # token-head rows read per cache
+    for fmt in ("bf16", "int8", "int4", "fp8"):
+        if fmt == "bf16":
+            caches, row_bytes = (k_cache, v_cache), 2 * head_dim
+        elif fmt == "fp8":
+            caches, row_bytes = (k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)), head_dim
+        else:
+            bits = 8 if fmt == "int8" else 4
+            caches = tuple(
+                QuantizedCache(
+                    torch.empty(*c.shape[:3], head_dim * bits // 8, dtype=torch.uint8, device=DEVICE),
+                    torch.empty(*c.shape[:3], 2, device=DEVICE),
+                    bits,
+                )
+                for c in (k_cache, v_cache)
+            )
+            for src, dst in zip((k_cache, v_cache), caches, strict=True):
+                cpu_ops.fill_kv_cache(src.flatten(0, 1), None, dst, None, slots)
+            row_bytes = head_dim * bits // 8 + 8
+        shape = {"batch": num_seqs, "kv_len": kv_len, "q_len": q_len, "head_dim": head_dim, "cache": fmt}
+        ms = bench(lambda caches=caches: op(query, *caches, meta, opts))
+        emit("paged_attention_kv_quant", shape, ms, 2 * rows * row_bytes)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
         sys.exit(1)
     quick = "--quick" in sys.argv
-    groups = {"copy", "decode", "prefill", "pointwise", "moe"}
+    groups = {"copy", "decode", "prefill", "pointwise", "moe"}  # and, on request, kvquant
     if "--only" in sys.argv:
         groups = set(sys.argv[sys.argv.index("--only") + 1].split(","))
     torch.manual_seed(0)
@@ -303,6 +336,10 @@ def main() -> None:
         bench_prefill(4, 1024, 1024, 32, 8, 128, 16, sweep=not quick)
         bench_prefill(4, 512, 2048, 32, 8, 128, 16)
         bench_prefill(1, 4096, 4096, 32, 8, 64, 64, sweep=not quick)
+    if "kvquant" in groups:
+        bench_kv_quant(256, 1024, 1, 64)
+        bench_kv_quant(64, 2048, 1, 128)
+        bench_kv_quant(4, 1024, 1024, 64)
     if "pointwise" in groups:
         for num_tokens in (64, 4096):
             bench_pointwise(num_tokens)

@@ -207,7 +207,9 @@ def main() -> int:
 
     proc = None if args.url else start_server(args)
     pid = proc.pid if proc else None
-    http = httpx.Client(base_url=args.url, timeout=30)
+    http = httpx.Client(
+        base_url=args.url, timeout=30, headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    )
     try:
         log("warm-up")
         asyncio.run(run_round(argparse.Namespace(**{**vars(args), "disconnect_fraction": 0.0}), 10**6, 4))

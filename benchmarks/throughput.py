@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--max-prefill-token-num", type=int, default=8192)
     p.add_argument("--skip", default="", help="comma list of measures to skip: throughput, bs1")
     p.add_argument("--no-warmup", action="store_true", help="no 16-request warm-up before the timed runs")
+    p.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=0, help="KV cache int8 (8) / int4 (4)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: a float8 e4m3 KV cache")
     args = p.parse_args()
 
     from lmforge.engine.engine import Engine
@@ -125,7 +127,13 @@ def main() -> None:
     else:
         reqs = workload(args.num_requests, args.seed)
     base = dict(
-        peer="lmforge", model=args.model_path or args.model, device=device_name("cuda"), git=git_sha(), eager=args.eager
+        peer="lmforge",
+        model=args.model_path or args.model,
+        device=device_name("cuda"),
+        git=git_sha(),
+        eager=args.eager,
+        quant_policy=args.quant_policy,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -137,6 +145,8 @@ def main() -> None:
             eager_mode=args.eager,
             max_batch_size=args.max_batch_size,
             max_prefill_token_num=args.max_prefill_token_num,
+            quant_policy=args.quant_policy,
+            kv_cache_dtype=args.kv_cache_dtype,
         ),
     )
     load_s = time.perf_counter() - t0

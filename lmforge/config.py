@@ -58,7 +58,8 @@ class CacheConfig:
     num_cpu_blocks: int = 0
     cache_max_entry_count: float = 0.8
     enable_prefix_caching: bool = False
-    quant_policy: int = 0
+    quant_policy: int = 0  # KV cache: 0 the model dtype, 8 int8, 4 int4 (lmforge.engine.cache_engine)
+    kv_cache_dtype: str = "auto"  # 'auto' (the model dtype, or quant_policy's) or 'fp8' (float8_e4m3fn)
 
     @property
     def num_blocks(self) -> int:

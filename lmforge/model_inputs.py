@@ -14,6 +14,42 @@ from dataclasses import dataclass, field
 import torch
 
 
+@dataclass(frozen=True, slots=True)
+class AttnOptions:
+    """The attention variant of one layer, fixed when the model is built and passed from nn to the backend op to
+    the kernel launcher. v_head_dim reads the first v_head_dim channels of the value cache (MLA shares one latent
+    cache for keys and values)."""
+
+    scale: float
+    sliding_window: int | None = None
+    logit_softcapping: float | None = None
+    v_head_dim: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedCache:
+    """One layer's key (or value) cache stored as integers, lmdeploy's `quant_policy` 8 / 4: every (token, head)
+    row of head_dim values x has its own asymmetric scale and zero point,
+    scale = (max(x) - min(x)) / (2**bits - 1), zero = -min(x) / scale, q = round(x / scale + zero),
+    and reads back as (q - zero) * scale. int4 packs channels 2i (low nibble) and 2i + 1 (high nibble) into byte i.
+
+    The engine's CacheEngine allocates it; model files pass it through untouched as their k_cache / v_cache, and
+    the backend ops write and read it (the format travels with the cache, so it cannot disagree with it)."""
+
+    data: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim * bits // 8] uint8
+    scales_zeros: torch.Tensor  # [num_blocks, block_size, kv_heads, 2] float32: (scale, zero point)
+    bits: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.data.shape[-1] * 8 // self.bits
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The logical [num_blocks, block_size, kv_heads, head_dim], as a plain cache tensor would have it."""
+        return (*self.data.shape[:3], self.head_dim)
+
+
 @dataclass(slots=True)
 class AttnMetadata:
     """Where each sequence's keys and values live in the paged cache.
@@ -49,7 +85,8 @@ class StepContext:
     input_ids: torch.Tensor  # [num_tokens]
     position_ids: torch.Tensor  # [num_tokens]
     attn_metadata: AttnMetadata
-    kv_caches: list[tuple[torch.Tensor, ...]]  # per layer: (key, value), each [num_blocks, block_size, heads, dim]
+    # per layer: (key, value), each [num_blocks, block_size, heads, dim], or a QuantizedCache each (quant_policy 4/8)
+    kv_caches: list[tuple[torch.Tensor | QuantizedCache, ...]]
     is_decoding: bool
     last_token_indices: torch.Tensor  # [num_seqs] row of each sequence's last token in the flat batch
     inputs_embeds: torch.Tensor | None = None

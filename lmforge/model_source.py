@@ -83,10 +83,18 @@ def load_tokenizer(path: str, eos_token_ids: list[int], trust_remote_code: bool 
 
 
 def load_model_source(
-    model_path: str | None, trust_remote_code: bool = False, with_tokenizer: bool = True
+    model_path: str | None,
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+    custom_module_map: str | None = None,
 ) -> ModelSource:
+    """custom_module_map is loaded first, so the ConfigBuilders it defines take part in building the ModelConfig."""
     path = resolve_model_path(model_path)
     hf_config = load_hf_config(path, trust_remote_code)
+    if custom_module_map:
+        from lmforge.models.module_map import load_custom_module_map
+
+        load_custom_module_map(custom_module_map)
     model_config = AutoModelConfigBuilder.build(hf_config, path)
     tokenizer = load_tokenizer(path, model_config.eos_token_ids, trust_remote_code) if with_tokenizer else None
     gguf_file = _gguf_in(path)

@@ -1,7 +1,8 @@
 """Offline batch API: `pipe = pipeline(model_path)`; `pipe(prompts)`; `pipe.stream_infer(prompts)`.
 
 A prompt is a str, an OpenAI-style message list (the chat template is applied), or a list of
-token ids; a batch is a list of those. Runs the Engine loop in the calling thread.
+token ids; a batch is a list of those. Runs the Engine loop in the calling thread. A request that
+fails inside the engine raises GenerationError with the engine's cause.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from lmforge.engine.outputs import RequestOutput
 from lmforge.messages import GenerationConfig, PytorchEngineConfig, Response
 
 Prompt = str | list[dict] | list[int]
+
+
+class GenerationError(RuntimeError):
+    """A request failed inside the engine (a model error, a failed guide): the message is the engine's cause."""
 
 
 def _is_single(prompts: Any) -> bool:
@@ -65,6 +70,9 @@ class Pipeline:
                     if out.request_id in where:
                         if out.finish_reason is not None:
                             remaining.discard(out.request_id)
+                        if out.finish_reason == "error":  # the other requests are aborted on the way out
+                            i, k = where[out.request_id]
+                            raise GenerationError(f"prompt {i} (sample {k}) failed in the engine: {out.error}")
                         yield (*where[out.request_id], out)
         finally:  # an abandoned generator must not leave its requests holding KV blocks
             for rid in remaining:

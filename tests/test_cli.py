@@ -112,3 +112,18 @@ def test_check_env_names_the_failing_step(tmp_path, capsys):
     assert main(["check_env", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "resolve the model class" in err and "NoSuchModel" in err
+
+
+@pytest.mark.parametrize("argv", [["chat"], ["generate", "hi"], ["serve"]], ids=lambda a: a[0])
+def test_kv_cache_format_flags_reach_the_engine_config(argv):
+    from lmforge.cli.common import engine_config
+
+    parser = build_parser()
+    if argv[0] == "serve" and "serve" not in parser._subparsers._group_actions[0].choices:
+        pytest.skip("the serve extra is not installed")
+    cfg = engine_config(parser.parse_args([*argv, "--quant-policy", "8"]))
+    assert cfg.quant_policy == 8 and cfg.kv_cache_dtype == "auto"
+    cfg = engine_config(parser.parse_args([*argv, "--kv-cache-dtype", "fp8"]))
+    assert cfg.quant_policy == 0 and cfg.kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--quant-policy", "3"])

@@ -3,6 +3,7 @@ and reports what it found, or names the step that failed and why."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from lmforge.config import ModelConfig
@@ -48,10 +49,12 @@ class ModelCheckReport:
 def check_model(
     model_path: str | None, trust_remote_code: bool = False, custom_module_map: str | None = None, verbose: bool = True
 ) -> ModelCheckReport:
-    """Load the HF config, run the config builders, resolve the model class. Raises ModelCheckError."""
+    """Load the HF config, run the config builders (those of custom_module_map first), resolve the model class.
+    `builder` in the report is the ConfigBuilder used (with its file when it is not lmforge's). Raises
+    ModelCheckError."""
     from lmforge.configurations import AutoModelConfigBuilder
     from lmforge.model_source import load_hf_config, resolve_model_path
-    from lmforge.models.module_map import resolve_model_class
+    from lmforge.models.module_map import custom_config_builders, resolve_model_class
 
     steps = []
     try:
@@ -59,6 +62,9 @@ def check_model(
         path = resolve_model_path(model_path)
         steps.append("read the HF config")
         hf_config = load_hf_config(path, trust_remote_code)
+        if custom_module_map:  # its ConfigBuilders take part from here on, as in the engine
+            steps.append(f"load the custom module map {custom_module_map}")
+            custom_config_builders(custom_module_map)
         steps.append("find a config builder")
         builder = AutoModelConfigBuilder.find_builder(hf_config)
         steps.append(f"build ModelConfig with {builder.__name__}")
@@ -70,13 +76,21 @@ def check_model(
     report = ModelCheckReport(
         path,
         model_config.model_arch,
-        builder.__name__,
+        _builder_name(builder),
         f"{model_cls.__module__}.{model_cls.__qualname__}",
         model_config,
     )
     if verbose:
         print(report)
     return report
+
+
+def _builder_name(builder: type) -> str:
+    """lmforge's builders by name; any other with the file that defines it."""
+    if builder.__module__.startswith("lmforge."):
+        return builder.__name__
+    source = getattr(sys.modules.get(builder.__module__), "__file__", None) or builder.__module__
+    return f"{builder.__qualname__} (from {source})"
 
 
 __all__ = ["ModelCheckError", "ModelCheckReport", "check_model"]

@@ -44,12 +44,30 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-prefill-token-num", type=int, default=8192, help="prefill token budget per step")
     g.add_argument("--enable-prefix-caching", action="store_true")
+    g.add_argument(
+        "--quant-policy",
+        type=int,
+        choices=[0, 4, 8],
+        default=0,
+        help="KV cache quantization: 8 int8, 4 int4 (a scale and zero point per token and head), 0 off",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        default="auto",
+        help="KV cache storage: auto (the model dtype) or fp8 (float8 e4m3, scale 1.0: 2x the tokens)",
+    )
     g.add_argument("--eager-mode", action="store_true", help="no CUDA graphs")
     g.add_argument("--custom-module-map", default=None, help="a Python file defining MODULE_MAP for your own models")
     g.add_argument(
         "--stats",
         action="store_true",
         help="print speed figures: tokens/s of each reply (chat, generate) or every 10 s (serve), on stderr",
+    )
+    g.add_argument(
+        "--skip-weight-checks",
+        action="store_true",
+        help="load a checkpoint even if tensors hold NaN/Inf or match no parameter (they are only logged)",
     )
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -82,8 +100,11 @@ def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
         cache_max_entry_count=args.cache_max_entry_count,
         max_prefill_token_num=args.max_prefill_token_num,
         enable_prefix_caching=args.enable_prefix_caching,
+        quant_policy=args.quant_policy,
+        kv_cache_dtype=args.kv_cache_dtype,
         eager_mode=args.eager_mode,
         custom_module_map=args.custom_module_map,
+        check_weights=not args.skip_weight_checks,
     )
 
 

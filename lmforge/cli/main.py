@@ -83,13 +83,22 @@ def _generate(args: argparse.Namespace) -> int:
 def _check_env(args: argparse.Namespace) -> int:
     from lmforge.check_env import ModelCheckError, check_model
 
+    parity_only = [
+        f"--{name}"
+        for name, default in (("override", []), ("tp", 1), ("device", "cpu"), ("dtype", "float32"))
+        if getattr(args, name) != default
+    ]
+    if parity_only and not args.parity:
+        print(f"error: {', '.join(parity_only)} only apply with --parity", file=sys.stderr)
+        return 2
+
     try:
         check_model(args.model, args.trust_remote_code, args.custom_module_map)
     except ModelCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.parity:
-        from lmforge.check_env.parity import run_parity_cli
+        from lmforge.check_env.parity_cli import run_parity_cli
 
         return run_parity_cli(args)
     return 0
@@ -132,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         aliases=["check-env"],
         help="check that a model's config, ConfigBuilder and class resolve (no weights loaded); --parity vs HF",
         description="Resolve MODEL's config, ConfigBuilder and model class (check_model); with "
-        "--parity also compare its logits with HF transformers on a tiny random config.",
+        "--parity also compare its logits with HF transformers on a tiny random config of MODEL's family "
+        "(--override its fields, run the engine at --tp N, on --device cuda in --dtype bfloat16).",
     )
     p.add_argument("model", nargs="?", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -142,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build a tiny random config of this model type and compare lmforge with HF transformers",
     )
+    from lmforge.check_env.parity_cli import add_parity_args
+
+    add_parity_args(p)
     p.set_defaults(func=_check_env)
 
     try:

@@ -25,7 +25,21 @@ def add_parser(subparsers) -> None:
         nargs="+",
         default=None,
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1/* (any of these keys)",
+        help="require 'Authorization: Bearer KEY' (any of these keys) on /v1/*, the docs and /metrics; "
+        "/health and the chat page stay open",
+    )
+    g.add_argument(
+        "--metrics-key",
+        default=None,
+        metavar="KEY",
+        help="the key /metrics takes instead of the API keys (for a scraper that should not hold an API key)",
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="accept only these Host header names ('*.example.com' for subdomains); others get a 400 (default: any)",
     )
     g.add_argument(
         "--served-model-name",
@@ -41,6 +55,32 @@ def add_parser(subparsers) -> None:
         help="answer 429 to generation requests beyond this many in flight (default: no limit)",
     )
     g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="larger request bodies get a 413 before they are read (default: 8388608, 8 MiB)",
+    )
+    g.add_argument(
+        "--request-header-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="close a connection (408) that has not sent its request headers in this time (default: 10)",
+    )
+    g.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="answer 408 to a request whose body has not arrived in this time (default: 60)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections beyond this many get a 503 and are closed (default: 1024)",
+    )
+    g.add_argument(
         "--shutdown-timeout",
         type=float,
         default=10.0,
@@ -51,10 +91,22 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmforge.serve.limits import ServeLimits
     from lmforge.serve.server import run_server
 
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         print("error: --max-concurrent-requests must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        given = {
+            "max_request_bytes": args.max_request_bytes,
+            "header_timeout": args.request_header_timeout,
+            "body_timeout": args.request_body_timeout,
+            "max_connections": args.max_connections,
+        }
+        limits = ServeLimits(**{k: v for k, v in given.items() if v is not None})  # the defaults the help names
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     backend_config = engine_config(args)  # also sets up logging
 
@@ -73,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests,
             shutdown_timeout=args.shutdown_timeout,
             log_level=args.log_level.lower(),
+            limits=limits,
+            metrics_key=args.metrics_key,
+            allowed_hosts=args.allowed_hosts,
             stats_interval=10.0 if args.stats else None,
         )
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback

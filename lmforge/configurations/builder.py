@@ -1,9 +1,10 @@
 """AutoModelConfigBuilder: HF config -> ModelConfig.
 
 Every subclass registers itself on definition. `AutoModelConfigBuilder.build(hf_config)` on the
-base class asks each registered builder's `condition` in registration order and uses the first
-that holds; the default builder is tried last. A user-defined builder (defined before the
-engine starts) takes part the same way.
+base class asks each registered builder's `condition` and uses the first that holds: builders defined
+outside lmforge (a user's, e.g. in a custom_module_map file) first, the newest first, then lmforge's
+own in registration order, the default builder last. Defining a class again under the same module
+and name replaces the earlier one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ class AutoModelConfigBuilder:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        AutoModelConfigBuilder._registry.append(cls)
+        registry = AutoModelConfigBuilder._registry
+        registry[:] = [b for b in registry if (b.__module__, b.__qualname__) != (cls.__module__, cls.__qualname__)]
+        registry.append(cls)
 
     @classmethod
     def condition(cls, hf_config) -> bool:
@@ -41,7 +44,9 @@ class AutoModelConfigBuilder:
 
     @classmethod
     def find_builder(cls, hf_config) -> type[AutoModelConfigBuilder]:
-        ordered = [b for b in cls._registry if not b.is_default] + [b for b in cls._registry if b.is_default]
+        builtin = [b for b in cls._registry if b.__module__.startswith("lmforge.")]
+        custom = [b for b in reversed(cls._registry) if not b.__module__.startswith("lmforge.")]
+        ordered = custom + [b for b in builtin if not b.is_default] + [b for b in builtin if b.is_default]
         for builder in ordered:
             if builder.condition(hf_config):
                 return builder

@@ -74,8 +74,9 @@ class Engine:
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
         self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
-        source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+        source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
+        ce.check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
         # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
         tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
@@ -84,7 +85,16 @@ class Engine:
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
         t_model = time.perf_counter()
-        self.model = build_model(source, self.dtype, self.device, self.ctx_mgr, cfg.custom_module_map, 0, cfg.tp)
+        self.model = build_model(
+            source,
+            self.dtype,
+            self.device,
+            self.ctx_mgr,
+            cfg.custom_module_map,
+            0,
+            cfg.tp,
+            check_weights=cfg.check_weights,
+        )
         t_weights = time.perf_counter()
         self.cache_config = CacheConfig(
             block_size=cfg.block_size,
@@ -92,12 +102,21 @@ class Engine:
             num_cpu_blocks=cfg.num_cpu_blocks,
             cache_max_entry_count=cfg.cache_max_entry_count,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
         )
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
         num_blocks = self._num_blocks(device_type)
         t_cache = time.perf_counter()
         self.cache = ce.CacheEngine(
-            self.model_config, num_blocks, cfg.block_size, self.dtype, self.device, tp_size=cfg.tp
+            self.model_config,
+            num_blocks,
+            cfg.block_size,
+            self.dtype,
+            self.device,
+            tp_size=cfg.tp,
+            quant_policy=cfg.quant_policy,
+            kv_cache_dtype=cfg.kv_cache_dtype,
         )
         if self.tp is not None:
             self.tp.channel.send(tp.ALLOC, num_blocks)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .guided_limits import DEFAULT_SCHEMA_LIMITS, SchemaLimits, check_schema
 
 if TYPE_CHECKING:
     import xgrammar
@@ -20,7 +23,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Building a TokenizerInfo walks the whole vocabulary (~1 s for 50k tokens), so one compiler per tokenizer is kept;
-# the compiler itself caches compiled grammars, so repeated schemas cost nothing.
+# the compiler itself caches compiled grammars, so repeated schemas cost nothing. Its cache is bounded (a large
+# schema takes a few MiB; distinct schemas would otherwise pile up forever); the oldest entries are evicted.
+COMPILER_CACHE_BYTES = 64 * 2**20
 _COMPILERS: dict[tuple, tuple[Any, xgrammar.GrammarCompiler]] = {}
 _COMPILERS_LOCK = threading.Lock()
 
@@ -36,7 +41,8 @@ def _compiler(tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | No
             info = xgr.TokenizerInfo.from_huggingface(
                 tokenizer_hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) if stop_token_ids else None
             )
-            entry = (tokenizer_hf, xgr.GrammarCompiler(info, max_threads=2))
+            compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=COMPILER_CACHE_BYTES)
+            entry = (tokenizer_hf, compiler)
             _COMPILERS[key] = entry
         return entry[1]
 
@@ -134,34 +140,55 @@ def _bound_strings(node: Any) -> Any:
     return out
 
 
-def build_guide(
-    response_format: dict, tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | None = None
-) -> Guide:
-    """Compile `response_format` ({'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': ...}}).
+# xgrammar's messages start with a timestamp and its C++ source location: "[09:18:46] /project/cpp/x.cc:5082: "
+_CPP_LOCATION = re.compile(r"\[\d{1,2}:\d{2}:\d{2}\]\s*|\S*\.(?:cc|cpp|cxx|h|hpp):\d+:\s*")
+
+
+def _clean_error(exc: Exception) -> str:
+    return _CPP_LOCATION.sub("", str(exc)).strip() or type(exc).__name__
+
+
+def compile_response_format(
+    response_format: dict,
+    tokenizer_hf: Any,
+    vocab_size: int,
+    stop_token_ids: list[int] | None = None,
+    limits: SchemaLimits = DEFAULT_SCHEMA_LIMITS,
+) -> tuple[xgrammar.CompiledGrammar, int]:
+    """Compile `response_format` ({'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': ...}})
+    into (grammar, vocab size); each request then takes its own `Guide(grammar, vocab_size)`.
 
     `vocab_size` is the model's (logits) vocab, which may exceed the tokenizer's. `stop_token_ids` end the
-    grammar once it is complete (default: the tokenizer's eos). Raises ValueError for an
-    unsupported type or a schema the grammar library rejects. Compiling can take ~0.1 s: call it off the event loop.
+    grammar once it is complete (default: the tokenizer's eos). Raises ValueError for an unsupported type, a
+    schema over `limits` or one the grammar library rejects. Compiling can take ~0.1 s: call it off the event loop.
     """
     if not isinstance(response_format, dict):
         raise ValueError("response_format must be an object")
     kind = response_format.get("type")
+    if kind not in ("json_object", "json_schema"):
+        raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    if kind == "json_schema":
+        schema = _schema_of(response_format)
+        check_schema(schema, limits)
+    else:
+        # OpenAI's json_object means "a JSON object"; xgrammar's builtin JSON grammar admits any value ([false]).
+        schema = {"type": "object"}
     vocab_size = max(int(vocab_size), len(tokenizer_hf))
     compiler = _compiler(tokenizer_hf, vocab_size, stop_token_ids)
     try:
-        if kind == "json_object":
-            compiled = compiler.compile_builtin_json_grammar()
-        elif kind == "json_schema":
-            schema = _schema_of(response_format)
-            # strict_mode forbids properties the schema does not name, and no free whitespace: small models
-            # otherwise wander into endless extra keys or blanks instead of closing the object.
-            compiled = compiler.compile_json_schema(
-                json.dumps(_bound_strings(schema)), strict_mode=True, any_whitespace=False
-            )
-        else:
-            raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
-    except ValueError:
-        raise
+        # strict_mode forbids properties the schema does not name, and no free whitespace: small models
+        # otherwise wander into endless extra keys or blanks instead of closing the object. An object of
+        # json_object may hold any keys, so it is not strict.
+        compiled = compiler.compile_json_schema(
+            json.dumps(_bound_strings(schema)), strict_mode=kind == "json_schema", any_whitespace=False
+        )
     except Exception as exc:  # xgrammar raises RuntimeError / its own errors for unsupported schemas
-        raise ValueError(f"invalid response_format schema: {exc}") from None
-    return Guide(compiled, vocab_size)
+        raise ValueError(f"invalid response_format schema: {_clean_error(exc)}") from None
+    return compiled, vocab_size
+
+
+def build_guide(
+    response_format: dict, tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | None = None
+) -> Guide:
+    """One request's Guide for `response_format` (see compile_response_format)."""
+    return Guide(*compile_response_format(response_format, tokenizer_hf, vocab_size, stop_token_ids))

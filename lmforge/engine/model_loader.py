@@ -13,6 +13,7 @@ from lmforge.model_inputs import StepContextManager
 from lmforge.model_source import ModelSource
 from lmforge.models.module_map import resolve_model_class
 from lmforge.weights.loader import check_all_loaded
+from lmforge.weights.sanity import FiniteCheck, unused_weights_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def build_model(
     tp_size: int = 1,
     tp_group=None,
     load: bool = True,
+    check_weights: bool = True,
 ) -> nn.Module:
     model_cls = resolve_model_class(source.model_config.model_arch, custom_module_map)
     ctx = BuildContext(
@@ -47,13 +49,20 @@ def build_model(
         model = model_cls(source.hf_config, ctx_mgr, dtype=dtype, device=device)
     model.eval()
     if load:
-        load_model_weights(model, source, dtype, device)
+        load_model_weights(model, source, dtype, device, check_weights)
     return model
 
 
-def load_model_weights(model: nn.Module, source: ModelSource, dtype: torch.dtype, device: torch.device) -> None:
+def load_model_weights(
+    model: nn.Module, source: ModelSource, dtype: torch.dtype, device: torch.device, check_weights: bool = True
+) -> None:
+    """Stream the checkpoint into `model`. `check_weights`: NaN/Inf in a tensor, or a tensor no parameter takes,
+    fails the load (lmforge.weights.sanity); False only logs them."""
     from lmforge.weights.files import iter_weights
 
-    loaded = model.load_weights(iter_weights(source.path, dtype=dtype, device=device))
+    weights = FiniteCheck(iter_weights(source.path, dtype=dtype, device=device))
+    with unused_weights_allowed(not check_weights):
+        loaded = model.load_weights(weights)
+    weights.raise_if_bad(allowed=not check_weights)
     if isinstance(loaded, set):  # built-in models report what they loaded; seed-style ones may return None
         check_all_loaded(model, loaded)

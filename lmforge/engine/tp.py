@@ -171,11 +171,13 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
         timeout=TIMEOUT,
     )
     channel = Channel(device)
-    source = load_model_source(model_path, cfg.trust_remote_code, with_tokenizer=False)
+    source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
     dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
     source.model_config.dtype = dtype
     ctx_mgr = StepContextManager()
-    model = build_model(source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None)
+    model = build_model(
+        source, dtype, device, ctx_mgr, cfg.custom_module_map, rank, world, None, check_weights=cfg.check_weights
+    )
     runner = None
     with torch.inference_mode():
         while True:
@@ -191,7 +193,12 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
             elif cmd == SIZE:
                 blocks = ce.num_gpu_blocks(
                     source.model_config,
-                    ce.CacheConfig(block_size=cfg.block_size, cache_max_entry_count=cfg.cache_max_entry_count),
+                    ce.CacheConfig(
+                        block_size=cfg.block_size,
+                        cache_max_entry_count=cfg.cache_max_entry_count,
+                        quant_policy=cfg.quant_policy,
+                        kv_cache_dtype=cfg.kv_cache_dtype,
+                    ),
                     dtype,
                     device,
                     args[0],
@@ -199,6 +206,15 @@ def _worker_main(rank: int, world: int, init_method: str, device_type: str, mode
                 )
                 channel.reduce_int(blocks, dist.ReduceOp.MIN)
             elif cmd == ALLOC:
-                cache = ce.CacheEngine(source.model_config, args[0], cfg.block_size, dtype, device, tp_size=world)
+                cache = ce.CacheEngine(
+                    source.model_config,
+                    args[0],
+                    cfg.block_size,
+                    dtype,
+                    device,
+                    tp_size=world,
+                    quant_policy=cfg.quant_policy,
+                    kv_cache_dtype=cfg.kv_cache_dtype,
+                )
                 runner = ModelRunner(model, ctx_mgr, cache.kv_caches, cfg.block_size, device, channel=channel)
     dist.destroy_process_group()

@@ -8,11 +8,11 @@ from torch import nn
 
 from lmforge.models.base import CausalLM, DecoderModel
 from lmforge.models.llama import LlamaDecoderLayer, LlamaMLP
-from lmforge.nn import GeluAndMul
+from lmforge.nn import GeluAndMul, NormSpec
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):
-    norm_weight_offset = 1.0
+    norm_spec = NormSpec(weight_offset=1.0)
 
     def build_mlp(self, config, layer_idx: int) -> nn.Module:
         # released Gemma configs say hidden_act="gelu" but were trained with the tanh approximation (HF agrees)
@@ -20,15 +20,12 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
 
 
 class GemmaModel(DecoderModel):
-    """The decoder stack with a (1 + w) final norm and embeddings scaled by sqrt(hidden_size)."""
+    """The decoder stack (its final norm (1 + w) like the layers') with embeddings scaled by sqrt(hidden_size)."""
 
     def __init__(self, config, layer_cls, dtype: torch.dtype, rotary_emb: nn.Module | None = None):
-        super().__init__(config, layer_cls, norm_weight_offset=1.0, rotary_emb=rotary_emb)
         # HF multiplies by sqrt(hidden) rounded to the weights' dtype; round the same way
-        self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids) * self.embed_scale
+        embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
+        super().__init__(config, layer_cls, rotary_emb=rotary_emb, embed_scale=embed_scale)
 
 
 class GemmaForCausalLM(CausalLM):

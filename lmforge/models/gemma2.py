@@ -1,7 +1,7 @@
-"""Gemma 2 (Gemma2ForCausalLM): Gemma with a norm before and after both attention and MLP, sliding-window
-attention on the layers `layer_types` marks, soft-capped attention scores and final logits, queries scaled by
-query_pre_attn_scalar**-0.5, and exact GELU when hidden_activation is "gelu". Windows and capping are options of
-the Attention op."""
+"""Gemma 2 (Gemma2ForCausalLM): Gemma with a norm before and after both attention and MLP (the "sandwich" residual
+layout), sliding-window attention on the layers `layer_types` marks, soft-capped attention scores and final logits,
+queries scaled by query_pre_attn_scalar**-0.5, and exact GELU when hidden_activation is "gelu". Windows and capping
+are options of the Attention op."""
 
 from __future__ import annotations
 
@@ -10,19 +10,14 @@ from torch import nn
 
 from lmforge.models.gemma import GemmaDecoderLayer, GemmaForCausalLM
 from lmforge.models.llama import LlamaAttention, LlamaMLP
-from lmforge.nn import GeluAndMul, RMSNorm
+from lmforge.nn import GeluAndMul
 
 
 class Gemma2DecoderLayer(GemmaDecoderLayer):
     """Also Gemma 3's layer, which sets qk_norm."""
 
+    residual_layout = "sandwich"
     qk_norm = False
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx)
-        size, eps = config.hidden_size, config.rms_norm_eps
-        self.pre_feedforward_layernorm = RMSNorm(size, eps, weight_offset=1.0)
-        self.post_feedforward_layernorm = RMSNorm(size, eps, weight_offset=1.0)
 
     def build_attention(self, config, layer_idx: int) -> nn.Module:
         return LlamaAttention(
@@ -37,19 +32,6 @@ class Gemma2DecoderLayer(GemmaDecoderLayer):
     def build_mlp(self, config, layer_idx: int) -> nn.Module:
         exact = getattr(config, "hidden_activation", None) == "gelu"
         return LlamaMLP(config, act_fn=GeluAndMul(approximate="none" if exact else "tanh"))
-
-    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual, attn_metadata):
-        # residual carries the stream; each norm with a residual argument adds it first (fused residual add)
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, rotary_pos_emb, past_key_value, attn_metadata)
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
-        hidden_states = self.post_feedforward_layernorm(self.mlp(hidden_states))
-        return hidden_states, residual
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):

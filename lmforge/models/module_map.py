@@ -1,7 +1,9 @@
 """The model registry: HF `architectures[0]` -> "module.Class". One line per model.
 
 `load_custom_module_map(path)` reads a user's Python file that defines MODULE_MAP; its folder
-goes on sys.path so the model modules beside it import by name.
+goes on sys.path so the model modules beside it import by name. The file may also define ConfigBuilders
+(AutoModelConfigBuilder subclasses) and a CONFIG_BUILDERS list naming more ("module" or "module.Class"):
+loading the file registers them all, and the engine loads it before it builds the ModelConfig.
 """
 
 from __future__ import annotations
@@ -25,24 +27,73 @@ MODULE_MAP: dict[str, str] = {
     "MixtralForCausalLM": f"{LMFORGE_MODEL_PATH}.mixtral.MixtralForCausalLM",
     "Qwen3MoeForCausalLM": f"{LMFORGE_MODEL_PATH}.qwen3_moe.Qwen3MoeForCausalLM",
     "DeepseekV3ForCausalLM": f"{LMFORGE_MODEL_PATH}.deepseek_v3.DeepseekV3ForCausalLM",
+    "PhiForCausalLM": f"{LMFORGE_MODEL_PATH}.phi.PhiForCausalLM",
+    "CohereForCausalLM": f"{LMFORGE_MODEL_PATH}.cohere.CohereForCausalLM",
+    "GPT2LMHeadModel": f"{LMFORGE_MODEL_PATH}.gpt2.GPT2LMHeadModel",
+    "GraniteForCausalLM": f"{LMFORGE_MODEL_PATH}.granite.GraniteForCausalLM",
+    "StableLmForCausalLM": f"{LMFORGE_MODEL_PATH}.stablelm.StableLmForCausalLM",
+    "Olmo2ForCausalLM": f"{LMFORGE_MODEL_PATH}.olmo2.Olmo2ForCausalLM",
 }
 
 
+_LOADED: dict[tuple[str, int], object] = {}
+
+
 def load_custom_module_map(path: str) -> dict[str, str]:
-    """Entries of the MODULE_MAP defined in the Python file at `path`."""
+    """Entries of the MODULE_MAP defined in the Python file at `path` (executed once per version of the file)."""
+    return dict(_load_module(path).MODULE_MAP)
+
+
+def custom_config_builders(path: str) -> list[type]:
+    """The ConfigBuilders the custom module map at `path` registers (loading it registers them)."""
+    from lmforge.configurations import AutoModelConfigBuilder
+
+    module = _load_module(path)
+    builders = [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, AutoModelConfigBuilder) and v.__module__ == module.__name__
+    ]
+    for entry in getattr(module, "CONFIG_BUILDERS", ()):
+        if isinstance(entry, type):
+            builders.append(entry)
+            continue
+        try:
+            target = importlib.import_module(entry)  # a module: every builder it defines
+            builders += [v for v in vars(target).values() if isinstance(v, type) and v.__module__ == entry]
+        except ImportError:
+            module_name, _, class_name = entry.rpartition(".")
+            builders.append(getattr(importlib.import_module(module_name), class_name))
+    bad = [b for b in builders if not (isinstance(b, type) and issubclass(b, AutoModelConfigBuilder))]
+    if bad:
+        raise TypeError(f"CONFIG_BUILDERS of {path} names {bad}, which are not AutoModelConfigBuilder subclasses")
+    return [b for b in dict.fromkeys(builders) if b is not AutoModelConfigBuilder]
+
+
+def _load_module(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"custom_module_map file not found: {path}")
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(path)
+    key = (path, os.stat(path).st_mtime_ns)
+    if key in _LOADED:
+        return _LOADED[key]
+    folder = os.path.dirname(path)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    name = f"lmforge_custom_module_map_{abs(hash(os.path.abspath(path)))}"
+    name = f"lmforge_custom_module_map_{abs(hash(path))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so its classes (builders) can name their module
     spec.loader.exec_module(module)
-    entries = getattr(module, "MODULE_MAP", None)
-    if not isinstance(entries, dict):
+    if not isinstance(getattr(module, "MODULE_MAP", None), dict):
         raise ValueError(f"{path} must define a dict named MODULE_MAP ('HFArchitecture': 'module.Class')")
-    return dict(entries)
+    _LOADED[key] = module
+    try:
+        custom_config_builders(path)  # imports the modules CONFIG_BUILDERS names, which registers their builders
+    except Exception:
+        del _LOADED[key]
+        raise
+    return module
 
 
 def get_module_map(custom_module_map: str | None = None) -> dict[str, str]:

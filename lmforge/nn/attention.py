@@ -1,6 +1,7 @@
 """Attention over the paged KV cache: writes this step's keys/values into the cache, then
 attends each query to its sequence's cached keys. Sliding windows and logit soft-capping
-are options of the op, not model code."""
+are options of the op (AttnOptions), not model code. The cache may be quantized (QuantizedCache, FP8): the
+backend op reads its format from the cache itself, so a model file passes k_cache / v_cache through untouched."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from lmforge.backends.registry import current_build_context, get_op
-from lmforge.model_inputs import AttnMetadata
+from lmforge.model_inputs import AttnMetadata, AttnOptions, QuantizedCache
 
 
 class Attention(nn.Module):
@@ -35,6 +36,7 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_size**-0.5
         self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.logit_softcapping = logit_softcapping or None
+        self.options = AttnOptions(self.scale, self.sliding_window, self.logit_softcapping, self.v_head_size)
         self.fill_kv_cache = get_op("fill_kv_cache")
         self.attention = get_op("paged_attention")
 
@@ -43,24 +45,14 @@ class Attention(nn.Module):
         query: torch.Tensor,
         key: torch.Tensor | None,
         value: torch.Tensor | None,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        k_cache: torch.Tensor | QuantizedCache,
+        v_cache: torch.Tensor | QuantizedCache,
         attn_metadata: AttnMetadata,
     ) -> torch.Tensor:
         """query [T, heads, d], key/value [T, kv_heads, d] (None: already cached) -> [T, heads * v_d]."""
         if key is not None:
             self.fill_kv_cache(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
-        out = self.attention(
-            query,
-            k_cache,
-            v_cache,
-            attn_metadata,
-            self.scale,
-            self.sliding_window,
-            self.logit_softcapping,
-            self.v_head_size,
-        )
-        return out.flatten(-2)
+        return self.attention(query, k_cache, v_cache, attn_metadata, self.options).flatten(-2)
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:

@@ -160,6 +160,17 @@ class QKVLinear(MergedColwiseLinear):
         )
 
 
+class PerHeadQKVLinear(QKVLinear):
+    """QKVLinear for checkpoints that fuse q, k, v per head: rows [num_heads, 3, head_dim] (GPT-NeoX's
+    query_key_value, Bloom). Loaded whole, the matrix is regrouped as [q; k; v]; each rank keeps whole heads."""
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        if shard_id is None:  # [heads * 3 * head_dim, ...] -> [3 * heads * head_dim, ...]
+            heads = self.full_sizes[0] // self.head_size
+            loaded_weight = loaded_weight.unflatten(0, (heads, 3, self.head_size)).transpose(0, 1).flatten(0, 2)
+        super().weight_loader(param, loaded_weight, shard_id)
+
+
 def build_colwise_linear(
     in_features: int,
     out_features: int,
@@ -211,9 +222,15 @@ def build_qkv_proj(
     device=None,
     quant_config=None,
     is_tp: bool = True,
+    layout: str = "qkv",
 ) -> QKVLinear:
+    """layout 'qkv': the checkpoint's fused matrix (if any) is [q; k; v]; 'per_head': [heads, 3, head_dim]."""
     dtype, device, tp_size, tp_rank = _resolve(dtype, device, quant_config, is_tp)
-    return QKVLinear(
+    if layout not in ("qkv", "per_head"):
+        raise ValueError(f"unknown qkv layout {layout!r}; known: 'qkv', 'per_head'")
+    if layout == "per_head" and (num_kv_heads != num_q_heads or (head_size_v or head_size) != head_size):
+        raise ValueError("the per_head qkv layout needs as many KV heads as query heads, of one head size")
+    return (QKVLinear if layout == "qkv" else PerHeadQKVLinear)(
         in_features,
         num_q_heads,
         num_kv_heads,

@@ -19,6 +19,7 @@ from .completions import create_completion
 from .context import ServeContext, ServingEngine
 from .errors import APIError, install_error_handlers, model_not_found
 from .generation import RequestRecord
+from .limits import AllowedHostsMiddleware, BodyLimitMiddleware, ServeLimits
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, RequestLogMiddleware
 from .protocol import (
@@ -32,6 +33,7 @@ from .protocol import (
     ModelList,
 )
 from .streaming import ClientDisconnected
+from .text_safety import check_text_fields
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -39,6 +41,8 @@ _ERRORS = {
     400: {"model": ErrorResponse, "description": "invalid request"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "unknown model"},
+    408: {"model": ErrorResponse, "description": "request body not received in time"},
+    413: {"model": ErrorResponse, "description": "request body too large"},
     429: {"model": ErrorResponse, "description": "too many concurrent requests"},
 }
 _STREAM = {
@@ -58,12 +62,17 @@ def build_app(
     served_model_name: str | list[str] | None = None,
     api_keys: list[str] | None = None,
     max_concurrent_requests: int | None = None,
+    limits: ServeLimits | None = None,
+    metrics_key: str | None = None,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """`engine`: an AsyncEngine, or anything with the ServingEngine protocol (tests use a fake one).
 
     `served_model_name`: the name(s) clients must send as `model` (default: the engine's model name).
     `api_keys`: when given, /v1/* needs `Authorization: Bearer <one of them>`.
     `max_concurrent_requests`: generation requests beyond this many in flight get a 429.
+    `limits`: the body size and body read time (ServeLimits; its connection limits are the server's to apply).
+    `metrics_key`: the key /metrics takes instead of the API keys. `allowed_hosts`: Host header names accepted.
     """
     if isinstance(served_model_name, str):
         names = [served_model_name]
@@ -81,8 +90,13 @@ def build_app(
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, lambda request, exc: Response(status_code=499))
-    if api_keys:
-        app.add_middleware(AuthMiddleware, api_keys=list(api_keys))
+    limits = limits or ServeLimits()
+    # Added first = innermost: hosts, then keys are checked before a byte of the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes, timeout=limits.body_timeout)
+    if api_keys or metrics_key:
+        app.add_middleware(AuthMiddleware, api_keys=list(api_keys or []), metrics_key=metrics_key)
+    if allowed_hosts:
+        app.add_middleware(AllowedHostsMiddleware, allowed_hosts=list(allowed_hosts))
     app.add_middleware(RequestLogMiddleware, metrics=metrics)  # added last = outermost, so it also logs 401s
 
     def card(name: str) -> ModelCard:
@@ -100,10 +114,12 @@ def build_app(
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**_STREAM, **_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
+        check_text_fields(body)
         return await create_completion(body, ctx, request, _record(request))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_STREAM, **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_text_fields(body)
         return await create_chat_completion(body, ctx, request, _record(request))
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from lmforge.engine.guided import build_guide
+from lmforge.engine.guided import Guide, compile_response_format
+from lmforge.engine.guided_limits import DEFAULT_SCHEMA_LIMITS
 
 from .context import ServeContext
 from .errors import APIError, invalid
@@ -29,6 +30,7 @@ from .generation import (
     observed_outputs,
     sse,
 )
+from .prompts import check_prompt_chars
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -48,10 +50,10 @@ def _prompt_ids(req: ChatCompletionRequest, ctx: ServeContext) -> list[int]:
     # 'developer' is OpenAI's newer name for 'system'; chat templates only know the latter.
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        # control tokens only where the template puts them: message text spelling one stays plain text
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
     except Exception as e:  # jinja raises TemplateError (e.g. "roles must alternate") for chats it refuses
         raise invalid(f"the model's chat template rejected these messages: {e}", "messages") from None
-    ids = tok.encode(prompt, add_special_tokens=False)  # the template already holds BOS and friends
     if not ids:
         raise invalid("messages encode to an empty prompt", "messages")
     return ids
@@ -65,14 +67,20 @@ async def _guides(req: ChatCompletionRequest, ctx: ServeContext) -> list:
         raise invalid("response_format of type json_schema needs json_schema.schema", "response_format")
     spec = rf.model_dump(by_alias=True, exclude_none=True)
     tok = ctx.tokenizer
+    budget = DEFAULT_SCHEMA_LIMITS.compile_timeout
     try:
-        # Compiling walks the vocabulary: keep it off the event loop. Each choice needs its own matcher state.
-        return [
-            await asyncio.to_thread(build_guide, spec, tok.hf, ctx.engine.vocab_size, tok.eos_token_ids)
-            for _ in range(req.n)
-        ]
+        # Compiling walks the vocabulary: keep it off the event loop, once per request; each choice needs its own
+        # matcher state. A compile past the budget keeps its thread until it ends (the schema limits bound that).
+        compiled, vocab_size = await asyncio.wait_for(
+            ctx.workers.run(compile_response_format, spec, tok.hf, ctx.engine.vocab_size, tok.eos_token_ids), budget
+        )
     except ValueError as e:
         raise invalid(str(e), "response_format") from None
+    except TimeoutError:
+        raise invalid(
+            f"response_format schema took longer than {budget:g} s to compile; simplify it", "response_format"
+        ) from None
+    return [Guide(compiled, vocab_size) for _ in range(req.n)]
 
 
 def _logprobs(ctx: ServeContext, entries: list) -> ChatLogprobs:
@@ -96,7 +104,9 @@ async def create_chat_completion(
     ctx.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
-    ids = _prompt_ids(req, ctx)
+    num_chars = sum(len(m.text()) for m in req.messages)
+    check_prompt_chars(num_chars, ctx.engine.session_len, ctx.max_token_chars, "messages")
+    ids = await ctx.workers.run(_prompt_ids, req, ctx)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_new = check_context(len(ids), max_tokens, ctx.engine.session_len, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

@@ -23,6 +23,7 @@ from .generation import (
     observed_outputs,
     sse,
 )
+from .prompts import check_prompt_chars
 from .protocol import (
     MAX_N,
     CompletionChoice,
@@ -35,8 +36,8 @@ from .streaming import EventStreamResponse, run_unless_disconnected
 MAX_CHOICES = 4 * MAX_N  # prompts x n in one request
 
 
-def _prompts(req: CompletionRequest, ctx: ServeContext) -> list[tuple[str | None, list[int]]]:
-    """(text, token ids) per prompt; text is None when the client sent ids."""
+def _prompt_items(req: CompletionRequest, ctx: ServeContext) -> list[str | list[int]]:
+    """The prompts of a request, checked for what costs nothing to check: emptiness, lengths, the vocabulary."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -46,18 +47,33 @@ def _prompts(req: CompletionRequest, ctx: ServeContext) -> list[tuple[str | None
         items = list(p)
     if not items:
         raise invalid("prompt must not be empty", "prompt")
-    out = []
+    session_len = ctx.engine.session_len
     for item in items:
         if isinstance(item, str):
             if ctx.tokenizer is None:
                 raise invalid("this model has no tokenizer: send the prompt as token ids", "prompt")
-            out.append((item, ctx.tokenizer.encode(item, add_special_tokens=True)))
+            check_prompt_chars(len(item), session_len, ctx.max_token_chars, "prompt")
         else:
-            bad = [t for t in item if t < 0 or t >= ctx.engine.vocab_size]
-            if bad:
+            check_context(len(item), req.max_tokens, session_len, "prompt")  # before the per-id scan
+            bad = next((t for t in item if t < 0 or t >= ctx.engine.vocab_size), None)
+            if bad is not None:
                 raise invalid(
-                    f"token id {bad[0]} is outside this model's vocabulary [0, {ctx.engine.vocab_size})", "prompt"
+                    f"token id {bad} is outside this model's vocabulary [0, {ctx.engine.vocab_size})", "prompt"
                 )
+    return items
+
+
+def _encode_prompts(
+    items: list[str | list[int]], ctx: ServeContext, parse_special: bool = False
+) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) per prompt; text is None when the client sent ids. Runs in the prompt thread pool."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            # special-token text stays plain unless the client asks for it (parse_special_tokens)
+            ids = ctx.tokenizer.encode(item, add_special_tokens=True, parse_special=parse_special)
+            out.append((item, ids))
+        else:
             out.append((None, list(item)))
         if not out[-1][1]:
             raise invalid("prompt must not be empty: it encodes to no tokens", "prompt")
@@ -84,9 +100,10 @@ async def create_completion(
 ) -> CompletionResponse | EventStreamResponse:
     arrival = time.perf_counter()
     ctx.check_model(req.model)
-    prompts = _prompts(req, ctx)
-    if len(prompts) * req.n > MAX_CHOICES:
-        raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(prompts) * req.n}", "n")
+    items = _prompt_items(req, ctx)
+    if len(items) * req.n > MAX_CHOICES:
+        raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(items) * req.n}", "n")
+    prompts = await ctx.workers.run(_encode_prompts, items, ctx, req.parse_special_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     record.request_id = rid
     jobs, choices = [], []

@@ -12,6 +12,7 @@ from lmforge.messages import GenerationConfig
 from .errors import APIError, model_not_found
 from .generation import TokenStrings
 from .metrics import ServerMetrics
+from .prompts import PromptWorkers, max_token_chars
 
 
 class ServingEngine(Protocol):
@@ -56,9 +57,18 @@ class ServeContext:
     max_concurrent_requests: int | None = None
     slots: set[Slot] = field(default_factory=set)
     token_strings: TokenStrings = field(init=False)
+    workers: PromptWorkers = field(default_factory=PromptWorkers)  # tokenization, templating, grammar compiling
+    _max_token_chars: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.token_strings = TokenStrings(self.engine.tokenizer)
+
+    def max_token_chars(self) -> int:
+        """No token spans more characters (lmforge.serve.prompts); computed once, on the first long prompt."""
+        if self._max_token_chars is None:
+            tok = self.engine.tokenizer
+            self._max_token_chars = max_token_chars(tok) if tok is not None else 1
+        return self._max_token_chars
 
     @property
     def tokenizer(self):

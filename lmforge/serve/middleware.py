@@ -1,5 +1,6 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, which would hide client disconnects from the endpoints):
-API-key checks on /v1/*, and the one log line per request with its id, tokens in/out and latency.
+API-key checks on /v1/*, the docs and /metrics, and the one log line per request with its id, tokens in/out
+and latency.
 """
 
 from __future__ import annotations
@@ -18,14 +19,31 @@ logger = logging.getLogger("lmforge.serve")
 QUIET_PATHS = ("/health", "/metrics")  # probes: logged at DEBUG so they do not drown the request log
 
 
-class AuthMiddleware:
-    """Bearer keys on /v1/*. Runs before body parsing, so a bad key is a 401 even when the body is malformed."""
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # they describe every route: keyed too
 
-    def __init__(self, app: ASGIApp, api_keys: list[str]):
+
+class AuthMiddleware:
+    """Bearer keys on /v1/*, the API docs and /metrics; /health and the chat page (static files) stay open.
+
+    `api_keys` guard the API and the docs; /metrics takes `metrics_key` when one is given (so a scraper needs
+    no API key), else the API keys. Runs before body parsing, so a bad key is a 401 even when the body is malformed.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], metrics_key: str | None = None):
         self.app = app
         self.api_keys = [k.encode() for k in api_keys]
+        self.metrics_keys = [metrics_key.encode()] if metrics_key else self.api_keys
 
-    def _authorized(self, scope: Scope) -> str | None:
+    def _keys_for(self, path: str) -> list[bytes] | None:
+        """The keys that open `path`, or None when it is open to everyone."""
+        if path == "/metrics":
+            return self.metrics_keys or None
+        if path.startswith("/v1/") or path in DOC_PATHS:
+            return self.api_keys or None
+        return None
+
+    @staticmethod
+    def _authorized(scope: Scope, keys: list[bytes]) -> str | None:
         """None when the key is good, else the reason."""
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, key = header.partition(b" ")
@@ -34,13 +52,14 @@ class AuthMiddleware:
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
                 "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
-        if scheme.lower() != b"bearer" or not any(secrets.compare_digest(key.strip(), k) for k in self.api_keys):
+        if scheme.lower() != b"bearer" or not any(secrets.compare_digest(key.strip(), k) for k in keys):
             return "Incorrect API key provided."
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            reason = self._authorized(scope)
+        keys = self._keys_for(scope["path"]) if scope["type"] == "http" else None
+        if keys is not None:
+            reason = self._authorized(scope, keys)
             if reason is not None:
                 code = "invalid_api_key" if reason.startswith("Incorrect") else "missing_api_key"
                 error = APIError(

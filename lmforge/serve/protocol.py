@@ -52,6 +52,9 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    parse_special_tokens: bool = Field(
+        False, description="tokenize special-token text in the prompt ('<|im_end|>') as control tokens, not as text"
+    )
 
 
 class TextPart(BaseModel):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -18,6 +20,8 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from .app import build_app
+from .connections import guarded_protocol
+from .limits import ServeLimits
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -64,6 +68,39 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, taken before the model loads so a busy port fails at once, not after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # listening now: a second bind to this port fails even with SO_REUSEADDR
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def exposure_warning(host: str, api_keys: list[str] | None) -> str | None:
+    """The warning for a server reachable from other machines that anyone may use, or None."""
+    if api_keys or is_loopback(host):
+        return None
+    return (
+        f"!!! SECURITY WARNING: serving on {host}, reachable from other machines, WITHOUT API keys: anyone who can "
+        "reach this port can run the model, read /metrics and the docs. Pass --api-keys KEY (or bind 127.0.0.1). !!!"
+    )
+
+
 async def serve_async(
     engine_factory: Callable[[], object],
     host: str = "127.0.0.1",
@@ -73,14 +110,38 @@ async def serve_async(
     max_concurrent_requests: int | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
+    limits: ServeLimits | None = None,
+    metrics_key: str | None = None,
+    allowed_hosts: list[str] | None = None,
     stats_interval: float | None = None,
 ) -> None:
     """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
-    stats_interval: log the generation rate every that many seconds (when tokens were generated)."""
-    engine = engine_factory()
+
+    The port is taken first: a busy one fails before the model loads. stats_interval: log the generation rate
+    every that many seconds (when tokens were generated).
+    """
+    limits = limits or ServeLimits()
+    sock = bind_socket(host, port)
+    warning = exposure_warning(host, api_keys)
+    if warning:
+        logger.warning(warning)
+    try:
+        engine = engine_factory()
+    except BaseException:
+        sock.close()
+        raise
+    app = None
     stats_task = asyncio.create_task(_log_speed(engine, stats_interval)) if stats_interval else None
     try:
-        app = build_app(engine, served_model_name, api_keys, max_concurrent_requests)
+        app = build_app(
+            engine,
+            served_model_name,
+            api_keys,
+            max_concurrent_requests,
+            limits=limits,
+            metrics_key=metrics_key,
+            allowed_hosts=allowed_hosts,
+        )
         config = uvicorn.Config(
             app,
             host=host,
@@ -91,6 +152,7 @@ async def serve_async(
             lifespan="off",
             timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S,
             timeout_keep_alive=5,
+            http=guarded_protocol(limits.header_timeout, limits.max_connections),
         )
         server = _Server(config, app.state.ctx, shutdown_timeout)
         logger.info(
@@ -100,10 +162,13 @@ async def serve_async(
             port,
             ", API keys required" if api_keys else "",
         )
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         if stats_task is not None:
             stats_task.cancel()
+        sock.close()
+        if app is not None:
+            app.state.ctx.workers.close()
         await engine.close()
         logger.info("shut down")
 

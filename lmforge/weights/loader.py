@@ -11,6 +11,8 @@ from torch import nn
 
 from lmforge.nn.linear import default_weight_loader
 
+from .sanity import report_unused
+
 logger = logging.getLogger(__name__)
 
 _ALWAYS_SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -25,7 +27,8 @@ def load_weights(
     """Load (checkpoint_name, tensor) pairs into `model`; returns the parameter names loaded.
 
     packed_modules_mapping {'qkv_proj': ['q_proj', 'k_proj', 'v_proj']} routes `...q_proj.weight` to
-    `...qkv_proj.weight` with shard_id 0 (the part's index). Names in `skip` (substrings) are ignored.
+    `...qkv_proj.weight` with shard_id 0 (the part's index). Names in `skip` (substrings) are ignored; any other
+    tensor that matches no parameter fails the load (lmforge.weights.sanity: unless the caller opted out).
     """
     params = dict(model.named_parameters())
     skip = tuple(skip) + _ALWAYS_SKIPPED
@@ -60,10 +63,7 @@ def load_weights(
                 f"parameter {target!r} of shape {tuple(param.shape)}: {e}"
             ) from e
         loaded.add(target)
-    if unexpected:
-        logger.warning(
-            "ignored %d checkpoint tensors with no matching parameter, e.g. %s", len(unexpected), unexpected[:5]
-        )
+    report_unused(unexpected)
     return loaded
 
 

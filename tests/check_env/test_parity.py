@@ -93,3 +93,56 @@ def test_save_tiny_model_names_the_architecture_to_resolve(tmp_path):
     model = build_tiny_model(tiny_hf_config("llama"))
     save_tiny_model(model, str(tmp_path), "MyLlamaForCausalLM")
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MyLlamaForCausalLM"]
+
+
+def test_tiny_config_shrinks_only_the_fields_the_family_has():
+    gpt2 = tiny_hf_config("gpt2").to_dict()
+    assert (gpt2["n_embd"], gpt2["n_layer"], gpt2["n_head"], gpt2["vocab_size"]) == (64, 2, 4, 256)
+    assert "num_key_value_heads" not in gpt2 and "intermediate_size" not in gpt2  # multi-head, n_inner
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path) -> str:
+    path = str(tmp_path / "gpt2")
+    config = tiny_hf_config("gpt2")
+    config.architectures = ["GPT2LMHeadModel"]
+    config.save_pretrained(path)
+    return path
+
+
+def test_cli_parity_with_overrides_at_tp2(gpt2_dir, capsys):
+    argv = ["check_env", gpt2_dir, "--parity", "--tp", "2", "--override", "activation_function=relu"]
+    assert main(argv + ["--override", "scale_attn_by_inverse_layer_idx=true"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(cpu, float32, tp=2)") == 2 and out.count("PASS: max|diff|") == 2
+
+
+def test_cli_parity_prints_the_engines_own_error_first(gpt2_dir, tmp_path, capsys):
+    (tmp_path / "failing_gpt2.py").write_text(
+        textwrap.dedent(
+            """
+            from lmforge.models.gpt2 import GPT2LMHeadModel
+
+            class FailingGPT2(GPT2LMHeadModel):
+                def forward(self, *args, **kwargs):
+                    raise RuntimeError("shape mismatch in the model")
+            """
+        )
+    )
+    (tmp_path / "map.py").write_text("MODULE_MAP = {'GPT2LMHeadModel': 'failing_gpt2.FailingGPT2'}\n")
+    assert main(["check_env", gpt2_dir, "--custom-module-map", str(tmp_path / "map.py"), "--parity"]) == 2
+    err = capsys.readouterr().err.split("parity check failed to run: ", 1)[1]  # after HF's progress bars
+    assert err.startswith("EngineRequestError: the engine failed 4 of 4 requests: RuntimeError: shape mismatch in")
+    assert "stack expects" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--parity", "--override", "no_equals_sign"], "--override takes KEY=VALUE"),
+        (["--tp", "2"], "--tp only apply with --parity"),
+    ],
+)
+def test_cli_parity_refuses_what_it_cannot_honour(gpt2_dir, capsys, argv, message):
+    assert main(["check_env", gpt2_dir, *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -84,7 +84,7 @@ def test_every_snippet_of_the_guide_runs(tmp_path, monkeypatch, capsys):
                     assert main(argv[1:]) == 0, f"`{line}` failed:\n{capsys.readouterr()}"
         assert sum(_run_test_module(path) for path in written_tests) == 3
     finally:
-        for name in ("my_qwen3", "test_my_qwen3"):
+        for name in ("my_qwen3", "test_my_qwen3", "my_neox"):
             sys.modules.pop(name, None)
     out = capsys.readouterr().out
     assert "PASS: max|diff|" in out and "FAIL" not in out

@@ -82,7 +82,8 @@ def test_stop_and_bad_words_take_one_string_or_a_list():
     "field, value, message",
     [
         ("tp", 0, "tp must be an integer >= 1"),
-        ("quant_policy", 8, "quant_policy"),
+        ("quant_policy", 3, "quant_policy must be 0"),
+        ("kv_cache_dtype", "int8", "kv_cache_dtype must be"),
         ("distributed_executor_backend", "ray", "one process"),
         ("revision", "main", "never downloads"),
         ("download_dir", "/tmp", "never downloads"),

@@ -10,6 +10,7 @@ from lmforge.backends import cpu as cpu_backend  # noqa: E402
 from lmforge.backends import cuda as cuda_backend  # noqa: E402
 from lmforge.kernels.cuda.decode_attention import decode_attention  # noqa: E402
 from lmforge.kernels.cuda.prefill_attention import prefill_attention  # noqa: E402
+from lmforge.model_inputs import AttnOptions  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -20,7 +21,7 @@ HEAD_IDS = ["gqa1", "gqa4", "gqa8"]
 
 def _reference(batch: dict, scale: float, **kwargs) -> torch.Tensor:
     return cpu_backend.paged_attention(batch["query"].float(), batch["k_cache"].float(), batch["v_cache"].float(),
-                                       batch["meta"], scale, **kwargs)
+                                       batch["meta"], AttnOptions(scale, **kwargs))
 
 
 def _decode(batch: dict, scale: float, **kwargs) -> torch.Tensor:
@@ -133,7 +134,7 @@ def test_backend_paged_attention_dispatch(device, check_dtype, paged_batch, pois
         batch = paged_batch(q_lens, kv_lens, 8, 2, 64, 16, dtype, device, is_decoding=is_decoding)
         poison_allocator()
         out = cuda_backend.OPS["paged_attention"](batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"],
-                                                  0.125, None, None, None)
+                                                  AttnOptions(0.125))
         torch.testing.assert_close(out.float(), _reference(batch, 0.125), **tol(dtype))
 
 

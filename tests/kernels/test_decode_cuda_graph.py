@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 from lmforge.backends import cpu as cpu_backend  # noqa: E402
 from lmforge.backends import cuda as cuda_backend  # noqa: E402
-from lmforge.model_inputs import AttnMetadata  # noqa: E402
+from lmforge.model_inputs import AttnMetadata, AttnOptions  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")]
 
@@ -47,7 +47,7 @@ def test_decode_attention_cuda_graph_replay(window, softcap):
     static_meta = _metadata(static)
 
     def step() -> torch.Tensor:
-        return op(static["query"], static["k_cache"], static["v_cache"], static_meta, 0.1, window, softcap, None)
+        return op(static["query"], static["k_cache"], static["v_cache"], static_meta, AttnOptions(0.1, window, softcap))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -63,12 +63,13 @@ def test_decode_attention_cuda_graph_replay(window, softcap):
         for name, tensor in fresh.items():
             static[name].copy_(tensor)
         graph.replay()
-        eager = op(fresh["query"], fresh["k_cache"], fresh["v_cache"], _metadata(fresh), 0.1, window, softcap, None)
+        opts = AttnOptions(0.1, window, softcap)
+        eager = op(fresh["query"], fresh["k_cache"], fresh["v_cache"], _metadata(fresh), opts)
         torch.cuda.synchronize()
         assert torch.equal(graph_out, eager)
         meta = _metadata(fresh)
         ref = cpu_backend.paged_attention(fresh["query"].float(), fresh["k_cache"].float(), fresh["v_cache"].float(),
-                                          meta, 0.1, window, softcap, None)
+                                          meta, AttnOptions(0.1, window, softcap))
         torch.testing.assert_close(graph_out.float(), ref, atol=2e-2, rtol=2e-2)
 
     static["kv_seqlens"][0] = 0  # a padding row of a graph batch: no keys, so zeros and no NaN

@@ -76,3 +76,18 @@ def test_gated_activations(device, check_dtype, poison_allocator, tol, dtype, ac
         got = cuda_backend.OPS["gelu_and_mul"](x, approximate=approximate)
     assert got.shape == (*shape[:-1], shape[-1] // 2) and got.dtype == dtype
     torch.testing.assert_close(got.float(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu", "relu2"])
+@pytest.mark.parametrize("d", [64, 1000, 3000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plain_activation(device, check_dtype, poison_allocator, tol, dtype, d, kind):
+    check_dtype(dtype)
+    x = (torch.randn(5, 3, d, device=device) * 3).to(dtype)
+    poison_allocator()
+    got = cuda_backend.OPS["activation"](x, kind)
+    ref = cpu_backend.activation(x.float(), kind)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float(), ref, **tol(dtype))
+    got_strided = cuda_backend.OPS["activation"](x[..., : d // 2], kind)  # a strided view is read right too
+    torch.testing.assert_close(got_strided.float(), ref[..., : d // 2], **tol(dtype))

@@ -31,6 +31,12 @@ FAMILIES = [
     "mixtral",
     "qwen3_moe",
     "deepseek_v3",
+    "phi",
+    "cohere",
+    "gpt2",
+    "granite",
+    "stablelm",
+    "olmo2",
 ]
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
 BF16_LOGIT_TOL, BF16_MOE_LOGIT_TOL = 0.05, 0.25
@@ -47,9 +53,10 @@ def test_bf16_cuda_parity(family, case):
 
 
 @pytest.mark.parametrize("case", ["batch", "preemption"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "gemma2", "deepseek_v3", "cohere", "olmo2"])
 def test_bf16_cuda_tp2_parity(family, case):
-    """Tensor parallelism over two GPUs (NCCL): each rank holds half of every sharded weight and of the KV heads."""
+    """Tensor parallelism over two GPUs (NCCL): each rank holds half of every sharded weight and of the KV heads
+    (Cohere: per-head q/k norm weights; OLMo 2: full-width q/k norms that all-reduce their sum of squares)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     _check_parity(family, case, {"max_batch_size": 8, "tp": 2})

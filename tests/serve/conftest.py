@@ -109,9 +109,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn serving `app` on a free 127.0.0.1 port from a background thread (its own event loop)."""
+    """uvicorn serving `app` on a free 127.0.0.1 port from a background thread (its own event loop).
 
-    def __init__(self, app):
+    `extra`: more uvicorn.Config settings (e.g. http=lmforge.serve.connections.guarded_protocol(...)).
+    """
+
+    def __init__(self, app, **extra):
         import uvicorn
 
         self.app = app
@@ -126,6 +129,7 @@ class LiveServer:
             lifespan="off",
             log_config=None,
             timeout_graceful_shutdown=2,
+            **extra,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
@@ -188,7 +192,7 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.base_url + "/metrics", timeout=5).text
+        text = httpx.get(self.base_url + "/metrics", headers=self.headers(), timeout=5).text
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])

@@ -171,7 +171,7 @@ def test_json_schema_output_validates(client):
 
 def test_metrics_after_traffic(tiny_server, client):
     client.completions.create(model="tiny", prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
-    text = httpx.get(tiny_server.base_url + "/metrics").text
+    text = httpx.get(tiny_server.base_url + "/metrics", headers=tiny_server.headers()).text
     for name in (
         "lmforge_num_requests_running",
         "lmforge_num_requests_waiting",

@@ -4,6 +4,10 @@ The batch is flat (sequence i owns q rows q_start_loc[i] : +q_seqlens[i]); for t
 queries to [num_seqs, max_q, heads, dim] and gather each sequence's cache blocks into
 [num_seqs, max_blocks * block_size, kv_heads, dim]. Padding indices and masks are built once
 per step (first layer) and kept in attn_metadata.scratch for the other layers.
+
+Quantized caches (QuantizedCache, quant_policy 8/4) are written through quantize_kv and read through
+dequantize_kv; an FP8 (e4m3) cache is a float8_e4m3fn tensor with scale 1.0, values clamped to +-448. These
+functions define the formats: the CUDA kernels are tested against them.
 """
 
 from __future__ import annotations
@@ -11,21 +15,59 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.model_inputs import AttnMetadata
+from lmforge.model_inputs import AttnMetadata, AttnOptions, QuantizedCache
+
+# the largest finite float8_e4m3fn value: an FP8 cache clamps to it (the cast of a larger value is not finite)
+FP8_E4M3_MAX = 448.0
+# the smallest value range of a quantized row: a constant row (all zeros, say) gets a finite scale, not 0
+_QUANT_MIN_RANGE = 1e-6
+
+
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., head_dim] -> (q [..., head_dim * bits // 8] uint8, scales_zeros [..., 2] float32), one asymmetric
+    (scale, zero point) per row of head_dim values; int4 packs channels 2i / 2i + 1 into the low / high nibble."""
+    qmax = (1 << bits) - 1
+    x = x.float()
+    lo = x.amin(-1, keepdim=True)
+    value_range = (x.amax(-1, keepdim=True) - lo).clamp_min(_QUANT_MIN_RANGE)
+    inv_scale = qmax / value_range
+    q = torch.floor((x - lo) * inv_scale + 0.5).clamp_(0, qmax).to(torch.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return q, torch.cat([value_range / qmax, -lo * inv_scale], -1)
+
+
+def dequantize_kv(q: torch.Tensor, scales_zeros: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of quantize_kv: (q - zero) * scale, [..., head_dim] in dtype."""
+    if bits == 4:
+        q = torch.stack([q & 15, q >> 4], -1).flatten(-2)
+    return ((q.float() - scales_zeros[..., 1:]) * scales_zeros[..., :1]).to(dtype)
+
+
+def _write(cache: torch.Tensor | QuantizedCache, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    if isinstance(cache, QuantizedCache):
+        q, scales_zeros = quantize_kv(x, cache.bits)
+        _write(cache.data, q, slot_mapping)
+        _write(cache.scales_zeros, scales_zeros, slot_mapping)
+        return
+    if cache.dtype == torch.float8_e4m3fn:  # CPU index_copy_ has no float8 kernel: copy the bytes
+        x = x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(cache.dtype).view(torch.uint8)
+        cache = cache.view(torch.uint8)
+    num_blocks, block_size = cache.shape[:2]
+    cache.view(num_blocks * block_size, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 def fill_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor | None,
+    k_cache: torch.Tensor | QuantizedCache,
+    v_cache: torch.Tensor | QuantizedCache | None,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value [num_tokens, kv_heads, dim] into the slots named by slot_mapping."""
-    num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    _write(k_cache, key, slot_mapping)
     if value is not None and v_cache is not None:
-        v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+        _write(v_cache, value, slot_mapping)
 
 
 def _step_layout(meta: AttnMetadata, sliding_window: int | None, device: torch.device) -> dict:
@@ -61,34 +103,33 @@ def _step_layout(meta: AttnMetadata, sliding_window: int | None, device: torch.d
     return layout
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    # cache [num_blocks, block_size, heads, dim] -> [num_seqs, heads, max_blocks * block_size, dim]
-    g = cache[block_tables]
+def _gather(cache: torch.Tensor | QuantizedCache, block_tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # cache [num_blocks, block_size, heads, dim] -> [num_seqs, heads, max_blocks * block_size, dim] in dtype
+    if isinstance(cache, QuantizedCache):
+        g = dequantize_kv(cache.data[block_tables], cache.scales_zeros[block_tables], cache.bits, dtype)
+    else:
+        g = cache[block_tables].to(dtype)
     return g.flatten(1, 2).transpose(1, 2)
 
 
 def paged_attention(
     query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | QuantizedCache,
+    v_cache: torch.Tensor | QuantizedCache,
     attn_metadata: AttnMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    logit_softcapping: float | None = None,
-    v_head_dim: int | None = None,
+    options: AttnOptions,
 ) -> torch.Tensor:
-    """query [num_tokens, heads, dim] -> [num_tokens, heads, v_dim]; the cache already holds this step's keys.
-
-    v_head_dim reads the first v_head_dim channels of v_cache (MLA shares one latent cache for k and v).
-    """
+    """query [num_tokens, heads, dim] -> [num_tokens, heads, v_dim]; the cache already holds this step's keys."""
     meta = attn_metadata
+    scale, sliding_window, logit_softcapping = options.scale, options.sliding_window, options.logit_softcapping
+    v_head_dim = options.v_head_dim
     num_tokens, num_heads, head_dim = query.shape
     layout = _step_layout(meta, sliding_window, query.device)
     num_seqs, max_q = meta.num_seqs, meta.max_q_seqlen
     # slots past a sequence's length hold zeros or stale finite values (the CPU cache starts zeroed), and
     # the mask gives them zero weight
-    k = _gather(k_cache, layout["block_tables"]).to(query.dtype)
-    v = _gather(v_cache, layout["block_tables"]).to(query.dtype)
+    k = _gather(k_cache, layout["block_tables"], query.dtype)
+    v = k if v_cache is k_cache else _gather(v_cache, layout["block_tables"], query.dtype)
     if v_head_dim is not None and v.shape[-1] != v_head_dim:
         v = v[..., :v_head_dim]
     if max_q == 1:

@@ -1,6 +1,8 @@
-"""RMSNorm with an optional fused residual add (computed in float32, as HF does)."""
+"""RMSNorm and LayerNorm with an optional fused residual add (computed in float32, as HF does)."""
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def rms_norm(
@@ -25,4 +27,44 @@ def rms_norm(
         out = (h * w).to(dtype)
     else:
         out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
+
+
+def sharded_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    full_size: int,
+    residual: torch.Tensor | None = None,
+    weight_offset: float = 0.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm over features split across the TP ranks: x [..., full_size / tp] is this rank's slice, so the
+    sum of squares is all-reduced over the default (TP) group before it is divided by full_size."""
+    dtype = x.dtype
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = x.float()
+    sum_sq = h.pow(2).sum(-1, keepdim=True)
+    dist.all_reduce(sum_sq)
+    h = h * torch.rsqrt(sum_sq / full_size + eps)
+    out = (h * (weight.float() + weight_offset)).to(dtype)
+    return out if residual is None else (out, residual)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim; weight/bias are [d] or broadcast over x's trailing dims ([heads, d])."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = F.layer_norm(x.float(), x.shape[-1:], None, None, eps) * weight.float()
+    if bias is not None:
+        h = h + bias.float()
+    out = h.to(x.dtype)
     return out if residual is None else (out, residual)

@@ -1,7 +1,8 @@
 """CUDA backend: the ops lmforge.nn asks for, served by the Triton kernels of lmforge.kernels.cuda.
-An op missing here falls back to the cpu reference (the registry does that), which runs on CUDA tensors too."""
+An op missing here (layer_norm, sharded_rms_norm) falls back to the cpu reference (the registry does that),
+which runs on CUDA tensors too."""
 
-from .activation import gelu_and_mul, silu_and_mul
+from .activation import activation, gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
 from .moe import fused_moe
 from .norm import rms_norm
@@ -20,6 +21,7 @@ OPS = {
     "rms_norm": rms_norm,
     "silu_and_mul": silu_and_mul,
     "gelu_and_mul": gelu_and_mul,
+    "activation": activation,
     "apply_rotary": apply_rotary,
     "fill_kv_cache": fill_kv_cache,
     "paged_attention": paged_attention,

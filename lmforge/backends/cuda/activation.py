@@ -1,7 +1,8 @@
-"""Gated activations on the Triton kernel; same signatures as lmforge.backends.cpu.activation."""
+"""Activations on the Triton kernels; same signatures as lmforge.backends.cpu.activation."""
 
 import torch
 
+from lmforge.kernels.cuda.activation import activation as activation_kernel
 from lmforge.kernels.cuda.activation import gated_activation
 
 
@@ -15,3 +16,7 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none", inplace: bool = Fal
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     return gated_activation(x, "gelu_tanh" if approximate == "tanh" else "gelu")
+
+
+def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return activation_kernel(x, kind)

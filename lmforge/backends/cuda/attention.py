@@ -1,5 +1,6 @@
 """Paged attention on the Triton kernels: split-K decode when every sequence brings one query token,
-variable-length prefill over the paged cache otherwise (prefill, chunked prefill, mixed batches)."""
+variable-length prefill over the paged cache otherwise (prefill, chunked prefill, mixed batches).
+A QuantizedCache (quant_policy 8/4) is unpacked here into its codes and scales for the kernels."""
 
 from __future__ import annotations
 
@@ -8,35 +9,68 @@ import torch
 from lmforge.kernels.cuda.decode_attention import decode_attention
 from lmforge.kernels.cuda.fill_kv_cache import fill_kv_cache as fill_kernel
 from lmforge.kernels.cuda.prefill_attention import prefill_attention
-from lmforge.model_inputs import AttnMetadata
+from lmforge.model_inputs import AttnMetadata, AttnOptions, QuantizedCache
+
+
+def _quant_kwargs(k_cache: torch.Tensor | QuantizedCache, v_cache: torch.Tensor | QuantizedCache | None) -> dict:
+    if not isinstance(k_cache, QuantizedCache):
+        return {}
+    v_scales_zeros = v_cache.scales_zeros if isinstance(v_cache, QuantizedCache) else None
+    return {"k_scales_zeros": k_cache.scales_zeros, "v_scales_zeros": v_scales_zeros, "quant_bits": k_cache.bits}
+
+
+def _data(cache: torch.Tensor | QuantizedCache | None) -> torch.Tensor | None:
+    return cache.data if isinstance(cache, QuantizedCache) else cache
 
 
 def fill_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor | None,
+    k_cache: torch.Tensor | QuantizedCache,
+    v_cache: torch.Tensor | QuantizedCache | None,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value [num_tokens, kv_heads, dim] into the slots named by slot_mapping."""
-    fill_kernel(key, value, k_cache, v_cache, slot_mapping)
+    fill_kernel(key, value, _data(k_cache), _data(v_cache), slot_mapping, **_quant_kwargs(k_cache, v_cache))
 
 
 def paged_attention(
     query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | QuantizedCache,
+    v_cache: torch.Tensor | QuantizedCache,
     attn_metadata: AttnMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    logit_softcapping: float | None = None,
-    v_head_dim: int | None = None,
+    options: AttnOptions,
 ) -> torch.Tensor:
     """query [num_tokens, heads, dim] -> [num_tokens, heads, v_dim]; the cache already holds this step's keys."""
-    meta = attn_metadata
+    meta, opt = attn_metadata, options
+    quant = _quant_kwargs(k_cache, v_cache)
+    k_cache, v_cache = _data(k_cache), _data(v_cache)
     # a shape test, not a data test, so the choice is fixed when a decode step is captured in a CUDA graph
     if meta.is_decoding and query.shape[0] == meta.num_seqs:
-        return decode_attention(query, k_cache, v_cache, meta.block_tables, meta.kv_seqlens, scale, sliding_window,
-                                logit_softcapping, v_head_dim)
-    return prefill_attention(query, k_cache, v_cache, meta.block_tables, meta.q_start_loc, meta.q_seqlens,
-                             meta.kv_seqlens, meta.max_q_seqlen, scale, sliding_window, logit_softcapping, v_head_dim)
+        return decode_attention(
+            query,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.kv_seqlens,
+            opt.scale,
+            opt.sliding_window,
+            opt.logit_softcapping,
+            opt.v_head_dim,
+            **quant,
+        )
+    return prefill_attention(
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.q_start_loc,
+        meta.q_seqlens,
+        meta.kv_seqlens,
+        meta.max_q_seqlen,
+        opt.scale,
+        opt.sliding_window,
+        opt.logit_softcapping,
+        opt.v_head_dim,
+        **quant,
+    )

@@ -7,12 +7,45 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 # finite start for running maxima: a fully masked chunk then gives exp2(-inf - NEG_BIG) = 0 instead of NaN
 NEG_BIG = tl.constexpr(-1.0e30)
+# quantized KV caches (lmforge.backends.cpu.attention defines the formats): the largest finite float8_e4m3fn
+# value, and the smallest (max - min) range of an int8/int4 row, so a constant row gets a finite scale
+FP8_E4M3_MAX = tl.constexpr(448.0)
+QUANT_MIN_RANGE = tl.constexpr(1.0e-6)
 
 
 @triton.jit
 def tanh(x):
     # exp-based so it runs on every Triton backend (interpreter included); saturates to +-1 without NaN
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def load_kv_tile(cache_ptr, sz_ptr, rows, sz_rows, row_mask, col0, num_cols, stride_d,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Channels col0 + [0, BLOCK_D) (those < num_cols when MASK_COLS) of BLOCK_N cached key/value rows.
+
+    rows / sz_rows [BLOCK_N]: offsets of each row in the cache and in its scales_zeros (same head). QUANT 0 returns
+    the stored values as they are (the caller casts them; a float8 cache has scale 1.0); QUANT 8 / 4 dequantizes
+    the uint8 codes as the tile loads, (q - zero) * scale in float32, int4 unpacking byte c into channels 2c, 2c + 1.
+    Masked rows read as zeros."""
+    if QUANT == 4:
+        c = col0 // 2 + tl.arange(0, BLOCK_D // 2)
+        mask = row_mask[:, None]
+        if MASK_COLS:
+            mask = mask & (c[None, :] * 2 < num_cols)
+        packed = tl.load(cache_ptr + rows[:, None] + c[None, :] * stride_d, mask=mask, other=0)
+        x = tl.join(packed & 15, packed >> 4).reshape(BLOCK_N, BLOCK_D)
+    else:
+        c = col0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None]
+        if MASK_COLS:
+            mask = mask & (c[None, :] < num_cols)
+        x = tl.load(cache_ptr + rows[:, None] + c[None, :] * stride_d, mask=mask, other=0.0)
+    if QUANT != 0:
+        scale = tl.load(sz_ptr + sz_rows, mask=row_mask, other=0.0)
+        zero = tl.load(sz_ptr + sz_rows + 1, mask=row_mask, other=0.0)
+        x = (x.to(tl.float32) - zero[:, None]) * scale[:, None]
+    return x
 
 
 def check_out(out: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -37,6 +70,24 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     block_d1 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - block_d1
     return block_d1, (max(16, 1 << (rest - 1).bit_length()) if rest else 0)
+
+
+def kv_quant_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales_zeros: torch.Tensor | None,
+                  v_scales_zeros: torch.Tensor | None, quant_bits: int) -> tuple[tuple[int, int], torch.Tensor,
+                                                                                  torch.Tensor, tuple[int, ...]]:
+    """((k_dim, v_dim) in channels, k / v scales_zeros pointers, their 3 leading strides) of a paged cache, checked:
+    quant_bits 0 reads a plain cache (any float dtype, float8_e4m3fn included), 8 / 4 a uint8 one of packed codes."""
+    if quant_bits == 0:
+        return (k_cache.shape[-1], v_cache.shape[-1]), k_cache, k_cache, (0, 0, 0)
+    if quant_bits not in (4, 8) or k_cache.dtype != torch.uint8 or v_cache.dtype != torch.uint8:
+        raise ValueError(f"quant_bits {quant_bits} needs uint8 caches (4 or 8 bits), got {k_cache.dtype}")
+    for sz, cache, name in ((k_scales_zeros, k_cache, "k"), (v_scales_zeros, v_cache, "v")):
+        if sz is None or sz.dtype != torch.float32 or sz.shape != (*cache.shape[:3], 2) or sz.stride(-1) != 1:
+            raise ValueError(f"{name}_scales_zeros must be float32 {(*cache.shape[:3], 2)} with unit last stride")
+    if k_scales_zeros.stride() != v_scales_zeros.stride():
+        raise ValueError("k_scales_zeros and v_scales_zeros must have the same strides")
+    dims = (k_cache.shape[-1] * 8 // quant_bits, v_cache.shape[-1] * 8 // quant_bits)
+    return dims, k_scales_zeros, v_scales_zeros, k_scales_zeros.stride()[:3]
 
 
 def shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, v_dim: int, block_d1: int) -> bool:

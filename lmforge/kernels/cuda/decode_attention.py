@@ -18,7 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, NEG_BIG, check_out, dot_precision, shares_kv, split_head_dim, tanh
+from .common import (
+    LOG2E,
+    NEG_BIG,
+    check_out,
+    dot_precision,
+    kv_quant_args,
+    load_kv_tile,
+    shares_kv,
+    split_head_dim,
+    tanh,
+)
 
 
 @triton.jit
@@ -37,13 +47,13 @@ def _split_range(kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_
 
 # split count and block-table width vary with the batch: no variant per value
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_seqlens_ptr, part_out_ptr,
-                         part_lse_ptr, scale, softcap, window, num_heads, group_size, head_dim, v_dim, block_size,
-                         num_splits, stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
-                         stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-                         SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr, kv_seqlens_ptr,
+                         part_out_ptr, part_lse_ptr, scale, softcap, window, num_heads, group_size, head_dim, v_dim,
+                         block_size, num_splits, stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh,
+                         stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_zb, stride_zs, stride_zh,
+                         stride_bt, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         SHARED_KV: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     # a large group (MLA: 16-128 query heads on one latent head) is served BLOCK_G heads per program
     head_blocks = tl.cdiv(group_size, BLOCK_G)
@@ -62,15 +72,15 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_s
     dv = tl.arange(0, BLOCK_DV)
     q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
     q1 = tl.load(q_rows + d1[None, :] * stride_qd, mask=g_mask[:, None], other=0.0)
-    k_base1 = k_cache_ptr + kv_head * stride_kh + d1[None, :] * stride_kd
     if BLOCK_D2 > 0:
         d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
-        d2_mask = d2[None, :] < head_dim
-        q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=g_mask[:, None] & d2_mask, other=0.0)
-        k_base2 = k_cache_ptr + kv_head * stride_kh + d2[None, :] * stride_kd
-    else:  # placeholders, never read
-        d2_mask, q2, k_base2 = g_mask[:, None], q1, k_base1
-    v_base = v_cache_ptr + kv_head * stride_vh + dv[None, :] * stride_vd
+        q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=g_mask[:, None] & (d2[None, :] < head_dim), other=0.0)
+    else:  # placeholder, never read
+        q2 = q1
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    k_sz_head = k_sz_ptr + kv_head * stride_zh
+    v_sz_head = v_sz_ptr + kv_head * stride_zh
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
@@ -80,11 +90,15 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_s
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         j_mask = (j >= lo) & (j < kv_len)
         block_id = tl.load(table + j // block_size, mask=j_mask, other=0).to(tl.int64)
-        k_row = (block_id * stride_kb + (j % block_size) * stride_ks)[:, None]
-        k1 = tl.load(k_base1 + k_row, mask=j_mask[:, None], other=0.0).to(q1.dtype)
+        offset = j % block_size
+        k_row = block_id * stride_kb + offset * stride_ks
+        sz_row = block_id * stride_zb + offset * stride_zs
+        k1 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1,
+                          QUANT, False).to(q1.dtype)
         s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
         if BLOCK_D2 > 0:
-            k2 = tl.load(k_base2 + k_row, mask=j_mask[:, None] & d2_mask, other=0.0)
+            k2 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N,
+                              BLOCK_D2, QUANT, True)
             s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
         if SOFTCAP:
             s = softcap * tanh(s * (scale / softcap)) * LOG2E
@@ -98,8 +112,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_s
         if SHARED_KV:  # the values are the key tile's leading channels: no second load
             v = k1
         else:
-            v_row = (block_id * stride_vb + (j % block_size) * stride_vs)[:, None]
-            v = tl.load(v_base + v_row, mask=j_mask[:, None] & (dv[None, :] < v_dim), other=0.0).to(q1.dtype)
+            v_row = block_id * stride_vb + offset * stride_vs
+            v = load_kv_tile(v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT,
+                             True).to(q1.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -162,19 +177,24 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                      kv_seqlens: torch.Tensor, scale: float, sliding_window: int | None = None,
                      logit_softcapping: float | None = None, v_head_dim: int | None = None,
                      out: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 2, k_scales_zeros: torch.Tensor | None = None,
+                     v_scales_zeros: torch.Tensor | None = None, quant_bits: int = 0) -> torch.Tensor:
     """query [num_seqs, heads, d] -> [num_seqs, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
 
     block_tables [num_seqs, max_blocks] int32, kv_seqlens [num_seqs] int32 (keys visible to each query, its own
     included). out, if given, receives the result. num_splits / block_n / num_warps / num_stages override the
-    launch heuristics (the benchmark sweeps them).
+    launch heuristics (the benchmark sweeps them). quant_bits 8 / 4: the caches hold uint8 codes
+    [..., d * quant_bits // 8] with k/v_scales_zeros [num_blocks, block_size, kv_heads, 2] float32, dequantized
+    as the tiles load (fill_kv_cache writes them).
     """
     num_seqs, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, k_dim = k_cache.shape
-    v_dim = v_head_dim or v_cache.shape[-1]
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    (k_dim, v_cache_dim), k_sz, v_sz, sz_strides = kv_quant_args(k_cache, v_cache, k_scales_zeros, v_scales_zeros,
+                                                                  quant_bits)
+    v_dim = v_head_dim or v_cache_dim
     if k_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"query {tuple(query.shape)} does not fit k_cache {tuple(k_cache.shape)}")
-    if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache.shape[-1]:
+    if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache_dim:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} does not fit k_cache {tuple(k_cache.shape)}")
     if block_tables.shape[0] != num_seqs or kv_seqlens.shape != (num_seqs,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / kv_seqlens {tuple(kv_seqlens.shape)} "
@@ -197,12 +217,16 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     window = sliding_window or 0
     softcap = logit_softcapping or 0.0
     grid = (num_seqs, num_kv_heads * triton.cdiv(group_size, block_g), num_splits)
+    shared_kv = shares_kv(k_cache, v_cache, v_dim, block_d1)
+    if shared_kv and quant_bits:
+        raise ValueError("a quantized cache cannot be shared by keys and values (MLA latent cache)")
     _decode_split_kernel[grid](
-        query, k_cache, v_cache, block_tables, kv_seqlens, part_out, part_lse, scale, softcap, window, num_heads,
-        group_size, head_dim, v_dim, block_size, num_splits, *query.stride(), *k_cache.stride(), *v_cache.stride(),
-        block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window), BLOCK_G=block_g, BLOCK_N=block_n,
-        BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, SHARED_KV=shares_kv(k_cache, v_cache, v_dim, block_d1),
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps if head_dim <= 256 else max(num_warps, 8),
+        query, k_cache, v_cache, k_sz, v_sz, block_tables, kv_seqlens, part_out, part_lse, scale, softcap, window,
+        num_heads, group_size, head_dim, v_dim, block_size, num_splits, *query.stride(), *k_cache.stride(),
+        *v_cache.stride(), *sz_strides, block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window),
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, SHARED_KV=shared_kv,
+        QUANT=quant_bits, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=num_warps if head_dim <= 256 else max(num_warps, 8),
         num_stages=num_stages,
     )
     _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -15,23 +15,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, NEG_BIG, check_out, dot_precision, shares_kv, split_head_dim, tanh
+from .common import (
+    LOG2E,
+    NEG_BIG,
+    check_out,
+    dot_precision,
+    kv_quant_args,
+    load_kv_tile,
+    shares_kv,
+    split_head_dim,
+    tanh,
+)
 
 
 @triton.jit
-def _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base1, k_base2, v_base, block_size,
-                  stride_kb, stride_ks, stride_vb, stride_vs, d2_mask, dv_mask, scale, softcap,
-                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_D2: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_head, v_head, k_sz_head, v_sz_head,
+                  block_size, head_dim, v_dim, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+                  stride_zb, stride_zs, scale, softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+                  WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     j_mask = j < kv_len
     block_id = tl.load(table + j // block_size, mask=j_mask, other=0).to(tl.int64)
     offset = j % block_size
-    k_row = (block_id * stride_kb + offset * stride_ks)[:, None]
-    k1 = tl.load(k_base1 + k_row, mask=j_mask[:, None], other=0.0).to(q1.dtype)
+    k_row = block_id * stride_kb + offset * stride_ks
+    sz_row = block_id * stride_zb + offset * stride_zs
+    k1 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT,
+                      False).to(q1.dtype)
     s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    if HAS_D2:
-        k2 = tl.load(k_base2 + k_row, mask=j_mask[:, None] & d2_mask, other=0.0)
+    if BLOCK_D2 > 0:
+        k2 = load_kv_tile(k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2,
+                          QUANT, True)
         s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
     if SOFTCAP:
         s = softcap * tanh(s * (scale / softcap)) * LOG2E
@@ -49,21 +63,24 @@ def _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_ba
     if SHARED_KV:  # the values are the key tile's leading channels: no second load
         v = k1
     else:
-        v_row = (block_id * stride_vb + offset * stride_vs)[:, None]
-        v = tl.load(v_base + v_row, mask=j_mask[:, None] & dv_mask, other=0.0).to(q1.dtype)
+        v_row = block_id * stride_vb + offset * stride_vs
+        v = load_kv_tile(v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT,
+                         True).to(q1.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 # block-table width varies per step: specialising on it would compile a variant mid-serving
 @triton.jit(do_not_specialize=["stride_bt"])
-def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, q_start_ptr, q_seqlens_ptr,
-                              kv_seqlens_ptr, scale, softcap, window, group_size, head_dim, v_dim, block_size,
-                              stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
-                              stride_vb, stride_vs, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_bt,
+def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, out_ptr, block_tables_ptr,
+                              q_start_ptr, q_seqlens_ptr, kv_seqlens_ptr, scale, softcap, window, group_size, head_dim,
+                              v_dim, block_size, stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh,
+                              stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_zb, stride_zs, stride_zh,
+                              stride_ot, stride_oh, stride_od, stride_bt,
                               SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-                              BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                              BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, QUANT: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
     # heads vary fastest in launch order, so the group_size heads reading the same keys run together (L2 reuse)
     head = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -84,15 +101,15 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_ta
     dv_mask = dv[None, :] < v_dim
     q_rows = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh
     q1 = tl.load(q_rows + d1[None, :] * stride_qd, mask=row_mask[:, None], other=0.0)
-    k_base1 = k_cache_ptr + kv_head * stride_kh + d1[None, :] * stride_kd
     if BLOCK_D2 > 0:
         d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
-        d2_mask = d2[None, :] < head_dim
-        q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=row_mask[:, None] & d2_mask, other=0.0)
-        k_base2 = k_cache_ptr + kv_head * stride_kh + d2[None, :] * stride_kd
-    else:  # placeholders, never read
-        d2_mask, q2, k_base2 = dv_mask, q1, k_base1
-    v_base = v_cache_ptr + kv_head * stride_vh + dv[None, :] * stride_vd
+        q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=row_mask[:, None] & (d2[None, :] < head_dim), other=0.0)
+    else:  # placeholder, never read
+        q2 = q1
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    k_sz_head = k_sz_ptr + kv_head * stride_zh
+    v_sz_head = v_sz_ptr + kv_head * stride_zh
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -105,15 +122,17 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_ta
     else:  # chunks wholly at or before the first query's position are visible to every query
         lo_chunk = (first_pos + 1) // BLOCK_N
         for chunk in range(0, lo_chunk):
-            acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base1, k_base2,
-                                          v_base, block_size, stride_kb, stride_ks, stride_vb, stride_vs, d2_mask,
-                                          dv_mask, scale, softcap, False, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D2 > 0,
-                                          SHARED_KV, DOT_PRECISION)
+            acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_head, v_head,
+                                          k_sz_head, v_sz_head, block_size, head_dim, v_dim, stride_kb, stride_ks,
+                                          stride_kd, stride_vb, stride_vs, stride_vd, stride_zb, stride_zs, scale,
+                                          softcap, False, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV,
+                                          SHARED_KV, QUANT, DOT_PRECISION)
     for chunk in range(lo_chunk, tl.cdiv(last_pos + 1, BLOCK_N)):
-        acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_base1, k_base2,
-                                      v_base, block_size, stride_kb, stride_ks, stride_vb, stride_vs, d2_mask,
-                                      dv_mask, scale, softcap, True, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D2 > 0,
-                                      SHARED_KV, DOT_PRECISION)
+        acc, m_i, l_i = _attend_chunk(q1, q2, acc, m_i, l_i, chunk, pos, kv_len, window, table, k_head, v_head,
+                                      k_sz_head, v_sz_head, block_size, head_dim, v_dim, stride_kb, stride_ks,
+                                      stride_kd, stride_vb, stride_vs, stride_vd, stride_zb, stride_zs, scale, softcap,
+                                      True, SOFTCAP, WINDOW, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, SHARED_KV, QUANT,
+                                      DOT_PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dv[None, :] * stride_od,
@@ -150,21 +169,25 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       q_start_loc: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor, max_q_seqlen: int,
                       scale: float, sliding_window: int | None = None, logit_softcapping: float | None = None,
                       v_head_dim: int | None = None, out: torch.Tensor | None = None,
-                      config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      config: tuple[int, int, int, int] | None = None, k_scales_zeros: torch.Tensor | None = None,
+                      v_scales_zeros: torch.Tensor | None = None, quant_bits: int = 0) -> torch.Tensor:
     """query [num_tokens, heads, d] -> [num_tokens, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
 
     Per-sequence tensors (block_tables [num_seqs, max_blocks], q_start_loc, q_seqlens, kv_seqlens [num_seqs])
     are int32 on the device; max_q_seqlen (a host int, at least every q_seqlens[i]) sizes the grid.
     out, if given, receives the result; config (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the launch
-    heuristic (the benchmark sweeps it).
+    heuristic (the benchmark sweeps it). quant_bits 8 / 4: uint8 caches with k/v_scales_zeros, as in
+    decode_attention.
     """
     num_tokens, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, k_dim = k_cache.shape
-    v_dim = v_head_dim or v_cache.shape[-1]
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    (k_dim, v_cache_dim), k_sz, v_sz, sz_strides = kv_quant_args(k_cache, v_cache, k_scales_zeros, v_scales_zeros,
+                                                                  quant_bits)
+    v_dim = v_head_dim or v_cache_dim
     num_seqs = q_seqlens.shape[0]
     if k_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"query {tuple(query.shape)} does not fit k_cache {tuple(k_cache.shape)}")
-    if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache.shape[-1]:
+    if v_cache.shape[:3] != k_cache.shape[:3] or v_dim > v_cache_dim:
         raise ValueError(f"v_cache {tuple(v_cache.shape)} does not fit k_cache {tuple(k_cache.shape)}")
     if block_tables.shape[0] != num_seqs or q_start_loc.shape != (num_seqs,) or kv_seqlens.shape != (num_seqs,):
         raise ValueError("block_tables, q_start_loc, q_seqlens and kv_seqlens must all have num_seqs rows")
@@ -176,16 +199,19 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     block_d1, block_d2 = split_head_dim(head_dim)
     block_dv = triton.next_power_of_2(v_dim)
     shared_kv = shares_kv(k_cache, v_cache, v_dim, block_d1)
+    if shared_kv and quant_bits:
+        raise ValueError("a quantized cache cannot be shared by keys and values (MLA latent cache)")
     block_m, block_n, num_warps, num_stages = config or _launch_config(
         block_d1 + block_d2, block_dv, shared_kv, query.element_size(), max_q_seqlen)
     window = sliding_window or 0
     softcap = logit_softcapping or 0.0
     grid = (num_heads, triton.cdiv(max_q_seqlen, block_m), num_seqs)
     _prefill_attention_kernel[grid](
-        query, k_cache, v_cache, out, block_tables, q_start_loc, q_seqlens, kv_seqlens, scale, softcap, window,
-        num_heads // num_kv_heads, head_dim, v_dim, block_size, *query.stride(), *k_cache.stride(), *v_cache.stride(),
-        *out.stride(), block_tables.stride(0), SOFTCAP=bool(softcap), WINDOW=bool(window), BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=block_dv, SHARED_KV=shared_kv,
+        query, k_cache, v_cache, k_sz, v_sz, out, block_tables, q_start_loc, q_seqlens, kv_seqlens, scale, softcap,
+        window, num_heads // num_kv_heads, head_dim, v_dim, block_size, *query.stride(), *k_cache.stride(),
+        *v_cache.stride(), *sz_strides, *out.stride(), block_tables.stride(0), SOFTCAP=bool(softcap),
+        WINDOW=bool(window), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2,
+        BLOCK_DV=block_dv, SHARED_KV=shared_kv, QUANT=quant_bits,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
