@@ -148,6 +148,9 @@ def bench_hf(args, reqs, bs1_ids) -> None:
         model="SmolLM2-135M-Instruct.Q4_1.gguf",
         dtype=args.dtype,
         device=device_name("cpu"),
+        cpu_flags=cpu_flags(),
+        threads=torch.get_num_threads(),
+        repeat=args.repeat,
         git=git_sha(),
         load_s=round(load_s, 2),
     )
