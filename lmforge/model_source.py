@@ -1,5 +1,6 @@
 """Where a model comes from: an HF folder (safetensors/.bin + config.json) or a single GGUF file.
-Resolves the path, the HF config, the ModelConfig and the tokenizer; nothing is downloaded."""
+Resolves the path, the HF config, the ModelConfig and the tokenizer; nothing is downloaded. The HF config of a
+built-in family is read by configurations.hf_json (no transformers import); others go through AutoConfig."""
 
 from __future__ import annotations
 
@@ -50,14 +51,27 @@ def _gguf_in(path: str) -> str | None:
     return None
 
 
-def load_hf_config(path: str, trust_remote_code: bool = False):
+def load_hf_config(
+    path: str, trust_remote_code: bool = False, custom_module_map: str | None = None, with_transformers: bool = False
+):
+    """The model's HF config. A built-in family's is read by configurations.hf_json without importing transformers
+    (seconds of every start); other families, every model under a custom_module_map (whose classes and
+    ConfigBuilders may hand the config to transformers code) and with_transformers (a caller that builds an HF
+    model from it) get transformers' own PretrainedConfig."""
+    with_transformers = with_transformers or bool(custom_module_map)
     gguf_file = _gguf_in(path)
     if gguf_file:
         from lmforge.weights.gguf import gguf_hf_config
 
-        return gguf_hf_config(gguf_file)
+        return gguf_hf_config(gguf_file, with_transformers=with_transformers)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json (and is not a .gguf file); is it an HF model folder?")
+    if not with_transformers:
+        from lmforge.configurations.hf_json import load_hf_config_json
+
+        config = load_hf_config_json(path)
+        if config is not None:
+            return config
     from transformers import AutoConfig
 
     try:
@@ -87,10 +101,12 @@ def load_model_source(
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
     custom_module_map: str | None = None,
+    with_transformers: bool = False,
 ) -> ModelSource:
-    """custom_module_map is loaded first, so the ConfigBuilders it defines take part in building the ModelConfig."""
+    """custom_module_map is loaded first, so the ConfigBuilders it defines take part in building the ModelConfig.
+    with_transformers: hf_config is transformers' PretrainedConfig whatever the family (see load_hf_config)."""
     path = resolve_model_path(model_path)
-    hf_config = load_hf_config(path, trust_remote_code)
+    hf_config = load_hf_config(path, trust_remote_code, custom_module_map, with_transformers)
     if custom_module_map:
         from lmforge.models.module_map import load_custom_module_map
 

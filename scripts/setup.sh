@@ -15,6 +15,8 @@ fi
 "$PY" -m pip install -q "torch==2.13.0"
 if [ "${1:-}" = "test" ]; then
   "$PY" -m pip install -q -e ".[test]"
+  # the AWQ / GPTQ reference packers of tests/quant; only their pure-torch code is used (declared deps: CUDA)
+  "$PY" -m pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1"
 else
   "$PY" -m pip install -q -e ".[serve]"
 fi

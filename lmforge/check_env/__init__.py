@@ -20,6 +20,7 @@ class ModelCheckReport:
     builder: str
     model_class: str
     model_config: ModelConfig
+    quantization: str | None = None  # the checkpoint's quantization_config, as lmforge will load it
 
     def __str__(self) -> str:
         c = self.model_config
@@ -43,6 +44,7 @@ class ModelCheckReport:
             "ModelConfig:",
         ]
         lines += [f"  {f}: {getattr(c, f)}" for f in fields]
+        lines.append(f"quantization:   {self.quantization or 'none'}")
         return "\n".join(lines)
 
 
@@ -61,7 +63,7 @@ def check_model(
         steps.append("resolve the model path")
         path = resolve_model_path(model_path)
         steps.append("read the HF config")
-        hf_config = load_hf_config(path, trust_remote_code)
+        hf_config = load_hf_config(path, trust_remote_code, custom_module_map)
         if custom_module_map:  # its ConfigBuilders take part from here on, as in the engine
             steps.append(f"load the custom module map {custom_module_map}")
             custom_config_builders(custom_module_map)
@@ -71,6 +73,10 @@ def check_model(
         model_config = AutoModelConfigBuilder.build(hf_config, path)
         steps.append("resolve the model class")
         model_cls = resolve_model_class(model_config.model_arch, custom_module_map)
+        steps.append("read the quantization_config")
+        from lmforge.nn.quant import parse_quant_config
+
+        quant_config = parse_quant_config(getattr(hf_config, "quantization_config", None))
     except Exception as e:
         raise ModelCheckError(f"check_model failed to {steps[-1]}: {type(e).__name__}: {e}") from e
     report = ModelCheckReport(
@@ -79,6 +85,7 @@ def check_model(
         _builder_name(builder),
         f"{model_cls.__module__}.{model_cls.__qualname__}",
         model_config,
+        None if quant_config is None else quant_config.describe(),
     )
     if verbose:
         print(report)

@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_parity_args(p)
     p.set_defaults(func=_check_env)
 
+    from .eval import add_parser as add_eval_parser
+    from .quantize import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)
+    add_eval_parser(sub)
+
     try:
         from .serve import add_parser as add_serve_parser
     except ImportError:

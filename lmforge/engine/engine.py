@@ -35,7 +35,7 @@ from .requests import build_request_guide, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
-from .startup import resolve_device_type, resolve_dtype, warmup
+from .startup import configure_triton_cache, resolve_device_type, resolve_dtype, start_weight_prefetch, warmup
 from .tp import TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,15 @@ class Engine:
         cfg = backend_config or PytorchEngineConfig()
         self.engine_config = cfg
         start = time.perf_counter()
+        start_weight_prefetch(model_path)  # the disk reads overlap CUDA start and the model build
         device_type = resolve_device_type(cfg.device_type)
         if device_type == "cpu":
             bound_cpu_kernel_caches()
             configure_cpu_threads(cfg.cpu_threads)
+        # compiled kernels persist between runs; set before the TP ranks start so that they share the folder
+        self.triton_cache_dir, self.triton_cache_entries = (
+            configure_triton_cache() if device_type == "cuda" else (None, 0)
+        )
         # tensor parallelism: the other ranks start now and load their shards while this one loads its own
         self.tp = TensorParallel(cfg.tp, device_type, model_path, cfg) if cfg.tp > 1 else None
         try:
@@ -73,14 +78,15 @@ class Engine:
             raise
 
     def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
-        self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         source = load_model_source(model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
         ce.check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
-        # the tokenizer loads on a thread while the weights go to the device; it is first needed by warm-up
+        # the tokenizer (and the transformers import it needs) loads on a thread while CUDA starts and the weights
+        # go to the device; it is first needed by warm-up
         tokenizer_future = ThreadPoolExecutor(1, "lmforge-tokenizer").submit(
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
+        self.device = torch.device(device_type if device_type == "cpu" else f"cuda:{torch.cuda.current_device()}")
         self.dtype = resolve_dtype(cfg.dtype, source.hf_config, device_type)
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
@@ -153,11 +159,15 @@ class Engine:
         # where host time goes: schedule / launch (inputs, forward and sampling enqueued) / process (the
         # device sync and per-token work); read by benchmarks and metrics
         self.step_stats = dict.fromkeys(("steps", "decode_steps", "schedule_s", "launch_s", "process_s"), 0)
+        t_tokenizer = time.perf_counter()
         self.tokenizer = source.tokenizer = tokenizer_future.result()
+        t_warmup = time.perf_counter()
         if device_type == "cuda":
             warmup(self)
         self.load_seconds = time.perf_counter() - start
-        # seconds per start-up phase: CUDA start + config, weights, memory profile + KV cache, CUDA graphs, warm-up
+        # seconds per start-up phase, in order, summing to load_seconds: CUDA start + config, model build + weights,
+        # memory profile + KV cache, CUDA graphs, waiting for the tokenizer (it loads on a thread from the config
+        # on), warm-up (with the runner and sampler set-up)
         self.load_breakdown = {
             k: round(v, 2)
             for k, v in (
@@ -165,7 +175,8 @@ class Engine:
                 ("weights_s", t_weights - t_model),
                 ("kv_cache_s", t_cache - t_weights),
                 ("graphs_s", t_graphs - t_cache),
-                ("warmup_s", start + self.load_seconds - t_graphs),
+                ("tokenizer_wait_s", t_warmup - t_tokenizer),
+                ("warmup_s", start + self.load_seconds - t_warmup + t_tokenizer - t_graphs),
             )
         }
         logger.info(

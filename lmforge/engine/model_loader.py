@@ -12,6 +12,7 @@ from lmforge.backends.registry import BuildContext, build_context
 from lmforge.model_inputs import StepContextManager
 from lmforge.model_source import ModelSource
 from lmforge.models.module_map import resolve_model_class
+from lmforge.nn.quant import attach_quant_states, finish_loading, parse_quant_config
 from lmforge.weights.loader import check_all_loaded
 from lmforge.weights.sanity import FiniteCheck, unused_weights_allowed
 
@@ -41,12 +42,21 @@ def build_model(
     check_weights: bool = True,
 ) -> nn.Module:
     model_cls = resolve_model_class(source.model_config.model_arch, custom_module_map)
+    quant_config = parse_quant_config(getattr(source.hf_config, "quantization_config", None))
     ctx = BuildContext(
-        device_type=device.type, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group
+        device_type=device.type,
+        device=device,
+        dtype=dtype,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        tp_group=tp_group,
+        quant_config=quant_config,
     )
     # the default device/dtype also cover seed-style models that create plain nn.Linear layers
     with build_context(ctx), torch.device(device), _default_dtype(dtype):
         model = model_cls(source.hf_config, ctx_mgr, dtype=dtype, device=device)
+        if quant_config is not None:  # each quantized layer learns its module name (see lmforge/nn/quant)
+            attach_quant_states(model)
     model.eval()
     if load:
         load_model_weights(model, source, dtype, device, check_weights)
@@ -60,9 +70,12 @@ def load_model_weights(
     fails the load (lmforge.weights.sanity); False only logs them."""
     from lmforge.weights.files import iter_weights
 
-    weights = FiniteCheck(iter_weights(source.path, dtype=dtype, device=device))
+    # a quantized checkpoint's tensors keep their dtypes (scales too); each parameter casts what it copies
+    quantized = getattr(source.hf_config, "quantization_config", None) is not None
+    weights = FiniteCheck(iter_weights(source.path, dtype=None if quantized else dtype, device=device))
     with unused_weights_allowed(not check_weights):
         loaded = model.load_weights(weights)
     weights.raise_if_bad(allowed=not check_weights)
+    finish_loading(model)  # quantized layers convert their checkpoint tensors (process_weights_after_loading)
     if isinstance(loaded, set):  # built-in models report what they loaded; seed-style ones may return None
         check_all_loaded(model, loaded)

@@ -1,14 +1,55 @@
-"""Engine start-up decisions (device, dtype) and the warm-up burst that runs before serving."""
+"""Engine start-up decisions (device, dtype, the Triton kernel cache) and the warm-up burst that runs before serving."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from lmforge.messages import GenerationConfig
 
 logger = logging.getLogger(__name__)
+_logged_triton_cache: set[str] = set()
+
+
+def default_triton_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lmforge", "triton")
+
+
+def configure_triton_cache() -> tuple[str, int]:
+    """Point Triton's on-disk kernel cache at TRITON_CACHE_DIR when the user set it, else at
+    `$XDG_CACHE_HOME/lmforge/triton` (`~/.cache/lmforge/triton`), so the kernels compile once and later starts
+    load them. Set in the environment, so TP worker processes started afterwards share it. Returns the folder
+    and how many compiled kernels it held at start (0: a cold start), logged once per folder."""
+    path = os.environ.get("TRITON_CACHE_DIR")
+    if not path:
+        path = os.environ["TRITON_CACHE_DIR"] = default_triton_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+        entries = len(os.listdir(path))  # one folder per compiled kernel (hash of source, options, target)
+    except OSError as e:
+        raise RuntimeError(f"Triton kernel cache folder {path} cannot be used ({e}); set TRITON_CACHE_DIR") from e
+    if path not in _logged_triton_cache:
+        _logged_triton_cache.add(path)
+        logger.info("Triton kernel cache: %s (%d entries at start%s)", path, entries, ": cold" if not entries else "")
+    return path, entries
+
+
+def start_weight_prefetch(model_path: str | None) -> None:
+    """Read the weight files ahead into the page cache on a daemon thread (weights.files.prefetch_weight_files)
+    while CUDA starts and the model is built; errors are left to the real load, which names them."""
+    import threading
+
+    from lmforge.model_source import resolve_model_path
+    from lmforge.weights.files import WeightFileError, prefetch_weight_files
+
+    try:
+        path = resolve_model_path(model_path)
+    except (OSError, WeightFileError):  # the real load reports it, with its own message
+        return
+    threading.Thread(target=prefetch_weight_files, args=(path,), name="lmforge-prefetch", daemon=True).start()
 
 
 def resolve_device_type(device_type: str | None) -> str:

@@ -3,6 +3,9 @@ fused_moe op; the router helpers turn router logits into (topk_weights, topk_ids
 Routing stays in the model file (it differs per family); the expert computation does not.
 
 Under TP every rank keeps all experts with a slice of their intermediate size and the outputs are all-reduced.
+
+Under a quant_config the experts are quantized or dense as their checkpoint tensors decide, as for linear layers
+(lmforge/nn/quant/moe.py): per-expert `<prefix>.experts.<e>.<proj>.<tensor>` (qweight, weight_scale_inv, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 from lmforge.backends.registry import current_build_context, get_op
 from lmforge.nn.linear import default_weight_loader
+from lmforge.nn.quant.moe import QuantExpertsMixin
 
 _SHARDS = ("gate", "up", "down")
 
@@ -56,7 +60,7 @@ def grouped_topk(
     return weights * scaling_factor, ids
 
 
-class FusedMoE(nn.Module):
+class FusedMoE(QuantExpertsMixin, nn.Module):
     """num_experts gated MLPs: gate_up_proj [E, 2 * I, H] ([gate; up] per expert), down_proj [E, H, I].
 
     The parameter names match HF transformers 5's stacked experts, so such a checkpoint loads as is;
@@ -81,12 +85,25 @@ class FusedMoE(nn.Module):
         self.num_experts, self.activation = num_experts, activation
         self.intermediate_size = intermediate_size // self.tp_size
         size = self.intermediate_size
+        self.hidden_size = hidden_size
+        self.op = get_op("fused_moe")
+        if self.init_quant_experts(dtype, device):
+            return
         empty = dict(dtype=dtype, device=device)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * size, hidden_size, **empty), False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, size, **empty), False)
         self.gate_up_proj.weight_loader = self.weight_loader
         self.down_proj.weight_loader = self.weight_loader
-        self.op = get_op("fused_moe")
+
+    def load_expert_tensor(self, expert: int, shard: str, tensor_name: str, tensor: torch.Tensor) -> str | None:
+        """One expert's checkpoint tensor; returns the parameter it went into, None if it is not one of ours."""
+        if self.quant_config is not None:
+            return self.load_quant_expert_tensor(expert, shard, tensor_name, tensor)
+        if tensor_name != "weight":
+            return None
+        param_name = "down_proj" if shard == "down" else "gate_up_proj"
+        self.weight_loader(getattr(self, param_name), tensor, (expert, shard))
+        return param_name
 
     def _local(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
         return weight.chunk(self.tp_size, dim)[self.tp_rank]
@@ -112,13 +129,16 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden_states [T, H], topk_weights / topk_ids [T, k] -> [T, H]."""
-        out = self.op(hidden_states, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.activation)
+        if self.quant_w13 is not None:
+            out = self.quant_experts_forward(hidden_states, topk_weights, topk_ids)
+        else:
+            out = self.op(hidden_states, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.activation)
         if self.tp_size > 1:
             dist.all_reduce(out, group=current_build_context().tp_group)
         return out
 
 
-_EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
+_EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.(?P<tensor>[^.]+)$")
 
 
 def load_expert_weights(
@@ -127,8 +147,9 @@ def load_expert_weights(
     proj_names: tuple[str, str, str],
     loaded: set[str],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Load per-expert checkpoint tensors `<prefix>.experts.<e>.<proj>.weight` into the FusedMoE at
-    `<prefix>.experts` and yield every other tensor, so a model chains this into the generic loader.
+    """Load per-expert checkpoint tensors `<prefix>.experts.<e>.<proj>.weight` (and, for quantized experts,
+    `.qweight`, `.weight_scale`, ...) into the FusedMoE at `<prefix>.experts` and yield every other tensor, so a
+    model chains this into the generic loader.
 
     proj_names are the checkpoint's names of (gate, up, down): ('w1', 'w3', 'w2') for Mixtral,
     ('gate_proj', 'up_proj', 'down_proj') for Qwen-MoE and DeepSeek. Loaded parameter names go into `loaded`.
@@ -141,6 +162,8 @@ def load_expert_weights(
             yield name, tensor
             continue
         shard = _SHARDS[proj_names.index(match["proj"])]
-        param_name = "down_proj" if shard == "down" else "gate_up_proj"
-        moe.weight_loader(getattr(moe, param_name), tensor, (int(match["expert"]), shard))
+        param_name = moe.load_expert_tensor(int(match["expert"]), shard, match["tensor"], tensor)
+        if param_name is None:
+            yield name, tensor
+            continue
         loaded.add(f"{match['prefix']}.{param_name}")

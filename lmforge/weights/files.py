@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from lmforge.weights.errors import WeightFileError
 
-__all__ = ["WeightFileError", "iter_weights", "find_weight_files"]
+__all__ = ["WeightFileError", "iter_weights", "find_weight_files", "prefetch_weight_files"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _LOOKED_FOR = (
     f"*.safetensors (with or without {_SAFETENSORS_INDEX}), pytorch_model*.bin (with or without {_BIN_INDEX}), "
@@ -37,7 +38,8 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every weight under `model_path` (an HF folder or one weight file).
 
-    Floating-point tensors are cast to `dtype` when given (integer tensors keep theirs); GGUF weights are
+    16/32/64-bit float tensors are cast to `dtype` when given (integer and float8 tensors, a quantized
+    checkpoint's own data, keep theirs); GGUF weights are
     dequantized to `dtype`, float32 when it is None. Safetensors open straight onto `device`, so GPU weights
     skip a host copy.
     """
@@ -53,9 +55,50 @@ def iter_weights(
     disabled = not progress or not sys.stderr.isatty()
     for path in tqdm(files, desc="Loading weight files", unit="file", disable=disabled or len(files) == 1):
         for name, tensor in read(path, device):
-            if dtype is not None and tensor.is_floating_point():
+            if dtype is not None and tensor.dtype in _CAST_DTYPES:
                 tensor = tensor.to(dtype)
             yield name, tensor.to(device)
+
+
+def prefetch_weight_files(model_path: str) -> int:
+    """Ask the kernel to read the weight files into the page cache in the background (POSIX_FADV_WILLNEED), so
+    the disk reads overlap CUDA start and the model build instead of the first tensors' copies. Returns the bytes
+    asked for; 0 where the files cannot be found or the platform has no posix_fadvise (the load then reads them
+    as before, and reports any problem with the files itself)."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    try:
+        _, files = find_weight_files(model_path)
+    except WeightFileError:
+        return 0
+    size = sum(os.path.getsize(p) for p in files)
+    if size > _available_memory() // 2:  # reading it all ahead would push out what it needs first
+        return 0
+    total = 0
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            total += os.fstat(fd).st_size
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return total
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def find_weight_files(model_path: str) -> tuple[str, list[str]]:

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 
 import torch
-import transformers
 from tqdm import tqdm
 
 from lmforge.weights.dequant import can_dequantize, dequantize
@@ -57,13 +56,18 @@ _EXPERT_NAMES = {
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
-def gguf_hf_config(path: str) -> transformers.PretrainedConfig:
-    """The HF config of a GGUF model (`architectures`, sizes, rope, special token ids, tied embeddings)."""
-    return gguf_hf_config_from_file(read_gguf(path))
+def gguf_hf_config(path: str, with_transformers: bool = False):
+    """The HF config of a GGUF model (`architectures`, sizes, rope, special token ids, tied embeddings);
+    with_transformers: transformers' PretrainedConfig even for a family configurations.hf_json reads."""
+    return gguf_hf_config_from_file(read_gguf(path), with_transformers)
 
 
-def gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
-    """The model's fast tokenizer, rebuilt by transformers from the vocabulary and merges in the metadata."""
+def gguf_tokenizer(path: str):
+    """The model's fast tokenizer (a transformers PreTrainedTokenizerFast), rebuilt by transformers from the
+    vocabulary and merges in the metadata. transformers is imported here only: the weights and the config of a
+    GGUF file load without it."""
+    import transformers
+
     file = read_gguf(path)  # a clear WeightFileError for a broken file before transformers sees it
     folder, name = os.path.split(os.path.abspath(path))
     try:

@@ -1,7 +1,8 @@
 """An HF config built from GGUF metadata, so a lone .gguf file needs no config.json.
 
-Feeds `AutoModelConfigBuilder` the same `PretrainedConfig` an HF folder would; `gguf.py` also uses the family
-table here to know which tensors llama.cpp transformed on the way in.
+Feeds `AutoModelConfigBuilder` the same config an HF folder would (read by configurations.hf_json without importing
+transformers for the families it knows, by AutoConfig otherwise); `gguf.py` also uses the family table here to know
+which tensors llama.cpp transformed on the way in.
 """
 
 import math
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import transformers
 
 from lmforge.weights.dequant import dequantize
 from lmforge.weights.errors import WeightFileError
@@ -117,9 +117,17 @@ def gguf_config_dict(file: GGUFFile) -> dict:
     return config
 
 
-def gguf_hf_config_from_file(file: GGUFFile) -> transformers.PretrainedConfig:
+def gguf_hf_config_from_file(file: GGUFFile, with_transformers: bool = False):
+    """The HF config of the GGUF file's metadata: a configurations.hf_json.HFConfig, or transformers'
+    PretrainedConfig for a family that module does not read or with_transformers."""
+    from lmforge.configurations.hf_json import can_read, hf_config_from_dict
+
     config = gguf_config_dict(file)
     try:
+        if can_read(config) and not with_transformers:
+            return hf_config_from_dict(config)
+        import transformers
+
         return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
     except (ValueError, KeyError, TypeError) as e:
         raise WeightFileError(f"GGUF file {file.path}: its metadata does not make a valid HF config ({e})") from e

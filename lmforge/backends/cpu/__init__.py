@@ -4,6 +4,18 @@ from .activation import activation, gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
 from .moe import fused_moe
 from .norm import layer_norm, rms_norm, sharded_rms_norm
+from .quant import (
+    dequantize_fp8,
+    dequantize_int8,
+    dequantize_wna16,
+    fp8_linear,
+    fp8_prepare,
+    fused_moe_quantized,
+    int8_linear,
+    int8_prepare,
+    wna16_linear,
+    wna16_prepare,
+)
 from .rotary import apply_rotary
 
 OPS = {
@@ -17,4 +29,15 @@ OPS = {
     "fill_kv_cache": fill_kv_cache,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,
+    # quantized linear schemes (QUANT_CONTRACT.md); *_dequantize give the fp32 weight [N, K] of the canonical form
+    "wna16_prepare": wna16_prepare,
+    "wna16_linear": wna16_linear,
+    "wna16_dequantize": dequantize_wna16,
+    "fp8_prepare": fp8_prepare,
+    "fp8_linear": fp8_linear,
+    "fp8_dequantize": dequantize_fp8,
+    "int8_prepare": int8_prepare,
+    "int8_linear": int8_linear,
+    "int8_dequantize": dequantize_int8,
+    "fused_moe_quantized": fused_moe_quantized,
 }

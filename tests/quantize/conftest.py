@@ -1,0 +1,100 @@
+"""A tiny random Llama with a tokenizer and LLM-like activation outliers, and its checkpoints quantized once per
+method by `quantize_model` (session-scoped: the tests read them, none writes them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from lmforge.quantize.layerwise import QuantizeOptions, quantize_model
+from tests.conftest import make_tiny_tokenizer
+
+GROUP = 32  # hidden 64: group 128 would not divide K
+CALIB = dict(calib_samples=8, calib_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def outlier_llama_dir(tmp_path_factory) -> str:
+    """Llama (2 layers, hidden 64) whose norms give a few channels 10x the others, as trained LLMs have: the
+    case AWQ's per-channel scales exist for."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("outlier_llama"))
+    make_tiny_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[torch.randperm(64, generator=gen)[:4]] *= 10
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def quantized(outlier_llama_dir, tmp_path_factory):
+    """method -> folder of outlier_llama quantized by it (group 32; AWQ / GPTQ calibrated on 8 x 64 tokens)."""
+    cache: dict[str, str] = {}
+
+    def get(method: str, **kw) -> str:
+        key = method + repr(sorted(kw.items()))
+        if key not in cache:
+            out = str(tmp_path_factory.mktemp(f"q_{method}"))
+            opts = QuantizeOptions(method=method, group_size=GROUP, progress=False, **{**CALIB, **kw})
+            quantize_model(outlier_llama_dir, out, opts)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def load_awq_packing_utils():
+    """AutoAWQ's own pack/unpack module (awq/utils/packing_utils.py, pure torch). Importing the `awq` package
+    itself would pull in `datasets` and its CUDA kernels, so the one file is loaded by path."""
+    spec = importlib.util.find_spec("awq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("autoawq is not installed (pip install --no-deps autoawq==0.2.9; it is in the test extra)")
+    path = os.path.join(spec.submodule_search_locations[0], "utils", "packing_utils.py")
+    module_spec = importlib.util.spec_from_file_location("awq_packing_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tensors are tiny, and on a shared 2-core machine a second spinning thread
+    makes each small matmul tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
