@@ -119,6 +119,7 @@ class PytorchEngineConfig:
     each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); decode steps replay CUDA graphs on every rank.
     `distributed_executor_backend`: where ranks 1..tp-1 run, local processes (None or 'mp') or Ray actors
     ('ray', on the Ray cluster this process joins).
+    `cpu_threads` is a CPU engine's torch thread count (0: OMP_NUM_THREADS if set, else one per physical core).
 
     KV cache format: `quant_policy` 8 / 4 stores keys and values as int8 / int4 with a scale and zero point per
     token and head (lmdeploy's meaning; about 1.9x / 3.6x the tokens of a bf16 cache at head_dim 128);
@@ -127,6 +128,7 @@ class PytorchEngineConfig:
     dtype: str = "auto"
     device_type: str | None = None
     tp: int = 1
+    cpu_threads: int = 0
     session_len: int | None = None
     max_batch_size: int | None = None
     cache_max_entry_count: float = 0.8
@@ -153,6 +155,10 @@ class PytorchEngineConfig:
         )
         _check(
             self.device_type in (None, "cpu", "cuda"), f"device_type must be 'cpu' or 'cuda', got {self.device_type!r}"
+        )
+        _check(
+            isinstance(self.cpu_threads, int) and self.cpu_threads >= 0,
+            f"cpu_threads must be an integer >= 0 (0: one per physical core), got {self.cpu_threads!r}",
         )
         _check(isinstance(self.tp, int) and self.tp >= 1, f"tp must be an integer >= 1, got {self.tp!r}")
         _check(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,6 +67,38 @@ def test_chat_sends_the_whole_conversation_each_turn(tiny_llama_dir, monkeypatch
     assert first == seen[0][0] and reply["role"] == "assistant" and second == {"role": "user", "content": "héllo"}
     assert reply["content"] and reply["content"] in capsys.readouterr().out  # the streamed reply is what is kept
     assert seen[2] == [{"role": "user", "content": "again"}]  # /reset starts over
+
+
+def test_generate_and_chat_print_speed_stats(tiny_llama_dir, monkeypatch, capsys):
+    base = ["--device", "cpu", "--max-new-tokens", "5", "--num-cpu-blocks", "64", "--stats"]
+    assert main(["generate", "Once upon a time", "--model", tiny_llama_dir, *base]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\[stats\] prompt \d+ tokens, 5 generated in [\d.]+ s: first token [\d.]+ s, [\d.]+ tok/s", err)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", tiny_llama_dir, *base]) == 0
+    assert "[stats] prompt" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", tiny_llama_dir, *base[:-1]]) == 0
+    assert "[stats]" not in capsys.readouterr().err  # only on request
+
+
+def test_speed_stats_line():
+    from lmforge.cli.common import SpeedStats
+    from lmforge.messages import Response
+
+    stats = SpeedStats()
+    assert stats.line() == "[stats] no tokens generated"
+    stats.start = 0.0
+    for t, n in ((1.0, 1), (2.0, 3), (3.0, 5)):
+        delta = Response("x", n, 7)
+        stats.tick(delta)
+        stats.last = t
+        if n == 1:
+            stats.first = 1.0
+    # 4 tokens after the first in 2 s; 5 in 3 s overall
+    assert (
+        stats.line()
+        == "[stats] prompt 7 tokens, 5 generated in 3.00 s: first token 1.000 s, 2.0 tok/s decode, 1.7 tok/s overall"
+    )
 
 
 def test_generate_on_a_missing_model_is_a_clear_error(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 
@@ -51,6 +52,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-batch-size", type=int, default=None, help="sequences per step (default: 256 on GPUs, 64 on CPUs)"
     )
+    g.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="CPU engine threads (default 0: OMP_NUM_THREADS if set, else one per physical core)",
+    )
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
     g.add_argument(
         "--num-cpu-blocks",
@@ -78,6 +85,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--eager-mode", action="store_true", help="no CUDA graphs")
     g.add_argument("--custom-module-map", default=None, help="a Python file defining MODULE_MAP for your own models")
+    g.add_argument(
+        "--stats",
+        action="store_true",
+        help="print speed figures: tokens/s of each reply (chat, generate) or every 10 s (serve), on stderr",
+    )
     g.add_argument(
         "--skip-weight-checks",
         action="store_true",
@@ -111,6 +123,7 @@ def engine_config(args: argparse.Namespace) -> PytorchEngineConfig:
         device_type=args.device,
         tp=args.tp,
         distributed_executor_backend=args.distributed_executor_backend,
+        cpu_threads=args.cpu_threads,
         session_len=args.session_len,
         max_batch_size=args.max_batch_size,
         block_size=args.block_size,
@@ -133,6 +146,35 @@ def sampling_settings(args: argparse.Namespace, model_defaults: dict | None = No
         name: getattr(args, name) if getattr(args, name) is not None else model_defaults.get(name, fallback)
         for name, fallback in SAMPLING_FALLBACKS.items()
     }
+
+
+class SpeedStats:
+    """Times one streamed reply: `tick(delta)` on every delta, then `line()` says prompt tokens, generated tokens,
+    time to the first token and the decode rate (tokens after the first over the time after the first)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first = self.last = None
+        self.prompt_tokens = self.generated = 0
+
+    def tick(self, delta) -> None:
+        now = time.perf_counter()
+        if self.first is None and delta.generate_token_len:
+            self.first = now
+        self.last = now
+        self.prompt_tokens = delta.input_token_len
+        self.generated = max(self.generated, delta.generate_token_len)
+
+    def line(self) -> str:
+        if self.first is None:
+            return "[stats] no tokens generated"
+        total = self.last - self.start
+        decode = self.last - self.first
+        rate = f"{(self.generated - 1) / decode:.1f} tok/s decode" if self.generated > 1 and decode > 0 else "-"
+        return (
+            f"[stats] prompt {self.prompt_tokens} tokens, {self.generated} generated in {total:.2f} s: "
+            f"first token {self.first - self.start:.3f} s, {rate}, {self.generated / total:.1f} tok/s overall"
+        )
 
 
 def generation_config(args: argparse.Namespace, model_defaults: dict | None = None) -> GenerationConfig:

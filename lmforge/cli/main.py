@@ -9,6 +9,7 @@ import lmforge
 
 from .common import (
     HelpFormatter,
+    SpeedStats,
     add_engine_args,
     add_sampling_args,
     engine_config,
@@ -69,8 +70,10 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": user})
         print("assistant> ", end="", flush=True)
         reply = ""
+        stats = SpeedStats()
         try:
             for delta in pipe.stream_infer(messages, gen):
+                stats.tick(delta)
                 reply += delta.text
                 print(delta.text, end="", flush=True)
         except KeyboardInterrupt:
@@ -80,6 +83,8 @@ def _chat(args: argparse.Namespace) -> int:
             messages.pop()
             continue
         print()
+        if args.stats:
+            print(stats.line(), file=sys.stderr)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -88,13 +93,17 @@ def _generate(args: argparse.Namespace) -> int:
     if pipe is None:
         return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    stats = SpeedStats()
     try:
         for delta in pipe.stream_infer(prompt, generation_config(args, pipe.engine.generation_defaults)):
+            stats.tick(delta)
             print(delta.text, end="", flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()
+    if args.stats:
+        print(stats.line(), file=sys.stderr)
     return 0
 
 

@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             limits=limits,
             metrics_key=args.metrics_key,
             allowed_hosts=args.allowed_hosts,
+            stats_interval=10.0 if args.stats else None,
         )
     except (OSError, ValueError) as e:  # a missing or broken model, a bad setting: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import SchedulerConfig
+from lmforge.cpu_threads import configure_cpu_threads
 from lmforge.generation_defaults import load_generation_defaults
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_source import load_model_source, load_tokenizer
@@ -77,6 +78,7 @@ class Engine:
         device_type = resolve_device_type(cfg.device_type)
         if device_type == "cpu":
             bound_cpu_kernel_caches()
+            configure_cpu_threads(cfg.cpu_threads)
         # compiled kernels persist between runs; set before the TP ranks start so that they share the folder
         self.triton_cache_dir, self.triton_cache_entries = (
             configure_triton_cache() if device_type == "cuda" else (None, 0)

@@ -75,7 +75,14 @@ def resolve_dtype(dtype: str, hf_config, device_type: str) -> torch.dtype:
         return getattr(torch, dtype)
     if device_type == "cpu":
         # bf16 halves the bytes a memory-bound CPU decode moves, but only pays where the CPU computes it natively
-        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+        native = _cpu_has_native_bf16()
+        chosen = torch.bfloat16 if native else torch.float32
+        logger.info(
+            "dtype auto on CPU: %s (%s)",
+            str(chosen).removeprefix("torch."),
+            "native bf16: avx512_bf16/amx_bf16" if native else "no native bf16 (avx512_bf16/amx_bf16 absent)",
+        )
+        return chosen
     stored = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     if stored in (torch.float16, "float16"):
         return torch.float16

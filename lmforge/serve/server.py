@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Generator
 
 import uvicorn
@@ -121,13 +122,15 @@ async def serve_async(
     metrics_key: str | None = None,
     allowed_hosts: list[str] | None = None,
     sock: socket.socket | None = None,
+    stats_interval: float | None = None,
 ) -> int:
     """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
 
     The port is taken first: a busy one fails before the model loads (`sock`: a socket already listening, as
     `lmforge serve`'s launcher takes it before its engine cores start). `engine_factory` may be a coroutine
     function; given a parameter, it gets a callback to call with a reason when the engine dies under the server
-    (then the server stops and this returns 1). Returns the exit status: 0 after a signal."""
+    (then the server stops and this returns 1). Returns the exit status: 0 after a signal.
+    `stats_interval`: log the generation rate every that many seconds (when tokens were generated)."""
     limits = limits or ServeLimits()
     if sock is None:
         sock = bind_socket(host, port)
@@ -150,6 +153,7 @@ async def serve_async(
         sock.close()
         raise
     app = None
+    stats_task = asyncio.create_task(_log_speed(engine, stats_interval)) if stats_interval else None
     try:
         app = build_app(
             engine,
@@ -185,6 +189,8 @@ async def serve_async(
         if not died:
             await server.serve(sockets=[sock])
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         sock.close()
         if app is not None:
             app.state.ctx.workers.close()
@@ -201,6 +207,28 @@ def _takes_callback(factory) -> bool:
         return len(inspect.signature(factory).parameters) >= 1
     except (TypeError, ValueError):
         return False
+
+
+async def _log_speed(engine, interval: float) -> None:
+    """Every `interval` seconds in which tokens were generated, one line: generated tokens/s, prompt tokens/s,
+    requests running and waiting."""
+    last = engine.stats()
+    last_t = time.perf_counter()
+    while True:
+        await asyncio.sleep(interval)
+        now, now_t = engine.stats(), time.perf_counter()
+        generated = now.generation_tokens_total - last.generation_tokens_total
+        if generated or now.num_running:
+            span = now_t - last_t
+            logger.info(
+                "stats: %.1f generated tok/s, %.1f prompt tok/s over %.1f s; %d running, %d waiting",
+                generated / span,
+                (now.prompt_tokens_total - last.prompt_tokens_total) / span,
+                span,
+                now.num_running,
+                now.num_waiting,
+            )
+        last, last_t = now, now_t
 
 
 def run_server(engine_factory: Callable[[], object], **kwargs) -> int:

@@ -152,6 +152,11 @@ def paged_attention(
     return out.reshape(num_seqs * max_q, num_heads, out.shape[-1])[layout["dst"]]
 
 
+# from this many sequences on, the decode path runs one strided batched GEMM pair per KV head (no copy of the
+# gathered keys); below it, one copy and two matmuls over all heads are fewer ops for the same bytes
+_PER_HEAD_DECODE_MIN_SEQS = 4
+
+
 def _decode(
     query: torch.Tensor,
     k: torch.Tensor,
@@ -161,14 +166,34 @@ def _decode(
     logit_softcapping: float | None,
 ) -> torch.Tensor:
     """One query per sequence: two batched matmuls with the query heads of each KV head grouped, which
-    CPU BLAS runs far faster than a masked scaled_dot_product_attention call."""
+    CPU BLAS runs far faster than a masked scaled_dot_product_attention call.
+
+    k / v are [seqs, kv_heads, kv_len, dim] views of gathered [seqs, kv_len, kv_heads, dim] tensors. For a large
+    batch, each KV head's [seqs, kv_len, dim] slice is a plain strided batch that the GEMM reads in place
+    (1.2x-4x faster at 8-32 sequences of 256-384 tokens on a 2-core AVX-512 Xeon than copying all keys first)."""
     num_seqs, num_heads, head_dim = query.shape
     kv_heads = k.shape[1]
-    q = query.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)  # [seqs, kv_heads, group, dim]
-    # the gathered keys are [seqs, kv_heads, kv_len, dim] with kv_len strided: one copy first is cheaper
-    # than letting the matmul walk them strided
-    scores = torch.matmul(q, k.contiguous().transpose(-1, -2)).float() * scale  # [seqs, kv_heads, group, kv_len]
-    if logit_softcapping:
-        scores = torch.tanh(scores / logit_softcapping) * logit_softcapping
-    probs = (scores + bias).softmax(-1).to(v.dtype)  # bias [seqs, 1, 1, kv_len]
-    return torch.matmul(probs, v).reshape(num_seqs, num_heads, v.shape[-1])
+    group = num_heads // kv_heads
+    q = query.view(num_seqs, kv_heads, group, head_dim)  # [seqs, kv_heads, group, dim]
+    if num_seqs < _PER_HEAD_DECODE_MIN_SEQS:
+        # the gathered keys have kv_len strided: one copy first is cheaper than letting the matmul walk them
+        scores = torch.matmul(q, k.contiguous().transpose(-1, -2)).float() * scale  # [seqs, kv_heads, group, kv_len]
+        if logit_softcapping:
+            scores = torch.tanh(scores / logit_softcapping) * logit_softcapping
+        probs = (scores + bias).softmax(-1).to(v.dtype)  # bias [seqs, 1, 1, kv_len]
+        return torch.matmul(probs, v).reshape(num_seqs, num_heads, v.shape[-1])
+    k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)  # [seqs, kv_len, kv_heads, dim]
+    bias = bias[:, 0]  # [seqs, 1, kv_len]
+    out = query.new_empty(kv_heads, num_seqs, group, v.shape[-1])
+    fused = query.dtype == torch.float32 and not logit_softcapping
+    for h in range(kv_heads):
+        keys_t = k_rows[:, :, h].transpose(1, 2)  # [seqs, dim, kv_len], read in place
+        if fused:
+            scores = torch.baddbmm(bias, q[:, h], keys_t, alpha=scale)  # bias + scale * q k^T
+        else:
+            scores = torch.bmm(q[:, h], keys_t).float() * scale
+            if logit_softcapping:
+                scores = torch.tanh(scores / logit_softcapping) * logit_softcapping
+            scores = scores + bias
+        torch.bmm(scores.softmax(-1).to(v.dtype), v_rows[:, :, h], out=out[h])
+    return out.transpose(0, 1).reshape(num_seqs, num_heads, v.shape[-1])
