@@ -137,6 +137,7 @@ class EngineCoreClient:
         self.session_len = min(i["session_len"] for i in infos)
         self.vocab_size = info["vocab_size"]
         self.eos_token_ids = info["eos_token_ids"]
+        self.generation_defaults: dict = {}  # the model's sampling defaults; the launcher's factory fills them in
         self.num_replicas = len(addresses)
         self.pids, self.addresses = pids, addresses
         self.on_core_death = on_core_death

@@ -100,12 +100,16 @@ def start_engine_cores(model_path: str | None, cfg: PytorchEngineConfig, dp: int
 
 def _client_factory(addresses: list[str], pids: list[int], model_path, trust_remote_code: bool):
     async def factory(on_core_death):
+        from lmforge.generation_defaults import load_generation_defaults
         from lmforge.model_source import load_model_source
 
         from .core_client import EngineCoreClient
 
-        tokenizer = load_model_source(model_path, trust_remote_code, with_tokenizer=True).tokenizer
-        return await EngineCoreClient.connect(addresses, pids, tokenizer, on_core_death)
+        source = load_model_source(model_path, trust_remote_code, with_tokenizer=True)
+        client = await EngineCoreClient.connect(addresses, pids, source.tokenizer, on_core_death)
+        # the model's own sampling defaults, for what a request leaves unset (read here: the front end applies them)
+        client.generation_defaults = load_generation_defaults(source.path, source.gguf_file)
+        return client
 
     return factory
 

@@ -141,6 +141,9 @@ async def serve_async(
     server: _Server | None = None
 
     def on_engine_death(reason: str) -> None:
+        if server is not None and server.should_exit:  # already shutting down on a signal: not a failure
+            logger.info("%s during shutdown", reason)
+            return
         died.append(reason)
         if server is not None:
             server.should_exit = True

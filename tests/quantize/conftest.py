@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -70,10 +71,14 @@ def quantized(outlier_llama_dir, tmp_path_factory):
 def load_awq_packing_utils():
     """AutoAWQ's own pack/unpack module (awq/utils/packing_utils.py, pure torch). Importing the `awq` package
     itself would pull in `datasets` and its CUDA kernels, so the one file is loaded by path."""
-    spec = importlib.util.find_spec("awq")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("autoawq is not installed (pip install --no-deps autoawq==0.2.9; it is in the test extra)")
-    path = os.path.join(spec.submodule_search_locations[0], "utils", "packing_utils.py")
+    stub = sys.modules.get("awq")  # tests/quant may have put a bare package object there (no __spec__)
+    locations = list(getattr(stub, "__path__", None) or []) if stub is not None else []
+    if not locations:
+        spec = importlib.util.find_spec("awq")
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        pytest.skip("autoawq is not installed (pip install --no-deps autoawq==0.2.9; see scripts/setup.sh)")
+    path = os.path.join(locations[0], "utils", "packing_utils.py")
     module_spec = importlib.util.spec_from_file_location("awq_packing_utils", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

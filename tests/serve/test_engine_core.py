@@ -23,8 +23,11 @@ from lmforge.serve.core_client import ReplicaRouter
 
 from .conftest import REPO, TINY_SERVER_ARGS, ServerProcess
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import serve_bench as bench  # noqa: E402
+# loaded by path: putting benchmarks/ on sys.path would let its scripts shadow real modules for every later test
+_spec = importlib.util.spec_from_file_location("_serve_bench_under_test", REPO / "benchmarks" / "serve_bench.py")
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["_serve_bench_under_test"] = bench  # dataclasses look their module up
+_spec.loader.exec_module(bench)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], list(range(30, 60)), [100, 7, 100, 7, 3], list(range(200, 280, 3))]
 HEADERS = {"Authorization": "Bearer k"}
@@ -135,7 +138,7 @@ def test_dp2_with_two_api_servers_equals_dp1_aborts_and_sums_metrics(tiny_model_
             assert time.monotonic() < deadline, "aborted requests still hold blocks"
             time.sleep(0.05)
         children = psutil.Process(server.proc.pid).children(recursive=True)
-        assert server.stop(signal.SIGTERM) == 0
+        assert server.stop(signal.SIGTERM) == 0, "".join(server.lines[-30:])
         psutil.wait_procs(children, timeout=10)
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
