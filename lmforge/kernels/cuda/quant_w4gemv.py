@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_common import pick_split_k, splitk_workspace, store_tile
+from .quant_common import pick_split_k, splitk_locks, splitk_workspace, store_tile
 
 TK = 128  # k per K tile (16 words of one column)
 
@@ -102,6 +102,34 @@ def _fields(q, ASM: tl.constexpr):
 
 
 @triton.jit
+def _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, xt):
+    """One row's K tile: (sum_k x (M + q) per column, sum_k x, sum_k x M), x from the [BLOCK_N, 4, 4] pointers xt
+    (zero-strided over the columns: every thread loads only the x of its own k)."""
+    x0 = tl.load(xt).to(tl.float32)
+    x1 = tl.load(xt + 4).to(tl.float32)
+    x2 = tl.load(xt + 8).to(tl.float32)
+    x3 = tl.load(xt + 12).to(tl.float32)
+    x4 = tl.load(xt + 16).to(tl.float32)
+    x5 = tl.load(xt + 20).to(tl.float32)
+    x6 = tl.load(xt + 24).to(tl.float32)
+    x7 = tl.load(xt + 28).to(tl.float32)
+    part = f0 * x0
+    part += f1 * x1
+    part += f2 * x2
+    part += f3 * x3
+    part += f4 * x4
+    part += f5 * x5
+    part += f6 * x6
+    part += f7 * x7
+    sums = tl.sum(tl.sum(part, axis=2), axis=1)  # [BLOCK_N], within a thread
+    x_even = x0 + x2 + x4 + x6
+    x_odd = x1 + x3 + x5 + x7
+    x_sum = tl.sum(tl.sum(x_even + x_odd, axis=2), axis=1)  # alike in every column
+    x_magic = tl.sum(tl.sum(x_even * 128.0 + x_odd * 2048.0, axis=2), axis=1)
+    return sums, x_sum, x_magic
+
+
+@triton.jit
 def _w4_gemv_kernel(
     x_ptr,
     qw_ptr,
@@ -111,6 +139,7 @@ def _w4_gemv_kernel(
     out_ptr,
     ws_ptr,
     lock_ptr,
+    M,
     N,
     K,
     tiles_per_split,
@@ -121,6 +150,7 @@ def _w4_gemv_kernel(
     SYM_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     ASM: tl.constexpr,
@@ -137,42 +167,30 @@ def _w4_gemv_kernel(
     words = K // 8
     # [BLOCK_N, 4, 4] words of one K tile: column, 16-byte vector a, word b in it
     q_ptrs = qw_ptr + cols3.to(tl.int64) * words + (a3 * 4 + b3)
-    # field f of word (a, b) is k = 32 a + 4 f + b of the tile
-    # (broadcast over the columns with a zero stride, so that x takes the words' layout; one load per thread)
-    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + (a3 * 32 + b3) + n3 * 0
+    # field f of word (a, b) is k = 32 a + 4 f + b of the tile; x pointers broadcast over the columns with a zero
+    # stride, so that they take the words' layout (each thread loads the x of its own k, no shuffle)
+    row0 = pid_m * BLOCK_M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     num_tiles = tl.cdiv(K, TK)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # rows past M (in the last row block) repeat row M - 1, and their outputs are not stored
+    x_off = (a3 * 32 + b3) + n3 * 0
+    x_row0 = x_ptr + row0.to(tl.int64) * stride_xm + x_off
+    x_row1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm + x_off
+    x_row2 = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm + x_off
+    x_row3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm + x_off
+    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
     for t in range(t_start, t_end):
         if EVEN_N:
             q = tl.load(q_ptrs + t * 16)
         else:
             q = tl.load(q_ptrs + t * 16, mask=cols3 < N, other=0)
         f0, f1, f2, f3, f4, f5, f6, f7 = _fields(q, ASM)
-        xt = x_ptrs + t * TK
-        x0 = tl.load(xt).to(tl.float32)
-        x1 = tl.load(xt + 4).to(tl.float32)
-        x2 = tl.load(xt + 8).to(tl.float32)
-        x3 = tl.load(xt + 12).to(tl.float32)
-        x4 = tl.load(xt + 16).to(tl.float32)
-        x5 = tl.load(xt + 20).to(tl.float32)
-        x6 = tl.load(xt + 24).to(tl.float32)
-        x7 = tl.load(xt + 28).to(tl.float32)
-        part = f0 * x0
-        part += f1 * x1
-        part += f2 * x2
-        part += f3 * x3
-        part += f4 * x4
-        part += f5 * x5
-        part += f6 * x6
-        part += f7 * x7
-        sums = tl.sum(tl.sum(part, axis=2), axis=1)  # [BLOCK_N]: within a thread
-        x_even = x0 + x2 + x4 + x6
-        x_odd = x1 + x3 + x5 + x7
-        x_sum = tl.sum(tl.sum(x_even + x_odd, axis=2), axis=1)  # the tile's sum of x (alike in every column)
-        x_magic = tl.sum(tl.sum(x_even * 128.0 + x_odd * 2048.0, axis=2), axis=1)
+        sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row0 + t * TK)
         g = (t * TK) // GROUP
         if EVEN_N:
             s = tl.load(s_ptr + g * N + cols).to(tl.float32)
@@ -183,11 +201,24 @@ def _w4_gemv_kernel(
                 z = tl.load(z_ptr + g * N + cols).to(tl.float32)
             else:
                 z = tl.load(z_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)
-            acc += s * (sums - x_magic - z * x_sum)
         else:
-            acc += s * (sums - x_magic - SYM_ZERO * x_sum)
-    y = acc[None, :]  # [1, BLOCK_N]
-    rows = pid_m + tl.arange(0, 1)
+            z = tl.full([BLOCK_N], SYM_ZERO, dtype=tl.float32)
+        acc0 += s * (sums - x_magic - z * x_sum)
+        if BLOCK_M > 1:
+            sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row1 + t * TK)
+            acc1 += s * (sums - x_magic - z * x_sum)
+        if BLOCK_M > 2:
+            sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row2 + t * TK)
+            acc2 += s * (sums - x_magic - z * x_sum)
+            sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row3 + t * TK)
+            acc3 += s * (sums - x_magic - z * x_sum)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    if BLOCK_M == 1:
+        y = acc0[None, :]
+    elif BLOCK_M == 2:
+        y = tl.join(acc0, acc1).permute(1, 0)
+    else:
+        y = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)).reshape(BLOCK_N, 4).permute(1, 0)
     store_tile(
         y,
         out_ptr,
@@ -196,7 +227,7 @@ def _w4_gemv_kernel(
         lock_ptr,
         rows,
         cols,
-        pid_m + 1,
+        M,
         N,
         stride_om,
         pid_m * num_n + pid_n,
@@ -204,16 +235,15 @@ def _w4_gemv_kernel(
         pid_k,
         SPLIT,
         HAS_BIAS,
-        1,
+        BLOCK_M,
         BLOCK_N,
     )
 
 
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """BLOCK_N columns per program (8 per thread with 4 warps at 256) and split-K for ~`waves` waves."""
-    cfg = dict(BLOCK_N=256 if n >= 4096 else 128, num_warps=1, num_stages=2, waves=4.0)
-    tiles = m * triton.cdiv(n, cfg["BLOCK_N"])
-    cfg["SPLIT_K"] = pick_split_k(tiles, k // TK, device, min_blocks_per_split=2, waves=cfg["waves"])
+    """BLOCK_M rows (1, 2 or 4: each code is unpacked once for all of them), BLOCK_N columns per program (8 per
+    thread with one warp at 256) and split-K for about `waves` waves of programs."""
+    cfg = dict(BLOCK_M=1 if m == 1 else 2 if m == 2 else 4, BLOCK_N=256, num_warps=1, num_stages=2, waves=4.0)
     return cfg
 
 
@@ -228,8 +258,8 @@ def w4_gemv(
     config: dict | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ dequant(qweight) -> [M, N] in x's dtype, one row per program row (for small M). qweight is
-    `repack_gemv`ed [N, K // 8]; scales / zeros [K // G, N] in x's dtype; zeros None: the constant sym_zero."""
+    """x [M, K] @ dequant(qweight) -> [M, N] in x's dtype (meant for M <= 4). qweight is `repack_gemv`ed
+    [N, K // 8]; scales / zeros [K // G, N] in x's dtype; zeros None: the constant sym_zero."""
     m, k = x.shape
     n = scales.shape[1]
     if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n, k // 8):
@@ -243,17 +273,16 @@ def w4_gemv(
     if m == 0:
         return out
     cfg = {**gemv_config(m, n, k, x.device), **(config or {})}
-    if "SPLIT_K" not in (config or {}) and config and "BLOCK_N" in config:
-        tiles = m * triton.cdiv(n, cfg["BLOCK_N"])
-        cfg["SPLIT_K"] = pick_split_k(tiles, k // TK, x.device, min_blocks_per_split=2, waves=cfg["waves"])
-    block_n, split_k = cfg["BLOCK_N"], cfg["SPLIT_K"]
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if block_m not in (1, 2, 4):
+        raise ValueError(f"w4_gemv: BLOCK_M must be 1, 2 or 4, got {block_m}")
     num_tiles = k // TK
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k = cfg.get("SPLIT_K") or pick_split_k(tiles, num_tiles, x.device, min_blocks_per_split=2, waves=cfg["waves"])
     per_split = triton.cdiv(num_tiles, split_k)
     split_k = triton.cdiv(num_tiles, per_split)
-    grid = (triton.cdiv(n, block_n), m, split_k)
-    ws = splitk_workspace(split_k, grid[0] * grid[1], 1, block_n, x.device)
-    from .quant_common import splitk_locks
-
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    ws = splitk_workspace(split_k, grid[0] * grid[1], block_m, block_n, x.device)
     _w4_gemv_kernel[grid](
         x,
         qweight,
@@ -263,6 +292,7 @@ def w4_gemv(
         out,
         ws,
         splitk_locks(x.device),
+        m,
         n,
         k,
         per_split,
@@ -273,6 +303,7 @@ def w4_gemv(
         SYM_ZERO=sym_zero,
         HAS_BIAS=bias is not None,
         EVEN_N=n % block_n == 0,
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         SPLIT=split_k > 1,
         ASM=cfg.get("ASM", True) and x.is_cuda,
