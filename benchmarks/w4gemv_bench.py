@@ -87,6 +87,21 @@ def one(cand, proj, m, k, n, wb, cfg=None):
     )
 
 
+def run_cases(cands, projs, ms):
+    for cand in cands:
+        for proj in projs:
+            k, n = LLAMA_8B[proj]
+            wb = k * n / 2 + 4 * (k // 128) * n
+            for m in ms:
+                if cand == "gemv" and m > 4:
+                    continue
+                try:
+                    one(cand, proj, m, k, n, wb)
+                except Exception:
+                    emit({"scheme": f"w4_{cand}", "proj": proj, "M": m, "error": traceback.format_exc()[-800:]})
+                torch.cuda.empty_cache()
+
+
 SWEEP = [dict(BLOCK_N=256, num_warps=1, num_stages=2, SPLIT_K=s) for s in (2, 4, 8)] + [
     dict(BLOCK_N=256, num_warps=2, num_stages=2),
     dict(BLOCK_N=128, num_warps=1, num_stages=2),
@@ -103,8 +118,22 @@ def main():
     ap.add_argument("--cands", default="wna16,gemv,tinygemm")
     ap.add_argument("--proj", default=",".join(LLAMA_8B))
     ap.add_argument("--gemv-sweep", action="store_true", help="time GEMV launch variants at M=1 instead")
+    ap.add_argument(
+        "--then",
+        default="",
+        help="after the main cases: 'sweep' (GEMV variants on --sweep-proj) and/or "
+        "'small' (tinygemm and wna16 at M=4,16 on gate_up / down)",
+    )
+    ap.add_argument("--sweep-proj", default="gate_up_proj,o_proj")
     args = ap.parse_args()
-    if args.gemv_sweep:
+    if not args.gemv_sweep:
+        run_cases(args.cands.split(","), args.proj.split(","), [int(v) for v in args.m.split(",")])
+        if "small" in args.then:
+            run_cases(["tinygemm", "wna16"], ["gate_up_proj", "down_proj"], [4, 16])
+        if "sweep" not in args.then:
+            return
+        args.proj = args.sweep_proj
+    if True:
         for proj in args.proj.split(","):
             k, n = LLAMA_8B[proj]
             wb = k * n / 2 + 4 * (k // 128) * n
@@ -114,18 +143,6 @@ def main():
                 except Exception:
                     emit({"scheme": "w4_gemv", "proj": proj, "config": cfg, "error": traceback.format_exc()[-800:]})
         return
-    for cand in args.cands.split(","):
-        for proj in args.proj.split(","):
-            k, n = LLAMA_8B[proj]
-            wb = k * n / 2 + 4 * (k // 128) * n
-            for m in [int(v) for v in args.m.split(",")]:
-                if cand == "gemv" and m > 4:
-                    continue
-                try:
-                    one(cand, proj, m, k, n, wb)
-                except Exception:
-                    emit({"scheme": f"w4_{cand}", "proj": proj, "M": m, "error": traceback.format_exc()[-800:]})
-                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -311,3 +311,4 @@ def w4_gemv(
         num_stages=cfg["num_stages"],
     )
     return out
+
