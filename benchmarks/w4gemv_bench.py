@@ -64,6 +64,9 @@ def one(cand, proj, m, k, n, wb, cfg=None):
     elif cand == "gemv":
         preps = [(gv.repack_gemv(q), s, z) for q, s, z in base]
         fns = [lambda p=p: gv.w4_gemv(x, p[0], p[1], p[2], 128, config=cfg) for p in preps]
+    elif cand == "dot":
+        preps = [(gv.repack_gemv(q), s, z) for q, s, z in base]
+        fns = [lambda p=p: gv.w4_dot(x, p[0], p[1], p[2], 128, config=cfg) for p in preps]
     elif cand == "tinygemm":
         preps = [tinygemm_prepare(*b) for b in base]
         fns = [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in preps]
@@ -122,14 +125,14 @@ def main():
         "--then",
         default="",
         help="after the main cases: 'sweep' (GEMV variants on --sweep-proj) and/or "
-        "'small' (tinygemm and wna16 at M=4,16 on gate_up / down)",
+        "'small' (tinygemm, dot and wna16 at M=4,16 on gate_up / down)",
     )
     ap.add_argument("--sweep-proj", default="gate_up_proj,o_proj")
     args = ap.parse_args()
     if not args.gemv_sweep:
         run_cases(args.cands.split(","), args.proj.split(","), [int(v) for v in args.m.split(",")])
         if "small" in args.then:
-            run_cases(["tinygemm", "wna16"], ["gate_up_proj", "down_proj"], [4, 16])
+            run_cases(["tinygemm", "dot", "wna16"], ["gate_up_proj", "down_proj"], [4, 16])
         if "sweep" not in args.then:
             return
         args.proj = args.sweep_proj
