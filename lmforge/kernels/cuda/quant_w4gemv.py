@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .quant_common import pick_split_k, splitk_locks, splitk_workspace, store_tile
+from .quant_wna16 import _unpack, magic_offset, unpack_asm
 
 TK = 128  # k per K tile (16 words of one column)
 
@@ -337,11 +338,12 @@ def _w4_dot_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
-    ASM: tl.constexpr,
+    MAGIC: tl.constexpr,
+    UNPACK16_ASM: tl.constexpr,
 ):
     """Tensor-core variant over the same layout, for a few to a few dozen rows: per K tile and field j a
-    [BLOCK_M, 16] x [16, BLOCK_N] dot of x with the raw codes (exact in the activation dtype), then per tile
-    acc += s * (sum_k x q - z * sum_k x)."""
+    [BLOCK_M, 16] x [16, BLOCK_N] dot of x with the codes as MAGIC + q in the activation dtype (exact; two per logic
+    op, quant_wna16.unpack_asm), then per tile acc += s * (sum_k x (MAGIC + q) - (MAGIC + z) * sum_k x)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -354,6 +356,8 @@ def _w4_dot_kernel(
     q_ptrs = qw_ptr + cols.to(tl.int64)[:, None] * (K // 8) + w16
     # field j of word (a, b) is k = 32 a + 4 j + b of the tile
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (32 * (w16 // 4) + w16 % 4)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    k128 = tl.arange(0, 128)[None, :]
     num_tiles = tl.cdiv(K, 128)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
@@ -363,14 +367,13 @@ def _w4_dot_kernel(
             q = tl.load(q_ptrs + t * 16)
         else:
             q = tl.load(q_ptrs + t * 16, mask=(cols < N)[:, None], other=0)
-        f = _fields(q, ASM)
+        codes = _unpack(q, 4, MAGIC, UNPACK16_ASM, dtype)  # MAGIC + q in the activation dtype, two per op
         part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        x_tile = tl.load(x_rows + t * 128 + k128, mask=row_mask[:, None], other=0.0)
+        x_sum = tl.sum(x_tile.to(tl.float32), axis=1)
         for j in tl.static_range(8):
             xj = tl.load(x_ptrs + t * 128 + 4 * j, mask=row_mask[:, None], other=0.0)
-            x_sum += tl.sum(xj.to(tl.float32), axis=1)
-            codes = (f[j] - (128.0 if j % 2 == 0 else 2048.0)).to(dtype)  # q exactly
-            part = tl.dot(xj, tl.trans(codes), part)
+            part = tl.dot(xj, tl.trans(codes[j]), part)
         g = (t * 128) // GROUP
         if EVEN_N:
             s = tl.load(s_ptr + g * N + cols).to(tl.float32)
@@ -383,7 +386,7 @@ def _w4_dot_kernel(
                 z = tl.load(z_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N], SYM_ZERO, dtype=tl.float32)
-        acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+        acc += (part - x_sum[:, None] * (z + MAGIC)[None, :]) * s[None, :]
     store_tile(
         acc,
         out_ptr,
@@ -477,6 +480,7 @@ def w4_dot(
     split_k = triton.cdiv(num_tiles, per_split)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     ws = splitk_workspace(split_k, grid[0] * grid[1], block_m, block_n, x.device)
+    magic = magic_offset(x.dtype, 4)
     _w4_dot_kernel[grid](
         x,
         qweight,
@@ -500,7 +504,8 @@ def w4_dot(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         SPLIT=split_k > 1,
-        ASM=cfg.get("ASM", True) and x.is_cuda,
+        MAGIC=magic,
+        UNPACK16_ASM=unpack_asm(4, magic) if cfg.get("ASM", True) and x.is_cuda else "",
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
