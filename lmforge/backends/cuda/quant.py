@@ -13,12 +13,18 @@ from lmforge.kernels.cuda.activation import gated_activation
 from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_token
 from lmforge.kernels.cuda.quant_common import splitk_locks
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
+from lmforge.kernels.cuda.quant_w4gemv import gemv_supported, repack_gemv, w4_dequantize, w4_dot, w4_gemv
 from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
 
 # from this many rows a weight-only layer dequantizes its weight once per call and runs a dense cuBLAS GEMM: the
 # fused kernel re-dequantizes each weight tile for every row tile and its dots are small; measured on an H200 it
 # already loses at 64 rows (llama-8b projections, benchmarks/quant.py)
 WNA16_DENSE_MIN_M = 48
+# 4-bit weights whose groups are whole 128-k tiles (group 128 / 256 / per channel, K a multiple of 128; TP shards
+# included) take the column-major layout of quant_w4gemv: up to W4_GEMV_MAX_M rows its CUDA-core GEMV (fp32 sums,
+# codes unpacked once for up to 4 rows), then its tensor-core dot kernel up to WNA16_DENSE_MIN_M, then dequantize
+# + cuBLAS. Measured on an H200 (benchmarks/w4gemv_bench.py, llama-8b projections).
+W4_GEMV_MAX_M = 1
 # up to this many rows the per-row x per-column FP8 GEMM runs in the split-K Triton kernel, which streams the weight
 # faster than cuBLASLt's row-wise scaled GEMM on decode shapes (H200: 1.3-1.7x at M <= 16, but 2x slower at 64);
 # above it torch._scaled_mm
@@ -51,8 +57,10 @@ def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         raise ValueError(f"wna16: zeros must be [{k // group}, {n}] like scales, got {tuple(zeros.shape)}")
     sym_zero = 1 << (bits - 1)
     symmetric = bool((zeros == sym_zero).all())
+    w4 = gemv_supported(bits, group, k)
     return {
-        "qweight": repack(qweight, bits),
+        "layout": "w4" if w4 else "chunked",
+        "qweight": repack_gemv(qweight) if w4 else repack(qweight, bits),
         "scales": scales.contiguous(),
         "zeros": None if symmetric else zeros.to(scales.dtype).contiguous(),
         "sym_zero": sym_zero if symmetric else 0,
@@ -67,6 +75,8 @@ def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 def wna16_dequantize(prepared: dict) -> torch.Tensor:
     """W^T [K, N] in the scales' dtype (the dense weight the kernel computes with)."""
     p = prepared
+    if p["layout"] == "w4":
+        return w4_dequantize(p["qweight"], p["scales"], p["zeros"], p["group_size"], sym_zero=p["sym_zero"])
     return dequantize(
         p["qweight"], p["scales"], p["zeros"], p["bits"], p["group_size"], p["in_features"], sym_zero=p["sym_zero"]
     )
@@ -78,9 +88,13 @@ def wna16_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = No
     x2 = _rows(x, k, "wna16_linear")
     if x2.dtype != p["scales"].dtype:
         raise ValueError(f"wna16_linear: x is {x2.dtype} but the layer's scales are {p['scales'].dtype}")
-    if x2.shape[0] >= WNA16_DENSE_MIN_M:
+    m = x2.shape[0]
+    if m >= WNA16_DENSE_MIN_M:
         w_t = wna16_dequantize(p)
         y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+    elif p["layout"] == "w4":
+        kernel = w4_gemv if m <= W4_GEMV_MAX_M else w4_dot
+        y = kernel(x2, p["qweight"], p["scales"], p["zeros"], p["group_size"], bias, sym_zero=p["sym_zero"])
     else:
         y = wna16_gemm(
             x2, p["qweight"], p["scales"], p["zeros"], p["bits"], p["group_size"], bias, sym_zero=p["sym_zero"]
