@@ -105,6 +105,13 @@ def run_cases(cands, projs, ms):
                 torch.cuda.empty_cache()
 
 
+DOT_SWEEP = [
+    dict(BLOCK_N=256, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, num_warps=4, num_stages=4),
+    dict(BLOCK_N=256, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, num_warps=4, num_stages=3, waves=6.0),
+]
+
 SWEEP = [dict(BLOCK_N=256, num_warps=1, num_stages=2, SPLIT_K=s) for s in (2, 4, 8)] + [
     dict(BLOCK_N=256, num_warps=2, num_stages=2),
     dict(BLOCK_N=128, num_warps=1, num_stages=2),
@@ -131,6 +138,18 @@ def main():
     args = ap.parse_args()
     if not args.gemv_sweep:
         run_cases(args.cands.split(","), args.proj.split(","), [int(v) for v in args.m.split(",")])
+        if "cands" in args.then:
+            run_cases(["gemv"], list(LLAMA_8B), [1, 2])
+            run_cases(["dot"], list(LLAMA_8B), [1, 4, 16])
+            for proj in ("gate_up_proj", "o_proj"):
+                k, n = LLAMA_8B[proj]
+                wb = k * n / 2 + 4 * (k // 128) * n
+                for cfg in DOT_SWEEP:
+                    try:
+                        one("dot", proj, 1, k, n, wb, cfg)
+                    except Exception:
+                        emit({"scheme": "w4_dot", "proj": proj, "config": cfg, "error": traceback.format_exc()[-800:]})
+            run_cases(["tinygemm"], list(LLAMA_8B), [1, 16])
         if "small" in args.then:
             run_cases(["tinygemm", "dot", "wna16"], ["gate_up_proj", "down_proj"], [4, 16])
         if "sweep" not in args.then:

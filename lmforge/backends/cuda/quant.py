@@ -22,7 +22,7 @@ from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
 WNA16_DENSE_MIN_M = 48
 # 4-bit weights whose groups are whole 128-k tiles (group 128 / 256 / per channel, K a multiple of 128; TP shards
 # included) take the column-major layout of quant_w4gemv: up to W4_GEMV_MAX_M rows its CUDA-core GEMV (fp32 sums,
-# codes unpacked once for up to 4 rows), then its tensor-core dot kernel up to WNA16_DENSE_MIN_M, then dequantize
+# one program row per row), then its tensor-core dot kernel up to WNA16_DENSE_MIN_M, then dequantize
 # + cuBLAS. Measured on an H200 (benchmarks/w4gemv_bench.py, llama-8b projections).
 W4_GEMV_MAX_M = 1
 # up to this many rows the per-row x per-column FP8 GEMM runs in the split-K Triton kernel, which streams the weight

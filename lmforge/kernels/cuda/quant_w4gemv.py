@@ -103,31 +103,78 @@ def _fields(q, ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, xt):
-    """One row's K tile: (sum_k x (M + q) per column, sum_k x, sum_k x M), x from the [BLOCK_N, 4, 4] pointers xt
-    (zero-strided over the columns: every thread loads only the x of its own k)."""
-    x0 = tl.load(xt).to(tl.float32)
-    x1 = tl.load(xt + 4).to(tl.float32)
-    x2 = tl.load(xt + 8).to(tl.float32)
-    x3 = tl.load(xt + 12).to(tl.float32)
-    x4 = tl.load(xt + 16).to(tl.float32)
-    x5 = tl.load(xt + 20).to(tl.float32)
-    x6 = tl.load(xt + 24).to(tl.float32)
-    x7 = tl.load(xt + 28).to(tl.float32)
-    part = f0 * x0
-    part += f1 * x1
-    part += f2 * x2
-    part += f3 * x3
-    part += f4 * x4
-    part += f5 * x5
-    part += f6 * x6
-    part += f7 * x7
-    sums = tl.sum(tl.sum(part, axis=2), axis=1)  # [BLOCK_N], within a thread
-    x_even = x0 + x2 + x4 + x6
-    x_odd = x1 + x3 + x5 + x7
-    x_sum = tl.sum(tl.sum(x_even + x_odd, axis=2), axis=1)  # alike in every column
+def _scale_zero(
+    s_ptr,
+    z_ptr,
+    t,
+    N,
+    cols,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    SYM_ZERO: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Scale and zero point of K tile t's group for the columns, fp32 (loaded after the sums: shorter lifetimes)."""
+    TK: tl.constexpr = 128
+    g = (t * TK) // GROUP
+    if EVEN_N:
+        s = tl.load(s_ptr + g * N + cols).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        if EVEN_N:
+            z = tl.load(z_ptr + g * N + cols).to(tl.float32)
+        else:
+            z = tl.load(z_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)
+    else:
+        z = tl.full([BLOCK_N], SYM_ZERO, dtype=tl.float32)
+    return s, z
+
+
+@triton.jit
+def _x4(xt):
+    return (
+        tl.load(xt).to(tl.float32),
+        tl.load(xt + 4).to(tl.float32),
+        tl.load(xt + 8).to(tl.float32),
+        tl.load(xt + 12).to(tl.float32),
+        tl.load(xt + 16).to(tl.float32),
+        tl.load(xt + 20).to(tl.float32),
+        tl.load(xt + 24).to(tl.float32),
+        tl.load(xt + 28).to(tl.float32),
+    )
+
+
+@triton.jit
+def _x_sums(x):
+    x_even = x[0] + x[2] + x[4] + x[6]
+    x_odd = x[1] + x[3] + x[5] + x[7]
+    x_sum = tl.sum(tl.sum(x_even + x_odd, axis=2), axis=1)
     x_magic = tl.sum(tl.sum(x_even * 128.0 + x_odd * 2048.0, axis=2), axis=1)
-    return sums, x_sum, x_magic
+    return x_sum, x_magic
+
+
+@triton.jit
+def _two_row_sums(f, xa, xb):
+    """Two rows' per-column sums, each code used by both rows before the next (short register lifetimes)."""
+    pa = f[0] * xa[0]
+    pb = f[0] * xb[0]
+    pa += f[1] * xa[1]
+    pb += f[1] * xb[1]
+    pa += f[2] * xa[2]
+    pb += f[2] * xb[2]
+    pa += f[3] * xa[3]
+    pb += f[3] * xb[3]
+    pa += f[4] * xa[4]
+    pb += f[4] * xb[4]
+    pa += f[5] * xa[5]
+    pb += f[5] * xb[5]
+    pa += f[6] * xa[6]
+    pb += f[6] * xb[6]
+    pa += f[7] * xa[7]
+    pb += f[7] * xb[7]
+    return tl.sum(tl.sum(pa, axis=2), axis=1), tl.sum(tl.sum(pb, axis=2), axis=1)
 
 
 @triton.jit
@@ -179,47 +226,40 @@ def _w4_gemv_kernel(
     x_off = (a3 * 32 + b3) + n3 * 0
     x_row0 = x_ptr + row0.to(tl.int64) * stride_xm + x_off
     x_row1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm + x_off
-    x_row2 = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm + x_off
-    x_row3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm + x_off
     acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
     for t in range(t_start, t_end):
         if EVEN_N:
             q = tl.load(q_ptrs + t * 16)
         else:
             q = tl.load(q_ptrs + t * 16, mask=cols3 < N, other=0)
-        f0, f1, f2, f3, f4, f5, f6, f7 = _fields(q, ASM)
-        sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row0 + t * TK)
-        g = (t * TK) // GROUP
-        if EVEN_N:
-            s = tl.load(s_ptr + g * N + cols).to(tl.float32)
+        f = _fields(q, ASM)
+        xa = _x4(x_row0 + t * TK)
+        xa_sum, xa_magic = _x_sums(xa)
+        if BLOCK_M == 1:
+            part = f[0] * xa[0]
+            part += f[1] * xa[1]
+            part += f[2] * xa[2]
+            part += f[3] * xa[3]
+            part += f[4] * xa[4]
+            part += f[5] * xa[5]
+            part += f[6] * xa[6]
+            part += f[7] * xa[7]
+            sums = tl.sum(tl.sum(part, axis=2), axis=1)  # [BLOCK_N], within a thread
+            s, z = _scale_zero(s_ptr, z_ptr, t, N, cols, GROUP, HAS_ZEROS, SYM_ZERO, EVEN_N, BLOCK_N)
+            acc0 += s * (sums - xa_magic - z * xa_sum)
         else:
-            s = tl.load(s_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            if EVEN_N:
-                z = tl.load(z_ptr + g * N + cols).to(tl.float32)
-            else:
-                z = tl.load(z_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)
-        else:
-            z = tl.full([BLOCK_N], SYM_ZERO, dtype=tl.float32)
-        acc0 += s * (sums - x_magic - z * x_sum)
-        if BLOCK_M > 1:
-            sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row1 + t * TK)
-            acc1 += s * (sums - x_magic - z * x_sum)
-        if BLOCK_M > 2:
-            sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row2 + t * TK)
-            acc2 += s * (sums - x_magic - z * x_sum)
-            sums, x_sum, x_magic = _row_sums(f0, f1, f2, f3, f4, f5, f6, f7, x_row3 + t * TK)
-            acc3 += s * (sums - x_magic - z * x_sum)
+            xb = _x4(x_row1 + t * TK)
+            xb_sum, xb_magic = _x_sums(xb)
+            sa, sb = _two_row_sums(f, xa, xb)
+            s, z = _scale_zero(s_ptr, z_ptr, t, N, cols, GROUP, HAS_ZEROS, SYM_ZERO, EVEN_N, BLOCK_N)
+            acc0 += s * (sa - xa_magic - z * xa_sum)
+            acc1 += s * (sb - xb_magic - z * xb_sum)
     rows = row0 + tl.arange(0, BLOCK_M)
     if BLOCK_M == 1:
         y = acc0[None, :]
-    elif BLOCK_M == 2:
-        y = tl.join(acc0, acc1).permute(1, 0)
     else:
-        y = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)).reshape(BLOCK_N, 4).permute(1, 0)
+        y = tl.join(acc0, acc1).permute(1, 0)
     store_tile(
         y,
         out_ptr,
@@ -242,9 +282,9 @@ def _w4_gemv_kernel(
 
 
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """BLOCK_M rows (1, 2 or 4: each code is unpacked once for all of them), BLOCK_N columns per program (8 per
-    thread with one warp at 256) and split-K for about `waves` waves of programs."""
-    cfg = dict(BLOCK_M=1 if m == 1 else 2 if m == 2 else 4, BLOCK_N=256, num_warps=1, num_stages=2, waves=4.0)
+    """One row per program (BLOCK_M=2 unpacks each code once for two rows), BLOCK_N columns per program (8 per thread
+    with one warp at 256), split-K for about `waves` waves of programs."""
+    cfg = dict(BLOCK_M=1, BLOCK_N=256, num_warps=1, num_stages=2, waves=4.0)
     return cfg
 
 
@@ -275,8 +315,8 @@ def w4_gemv(
         return out
     cfg = {**gemv_config(m, n, k, x.device), **(config or {})}
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    if block_m not in (1, 2, 4):
-        raise ValueError(f"w4_gemv: BLOCK_M must be 1, 2 or 4, got {block_m}")
+    if block_m not in (1, 2):
+        raise ValueError(f"w4_gemv: BLOCK_M must be 1 or 2, got {block_m}")
     num_tiles = k // TK
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = cfg.get("SPLIT_K") or pick_split_k(tiles, num_tiles, x.device, min_blocks_per_split=2, waves=cfg["waves"])
