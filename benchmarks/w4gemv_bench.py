@@ -3,7 +3,11 @@ column-major GEMV of lmforge.kernels.cuda.quant_w4gemv, and torch's built-in tin
 (aten._weight_int4pack_mm), beside bf16 F.linear; timed like benchmarks/quant.py (CUDA-graph replay over rotating
 weight copies), each with its error against the fp32 dequantized reference.
 
-    python3 benchmarks/w4gemv_bench.py [--m 1,2,4,8,16] [--cands wna16,gemv,tinygemm]
+    python3 benchmarks/w4gemv_bench.py [--m 1,2,4,8,16] [--cands wna16,gemv,dot,chunked,tinygemm] [--then cands]
+
+Candidates: wna16 (the cuda backend's op, i.e. its per-M dispatch), gemv / dot (quant_w4gemv's kernels), chunked (the
+quant_wna16 kernel on its own layout), tinygemm (torch's int4 kernel; its float zero point (8 - z) * s is rounded
+to bf16, the one inexact step, which shows in rel_err).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from quant import BF16, DEVICE, LLAMA_8B, bf16_us, copies_for, emit, graph_us  #
 
 from lmforge.backends import cuda as cuda_ops  # noqa: E402
 from lmforge.kernels.cuda import quant_w4gemv as gv  # noqa: E402
+from lmforge.kernels.cuda.quant_wna16 import repack, wna16_gemm  # noqa: E402
 
 
 def make(k, n, group=128):
@@ -67,6 +72,9 @@ def one(cand, proj, m, k, n, wb, cfg=None):
     elif cand == "dot":
         preps = [(gv.repack_gemv(q), s, z) for q, s, z in base]
         fns = [lambda p=p: gv.w4_dot(x, p[0], p[1], p[2], 128, config=cfg) for p in preps]
+    elif cand == "chunked":  # the chunked-layout kernel of quant_wna16 (the path before the w4 layout)
+        preps = [(repack(q, 4), s, z) for q, s, z in base]
+        fns = [lambda p=p: wna16_gemm(x, p[0], p[1], p[2], 4, 128) for p in preps]
     elif cand == "tinygemm":
         preps = [tinygemm_prepare(*b) for b in base]
         fns = [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1]) for p in preps]
@@ -90,6 +98,34 @@ def one(cand, proj, m, k, n, wb, cfg=None):
     )
 
 
+def warm_up(seconds: float = 2.0) -> None:
+    """Busy the GPU before timing (clocks up), then the copy bandwidth: the ceiling of a weight-streaming kernel."""
+    import time
+
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=BF16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    del a
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    us = graph_us([lambda: dst.copy_(src)])
+    emit({"scheme": "copy", "bytes": src.numel(), "us": round(us, 1), "gb_s": round(2 * src.numel() / us / 1e3, 1)})
+
+
+def sweep(cand, m, cfgs, projs):
+    for proj in projs:
+        k, n = LLAMA_8B[proj]
+        wb = k * n / 2 + 4 * (k // 128) * n
+        for cfg in cfgs:
+            try:
+                one(cand, proj, m, k, n, wb, cfg)
+            except Exception:
+                emit({"scheme": f"w4_{cand}", "proj": proj, "config": cfg, "error": traceback.format_exc()[-800:]})
+
+
 def run_cases(cands, projs, ms):
     for cand in cands:
         for proj in projs:
@@ -105,20 +141,19 @@ def run_cases(cands, projs, ms):
                 torch.cuda.empty_cache()
 
 
+GEMV_SWEEP = [
+    dict(BLOCK_N=256, num_warps=2),
+    dict(BLOCK_N=512, num_warps=2),
+    dict(BLOCK_N=512, num_warps=4),
+    dict(BLOCK_N=1024, num_warps=4),
+    dict(BLOCK_N=512, num_warps=2, waves=8.0),
+]
+
 DOT_SWEEP = [
     dict(BLOCK_N=256, num_warps=4, num_stages=3),
     dict(BLOCK_N=128, num_warps=4, num_stages=4),
     dict(BLOCK_N=256, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, num_warps=4, num_stages=3, waves=6.0),
-]
-
-SWEEP = [dict(BLOCK_N=256, num_warps=1, num_stages=2, SPLIT_K=s) for s in (2, 4, 8)] + [
-    dict(BLOCK_N=256, num_warps=2, num_stages=2),
-    dict(BLOCK_N=128, num_warps=1, num_stages=2),
-    dict(BLOCK_N=512, num_warps=2, num_stages=2),
-    dict(BLOCK_N=256, num_warps=1, num_stages=3),
-    dict(BLOCK_N=256, num_warps=1, num_stages=1),
-    dict(BLOCK_N=256, num_warps=1, num_stages=2, ASM=False),
 ]
 
 
@@ -127,44 +162,23 @@ def main():
     ap.add_argument("--m", default="1,2,4,8,16")
     ap.add_argument("--cands", default="wna16,gemv,tinygemm")
     ap.add_argument("--proj", default=",".join(LLAMA_8B))
-    ap.add_argument("--gemv-sweep", action="store_true", help="time GEMV launch variants at M=1 instead")
     ap.add_argument(
         "--then",
         default="",
-        help="after the main cases: 'sweep' (GEMV variants on --sweep-proj) and/or "
-        "'small' (tinygemm, dot and wna16 at M=4,16 on gate_up / down)",
+        help="comma list of extra phases after the main cases: cands (the chunked kernel, GEMV and dot launch "
+        "variants, tinygemm), small (tinygemm, dot and wna16 at M=4,16)",
     )
-    ap.add_argument("--sweep-proj", default="gate_up_proj,o_proj")
     args = ap.parse_args()
-    if not args.gemv_sweep:
-        run_cases(args.cands.split(","), args.proj.split(","), [int(v) for v in args.m.split(",")])
-        if "cands" in args.then:
-            run_cases(["gemv"], list(LLAMA_8B), [1, 2])
-            run_cases(["dot"], list(LLAMA_8B), [1, 4, 16])
-            for proj in ("gate_up_proj", "o_proj"):
-                k, n = LLAMA_8B[proj]
-                wb = k * n / 2 + 4 * (k // 128) * n
-                for cfg in DOT_SWEEP:
-                    try:
-                        one("dot", proj, 1, k, n, wb, cfg)
-                    except Exception:
-                        emit({"scheme": "w4_dot", "proj": proj, "config": cfg, "error": traceback.format_exc()[-800:]})
-            run_cases(["tinygemm"], list(LLAMA_8B), [1, 16])
-        if "small" in args.then:
-            run_cases(["tinygemm", "dot", "wna16"], ["gate_up_proj", "down_proj"], [4, 16])
-        if "sweep" not in args.then:
-            return
-        args.proj = args.sweep_proj
-    if True:
-        for proj in args.proj.split(","):
-            k, n = LLAMA_8B[proj]
-            wb = k * n / 2 + 4 * (k // 128) * n
-            for cfg in SWEEP:
-                try:
-                    one("gemv", proj, 1, k, n, wb, cfg)
-                except Exception:
-                    emit({"scheme": "w4_gemv", "proj": proj, "config": cfg, "error": traceback.format_exc()[-800:]})
-        return
+    warm_up()
+    run_cases(args.cands.split(","), args.proj.split(","), [int(v) for v in args.m.split(",")])
+    if "cands" in args.then:
+        run_cases(["chunked"], ["gate_up_proj", "down_proj"], [1, 16])
+        sweep("gemv", 1, GEMV_SWEEP, ["gate_up_proj", "o_proj", "down_proj"])
+        run_cases(["dot"], ["gate_up_proj", "o_proj"], [1])
+        sweep("dot", 16, DOT_SWEEP, ["gate_up_proj", "o_proj"])
+        run_cases(["tinygemm"], ["gate_up_proj"], [1, 16])
+    if "small" in args.then:
+        run_cases(["tinygemm", "dot", "wna16"], ["gate_up_proj", "down_proj"], [4, 16])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ out of the inner loop: with T = sum_k x_k (M_k + q_k), sum_k x_k (q_k - z) s = s
 where the two x sums are per K tile and per thread, not per column. So per code: one lop3, one FMA and 3/8 of a
 shift. The scale group must be a multiple of 128 (or the whole K). K is split over programs (split-K, the shared
 deterministic epilogue of quant_common.store_tile).
+
+The same layout serves more rows through `w4_dot` (tensor cores: per K tile and field a [rows, 16] x [16, columns]
+dot of x with the codes as MAGIC + q in the activation dtype, the offset and zero point again applied per tile) and
+a dense GEMM at large M through `w4_dequantize`, so one copy of the weight serves every batch size.
 """
 
 from __future__ import annotations
@@ -282,9 +286,10 @@ def _w4_gemv_kernel(
 
 
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """One row per program (BLOCK_M=2 unpacks each code once for two rows), BLOCK_N columns per program (8 per thread
-    with one warp at 256), split-K for about `waves` waves of programs."""
-    cfg = dict(BLOCK_M=1, BLOCK_N=256, num_warps=1, num_stages=2, waves=4.0)
+    """One row per program (BLOCK_M=2 unpacks each code once for two rows), BLOCK_N columns per program (BLOCK_N /
+    (32 num_warps) per thread), split-K for about `waves` waves of programs. H200 (benchmarks/w4gemv_bench.py sweep,
+    llama-8b projections): 2 warps, 512 columns for the wide gate_up, 256 for the others."""
+    cfg = dict(BLOCK_M=1, BLOCK_N=512 if n >= 16384 else 256, num_warps=2, num_stages=1, waves=4.0)
     return cfg
 
 
