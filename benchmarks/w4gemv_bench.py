@@ -147,6 +147,7 @@ GEMV_SWEEP = [
     dict(BLOCK_N=512, num_warps=4),
     dict(BLOCK_N=1024, num_warps=4),
     dict(BLOCK_N=512, num_warps=2, waves=8.0),
+    dict(BLOCK_N=256, num_warps=2, PREFETCH=True),
 ]
 
 DOT_SWEEP = [

@@ -198,8 +198,8 @@ def test_wna16_kernel_variants_agree(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_w4_layout_kernels(device, poison_allocator, dtype):
     """The column-major 4-bit layout (quant_w4gemv): the CUDA-core GEMV (1 and 2 rows per program, PTX and plain
-    unpacking, several K splits), the tensor-core dot kernel (16- to 64-row tiles) and the dequantization against
-    the reference, zero points and symmetric, ragged N; split-K results bitwise equal on reruns."""
+    unpacking, several K splits, register prefetch), the tensor-core dot kernel (16- to 64-row tiles) and the
+    dequantization against the reference, zero points and symmetric, ragged N; split-K bitwise equal on reruns."""
     from lmforge.kernels.cuda import quant_w4gemv as w4
 
     k, n = (4096, 1000) if ON_GPU else (512, 72)
@@ -219,6 +219,7 @@ def test_w4_layout_kernels(device, poison_allocator, dtype):
                 dict(SPLIT_K=1, BLOCK_N=64),
                 dict(SPLIT_K=3, BLOCK_M=2, BLOCK_N=128, ASM=False),
                 dict(BLOCK_M=2 if m > 1 else 1, BLOCK_N=256, num_warps=2),
+                dict(BLOCK_N=128, SPLIT_K=3, PREFETCH=True),
             ):
                 poison_allocator()
                 y = w4.w4_gemv(x, packed, scales, z, 128, bias, config=cfg)

@@ -206,6 +206,7 @@ def _w4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -232,8 +233,13 @@ def _w4_gemv_kernel(
     x_row1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm + x_off
     acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if PREFETCH:  # the next K tile's words are loaded before this one is computed (registers double-buffered)
+        q_next = tl.load(q_ptrs + t_start * 16, mask=cols3 < N, other=0)
     for t in range(t_start, t_end):
-        if EVEN_N:
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(q_ptrs + tl.minimum(t + 1, t_end - 1) * 16, mask=cols3 < N, other=0)
+        elif EVEN_N:
             q = tl.load(q_ptrs + t * 16)
         else:
             q = tl.load(q_ptrs + t * 16, mask=cols3 < N, other=0)
@@ -353,6 +359,7 @@ def w4_gemv(
         BLOCK_N=block_n,
         SPLIT=split_k > 1,
         ASM=cfg.get("ASM", True) and x.is_cuda,
+        PREFETCH=cfg.get("PREFETCH", False),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
