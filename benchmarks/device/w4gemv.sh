@@ -26,6 +26,6 @@ stamp "int4"
 timeout $(left 12) python3 benchmarks/throughput.py --model llama-8b --model-dir $M --skip throughput --no-warmup --max-batch-size 16 > $OUT/e2e_bf16.jsonl 2> $OUT/e2e_bf16.err
 stamp "bf16"
 # 3. kernel table: the op the engine runs (wna16_linear) at M=1..16, then the candidates
-timeout $(left 1) python3 benchmarks/w4gemv_bench.py --m 1,2,4,8,16 --cands wna16 --then cands > $OUT/bench.jsonl 2> $OUT/bench.err
+timeout $(left 1) python3 benchmarks/w4gemv_bench.py --m 1,2,4,8,16,32 --cands wna16 --then cands > $OUT/bench.jsonl 2> $OUT/bench.err
 stamp "bench"
 tail -3 $OUT/tests.log; tail -2 $OUT/quantize.log; cut -c1-400 $OUT/e2e_*.jsonl; tail -3 $OUT/e2e_*.err; cut -c1-300 $OUT/bench.jsonl
