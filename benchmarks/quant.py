@@ -195,7 +195,7 @@ def _wna16_one(proj, m, k, n, sweep, results) -> None:
     if m >= WNA16_DENSE_MIN_M:
         cfg = "dense"
     elif preps[0]["layout"] == "w4":
-        cfg = "w4_gemv" if m <= W4_GEMV_MAX_M else "w4_dot"
+        cfg = "w4_gemv" if m <= W4_GEMV_MAX_M and preps[0]["m1_kernel"] == "gemv" else "w4_dot"
     else:
         cfg = default_config(m, n, k, 4, DEVICE)
     results.append(record("wna16_int4_g128", proj, m, k, n, us, wb, 2, config=cfg))

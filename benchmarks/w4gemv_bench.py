@@ -94,6 +94,7 @@ def one(cand, proj, m, k, n, wb, cfg=None):
             "speedup_vs_bf16": round(ref_us / us, 3),
             "rel_err": round(err, 6),
             **({"config": cfg} if cfg else {}),
+            **({"m1_kernel": preps[0]["m1_kernel"]} if cand == "wna16" else {}),
         }
     )
 

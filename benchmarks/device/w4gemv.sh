@@ -16,7 +16,7 @@ if [ ! -f $Q/config.json ]; then
   (eval timeout 40 $LMF quantize $M $Q --method rtn --group-size 128 --no-sym --device cuda > $OUT/quantize.log 2>&1; echo "rc=$?" >> $OUT/quantize.log) &
   QP=$!
 fi
-timeout 34 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_quant_kernels.py -k "w4_layout or graph_replay or dense_path" > $OUT/tests.log 2>&1
+timeout 34 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_quant_kernels.py -k "w4_layout or kernel_choice or graph_replay or dense_path" > $OUT/tests.log 2>&1
 [ -n "$QP" ] && wait $QP
 stamp "quantize+tests"
 for f in tokenizer.json tokenizer_config.json special_tokens_map.json; do [ -f $M/$f ] && cp $M/$f $Q/ 2>/dev/null; done

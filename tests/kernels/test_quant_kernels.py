@@ -244,9 +244,29 @@ def test_wna16_dense_path_and_dequantize(device):
     for group in (64, 128):  # the chunked layout, the column-major 4-bit one
         qweight, scales, zeros = make_wna16(256, 64, 4, group, False, torch.float16, device)
         p = OPS["wna16_prepare"](qweight, scales, zeros, 4, group)
-        assert p["layout"] == ("chunked" if group == 64 else "w4")
+        assert p["layout"] == "chunked" if group == 64 else p["layout"] in ("w4", "chunked")
         ref_w = ref_wna16_weight_t(qweight, scales, zeros, 4, group)
         assert rel_err(wna16_dequantize(p), ref_w) < 1e-3
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "chunked", "auto"])
+def test_wna16_kernel_choice(device, poison_allocator, monkeypatch, kernel):
+    """Each kernel the load-time choice can pick for a group-128 4-bit weight (LMFORGE_W4_KERNEL forces it; auto
+    times them on a GPU) serves every M of wna16_linear: decode, small batch, the dense path."""
+    monkeypatch.setenv("LMFORGE_W4_KERNEL", kernel)
+    k, n = (4096, 1536) if ON_GPU else (256, 64)
+    qweight, scales, zeros = make_wna16(k, n, 4, 128, False, torch.float16, device)
+    p = OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
+    assert p["m1_kernel"] in ("gemv", "dot", "chunked") and (kernel == "auto" or p["m1_kernel"] == kernel)
+    assert p["layout"] == ("chunked" if p["m1_kernel"] == "chunked" else "w4")
+    w_t = ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
+    for m in (1, 3, 16, 50) if ON_GPU else (1, 3, 50):
+        x = torch.randn(m, k, device=device).half()
+        poison_allocator()
+        assert rel_err(OPS["wna16_linear"](x, p), x.float() @ w_t) < REL_TOL[torch.float16], (kernel, m)
+    monkeypatch.setenv("LMFORGE_W4_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="LMFORGE_W4_KERNEL"):
+        OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
 
 
 def test_wna16_rejects_bad_input(device):
