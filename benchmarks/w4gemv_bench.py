@@ -105,7 +105,7 @@ def warm_up(seconds: float = 2.0) -> None:
 
     a = torch.randn(8192, 8192, device=DEVICE, dtype=BF16)
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while seconds and time.perf_counter() < end:
         for _ in range(10):
             a @ a
         torch.cuda.synchronize()
@@ -170,8 +170,9 @@ def main():
         help="comma list of extra phases after the main cases: cands (the chunked kernel, GEMV and dot launch "
         "variants, tinygemm), small (tinygemm, dot and wna16 at M=4,16)",
     )
+    ap.add_argument("--no-warm-up", action="store_true", help="the GPU is busy already: no 2 s warm-up")
     args = ap.parse_args()
-    warm_up()
+    warm_up(0.0 if args.no_warm_up else 2.0)
     run_cases(args.cands.split(","), args.proj.split(","), [int(v) for v in args.m.split(",")])
     if "cands" in args.then:
         run_cases(["chunked"], ["gate_up_proj", "down_proj"], [1, 16])

@@ -255,15 +255,16 @@ def test_wna16_kernel_choice(device, poison_allocator, monkeypatch, kernel):
     times them on a GPU) serves every M of wna16_linear: decode, small batch, the dense path."""
     monkeypatch.setenv("LMFORGE_W4_KERNEL", kernel)
     k, n = (4096, 1536) if ON_GPU else (256, 64)
-    qweight, scales, zeros = make_wna16(k, n, 4, 128, False, torch.float16, device)
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    qweight, scales, zeros = make_wna16(k, n, 4, 128, False, dtype, device)
     p = OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
     assert p["m1_kernel"] in ("gemv", "dot", "chunked") and (kernel == "auto" or p["m1_kernel"] == kernel)
     assert p["layout"] == ("chunked" if p["m1_kernel"] == "chunked" else "w4")
     w_t = ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
     for m in (1, 3, 16, 50) if ON_GPU else (1, 3, 50):
-        x = torch.randn(m, k, device=device).half()
+        x = torch.randn(m, k, device=device).to(dtype)
         poison_allocator()
-        assert rel_err(OPS["wna16_linear"](x, p), x.float() @ w_t) < REL_TOL[torch.float16], (kernel, m)
+        assert rel_err(OPS["wna16_linear"](x, p), x.float() @ w_t) < REL_TOL[dtype], (kernel, m)
     monkeypatch.setenv("LMFORGE_W4_KERNEL", "fastest")
     with pytest.raises(ValueError, match="LMFORGE_W4_KERNEL"):
         OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
