@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import dot_precision
 from .quant_common import pick_split_k, splitk_locks, splitk_workspace, store_tile
 from .quant_wna16 import _unpack, magic_offset, unpack_asm
 
@@ -392,6 +393,7 @@ def _w4_dot_kernel(
     SPLIT: tl.constexpr,
     MAGIC: tl.constexpr,
     UNPACK16_ASM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Tensor-core variant over the same layout, for a few to a few dozen rows: per K tile and field j a
     [BLOCK_M, 16] x [16, BLOCK_N] dot of x with the codes as MAGIC + q in the activation dtype (exact; two per logic
@@ -425,7 +427,7 @@ def _w4_dot_kernel(
         x_sum = tl.sum(x_tile.to(tl.float32), axis=1)
         for j in tl.static_range(8):
             xj = tl.load(x_ptrs + t * 128 + 4 * j, mask=row_mask[:, None], other=0.0)
-            part = tl.dot(xj, tl.trans(codes[j]), part)
+            part = tl.dot(xj, tl.trans(codes[j]), part, input_precision=DOT_PRECISION)
         g = (t * 128) // GROUP
         if EVEN_N:
             s = tl.load(s_ptr + g * N + cols).to(tl.float32)
@@ -558,6 +560,7 @@ def w4_dot(
         SPLIT=split_k > 1,
         MAGIC=magic,
         UNPACK16_ASM=unpack_asm(4, magic) if cfg.get("ASM", True) and x.is_cuda else "",
+        DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
