@@ -19,7 +19,7 @@ fi
 timeout 34 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_quant_kernels.py -k "w4_layout or kernel_choice or (graph_replay and wna16) or dense_path" > $OUT/tests.log 2>&1
 [ -n "$QP" ] && wait $QP
 stamp "quantize+tests"
-for f in tokenizer.json tokenizer_config.json special_tokens_map.json; do [ -f $M/$f ] && cp $M/$f $Q/ 2>/dev/null; done
+cp -n $M/*token* $Q/ 2>/dev/null; ls $Q >> $OUT/quantize.log
 # 2. batch-1 decode, int4 then bf16 (graphs up to batch 16 only: batch 1 is the measure)
 # (the load-time kernel choice per shape goes to the log: lmforge.backends.cuda.quant at INFO)
 timeout $(left 30) python3 -c "import logging, runpy, sys; sys.path.insert(0, 'benchmarks'); logging.basicConfig(level=logging.WARNING); logging.getLogger('lmforge.backends.cuda.quant').setLevel(logging.INFO); sys.argv = ['benchmarks/throughput.py'] + sys.argv[1:]; runpy.run_path('benchmarks/throughput.py', run_name='__main__')" --model-path $Q --skip throughput --no-warmup --max-batch-size 16 > $OUT/e2e_int4.jsonl 2> $OUT/e2e_int4.err
