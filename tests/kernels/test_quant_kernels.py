@@ -250,16 +250,19 @@ def test_wna16_dense_path_and_dequantize(device):
         assert rel_err(wna16_dequantize(p), ref_w) < 1e-3
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "chunked", "auto"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "chunked", "auto", None])
 def test_wna16_kernel_choice(device, poison_allocator, monkeypatch, kernel):
     """Each kernel the load-time choice can pick for a group-128 4-bit weight (LMFORGE_W4_KERNEL forces it; auto
-    times them on a GPU) serves every M of wna16_linear: decode, small batch, the dense path."""
-    monkeypatch.setenv("LMFORGE_W4_KERNEL", kernel)
+    times them on a GPU; chunked is the default) serves every M of wna16_linear: decode, small batch, dense path."""
+    if kernel is None:
+        monkeypatch.delenv("LMFORGE_W4_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("LMFORGE_W4_KERNEL", kernel)
     k, n = (4096, 1536) if ON_GPU else (256, 64)
     dtype = torch.bfloat16 if ON_GPU else torch.float16
     qweight, scales, zeros = make_wna16(k, n, 4, 128, False, dtype, device)
     p = OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
-    assert p["m1_kernel"] in ("gemv", "dot", "chunked") and (kernel == "auto" or p["m1_kernel"] == kernel)
+    assert p["m1_kernel"] == (kernel or "chunked") if kernel != "auto" else p["m1_kernel"] in ("gemv", "dot", "chunked")
     assert p["layout"] == ("chunked" if p["m1_kernel"] == "chunked" else "w4")
     w_t = ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
     for m in (1, 3, 16, 50) if ON_GPU else (1, 3, 50):

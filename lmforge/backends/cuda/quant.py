@@ -24,9 +24,9 @@ from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
 # already loses at 64 rows (llama-8b projections, benchmarks/quant.py)
 WNA16_DENSE_MIN_M = 48
 # 4-bit weights whose groups are whole 128-k tiles (group 128 / 256 / per channel, K a multiple of 128; TP shards
-# included) may take the column-major layout of quant_w4gemv (chosen per shape at load, `_w4_choice`): up to
-# W4_GEMV_MAX_M rows its CUDA-core GEMV (fp32 sums) or its tensor-core dot kernel, whichever the load-time timing
-# picked, then the dot kernel up to WNA16_DENSE_MIN_M, then dequantize + cuBLAS.
+# included) may take the column-major layout of quant_w4gemv (`_w4_choice`: opt-in through LMFORGE_W4_KERNEL, not
+# yet measured end to end): up to W4_GEMV_MAX_M rows its CUDA-core GEMV (fp32 sums) or its tensor-core dot kernel,
+# then the dot kernel up to WNA16_DENSE_MIN_M, then its dequantization + cuBLAS.
 W4_GEMV_MAX_M = 1
 _W4_CHOICES: dict[tuple, str] = {}
 W4_TIMINGS: dict[tuple, dict] = {}  # what the load-time choice measured, per shape (benchmarks report it)
@@ -61,12 +61,13 @@ def _time_us(fn, flush: torch.Tensor, reps: int = 8) -> float:
 
 
 def _w4_choice(qweight: torch.Tensor, scales: torch.Tensor, zeros, sym_zero: int, group: int) -> str:
-    """Which kernel a 4-bit weight with whole-tile groups gets, per (K, N, group, dtype, zero points) and device:
-    LMFORGE_W4_KERNEL=gemv|dot|chunked forces one; else, on a GPU, the first weight of each shape times the
-    candidates once (eager, at load, L2 flushed): the w4 layout (its GEMV or its dot kernel at one row, its dot
-    kernel at 16 rows) against the chunked one (its kernel at 1 and at 16 rows), and the smaller sum wins. Off the
-    GPU (the interpreter) the w4 layout with its GEMV."""
-    forced = os.environ.get("LMFORGE_W4_KERNEL", "auto")
+    """Which kernel a 4-bit weight with whole-tile groups gets, per (K, N, group, dtype, zero points) and device.
+    LMFORGE_W4_KERNEL=chunked (the default: the path measured end to end so far), gemv or dot (quant_w4gemv's
+    column-major layout with its GEMV or its dot kernel for one row) forces one; auto: on a GPU the first weight of
+    each shape times the candidates once (eager, at load, L2 flushed): the w4 layout (its GEMV or dot kernel at one
+    row, its dot kernel at 16 rows) against the chunked one (its kernel at 1 and at 16 rows), the smaller sum wins;
+    off the GPU (the interpreter) auto means the w4 layout with its GEMV."""
+    forced = os.environ.get("LMFORGE_W4_KERNEL", "chunked")
     if forced not in ("auto", "gemv", "dot", "chunked"):
         raise ValueError(f"LMFORGE_W4_KERNEL must be auto, gemv, dot or chunked, got {forced!r}")
     if forced != "auto":
