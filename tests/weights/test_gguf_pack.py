@@ -146,3 +146,49 @@ def test_engine_on_packed_gguf_matches_hf_on_the_dequantized_file(case, tmp_path
     # bf16 activations in the packed matmuls (~2^-8 relative each): measured 2e-3 / 4e-4 at a logit scale of ~1,
     # 1.2e-2 with the q/k rows left in llama.cpp's order
     assert res.max_abs_diff < 6e-3 * scale, res.table()
+
+
+def test_packed_tensors_of_the_loader_are_its_dequantized_weights_exactly(tmp_path):
+    """iter_gguf_weights with gguf_pack_plan's plan: every packed module's canonical tensors dequantize to the very
+    weight the dense path yields (q/k rows un-permuted, merged parts, the tied lm_head from token_embd)."""
+    from lmforge.models.base import CausalLM
+    from lmforge.weights.gguf import gguf_pack_plan, iter_gguf_weights
+    from tests.weights.tiny_gguf import random_hf_weights, write_tiny_llama
+
+    path = str(tmp_path / "tiny.gguf")
+    write_tiny_llama(path, random_hf_weights(tied=True), layer_types=PACKED_TYPES)
+    plan, dense = gguf_pack_plan(path, CausalLM.packed_modules_mapping, tie_word_embeddings=True)
+    assert len(plan) == 2 * 7 + 1 and not dense and plan["lm_head"] == "Q8_0"
+    reference = dict(iter_gguf_weights(path, torch.float32))
+    reference["lm_head.weight"] = reference["model.embed_tokens.weight"]
+    packed = dict(iter_gguf_weights(path, torch.float32, packed=plan))
+    assert "model.embed_tokens.weight" in packed  # the embedding itself stays dense for the lookup
+    for module, type_name in plan.items():
+        assert f"{module}.weight" not in packed
+        w = dequantize_wna16(
+            packed[f"{module}.qweight"],
+            packed[f"{module}.scales"],
+            None,
+            4,
+            32,
+            mins=packed[f"{module}.mins"],
+            planes=PLANES[Q[type_name]],
+        )
+        torch.testing.assert_close(w, reference[f"{module}.weight"], rtol=0, atol=0, msg=module)
+
+
+def test_merged_parts_of_different_plane_counts_stay_dense(tmp_path):
+    from lmforge.models.base import CausalLM
+    from lmforge.weights.gguf import gguf_pack_plan
+    from tests.weights.tiny_gguf import random_hf_weights, write_tiny_llama
+
+    path = str(tmp_path / "mixed.gguf")
+    write_tiny_llama(path, random_hf_weights())  # tiny_gguf.LAYER_TYPES: a mixed-type file
+    plan, dense = gguf_pack_plan(path, CausalLM.packed_modules_mapping, tie_word_embeddings=False)
+    # layer 0: q Q4_0 (1 plane), k Q8_0 (2), v Q4_1 (1): qkv dense; layer 1: gate Q4_1 + up Q8_0 dense; F16 lm_head
+    assert plan == {
+        "model.layers.0.self_attn.o_proj": "Q5_0",
+        "model.layers.0.mlp.down_proj": "Q5_1",
+        "model.layers.1.self_attn.o_proj": "Q4_0",
+    }
+    assert dense["model.layers.0.self_attn.k_proj"] == "Q8_0" and dense["lm_head"] == "F16"
