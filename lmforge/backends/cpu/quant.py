@@ -7,8 +7,9 @@ and `dequantize_<scheme>` gives the fp32 weight [N, K] from the canonical tensor
 
 Fast paths on CPU tensors, which agree with the reference (tests/quant/test_cpu_ops.py): int4 weights with N a
 multiple of 16 and a group of 32/64/128/256 stay packed in torch's `_weight_int4pack_mm_for_cpu` layout (a
-quarter of bf16's memory); int8 W8A8 multiplies with `torch._int_mm`. `reference=True` in prepare forces the
-reference path.
+quarter of bf16's memory; GGUF layers, prepared with compute_dtype bf16 in a float32 model, run it on bf16
+activations, within bf16 rounding of the reference: tests/weights/test_gguf_pack.py); int8 W8A8 multiplies with
+`torch._int_mm`. `reference=True` in prepare forces the reference path.
 """
 
 from __future__ import annotations
