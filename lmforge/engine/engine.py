@@ -86,12 +86,14 @@ class Engine:
         # tensor parallelism: the other ranks start now and load their shards while this one loads its own
         self.executor = make_executor(model_path, cfg, device_type)
         try:
-            self._build(model_path, cfg, device_type, start)
+            self._build(model_path, cfg, device_type, start, time.perf_counter())
         except BaseException:
             self.executor.close(abort=True)
             raise
 
-    def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
+    def _build(
+        self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float, t_source: float
+    ) -> None:
         executor = self.executor
         driver = executor.driver
         self.device = driver.device
@@ -147,15 +149,20 @@ class Engine:
         if device_type == "cuda":
             self.warmup()
         self.load_seconds = time.perf_counter() - start
-        # seconds per start-up phase, in order, summing to load_seconds: CUDA start + config, model build + weights,
-        # memory profile + KV cache, CUDA graphs, waiting for the tokenizer (it loads on a thread from the config
-        # on), warm-up (with the runner and sampler set-up)
+        # seconds per start-up phase, in order, summing to load_seconds: device and executor start, config, model
+        # build, weights, memory profile, KV cache sizing + allocation, CUDA graphs, waiting for the tokenizer (it
+        # loads on a thread from the config on), warm-up (with the runner and sampler set-up)
+        times = driver.load_times
+        build, profile = times.get("build_s", 0.0), times.get("profile_s", 0.0)
         self.load_breakdown = {
             k: round(v, 2)
             for k, v in (
-                ("source_s", t_model - start),
-                ("weights_s", t_weights - t_model),
-                ("kv_cache_s", t_cache - t_weights),
+                ("device_s", t_source - start),
+                ("source_s", t_model - t_source),
+                ("build_s", build),
+                ("weights_s", t_weights - t_model - build),
+                ("profile_s", profile),
+                ("kv_cache_s", t_cache - t_weights - profile),
                 ("graphs_s", t_graphs - t_cache),
                 ("tokenizer_wait_s", t_warmup - t_tokenizer),
                 ("warmup_s", start + self.load_seconds - t_warmup + t_tokenizer - t_graphs),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 
 import torch
@@ -40,7 +41,10 @@ def build_model(
     tp_group=None,
     load: bool = True,
     check_weights: bool = True,
+    times: dict[str, float] | None = None,
 ) -> nn.Module:
+    """`times`, when given, gets the seconds of the build (`build_s`) and of the weight load (`weights_s`)."""
+    t0 = time.perf_counter()
     model_cls = resolve_model_class(source.model_config.model_arch, custom_module_map)
     quant_config = parse_quant_config(getattr(source.hf_config, "quantization_config", None))
     ctx = BuildContext(
@@ -58,8 +62,11 @@ def build_model(
         if quant_config is not None:  # each quantized layer learns its module name (see lmforge/nn/quant)
             attach_quant_states(model)
     model.eval()
+    t1 = time.perf_counter()
     if load:
         load_model_weights(model, source, dtype, device, check_weights)
+    if times is not None:
+        times["build_s"], times["weights_s"] = t1 - t0, time.perf_counter() - t1
     return model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,7 @@ class Worker:
         self.cache: ce.CacheEngine | None = None
         self.graph_runner = None
         self.runner: ModelRunner | None = None
+        self.load_times: dict[str, float] = {}  # seconds of this rank's start-up steps (engine.load_breakdown)
 
     @property
     def is_driver(self) -> bool:
@@ -76,6 +78,7 @@ class Worker:
             self.rank,
             self.world_size,
             check_weights=cfg.check_weights,
+            times=self.load_times,
         )
         self.step = ModelStep(self.model, self.ctx_mgr)
 
@@ -100,7 +103,9 @@ class Worker:
         the profile step (the smallest count over the ranks)."""
         if self.device.type == "cpu":
             return ce.num_cpu_blocks(self.model_config, self._cache_config(), self.dtype)
+        t0 = time.perf_counter()
         reserved = self.profile_peak_memory(max_batch_size)
+        self.load_times["profile_s"] = time.perf_counter() - t0
         self._tell(tp.SIZE, reserved)
         return self._gpu_blocks(reserved)
 

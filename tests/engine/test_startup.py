@@ -42,7 +42,8 @@ def test_prefetch_weight_files(tiny_llama_dir, tmp_path):
 
 def test_load_breakdown_phases_sum_to_the_load_time(tiny_llama_dir):
     engine = Engine(tiny_llama_dir, PytorchEngineConfig(device_type="cpu", num_cpu_blocks=16, block_size=8))
-    phases = ["source_s", "weights_s", "kv_cache_s", "graphs_s", "tokenizer_wait_s", "warmup_s"]
+    phases = ["device_s", "source_s", "build_s", "weights_s", "profile_s", "kv_cache_s", "graphs_s"]
+    phases += ["tokenizer_wait_s", "warmup_s"]
     assert list(engine.load_breakdown) == phases
     assert all(v >= 0 for v in engine.load_breakdown.values())
     assert sum(engine.load_breakdown.values()) == pytest.approx(engine.load_seconds, abs=0.04)
