@@ -14,6 +14,7 @@ import time
 _T0 = time.perf_counter()
 
 import argparse  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 
 import torch  # noqa: E402, F401  (timed: import_torch_s)
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--tag", default="", help="a label copied into the JSON line (cold, warm, ...)")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the engine's own log
     if not os.path.exists(os.path.join(args.model_dir, "config.json")):
         log(f"writing {args.model} to {args.model_dir}")
         write_preset(args.model, args.model_dir, 0)
