@@ -16,19 +16,22 @@ step() {  # step NAME NEED_S CMD...: run CMD with a timeout of what is left, whe
 }
 M=/tmp/lmf-models
 mkdir -p $M
-cold=$(mktemp -d /tmp/load13-triton-XXXX)
+A=$(mktemp -d /tmp/load13-cacheA-XXXX)   # XDG_CACHE_HOME: lmforge/triton (kernels) + lmforge/profile
 python3 -c "
 import time; t=time.perf_counter(); import torch; t1=time.perf_counter(); torch.zeros(1, device='cuda'); t2=time.perf_counter()
 import json; print(json.dumps(dict(measure='cuda_init', import_torch_s=round(t1-t,2), first_alloc_s=round(t2-t1,2), device=torch.cuda.get_device_name())))
 " >>"$OUT/load.jsonl" 2>&1
-# round 1: today's load (safe_open reader) cold and warm, then the threaded reader on the warm cache
-step load_1b_cold 20 env TRITON_CACHE_DIR=$cold LMFORGE_SAFETENSORS_READER=safe_open python3 benchmarks/load.py --model llama-1b --model-dir $M/llama-1b --tag cold-safe_open
-step load_1b_warm 14 env TRITON_CACHE_DIR=$cold LMFORGE_SAFETENSORS_READER=safe_open python3 benchmarks/load.py --model llama-1b --model-dir $M/llama-1b --tag warm-safe_open
+L="python3 benchmarks/load.py"
+OLD="env -u TRITON_CACHE_DIR LMFORGE_SAFETENSORS_READER=safe_open"
+# cold: nothing cached, the old reader; warm-old: kernels cached, profile not (a fresh XDG), the old reader;
+# warm: kernels and profile cached, the threaded reader
+step 1b_cold 20 $OLD XDG_CACHE_HOME=$A $L --model llama-1b --model-dir $M/llama-1b --tag cold-old
+step 1b_warm_old 14 $OLD XDG_CACHE_HOME=$(mktemp -d) TRITON_CACHE_DIR=$A/lmforge/triton $L --model llama-1b --model-dir $M/llama-1b --tag warm-old
+step 1b_warm 12 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-1b --model-dir $M/llama-1b --tag warm
+step pytest_gpu 12 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A python3 -m pytest -q -x -p no:cacheprovider tests/weights/test_device_reader.py tests/engine/test_gpu_startup.py
 if [ -f $M/llama-8b/config.json ]; then
-  step load_8b_warm 20 env TRITON_CACHE_DIR=$cold python3 benchmarks/load.py --model llama-8b --model-dir $M/llama-8b --tag warm-from-1b-threads
+  step 8b_warmish 18 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag warm-kernels-from-1b
 else
-  echo '{"skipped": "load_8b (no preset)"}' >>"$OUT/load.jsonl"
-  step load_1b_warm_threads 12 env TRITON_CACHE_DIR=$cold python3 benchmarks/load.py --model llama-1b --model-dir $M/llama-1b --tag warm-threads
+  echo '{"skipped": "8b (no preset)"}' >>"$OUT/load.jsonl"
 fi
-step pytest_reader 8 python3 -m pytest -q -x tests/weights/test_device_reader.py -p no:cacheprovider
 cat "$OUT/load.jsonl"

@@ -11,9 +11,14 @@ logger = logging.getLogger(__name__)
 _logged_triton_cache: set[str] = set()
 
 
-def default_triton_cache_dir() -> str:
+def lmforge_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/lmforge` (`~/.cache/lmforge`): the default Triton kernel cache and the memory profiles."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "lmforge", "triton")
+    return os.path.join(base, "lmforge")
+
+
+def default_triton_cache_dir() -> str:
+    return os.path.join(lmforge_cache_dir(), "triton")
 
 
 def configure_triton_cache() -> tuple[str, int]:

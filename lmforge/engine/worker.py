@@ -27,6 +27,7 @@ from . import tp
 from .model_loader import build_model
 from .model_runner import ModelRunner, ModelStep
 from .profile import peak_step_memory, profile_num_tokens
+from .profile_cache import load_profile, profile_key, store_profile
 from .scheduler import SchedulerOutput
 from .startup import resolve_dtype
 
@@ -48,6 +49,7 @@ class Worker:
         self.graph_runner = None
         self.runner: ModelRunner | None = None
         self.load_times: dict[str, float] = {}  # seconds of this rank's start-up steps (engine.load_breakdown)
+        self.profile_cached = False  # the memory profile came from lmforge's cache (engine.profile_cache)
 
     @property
     def is_driver(self) -> bool:
@@ -86,10 +88,13 @@ class Worker:
         """Bytes the largest step needs beyond the weights (activations + logits of a full batch); with tensor
         parallelism, the largest over the ranks (each runs the same step on its shard)."""
         num_tokens = profile_num_tokens(self.cfg.max_prefill_token_num, self.model_config)
-        self._tell(tp.PROFILE, num_tokens)
-        peak = peak_step_memory(
-            self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens, self.channel
-        )
+        if self.channel is None:  # one rank: a profile measured before on this very step is reused
+            peak = self._cached_peak(num_tokens)
+        else:
+            self._tell(tp.PROFILE, num_tokens)
+            peak = peak_step_memory(
+                self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens, self.channel
+            )
         if self.is_driver:  # the sampler holds a few [batch, vocab] float32 tensors at once
             peak += 4 * max(1, min(max_batch_size, 256)) * self.model_config.vocab_size * 4
         if self.channel is not None:
@@ -97,6 +102,23 @@ class Worker:
         if self.is_driver:
             logger.info("profile: a %d-token step needs %.2f GiB of activations", num_tokens, peak / 2**30)
         return int(peak)
+
+    def _cached_peak(self, num_tokens: int) -> int:
+        """The profile step's peak from lmforge's cache (engine.profile_cache), else measured and stored. A cached
+        profile also reserves what the measured step took outside torch's allocator: this start has not loaded
+        those kernels and libraries yet, so the free memory it sees still counts them."""
+        key = profile_key(self.source.hf_config, self.dtype, self.device, num_tokens, self.cfg.block_size)
+        cached = load_profile(key)
+        if cached is not None:
+            self.profile_cached = True
+            logger.info("profile: reused the measured peak of this step (%s)", key)
+            return cached[0] + cached[1]
+        outside: dict = {}
+        peak = peak_step_memory(
+            self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens, outside=outside
+        )
+        store_profile(key, peak, outside["bytes"])
+        return peak
 
     def determine_num_blocks(self, max_batch_size: int) -> int:
         """KV blocks every rank can hold: on CPU from the host budget, on GPU from each rank's free memory after
