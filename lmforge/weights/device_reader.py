@@ -9,6 +9,7 @@ The byte layout read here: a little-endian u64 header length, a JSON header
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -101,7 +102,10 @@ class DeviceReader:
         self.buffer_bytes = buffer_bytes
         pin = self.is_cuda
         self.buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(num_buffers)]
-        self.views = [memoryview(b.numpy()) for b in self.buffers]
+        # writable views of the buffers' memory for os.preadv (ctypes, so no numpy is needed)
+        self.views = [
+            memoryview((ctypes.c_ubyte * buffer_bytes).from_address(b.data_ptr())).cast("B") for b in self.buffers
+        ]
         # the copy out of each buffer; a thread waits on it before refilling the buffer
         self.events: list[torch.cuda.Event | None] = [None] * num_buffers
         self.num_threads = num_threads
