@@ -83,6 +83,9 @@ class Worker:
             times=self.load_times,
         )
         self.step = ModelStep(self.model, self.ctx_mgr)
+        if self.is_driver:
+            t = self.load_times
+            logger.info("model built in %.2f s, weights loaded in %.2f s", t["build_s"], t["weights_s"])
 
     def profile_peak_memory(self, max_batch_size: int) -> int:
         """Bytes the largest step needs beyond the weights (activations + logits of a full batch); with tensor
