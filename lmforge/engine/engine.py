@@ -34,7 +34,7 @@ from .requests import build_request_guide, validate_request, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
-from .startup import configure_triton_cache, resolve_device_type, start_weight_prefetch
+from .startup import configure_triton_cache, resolve_device_type, short_gil_switch, start_weight_prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,10 @@ class Engine:
     (engine/executor.py: one in-process Worker, tensor-parallel ranks as local processes, or Ray actors)."""
 
     def __init__(self, model_path: str | None = None, backend_config: PytorchEngineConfig | None = None):
-        cfg = backend_config or PytorchEngineConfig()
+        with short_gil_switch():
+            self._start(model_path, backend_config or PytorchEngineConfig())
+
+    def _start(self, model_path: str | None, cfg: PytorchEngineConfig) -> None:
         self.engine_config = cfg
         start = time.perf_counter()
         start_weight_prefetch(model_path)  # the disk reads overlap CUDA start and the model build

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 
 import torch
 
@@ -38,6 +40,19 @@ def configure_triton_cache() -> tuple[str, int]:
         _logged_triton_cache.add(path)
         logger.info("Triton kernel cache: %s (%d entries at start%s)", path, entries, ": cold" if not entries else "")
     return path, entries
+
+
+@contextlib.contextmanager
+def short_gil_switch(interval_s: float = 0.001):
+    """During start-up, threads hand the GIL over after `interval_s` instead of Python's 5 ms: the tokenizer
+    thread's `import transformers` runs beside the weight readers and the main thread's launches, and each of
+    their short GIL needs (a read done, a copy queued) would otherwise wait up to 5 ms for it."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def start_weight_prefetch(model_path: str | None) -> None:

@@ -94,7 +94,7 @@ class DeviceReader:
         self,
         device: torch.device,
         num_buffers: int = 8,
-        buffer_bytes: int = 32 << 20,
+        buffer_bytes: int = 64 << 20,
         num_threads: int = 4,
     ):
         self.device = device

@@ -78,3 +78,14 @@ def test_a_custom_module_map_gets_transformers_config(tiny_llama_dir, tmp_path):
     module_map.write_text("MODULE_MAP = {}\n")
     assert isinstance(load_hf_config(tiny_llama_dir, custom_module_map=str(module_map)), PretrainedConfig)
     assert type(load_hf_config(tiny_llama_dir)).__name__ == "HFConfig"
+
+
+def test_short_gil_switch_is_restored():
+    import sys
+
+    from lmforge.engine.startup import short_gil_switch
+
+    before = sys.getswitchinterval()
+    with short_gil_switch(0.0005):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    assert sys.getswitchinterval() == before
