@@ -7,6 +7,7 @@ lmforge.engine.core runs it in a process of its own for the server.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import threading
@@ -34,7 +35,13 @@ from .requests import build_request_guide, validate_request, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
-from .startup import configure_triton_cache, resolve_device_type, short_gil_switch, start_weight_prefetch
+from .startup import (
+    configure_triton_cache,
+    resolve_device_type,
+    short_gil_switch,
+    start_cuda_context,
+    start_weight_prefetch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +93,10 @@ class Engine:
         self.triton_cache_dir, self.triton_cache_entries = (
             configure_triton_cache() if device_type == "cuda" else (None, 0)
         )
+        if device_type == "cuda":
+            cuda_start = start_cuda_context()
+            importlib.import_module("lmforge.backends.cuda")  # Triton and the kernels, while CUDA starts
+            cuda_start.join()
         # tensor parallelism: the other ranks start now and load their shards while this one loads its own
         self.executor = make_executor(model_path, cfg, device_type)
         try:

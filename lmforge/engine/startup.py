@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 
 import torch
 
@@ -55,11 +56,26 @@ def short_gil_switch(interval_s: float = 0.001):
         sys.setswitchinterval(previous)
 
 
+def start_cuda_context() -> threading.Thread:
+    """Start CUDA (driver init and the device's context, most of it in the driver with the GIL released) on a
+    thread, while the main thread imports the CUDA backend's modules (Triton and the kernels). Errors are left to
+    the main thread's first CUDA call, which raises them."""
+
+    def run() -> None:
+        try:
+            torch.cuda.init()
+            torch.empty(1, device=torch.device("cuda", torch.cuda.current_device()))
+        except Exception:  # noqa: BLE001 - re-raised by the engine's own first CUDA call
+            pass
+
+    thread = threading.Thread(target=run, name="lmforge-cuda-init", daemon=True)
+    thread.start()
+    return thread
+
+
 def start_weight_prefetch(model_path: str | None) -> None:
     """Read the weight files ahead into the page cache on a daemon thread (weights.files.prefetch_weight_files)
     while CUDA starts and the model is built; errors are left to the real load, which names them."""
-    import threading
-
     from lmforge.model_source import resolve_model_path
     from lmforge.weights.files import WeightFileError, prefetch_weight_files
 

@@ -95,7 +95,7 @@ class DeviceReader:
         device: torch.device,
         num_buffers: int = 8,
         buffer_bytes: int = 64 << 20,
-        num_threads: int = 4,
+        num_threads: int = min(8, os.cpu_count() or 1),
     ):
         self.device = device
         self.is_cuda = device.type == "cuda"

@@ -89,3 +89,17 @@ def test_short_gil_switch_is_restored():
     with short_gil_switch(0.0005):
         assert sys.getswitchinterval() == pytest.approx(0.0005)
     assert sys.getswitchinterval() == before
+
+
+def test_cuda_start_thread_leaves_errors_to_the_engine():
+    """Without a GPU the thread's CUDA start fails quietly; the engine's own first CUDA call reports it."""
+    import torch
+
+    from lmforge.engine.startup import start_cuda_context
+
+    thread = start_cuda_context()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA was asked for"):
+            Engine(None, PytorchEngineConfig(device_type="cuda"))
