@@ -79,6 +79,7 @@ def main() -> None:
             entries_after=_entries(engine.triton_cache_dir),
         ),
         graph_buckets={bs: round(s, 3) for bs, s in sorted(graphs.bucket_seconds.items())} if graphs else {},
+        profile_cached=engine.executor.driver.profile_cached,
         kv_blocks=engine.block_manager.num_blocks,
         max_batch_size=engine.max_batch_size,
     )

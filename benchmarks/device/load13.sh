@@ -3,7 +3,7 @@
 # cache. Every step fits in what is left of BUDGET seconds (the round's wall limit) or is skipped.
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-BUDGET=${BUDGET:-38}
+BUDGET=${BUDGET:-48}
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 step() {  # step NAME NEED_S CMD...: run CMD with a timeout of what is left, when at least NEED_S are left
@@ -18,9 +18,31 @@ M=/tmp/lmf-models
 mkdir -p $M
 A=$(mktemp -d /tmp/load13-cacheA-XXXX)   # XDG_CACHE_HOME: lmforge/triton (kernels) + lmforge/profile
 L="python3 benchmarks/load.py"
-# round 1 (40 s): 1b with nothing cached, then 8b with the kernels 1b compiled (8b's own shapes may add some:
-# entries_after says), then 1b with everything cached
-step 1b_cold 14 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-1b --model-dir $M/llama-1b --tag cold
-step 8b_warmish 12 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag kernels-from-1b
-step 1b_warm 6 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-1b --model-dir $M/llama-1b --tag warm
+# how much of each preset's weight files is in the page cache (mincore), before the first start reads them
+python3 - $M/llama-8b $M/llama-1b >>"$OUT/load.jsonl" 2>>"$OUT/mincore.log" <<'PY'
+import ctypes, glob, json, os, sys
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+page = os.sysconf("SC_PAGE_SIZE")
+for folder in sys.argv[1:]:
+    total = resident = 0
+    for path in glob.glob(os.path.join(folder, "*.safetensors")):
+        size = os.path.getsize(path)
+        fd = os.open(path, os.O_RDONLY)
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0:
+            resident += bytes(vec).count(1) * page
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        os.close(fd)
+        total += size
+    print(json.dumps(dict(measure="page_cache", folder=folder, gib=round(total / 2**30, 2), resident_frac=round(resident / max(total, 1), 3))))
+PY
+# round 2 (50 s): 8b with nothing cached, then 8b with its kernels and profile cached; the same for 1b if time is left
+step 8b_cold 16 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag cold
+step 8b_warm 8 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag warm
+B=$(mktemp -d /tmp/load13-cacheB-XXXX)
+step 1b_cold 14 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$B $L --model llama-1b --model-dir $M/llama-1b --tag cold
+step 1b_warm 6 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$B $L --model llama-1b --model-dir $M/llama-1b --tag warm
 cat "$OUT/load.jsonl"
