@@ -80,6 +80,7 @@ def main() -> None:
         ),
         graph_buckets={bs: round(s, 3) for bs, s in sorted(graphs.bucket_seconds.items())} if graphs else {},
         profile_cached=engine.executor.driver.profile_cached,
+        worker_times={k: round(v, 2) for k, v in engine.executor.driver.load_times.items()},
         kv_blocks=engine.block_manager.num_blocks,
         max_batch_size=engine.max_batch_size,
     )

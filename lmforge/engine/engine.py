@@ -120,7 +120,9 @@ class Engine:
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
         t_model = time.perf_counter()
-        driver.load_model(source)
+        # one GPU, no quantized layers: the weights load beside the memory profile step (Worker.load_model)
+        quantized = getattr(source.hf_config, "quantization_config", None) is not None
+        driver.load_model(source, background=device_type == "cuda" and cfg.tp == 1 and not quantized)
         self.dtype = driver.dtype
         t_weights = time.perf_counter()
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
@@ -165,7 +167,8 @@ class Engine:
         self.load_seconds = time.perf_counter() - start
         # seconds per start-up phase, in order, summing to load_seconds: device and executor start, config, model
         # build, weights, memory profile, KV cache sizing + allocation, CUDA graphs, waiting for the tokenizer (it
-        # loads on a thread from the config on), warm-up (with the runner and sampler set-up)
+        # loads on a thread from the config on), warm-up (with the runner and sampler set-up). Where the weights
+        # load beside the profile step (one GPU), profile_s covers both and driver.load_times the load's own time
         times = driver.load_times
         build, profile = times.get("build_s", 0.0), times.get("profile_s", 0.0)
         self.load_breakdown = {
