@@ -43,17 +43,30 @@ def configure_triton_cache() -> tuple[str, int]:
     return path, entries
 
 
+_gil_lock = threading.Lock()
+_gil_users = 0
+_gil_previous = 0.005
+
+
 @contextlib.contextmanager
 def short_gil_switch(interval_s: float = 0.001):
     """During start-up, threads hand the GIL over after `interval_s` instead of Python's 5 ms: the tokenizer
     thread's `import transformers` runs beside the weight readers and the main thread's launches, and each of
-    their short GIL needs (a read done, a copy queued) would otherwise wait up to 5 ms for it."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, interval_s))
+    their short GIL needs (a read done, a copy queued) would otherwise wait up to 5 ms for it. Engines starting
+    at once share it: the last one to finish restores the interval."""
+    global _gil_users, _gil_previous
+    with _gil_lock:
+        if _gil_users == 0:
+            _gil_previous = sys.getswitchinterval()
+            sys.setswitchinterval(min(_gil_previous, interval_s))
+        _gil_users += 1
     try:
         yield
     finally:
-        sys.setswitchinterval(previous)
+        with _gil_lock:
+            _gil_users -= 1
+            if _gil_users == 0:
+                sys.setswitchinterval(_gil_previous)
 
 
 def start_cuda_context() -> threading.Thread:

@@ -86,8 +86,13 @@ def test_short_gil_switch_is_restored():
     from lmforge.engine.startup import short_gil_switch
 
     before = sys.getswitchinterval()
-    with short_gil_switch(0.0005):
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    first, second = short_gil_switch(0.0005), short_gil_switch(0.0005)
+    first.__enter__()
+    second.__enter__()  # two engines starting at once
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    second.__exit__(None, None, None)
     assert sys.getswitchinterval() == before
 
 
