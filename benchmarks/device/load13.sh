@@ -1,9 +1,10 @@
 #!/bin/bash
-# load13 device round: engine load phases of llama-1b / llama-8b bf16 (benchmarks/load.py), cold and warm Triton
-# cache. Every step fits in what is left of BUDGET seconds (the round's wall limit) or is skipped.
+# load13: engine load phases of llama-1b / llama-8b bf16 (benchmarks/load.py), cold and warm caches, on the
+# throughput.py presets. Every step fits in what is left of BUDGET seconds (the call's wall limit) or is skipped;
+# about 60 s covers the four lmforge starts, 170 s lmdeploy's load beside them.
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-BUDGET=${BUDGET:-48}
+BUDGET=${BUDGET:-58}
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 step() {  # step NAME NEED_S CMD...: run CMD with a timeout of what is left, when at least NEED_S are left
@@ -39,10 +40,15 @@ for folder in sys.argv[1:]:
         total += size
     print(json.dumps(dict(measure="page_cache", folder=folder, gib=round(total / 2**30, 2), resident_frac=round(resident / max(total, 1), 3))))
 PY
-# round 2 (50 s): 8b with nothing cached, then 8b with its kernels and profile cached; the same for 1b if time is left
-step 8b_cold 16 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag cold
-step 8b_warm 8 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag warm
+# 8b with nothing cached (kernels and memory profile in a fresh XDG_CACHE_HOME), then 8b with both cached; the
+# same for 1b; then lmdeploy's load of 1b (bench_peer's load_s) when 110 s are left
+step 8b_cold 20 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag cold
+step 8b_warm 10 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$A $L --model llama-8b --model-dir $M/llama-8b --tag warm
 B=$(mktemp -d /tmp/load13-cacheB-XXXX)
-step 1b_cold 14 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$B $L --model llama-1b --model-dir $M/llama-1b --tag cold
-step 1b_warm 6 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$B $L --model llama-1b --model-dir $M/llama-1b --tag warm
+step 1b_cold 17 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$B $L --model llama-1b --model-dir $M/llama-1b --tag cold
+step 1b_warm 9 env -u TRITON_CACHE_DIR XDG_CACHE_HOME=$B $L --model llama-1b --model-dir $M/llama-1b --tag warm
+if [ -f /tmp/peer/bench_peer.py ]; then
+  mkdir -p "$OUT/peer"
+  step lmdeploy_1b 110 bash -c "cd /tmp/peer && PYTHONPATH=/tmp/peer/site python3 bench_peer.py --model llama-1b --peers lmdeploy --model-dir $M/llama-1b --timeout 100 --log-dir $OUT/peer"
+fi
 cat "$OUT/load.jsonl"
