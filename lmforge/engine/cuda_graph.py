@@ -89,12 +89,6 @@ class CudaGraphRunner:
     def _capture_all(self, max_capture_s: float) -> None:
         start = time.perf_counter()
         buckets = sorted(batch_buckets(self.max_batch_size), reverse=True)
-        # captures run on a side stream of their own; torch.cuda.graph would also synchronize and empty torch's
-        # device and pinned-host caches before every bucket, which only frees memory that the next warm-up takes
-        # back, so that is done once here
-        stream = torch.cuda.Stream(self.device)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
         try:
             for bs in buckets:
                 if time.perf_counter() - start > max_capture_s:
@@ -105,15 +99,10 @@ class CudaGraphRunner:
                     break
                 t_bucket = time.perf_counter()
                 self._forward(bs)  # warm-up: autotuning and lazy allocations happen outside the graph
+                torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    graph.capture_begin(self.pool)
-                    try:
-                        out = self._forward(bs)
-                    finally:
-                        graph.capture_end()
-                torch.cuda.current_stream(self.device).wait_stream(stream)
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._forward(bs)
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[bs], self.outputs[bs] = graph, out
