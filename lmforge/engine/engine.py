@@ -7,6 +7,7 @@ lmforge.engine.core runs it in a process of its own for the server.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import threading
@@ -34,7 +35,13 @@ from .requests import build_request_guide, validate_request, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
-from .startup import configure_triton_cache, resolve_device_type, start_weight_prefetch
+from .startup import (
+    configure_triton_cache,
+    resolve_device_type,
+    short_gil_switch,
+    start_cuda_context,
+    start_weight_prefetch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +78,10 @@ class Engine:
     (engine/executor.py: one in-process Worker, tensor-parallel ranks as local processes, or Ray actors)."""
 
     def __init__(self, model_path: str | None = None, backend_config: PytorchEngineConfig | None = None):
-        cfg = backend_config or PytorchEngineConfig()
+        with short_gil_switch():
+            self._start(model_path, backend_config or PytorchEngineConfig())
+
+    def _start(self, model_path: str | None, cfg: PytorchEngineConfig) -> None:
         self.engine_config = cfg
         start = time.perf_counter()
         start_weight_prefetch(model_path)  # the disk reads overlap CUDA start and the model build
@@ -83,15 +93,21 @@ class Engine:
         self.triton_cache_dir, self.triton_cache_entries = (
             configure_triton_cache() if device_type == "cuda" else (None, 0)
         )
+        if device_type == "cuda":
+            cuda_start = start_cuda_context()
+            importlib.import_module("lmforge.backends.cuda")  # Triton and the kernels, while CUDA starts
+            cuda_start.join()
         # tensor parallelism: the other ranks start now and load their shards while this one loads its own
         self.executor = make_executor(model_path, cfg, device_type)
         try:
-            self._build(model_path, cfg, device_type, start)
+            self._build(model_path, cfg, device_type, start, time.perf_counter())
         except BaseException:
             self.executor.close(abort=True)
             raise
 
-    def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
+    def _build(
+        self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float, t_source: float
+    ) -> None:
         executor = self.executor
         driver = executor.driver
         self.device = driver.device
@@ -104,7 +120,9 @@ class Engine:
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
         t_model = time.perf_counter()
-        driver.load_model(source)
+        # one GPU, no quantized layers: the weights load beside the memory profile step (Worker.load_model)
+        quantized = getattr(source.hf_config, "quantization_config", None) is not None
+        driver.load_model(source, background=device_type == "cuda" and cfg.tp == 1 and not quantized)
         self.dtype = driver.dtype
         t_weights = time.perf_counter()
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
@@ -147,15 +165,21 @@ class Engine:
         if device_type == "cuda":
             self.warmup()
         self.load_seconds = time.perf_counter() - start
-        # seconds per start-up phase, in order, summing to load_seconds: CUDA start + config, model build + weights,
-        # memory profile + KV cache, CUDA graphs, waiting for the tokenizer (it loads on a thread from the config
-        # on), warm-up (with the runner and sampler set-up)
+        # seconds per start-up phase, in order, summing to load_seconds: device and executor start, config, model
+        # build, weights, memory profile, KV cache sizing + allocation, CUDA graphs, waiting for the tokenizer (it
+        # loads on a thread from the config on), warm-up (with the runner and sampler set-up). Where the weights
+        # load beside the profile step (one GPU), profile_s covers both and driver.load_times the load's own time
+        times = driver.load_times
+        build, profile = times.get("build_s", 0.0), times.get("profile_s", 0.0)
         self.load_breakdown = {
             k: round(v, 2)
             for k, v in (
-                ("source_s", t_model - start),
-                ("weights_s", t_weights - t_model),
-                ("kv_cache_s", t_cache - t_weights),
+                ("device_s", t_source - start),
+                ("source_s", t_model - t_source),
+                ("build_s", build),
+                ("weights_s", t_weights - t_model - build),
+                ("profile_s", profile),
+                ("kv_cache_s", t_cache - t_weights - profile),
                 ("graphs_s", t_graphs - t_cache),
                 ("tokenizer_wait_s", t_warmup - t_tokenizer),
                 ("warmup_s", start + self.load_seconds - t_warmup + t_tokenizer - t_graphs),

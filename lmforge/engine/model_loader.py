@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 
 import torch
@@ -42,9 +43,12 @@ def build_model(
     load: bool = True,
     check_weights: bool = True,
     pack_gguf: bool = False,
+    times: dict[str, float] | None = None,
 ) -> nn.Module:
     """pack_gguf: a GGUF file's linear layers stay packed as int4 planes where their type allows (CPU, no TP;
-    see gguf_plan); otherwise every GGUF weight is dequantized to `dtype`."""
+    see gguf_plan); otherwise every GGUF weight is dequantized to `dtype`. `times`, when given, gets the seconds of
+    the build (`build_s`) and of the weight load (`weights_s`)."""
+    t0 = time.perf_counter()
     model_cls = resolve_model_class(source.model_config.model_arch, custom_module_map)
     quant_config = parse_quant_config(getattr(source.hf_config, "quantization_config", None))
     plan = gguf_plan(source, model_cls, device, tp_size) if pack_gguf else {}
@@ -67,8 +71,11 @@ def build_model(
         if quant_config is not None:  # each quantized layer learns its module name (see lmforge/nn/quant)
             attach_quant_states(model)
     model.eval()
+    t1 = time.perf_counter()
     if load:
         load_model_weights(model, source, dtype, device, check_weights, plan)
+    if times is not None:
+        times["build_s"], times["weights_s"] = t1 - t0, time.perf_counter() - t1
     return model
 
 
