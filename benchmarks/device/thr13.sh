@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# thr13 (issue 13 item 1): where llama-8b's throughput run spends GPU and host time. Pass 1 times every step with
-# CUDA events (GPU span, idle gap before it, host phases); pass 2 profiles a few windows of steps (kernel tables,
-# GPU busy fraction, gzipped chrome traces). Budget: ~115 s for the whole script.
+# thr13 (issue 13 item 1): where the throughput run spends GPU and host time. Pass 1 times every step with CUDA
+# events (GPU span, idle gap before it, host phases); pass 2 profiles a few windows of steps (kernel tables, GPU busy
+# fraction, gzipped chrome traces). llama-8b with the profile, then llama-1b pass 1 if time is left.
+# Budget: BUDGET seconds for the whole script (default 95).
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 S=$(date +%s)
-M=/tmp/lmf-models/llama-8b
+B=${BUDGET:-95}
+left() { echo $(( B - ($(date +%s) - S) )); }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > $OUT/gpu.txt 2>&1
-if [ ! -f $M/config.json ]; then
-  timeout 50 python3 -c "import sys; sys.path.insert(0,'benchmarks'); from throughput import write_preset; write_preset('llama-8b','$M',0)" > $OUT/write.log 2>&1
-  echo "wrote preset in $(( $(date +%s) - S )) s" >> $OUT/write.log
-fi
-LEFT=$(( 114 - ($(date +%s) - S) ))
-timeout $LEFT python3 benchmarks/thr_profile.py --model-dir $M --out $OUT --budget-s $(( LEFT - 4 )) \
-  --windows 3:5,100:104,600:604,950:954 > $OUT/thr_8b.jsonl 2> $OUT/thr_8b.err
-echo "rc=$? total $(( $(date +%s) - S )) s"
-grep -v '"thr_step"' $OUT/thr_8b.jsonl | cut -c1-600
-tail -5 $OUT/thr_8b.err
+for m in llama-8b llama-1b; do
+  if [ ! -f /tmp/lmf-models/$m/config.json ]; then
+    timeout $(( $(left) - 5 )) python3 -c "import sys; sys.path.insert(0,'benchmarks'); from throughput import write_preset; write_preset('$m','/tmp/lmf-models/$m',0)" >> $OUT/write.log 2>&1
+    echo "wrote $m at $(( $(date +%s) - S )) s" >> $OUT/write.log
+  fi
+  [ $m = llama-8b ] && W=3:5,100:103,600:603 || W=
+  L=$(left); [ $L -lt 20 ] && break
+  [ $m = llama-8b ] && PB=$(( L - 25 )) || PB=$(( L - 3 ))
+  timeout $(( L - 1 )) python3 benchmarks/thr_profile.py --model-dir /tmp/lmf-models/$m --out $OUT --budget-s $PB \
+    --windows "$W" > $OUT/thr_$m.jsonl 2> $OUT/thr_$m.err
+  echo "$m rc=$? at $(( $(date +%s) - S )) s"
+done
+for m in llama-8b llama-1b; do grep -v '"thr_step"' $OUT/thr_$m.jsonl 2>/dev/null | cut -c1-700; tail -3 $OUT/thr_$m.err 2>/dev/null; done
