@@ -417,7 +417,7 @@ class Engine:
                 if seq.is_finished:  # stopped or aborted after this step was launched: drop the token
                     continue
                 lp = None
-                if seq.gen_config.logprobs is not None and logprobs is not None:
+                if logprobs is not None and seq.gen_config.logprobs is not None:
                     k = seq.gen_config.logprobs
                     top = list(zip(top_ids[j][:k], top_lps[j][:k], strict=True)) if top_ids is not None and k else []
                     lp = TokenLogprob(token_ids[j], logprobs[j], top)
