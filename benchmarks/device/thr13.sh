@@ -21,4 +21,5 @@ for m in llama-8b llama-1b; do
     --windows "$W" > $OUT/thr_$m.jsonl 2> $OUT/thr_$m.err
   echo "$m rc=$? at $(( $(date +%s) - S )) s"
 done
+L=$(left); [ $L -gt 8 ] && timeout $(( L - 2 )) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mixed_attention.py tests/engine/test_sampler.py > $OUT/gpu_tests.log 2>&1; tail -3 $OUT/gpu_tests.log
 for m in llama-8b llama-1b; do grep -v '"thr_step"' $OUT/thr_$m.jsonl 2>/dev/null | cut -c1-700; tail -3 $OUT/thr_$m.err 2>/dev/null; done
