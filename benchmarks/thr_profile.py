@@ -45,6 +45,7 @@ class StepTimer:
         self.sched_s: list[float] = []
         self._orig = (engine.scheduler.schedule, engine._launch, engine._process)
         self.annotate = False
+        self.tag = None  # stored with each step
 
     def install(self):
         eng = self.engine
@@ -82,6 +83,7 @@ class StepTimer:
                     running=len(eng.scheduler.running),
                     waiting=len(eng.scheduler.waiting),
                     free_blocks=eng.block_manager.num_free_blocks,
+                    tag=self.tag,
                 )
             )
             return r
@@ -233,13 +235,34 @@ def pass2(engine, reqs, windows: list[tuple[int, int]], out_dir: str, deadline: 
     ids = [engine.add_request(p, sampled(n)) for p, n in reqs]
     step = 0
     last = max(b for _, b in windows)
+    from lmforge.backends.cuda import attention as cuda_attention
+
+    min_prefix = cuda_attention.MIN_DECODE_PREFIX
     try:
         while engine.has_unfinished() and step <= last and time.perf_counter() < deadline:
             win = next((w for w in windows if w[0] == step), None)
             if win is None:
+                # prefill phase: mixed steps alternate the decode-prefix split on (even) and off (odd)
+                mixing = bool(engine.scheduler.waiting)
+                cuda_attention.MIN_DECODE_PREFIX = min_prefix if not mixing or step % 2 == 0 else 10**9
+                timer.tag = ("split" if step % 2 == 0 else "nosplit") if mixing else None
                 engine.step()
                 step += 1
+                if mixing and not engine.scheduler.waiting:
+                    torch.cuda.synchronize()
+                    rows = timer.summary()
+                    for tag in ("split", "nosplit"):
+                        got = [r for r in rows if r["tag"] == tag and not r["decode"]]
+                        emit(
+                            measure="thr_mixed_ab",
+                            tag=tag,
+                            span_ms=[round(r["span"] * 1e3, 2) for r in got],
+                            seqs=[r["seqs"] for r in got],
+                            tokens=[r["tokens"] for r in got],
+                        )
                 continue
+            cuda_attention.MIN_DECODE_PREFIX = min_prefix
+            timer.tag = None
             torch.cuda.synchronize()
             n0 = len(timer.steps)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -263,6 +286,7 @@ def pass2(engine, reqs, windows: list[tuple[int, int]], out_dir: str, deadline: 
             )
             log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
     finally:
+        cuda_attention.MIN_DECODE_PREFIX = min_prefix
         timer.uninstall()
         for rid in ids:
             engine.abort(rid)

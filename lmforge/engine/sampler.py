@@ -121,9 +121,10 @@ class Sampler:
         """logits: [num_seqs, >= vocab_size] float32 (padded vocab columns are ignored); it is not modified."""
         logits = logits[:, : self.vocab_size]
         infos = self._infos(seqs)
-        flags = 0
+        flags = num_sampling = 0
         for info in infos:
             flags |= info.flags
+            num_sampling += info.flags & _F_SAMPLE
         cfgs = [s.gen_config for s in seqs]
         # [8, num_seqs] (a transposed view: one host->device copy of the rows as they are)
         params = self._to_device(
@@ -148,10 +149,13 @@ class Sampler:
         for i in guided:
             seqs[i].guide.fill_mask(logits[i])
 
-        token_ids = logits.argmax(dim=-1)
-        if flags & _F_SAMPLE:
-            sampled_ids = self._sample(logits, seqs, cfgs, params, infos, flags)
-            token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)
+        if infos and num_sampling == len(infos):  # no greedy row: no argmax pass over the batch's logits
+            token_ids = self._sample(logits, seqs, cfgs, params, infos, flags)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            if num_sampling:
+                sampled_ids = self._sample(logits, seqs, cfgs, params, infos, flags)
+                token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)
         return _with_logprobs(token_ids, raw_logprobs, infos)
 
     def _to_device(self, data: list | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

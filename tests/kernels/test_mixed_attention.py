@@ -21,12 +21,16 @@ def _reference(batch: dict, options: AttnOptions) -> torch.Tensor:
 
 
 CASES = {
-    # 9 decode rows, then prefill chunks and a decode row among them: split at 9
-    "split": ([1] * 9 + [5, 1, 33], [3, 16, 17, 90, 40, 64, 65, 7, 200, 5, 31, 40], 9),
+    # 9 decode rows, then prefill chunks and a decode row among them: split at 8 (a multiple of 4)
+    "split": ([1] * 9 + [5, 1, 33], [3, 16, 17, 90, 40, 64, 65, 7, 200, 5, 31, 40], 8),
+    # 13 leading decode rows: split at 12
+    "split12": ([1] * 13 + [20], [3, 16, 17, 90, 40, 64, 65, 7, 200, 5, 31, 40, 2, 20], 12),
     # exactly the minimum at the head
     "min": ([1] * 8 + [17], [2, 30, 19, 64, 100, 3, 8, 77, 17], 8),
     # too few leading decode rows: the prefill kernel takes everything
     "few": ([1] * 7 + [4, 1, 1], [5, 9, 60, 2, 33, 16, 70, 4, 50, 9], 0),
+    # 10 leading decode rows and one prefill row: split at 8
+    "tail": ([1] * 10 + [3], [5, 9, 60, 2, 33, 16, 70, 4, 50, 9, 3], 8),
     # a prefill row first: no prefix
     "prefill_first": ([6] + [1] * 9, [6, 3, 16, 17, 90, 40, 64, 65, 7, 200], 0),
 }
@@ -44,7 +48,8 @@ def test_mixed_batch_split(device, paged_batch, poison_allocator, tol, case, win
     out = cuda_backend.OPS["paged_attention"](
         batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"], options
     )
-    assert batch["meta"].scratch["decode_prefix"][0] == want_split
+    split, _ = batch["meta"].scratch["decode_prefix"]
+    assert split == want_split and split % 4 == 0
     assert out.shape == (sum(q_lens), 8, 64) and out.dtype == dtype
     torch.testing.assert_close(out.float(), _reference(batch, options), **tol(dtype))
 

@@ -110,6 +110,9 @@ def _decode_prefix(meta: AttnMetadata) -> tuple[int, torch.Tensor | None]:
         d = 0
         while d < len(q_lens) and q_lens[d] == 1:
             d += 1
+        # a multiple of 4 rows: the int32 slices handed to the prefill kernel then start 16-byte aligned, as the
+        # whole tensors do (Triton compiles a variant per pointer alignment: seconds, mid-run)
+        d -= d % 4
         split = (d, meta.q_start_loc[d:] - d) if MIN_DECODE_PREFIX <= d < len(q_lens) else (0, None)
         meta.scratch["decode_prefix"] = split
     return split
