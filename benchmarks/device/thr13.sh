@@ -22,5 +22,6 @@ for m in llama-8b llama-1b; do
     --windows "$W" > $OUT/thr_$m.jsonl 2> $OUT/thr_$m.err
   echo "$m rc=$? at $(( $(date +%s) - S )) s"
 done
-L=$(left); [ $L -gt 12 ] && timeout $(( L - 2 )) python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_mixed_attention.py tests/engine/test_sampler.py > $OUT/gpu_tests.log 2>&1; tail -3 $OUT/gpu_tests.log
+L=$(left); [ $L -gt 12 ] && timeout $(( L - 2 )) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mixed_attention.py tests/kernels/test_sampling_kernel.py tests/engine/test_sampler.py > $OUT/gpu_tests.log 2>&1; tail -4 $OUT/gpu_tests.log
+L=$(left); [ $L -gt 6 ] && timeout $(( L - 1 )) python3 benchmarks/sampler_bench.py > $OUT/sampling.jsonl 2>&1; cat $OUT/sampling.jsonl | tail -2
 for m in llama-8b llama-1b; do grep -v '"thr_step"' $OUT/thr_$m.jsonl 2>/dev/null | cut -c1-700; grep -v Warning $OUT/thr_$m.err 2>/dev/null | tail -3; done
