@@ -357,7 +357,7 @@ def main() -> None:
     rows = timer.summary()
     report_pass1(rows, timer, wall, n_out, dev)
     windows = [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",") if w]
-    if windows and time.perf_counter() - t_start < args.budget_s - 15:
+    if windows and time.perf_counter() - t_start < args.budget_s - 8:
         pass2(engine, reqs, windows, args.out, t_start + args.budget_s, dev)
     else:
         log("pass 2 skipped: no time left")

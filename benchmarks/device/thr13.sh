@@ -15,9 +15,9 @@ for m in llama-8b llama-1b; do
     timeout $(( $(left) - 5 )) python3 -c "import sys; sys.path.insert(0,'benchmarks'); from throughput import write_preset; write_preset('$m','/tmp/lmf-models/$m',0)" >> $OUT/write.log 2>&1
     echo "wrote $m at $(( $(date +%s) - S )) s" >> $OUT/write.log
   fi
-  [ $m = llama-8b ] && W=100:102,600:602 || W=
+  [ $m = llama-8b ] && W=100:102 || W=
   L=$(left); [ $L -lt 20 ] && break
-  [ $m = llama-8b ] && PB=$(( L - 32 )) || PB=$(( L - 3 ))
+  [ $m = llama-8b ] && PB=$(( L - 40 )) || PB=$(( L - 3 ))
   timeout $(( L - 1 )) python3 benchmarks/thr_profile.py --model-dir /tmp/lmf-models/$m --out $OUT --budget-s $PB \
     --windows "$W" > $OUT/thr_$m.jsonl 2> $OUT/thr_$m.err
   echo "$m rc=$? at $(( $(date +%s) - S )) s"
