@@ -196,11 +196,18 @@ class Engine:
 
     def warmup(self) -> None:
         """Run a small burst through the real loop at start: prefill chunks short and long (one a full
-        max_prefill_token_num chunk), mixed and decode steps, greedy and sampled rows, logprobs. Kernel
+        max_prefill_token_num chunk), mixed steps (with a decode prefix) and decode steps, greedy and sampled rows,
+        logprobs. Kernel
         compilation and library autotuning then happen here, not under the first real requests."""
         limit = self.session_len - 8
         chunk = self.engine_config.max_prefill_token_num + 50
         lengths = sorted({min(n, limit) for n in (1, 17, 100, 333, 1100, chunk)})
+        # short requests first: they decode beside the prefills below, so mixed steps with a decode prefix (the
+        # attention split of backends/cuda/attention.py) compile here too
+        num_short = min(8, self.max_batch_size - len(lengths))
+        for i in range(num_short):
+            gen = GenerationConfig(max_new_tokens=len(lengths) + 4, ignore_eos=True, do_sample=bool(i % 2))
+            self.add_request([(i + 5) % self.vocab_size] * 3, gen, request_id=f"warmup-short-{i}")
         for i, n in enumerate(lengths):
             gen = GenerationConfig(
                 max_new_tokens=4,
