@@ -197,8 +197,7 @@ class Engine:
     def warmup(self) -> None:
         """Run a small burst through the real loop at start: prefill chunks short and long (one a full
         max_prefill_token_num chunk), mixed steps (with a decode prefix) and decode steps, greedy and sampled rows,
-        logprobs. Kernel
-        compilation and library autotuning then happen here, not under the first real requests."""
+        logprobs. Kernel compilation and library autotuning then happen here, not under the first real requests."""
         limit = self.session_len - 8
         chunk = self.engine_config.max_prefill_token_num + 50
         lengths = sorted({min(n, limit) for n in (1, 17, 100, 333, 1100, chunk)})
