@@ -220,11 +220,17 @@ class Engine:
 
     def warmup(self) -> None:
         """Run a small burst through the real loop at start: prefill chunks short and long (one a full
-        max_prefill_token_num chunk), mixed and decode steps, greedy and sampled rows, logprobs. Kernel
-        compilation and library autotuning then happen here, not under the first real requests."""
+        max_prefill_token_num chunk), mixed steps (with a decode prefix) and decode steps, greedy and sampled rows,
+        logprobs. Kernel compilation and library autotuning then happen here, not under the first real requests."""
         limit = self.session_len - 8
         chunk = self.engine_config.max_prefill_token_num + 50
         lengths = sorted({min(n, limit) for n in (1, 17, 100, 333, 1100, chunk)})
+        # short requests first: they decode beside the prefills below, so mixed steps with a decode prefix (the
+        # attention split of backends/cuda/attention.py) compile here too
+        num_short = min(8, self.max_batch_size - len(lengths))
+        for i in range(num_short):
+            gen = GenerationConfig(max_new_tokens=len(lengths) + 4, ignore_eos=True, do_sample=bool(i % 2))
+            self.add_request([(i + 5) % self.vocab_size] * 3, gen, request_id=f"warmup-short-{i}")
         for i, n in enumerate(lengths):
             gen = GenerationConfig(
                 max_new_tokens=4,
@@ -288,6 +294,7 @@ class Engine:
             generator=generator,
             guide=guide,
             detokenizer=detok,
+            sampling=self.sampler.row_info(gen_config, stop_ids),
         )
         self._requests[request_id] = seq
         self.prompt_tokens_total += len(input_ids)
@@ -358,13 +365,7 @@ class Engine:
 
     def _can_overlap(self, sched: SchedulerOutput) -> bool:
         # penalties and grammars read the previous token on the host before this step's sampling
-        return self.overlap and not any(
-            s.guide is not None
-            or s.gen_config.repetition_penalty != 1.0
-            or s.gen_config.presence_penalty
-            or s.gen_config.frequency_penalty
-            for s in sched.seqs
-        )
+        return self.overlap and not any(s.guide is not None or s.sampling.penalised for s in sched.seqs)
 
     def _launch(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> _Inflight | None:
         keep = [i for i, s in enumerate(sched.seqs) if not s.is_finished]  # stopped while the schedule was made
@@ -373,22 +374,21 @@ class Engine:
             sched.num_tokens = [sched.num_tokens[i] for i in keep]
         if sched.is_empty:
             return None
-        # a sequence samples only when this step computes all of its known tokens
-        sample_rows = [
-            i
-            for i, (s, n) in enumerate(zip(sched.seqs, sched.num_tokens, strict=True))
-            if s.num_computed_tokens + n == s.num_tokens
-        ]
-        sampled = [sched.seqs[i] for i in sample_rows]
-        patch = None
-        if self._inflight is not None:  # placeholders this step feeds: the previous step's tokens, on device
-            dst, src, offset = [], [], 0
-            for s, n in zip(sched.seqs, sched.num_tokens, strict=True):
-                if s.inflight_row is not None and s.num_computed_tokens + n == s.num_tokens:
-                    dst.append(offset + n - 1)
+        # a sequence samples only when this step computes all of its known tokens; the placeholders this step
+        # feeds (the previous step's tokens, still on the device) are those of sampling rows
+        seqs, nums = sched.seqs, sched.num_tokens
+        sample_rows, sampled, dst, src = [], [], [], []
+        feeding = self._inflight is not None
+        offset = 0
+        for i, (s, n) in enumerate(zip(seqs, nums, strict=True)):
+            offset += n
+            if s.num_computed_tokens + n == len(s.token_ids):
+                sample_rows.append(i)
+                sampled.append(s)
+                if feeding and s.inflight_row is not None:
+                    dst.append(offset - 1)
                     src.append(s.inflight_row)
-                offset += n
-            patch = (dst, src, self._inflight.token_ids) if dst else None
+        patch = (dst, src, self._inflight.token_ids) if dst else None
         try:
             logits = self.executor.execute(sched, sample_rows, patch)
             token_ids = None
@@ -403,14 +403,17 @@ class Engine:
                 outputs.append(self._finish(seq, "error"))
             return None
         slots = []
-        for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
+        for seq, n in zip(seqs, nums, strict=True):
             seq.num_computed_tokens += n
+        session_len = self.session_len
         for row, seq in enumerate(sampled):
-            seq.token_ids.append(PLACEHOLDER)
+            tokens = seq.token_ids
+            tokens.append(PLACEHOLDER)
             seq.inflight_row = row
-            slots.append(len(seq.token_ids) - 1)
+            num = len(tokens)
+            slots.append(num - 1)
             # no further step for a sequence whose length limit this token reaches
-            seq.is_draining = seq.num_new_tokens >= seq.gen_config.max_new_tokens or seq.num_tokens >= self.session_len
+            seq.is_draining = num - seq.num_prompt_tokens >= seq.gen_config.max_new_tokens or num >= session_len
         ready = None
         if result is not None and self.device.type == "cuda":
             # copy the results out now, queued right behind this step: reading them later waits for this
@@ -444,16 +447,17 @@ class Engine:
                 if seq.is_finished:  # stopped or aborted after this step was launched: drop the token
                     continue
                 lp = None
-                if seq.gen_config.logprobs is not None and logprobs is not None:
+                if logprobs is not None and seq.gen_config.logprobs is not None:
                     k = seq.gen_config.logprobs
                     top = list(zip(top_ids[j][:k], top_lps[j][:k], strict=True)) if top_ids is not None and k else []
                     lp = TokenLogprob(token_ids[j], logprobs[j], top)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 outputs.append(self._accept_token(seq, token_ids[j], lp, slot))
-        for seq in step.seqs:
-            if not seq.is_finished:
-                self.block_manager.register_full_blocks(seq)
+        if self.block_manager.enable_prefix_caching:
+            for seq in step.seqs:
+                if not seq.is_finished:
+                    self.block_manager.register_full_blocks(seq)
         return outputs
 
     def _accept_token(self, seq: Sequence, token: int, lp: TokenLogprob | None, slot: int) -> RequestOutput:
