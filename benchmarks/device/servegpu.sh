@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One device call: lmforge over HTTP (`lmforge serve`, streaming OpenAI clients) against its own Engine.step() figure
+# and against lmdeploy's api_server (PyTorch backend), same preset, same workload (the peer kit's 256 requests), same
+# card; then --dp 2 (two half-memory replicas on the one GPU) against --dp 1.
+#   OUT=dir [MODEL=llama-1b] [BUDGET=150] [STAGES=engine,serve,lmdeploy,rates,dp] bash benchmarks/device/servegpu.sh
+# Each step runs under `timeout` inside the budget; servers are killed at the end; logs and JSON lines under $OUT.
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/lmf-triton
+MODEL=${MODEL:-llama-1b}
+BUDGET=${BUDGET:-150}
+STAGES=${STAGES:-engine,serve,lmdeploy}
+RATES=${RATES:-16,32}     # finite request rates (req/s), RATE_N requests each
+RATE_N=${RATE_N:-128}
+API_SERVERS=${API_SERVERS:-1}
+OUT=${OUT:-/tmp/servegpu-out}; mkdir -p "$OUT"
+PEER=${PEER:-/tmp/peer}; [ -d "$PEER/site" ] || PEER=$PWD/.peer
+M=/tmp/lmf-models/$MODEL
+T0=$(date +%s)
+LMF=(python3 -c 'import sys; from lmforge.cli.main import main; sys.exit(main(sys.argv[1:]))')
+BENCH=(python3 benchmarks/serve_bench.py --timeout 300 $BENCH_ARGS)  # BENCH_ARGS: e.g. smaller lengths for a CPU dry run
+PIDS=()
+
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+left() { echo $((BUDGET - ($(date +%s) - T0) - 4)); }
+lim() { local l; l=$(left); ((l < $1)) && echo "$l" || echo "$1"; }  # min(wanted, what is left)
+note() { echo "{\"bench\": \"servegpu\", \"t_s\": $(($(date +%s) - T0)), $1}" | tee -a "$OUT/summary.jsonl"; }
+
+wait_http() {  # URL SECONDS PID: until URL answers 200, the process dies, or time runs out
+  local url=$1 until=$(($(date +%s) + $2)) pid=$3
+  while (($(date +%s) < until)); do
+    python3 - "$url" <<'EOF' 2>/dev/null && return 0
+import sys, urllib.request
+sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)
+EOF
+    kill -0 "$pid" 2>/dev/null || return 2
+    sleep 0.5
+  done
+  return 1
+}
+
+stop_server() {  # PID: SIGTERM to its process group, then SIGKILL
+  local pid=$1
+  kill -TERM -- -"$pid" 2>/dev/null
+  for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL -- -"$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+}
+cleanup() { for p in "${PIDS[@]}"; do stop_server "$p"; done; }
+trap cleanup EXIT
+
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import msgspec, zmq, aiohttp; print('msgspec', msgspec.__version__, 'zmq', zmq.__version__, 'aiohttp', aiohttp.__version__)" \
+  > "$OUT/deps.txt" 2>&1
+PYTHONPATH=$PWD:/tmp/site:$PEER/site python3 -c "import uvloop" >> "$OUT/deps.txt" 2>&1 && echo uvloop >> "$OUT/deps.txt"
+PYTHONPATH=$PWD:/tmp/site:$PEER/site python3 -c "import httptools" >> "$OUT/deps.txt" 2>&1 && echo httptools >> "$OUT/deps.txt"
+if [ ! -f "$M/config.json" ]; then
+  timeout "$(lim 60)" python3 -c "import sys; sys.path.insert(0,'benchmarks'); from throughput import write_preset; write_preset('$MODEL','$M',0)" \
+    > "$OUT/preset.log" 2>&1
+fi
+cp "$PEER"/tok/* "$M"/
+note "\"step\": \"preset\", \"model\": \"$MODEL\", \"gpu\": \"$(head -2 "$OUT/gpu.txt" | tail -1)\""
+
+# 1. the Engine.step() figure
+if has engine; then
+  timeout "$(lim 70)" python3 benchmarks/throughput.py --model "$MODEL" --model-dir "$M" --skip bs1 \
+    > "$OUT/engine_step.jsonl" 2> "$OUT/engine_step.err"
+  note "\"step\": \"engine\", \"rc\": $?"
+fi
+
+# 2. lmforge serve (one engine core; --dp N in stage dp)
+lmf_serve() {  # NAME DP EXTRA...: start, bench all-at-once (+ rates when asked), stop
+  local name=$1 dp=$2; shift 2
+  PYTHONPATH=$PWD:/tmp/site:$PEER/site setsid "${LMF[@]}" serve "$M" --port 23333 --dp "$dp" \
+    --api-server-count "$API_SERVERS" --log-level WARNING "$@" > "$OUT/$name.server.log" 2>&1 &
+  local pid=$!; PIDS+=("$pid")
+  local s=$(date +%s)
+  wait_http http://127.0.0.1:23333/health "$(lim 90)" "$pid"; local up=$?
+  note "\"step\": \"$name start\", \"rc\": $up, \"start_s\": $(($(date +%s) - s))"
+  if ((up == 0)); then
+    timeout "$(lim 60)" "${BENCH[@]}" --url http://127.0.0.1:23333 --api completions --label "$name $MODEL" \
+      > "$OUT/$name.inf.jsonl" 2> "$OUT/$name.inf.err"
+    note "\"step\": \"$name all-at-once\", \"rc\": $?"
+    if [ "$name" = lmforge ] && has rates && (($(left) > 40)); then
+      timeout "$(lim 70)" "${BENCH[@]}" --url http://127.0.0.1:23333 --api completions --label "$name $MODEL" \
+        --num-requests "$RATE_N" --request-rates "$RATES" --plot "$OUT/$name.rates.png" \
+        > "$OUT/$name.rates.jsonl" 2> "$OUT/$name.rates.err"
+      note "\"step\": \"$name rates\", \"rc\": $?"
+    fi
+  fi
+  stop_server "$pid"
+}
+if has serve; then lmf_serve lmforge 1; fi
+
+# 3. lmdeploy api_server, PyTorch backend: its /generate takes token ids (its /v1/completions reads a list of ints
+# as several prompts), same SSE streaming
+if has lmdeploy && (($(left) > 50)); then
+  PYTHONPATH=$PEER/site:/tmp/site setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
+    --server-name 127.0.0.1 --server-port 23334 --log-level WARNING --cache-max-entry-count 0.8 \
+    > "$OUT/lmdeploy.server.log" 2>&1 &
+  LPID=$!; PIDS+=("$LPID")
+  s=$(date +%s)
+  wait_http http://127.0.0.1:23334/health "$(lim 120)" "$LPID"; up=$?
+  note "\"step\": \"lmdeploy start\", \"rc\": $up, \"start_s\": $(($(date +%s) - s))"
+  if ((up == 0)); then
+    timeout "$(lim 60)" "${BENCH[@]}" --url http://127.0.0.1:23334 --api generate --label "lmdeploy $MODEL" \
+      > "$OUT/lmdeploy.inf.jsonl" 2> "$OUT/lmdeploy.inf.err"
+    note "\"step\": \"lmdeploy all-at-once\", \"rc\": $?"
+    if has rates && (($(left) > 40)); then
+      timeout "$(lim 70)" "${BENCH[@]}" --url http://127.0.0.1:23334 --api generate --label "lmdeploy $MODEL" \
+        --num-requests "$RATE_N" --request-rates "$RATES" --plot "$OUT/lmdeploy.rates.png" \
+        > "$OUT/lmdeploy.rates.jsonl" 2> "$OUT/lmdeploy.rates.err"
+      note "\"step\": \"lmdeploy rates\", \"rc\": $?"
+    fi
+  fi
+  stop_server "$LPID"
+fi
+
+# 4. --dp 2 on the one GPU (each replica half of the KV memory) against the --dp 1 run above
+if has dp && (($(left) > 50)); then lmf_serve lmforge-dp2 2; fi
+
+cleanup
+trap - EXIT
+echo "=== figures"
+grep -h '"measure": "throughput"' "$OUT/engine_step.jsonl" 2>/dev/null | python3 -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); print(json.dumps({'engine_step_out_tok_s': r['out_tok_s'], 'ttft_s': r['ttft_s'], 'device': r['device']}))"
+cat "$OUT"/*.inf.jsonl "$OUT"/*.rates.jsonl 2>/dev/null | python3 -c "
+import json, sys
+keys = ('label', 'request_rate', 'completed', 'failed', 'out_tok_s', 'ttft_mean_s', 'ttft_p99_s', 'itl_p50_s', 'itl_p99_s', 'e2e_p99_s')
+for l in sys.stdin:
+    if l.startswith('{'):
+        r = json.loads(l); print(json.dumps({k: r.get(k) for k in keys}))"
+for f in "$OUT"/*.err "$OUT"/*.server.log; do [ -s "$f" ] && { echo "--- $f"; tail -4 "$f"; }; done
+echo "total $(($(date +%s) - T0)) s"
