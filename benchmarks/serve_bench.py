@@ -172,29 +172,32 @@ def summarize(results: list[Result], reqs, wall: float, rate: float) -> dict:
     return row
 
 
-async def run_rate(args, model: str, reqs, rate: float) -> dict:
+def arrival_delays(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each request is sent: all at 0 for rate inf, else Poisson arrivals."""
+    rng = random.Random(seed + 7)
+    delays, t = [], 0.0
+    for _ in range(n):
+        delays.append(t)
+        if not math.isinf(rate):
+            t += rng.expovariate(rate)
+    return delays
+
+
+async def run_shard(args, model: str, jobs: list[tuple[int, list[int], int, float]], start_at: float):
+    """Send `jobs` (index, ids, out_len, delay) from this process, the first at wall-clock `start_at`; returns
+    [(index, Result)] and the wall-clock time the last one ended."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    rng = random.Random(args.seed + 7)
-    timeout = args.timeout
 
-    async def with_client(lines) -> tuple[list[Result], float]:
-        async def fire(i: int, delay: float) -> Result:
-            await asyncio.sleep(delay)
-            ids, n = reqs[i]
+    async def with_client(lines) -> list[tuple[int, Result]]:
+        async def fire(i: int, ids: list[int], n: int, delay: float) -> tuple[int, Result]:
+            await asyncio.sleep(max(0.0, start_at + delay - time.time()))
             if limit is None:
-                return await one_request(lines, args.api, model, ids, n)
+                return i, await one_request(lines, args.api, model, ids, n)
             async with limit:
-                return await one_request(lines, args.api, model, ids, n)
+                return i, await one_request(lines, args.api, model, ids, n)
 
-        delays, t = [], 0.0
-        for _ in reqs:
-            delays.append(t)
-            if not math.isinf(rate):
-                t += rng.expovariate(rate)
-        start = time.perf_counter()
-        results = await asyncio.gather(*(fire(i, d) for i, d in enumerate(delays)))
-        return list(results), time.perf_counter() - start
+        return list(await asyncio.gather(*(fire(*job) for job in jobs)))
 
     try:
         import aiohttp
@@ -203,15 +206,43 @@ async def run_rate(args, model: str, reqs, rate: float) -> dict:
     if aiohttp is not None:
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
-            base_url=args.url, connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)
+            base_url=args.url, connector=conn, timeout=aiohttp.ClientTimeout(total=args.timeout)
         ) as session:
-            results, wall = await with_client(lambda path, body: _lines_aiohttp(session, path, body, headers))
+            results = await with_client(lambda path, body: _lines_aiohttp(session, path, body, headers))
     else:
         import httpx
 
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=args.url, timeout=timeout, limits=limits) as client:
-            results, wall = await with_client(lambda path, body: _lines_httpx(client, path, body, headers))
+        async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout, limits=limits) as client:
+            results = await with_client(lambda path, body: _lines_httpx(client, path, body, headers))
+    return results, time.time()
+
+
+def _shard_main(args, model, jobs, start_at):
+    return asyncio.run(run_shard(args, model, jobs, start_at))
+
+
+def run_rate(args, model: str, reqs, rate: float) -> dict:
+    """One request rate: with --client-procs N the requests are dealt round-robin to N client processes (one
+    Python process cannot parse tens of thousands of SSE events per second), all starting at one wall-clock
+    instant; the latencies are measured in each and merged."""
+    delays = arrival_delays(len(reqs), rate, args.seed)
+    jobs = [(i, ids, n, delays[i]) for i, (ids, n) in enumerate(reqs)]
+    procs = max(1, min(args.client_procs, len(jobs)))
+    if procs == 1:
+        start_at = time.time()
+        shards = [asyncio.run(run_shard(args, model, jobs, start_at))]
+    else:
+        import multiprocessing as mp
+
+        start_at = time.time() + 3.0  # time for the client processes to start and import aiohttp
+        with mp.get_context("spawn").Pool(procs) as pool:
+            shards = pool.starmap(_shard_main, [(args, model, jobs[k::procs], start_at) for k in range(procs)])
+    results: list[Result | None] = [None] * len(reqs)
+    for shard, _ in shards:
+        for i, res in shard:
+            results[i] = res
+    wall = max(end for _, end in shards) - start_at
     return summarize(results, reqs, wall, rate)
 
 
@@ -298,6 +329,9 @@ def main(argv=None) -> int:
                    help="comma-separated requests per second, 'inf' = all at once (default: inf)")  # fmt: skip
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds a request may take")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="client processes the requests are spread over (one Python process tops out at some "
+                   "tens of thousands of SSE events per second; use several against a fast server)")  # fmt: skip
     p.add_argument("--plot", default=None, help="write a PNG of throughput and p99 latency vs request rate here")
     p.add_argument("--label", default=None, help="added to every JSON line (e.g. the server and model)")
     args = p.parse_args(argv)
@@ -308,7 +342,7 @@ def main(argv=None) -> int:
     model = model_name(args) if args.api == "completions" else (args.model_name or "")
     rows = []
     for rate in args.request_rates:
-        row = asyncio.run(run_rate(args, model, reqs, rate))
+        row = run_rate(args, model, reqs, rate)
         row = {"bench": "serve", "label": args.label, "api": args.api, "url": args.url, **row}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -17,7 +17,7 @@ PEER=${PEER:-/tmp/peer}; [ -d "$PEER/site" ] || PEER=$PWD/.peer
 M=/tmp/lmf-models/$MODEL
 T0=$(date +%s)
 LMF=(python3 -c 'import sys; from lmforge.cli.main import main; sys.exit(main(sys.argv[1:]))')
-BENCH=(python3 benchmarks/serve_bench.py --timeout 300 $BENCH_ARGS)  # BENCH_ARGS: e.g. smaller lengths for a CPU dry run
+BENCH=(python3 benchmarks/serve_bench.py --timeout 300 --client-procs "${CLIENT_PROCS:-4}" $BENCH_ARGS)  # BENCH_ARGS: e.g. smaller lengths for a CPU dry run
 PIDS=()
 
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
