@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -145,24 +146,18 @@ async def _events(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     offsets = [0] * len(choices)
 
+    # every chunk is this JSON with its index, text, logprobs and finish_reason filled in (json.dumps' own layout):
+    # only the text is encoded per token
+    head = json.dumps({"id": rid, "object": "text_completion", "created": created, "model": req.model})[:-1]
+    tail = ', "usage": null}' if include_usage else "}"
+
     def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, finish: str | None) -> str:
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": logprobs.model_dump() if logprobs is not None else None,
-                    "finish_reason": finish,
-                }
-            ],
-        }
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+        lp = "null" if logprobs is None else json.dumps(logprobs.model_dump())
+        fin = "null" if finish is None else json.dumps(finish)
+        return (
+            f'data: {head}, "choices": [{{"index": {index}, "text": {json.dumps(text)}, "logprobs": {lp}, '
+            f'"finish_reason": {fin}}}]{tail}\n\n'
+        )
 
     try:
         if req.echo:
