@@ -48,11 +48,16 @@ stop_server() {  # PID: SIGTERM to its process group, then SIGKILL
 cleanup() { for p in "${PIDS[@]}"; do stop_server "$p"; done; }
 trap cleanup EXIT
 
+# uvloop + httptools for the API servers, when their wheels travel with the tree (untracked: benchmarks/device/wheels)
+SG_SITE=/tmp/sg-site
+ls benchmarks/device/wheels/*.whl > /dev/null 2>&1 && [ "${FAST_LOOP:-1}" = 1 ] &&
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $SG_SITE benchmarks/device/wheels/*.whl > "$OUT/wheels.log" 2>&1
+[ "${FAST_LOOP:-1}" = 1 ] || SG_SITE=/nonexistent
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import msgspec, zmq, aiohttp; print('msgspec', msgspec.__version__, 'zmq', zmq.__version__, 'aiohttp', aiohttp.__version__)" \
   > "$OUT/deps.txt" 2>&1
-PYTHONPATH=$PWD:/tmp/site:$PEER/site python3 -c "import uvloop" >> "$OUT/deps.txt" 2>&1 && echo uvloop >> "$OUT/deps.txt"
-PYTHONPATH=$PWD:/tmp/site:$PEER/site python3 -c "import httptools" >> "$OUT/deps.txt" 2>&1 && echo httptools >> "$OUT/deps.txt"
+PYTHONPATH=$PWD:/tmp/site:$SG_SITE:$PEER/site python3 -c "import uvloop, httptools; print('uvloop', uvloop.__version__, 'httptools', httptools.__version__)" \
+  >> "$OUT/deps.txt" 2>&1
 if [ ! -f "$M/config.json" ]; then
   timeout "$(lim 60)" python3 -c "import sys; sys.path.insert(0,'benchmarks'); from throughput import write_preset; write_preset('$MODEL','$M',0)" \
     > "$OUT/preset.log" 2>&1
@@ -70,7 +75,7 @@ fi
 # 2. lmforge serve (one engine core; --dp N in stage dp)
 lmf_serve() {  # NAME DP EXTRA...: start, bench all-at-once (+ rates when asked), stop
   local name=$1 dp=$2; shift 2
-  PYTHONPATH=$PWD:/tmp/site:$PEER/site setsid "${LMF[@]}" serve "$M" --port 23333 --dp "$dp" \
+  PYTHONPATH=$PWD:/tmp/site:$SG_SITE:$PEER/site setsid "${LMF[@]}" serve "$M" --port 23333 --dp "$dp" \
     --api-server-count "$API_SERVERS" --log-level WARNING "$@" > "$OUT/$name.server.log" 2>&1 &
   local pid=$!; PIDS+=("$pid")
   local s=$(date +%s)
@@ -91,10 +96,10 @@ lmf_serve() {  # NAME DP EXTRA...: start, bench all-at-once (+ rates when asked)
 }
 if has serve; then lmf_serve lmforge 1; fi
 
-# 3. lmdeploy api_server, PyTorch backend: its /generate takes token ids (its /v1/completions reads a list of ints
-# as several prompts), same SSE streaming
+# 3. lmdeploy api_server, PyTorch backend (given the same uvloop/httptools): its /generate takes token ids (its
+# /v1/completions reads a list of ints as several prompts), same SSE streaming
 if has lmdeploy && (($(left) > 50)); then
-  PYTHONPATH=$PEER/site:/tmp/site setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
+  PYTHONPATH=$PEER/site:/tmp/site:$SG_SITE setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
     --server-name 127.0.0.1 --server-port 23334 --log-level WARNING --cache-max-entry-count 0.8 \
     > "$OUT/lmdeploy.server.log" 2>&1 &
   LPID=$!; PIDS+=("$LPID")
