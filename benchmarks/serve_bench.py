@@ -61,6 +61,7 @@ class Result:
     itls: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    chunks: int = 0  # streamed events that carried output (several tokens each when the server merged them)
     error: str = ""
 
 
@@ -117,6 +118,7 @@ async def one_request(lines, api: str, model: str, ids: list[int], out_len: int)
             if payload == "[DONE]":
                 break
             if _parse(api, json.loads(payload), res):
+                res.chunks += 1
                 now = time.perf_counter()
                 if res.ttft == 0.0:
                     res.ttft = now - start
@@ -157,6 +159,7 @@ def summarize(results: list[Result], reqs, wall: float, rate: float) -> dict:
         "total_tok_s": round((out_tokens + in_tokens) / wall, 1),
         "in_tokens": in_tokens,
         "out_tokens": out_tokens,
+        "out_chunks": sum(r.chunks for r in ok),
     }
     for name, xs in (
         ("ttft", [r.ttft for r in ok]),

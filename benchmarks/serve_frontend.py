@@ -186,9 +186,22 @@ def main(argv=None) -> int:
         api_pids = [a.pid for a in api]
         cpu0, core0, t0 = _cpu(api_pids), _cpu([core_pid]), time.perf_counter()
         out = subprocess.run(
-            [sys.executable, bench, "--url", url, "--num-requests", str(args.streams), "--vocab", str(vocab),
-             "--input-len", f"{args.input_len},{args.input_len}", "--output-len", f"{args.output_len},{args.output_len}",
-             "--client-procs", str(args.client_procs)],  # fmt: skip
+            [
+                sys.executable,
+                bench,
+                "--url",
+                url,
+                "--num-requests",
+                str(args.streams),
+                "--vocab",
+                str(vocab),
+                "--input-len",
+                f"{args.input_len},{args.input_len}",
+                "--output-len",
+                f"{args.output_len},{args.output_len}",
+                "--client-procs",
+                str(args.client_procs),
+            ],  # fmt: skip
             capture_output=True,
             text=True,
         )
@@ -204,6 +217,8 @@ def main(argv=None) -> int:
             "streams": args.streams, "offered_tok_s": round(args.streams * args.tok_per_stream_s),
             "out_tok_s": row["out_tok_s"], "completed": row["completed"], "wrong_length_requests":
             row["wrong_length_requests"], "api_cpu_s": round(cpu, 2), "api_us_per_token": round(1e6 * cpu / tokens, 2),
+            "tokens_per_chunk": round(tokens / row["out_chunks"], 2),
+            "api_us_per_chunk": round(1e6 * cpu / row["out_chunks"], 2),
             "ceiling_tok_s_per_api_server": round(tokens / cpu) if cpu else None,
             "core_cpu_s": round(core_cpu, 2), "wall_s": round(wall, 2), "ttft_p50_s": row["ttft_p50_s"],
             "itl_p50_s": row["itl_p50_s"], "itl_p99_s": row["itl_p99_s"],
