@@ -184,7 +184,8 @@ def main(argv=None) -> int:
             except OSError:
                 time.sleep(0.2)
         api_pids = [a.pid for a in api]
-        cpu0, core0, t0 = _cpu(api_pids), _cpu([core_pid]), time.perf_counter()
+        each0 = [_cpu([pid]) for pid in api_pids]
+        core0, t0 = _cpu([core_pid]), time.perf_counter()
         out = subprocess.run(
             [
                 sys.executable,
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
             text=True,
         )
         wall = time.perf_counter() - t0
-        cpu, core_cpu = _cpu(api_pids) - cpu0, _cpu([core_pid]) - core0
+        each = [_cpu([pid]) - c0 for pid, c0 in zip(api_pids, each0, strict=True)]
+        cpu, core_cpu = sum(each), _cpu([core_pid]) - core0
         if out.returncode != 0 or not out.stdout.strip():
             print(out.stdout, out.stderr, file=sys.stderr)
             return 1
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
             "bench": "serve_frontend", "label": args.label, "api_server_count": args.api_server_count,
             "streams": args.streams, "offered_tok_s": round(args.streams * args.tok_per_stream_s),
             "out_tok_s": row["out_tok_s"], "completed": row["completed"], "wrong_length_requests":
-            row["wrong_length_requests"], "api_cpu_s": round(cpu, 2), "api_us_per_token": round(1e6 * cpu / tokens, 2),
+            row["wrong_length_requests"], "api_cpu_s": round(cpu, 2),
+            "api_cpu_s_each": [round(c, 2) for c in each], "api_us_per_token": round(1e6 * cpu / tokens, 2),
             "tokens_per_chunk": round(tokens / row["out_chunks"], 2),
             "api_us_per_chunk": round(1e6 * cpu / row["out_chunks"], 2),
             "ceiling_tok_s_per_api_server": round(tokens / cpu) if cpu else None,
