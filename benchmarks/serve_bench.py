@@ -332,6 +332,8 @@ def main(argv=None) -> int:
                    help="comma-separated requests per second, 'inf' = all at once (default: inf)")  # fmt: skip
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds a request may take")
+    p.add_argument("--warmup-requests", type=int, default=4,
+                   help="short requests sent (and not counted) before the timed runs")  # fmt: skip
     p.add_argument("--client-procs", type=int, default=1,
                    help="client processes the requests are spread over (one Python process tops out at some "
                    "tens of thousands of SSE events per second; use several against a fast server)")  # fmt: skip
@@ -343,6 +345,9 @@ def main(argv=None) -> int:
     else:
         reqs = workload(args.num_requests, args.seed, args.vocab, args.input_len, args.output_len)
     model = model_name(args) if args.api == "completions" else (args.model_name or "")
+    if args.warmup_requests:  # the server's first requests (lazy imports and caches) are not timed
+        warm = workload(args.warmup_requests, args.seed + 99, args.vocab, (16, 16), (4, 4))
+        asyncio.run(run_shard(args, model, [(i, ids, n, 0.0) for i, (ids, n) in enumerate(warm)], time.time()))
     rows = []
     for rate in args.request_rates:
         row = run_rate(args, model, reqs, rate)

@@ -191,6 +191,10 @@ class EngineCoreClient:
 
         info = infos[0]
         self.tokenizer = tokenizer
+        if tokenizer is not None:  # the detokenizer's byte table, built now rather than inside the first request
+            from lmforge.engine.detokenizer import token_bytes_table
+
+            token_bytes_table(tokenizer.hf)
         self.model_name = info["model_name"]
         self.session_len = min(i["session_len"] for i in infos)
         self.vocab_size = info["vocab_size"]
