@@ -132,7 +132,7 @@ for l in sys.stdin:
     r = json.loads(l); print(json.dumps({'engine_step_out_tok_s': r['out_tok_s'], 'ttft_s': r['ttft_s'], 'device': r['device']}))"
 cat "$OUT"/*.inf.jsonl "$OUT"/*.rates.jsonl 2>/dev/null | python3 -c "
 import json, sys
-keys = ('label', 'request_rate', 'completed', 'failed', 'out_tok_s', 'ttft_mean_s', 'ttft_p99_s', 'itl_p50_s', 'itl_p99_s', 'e2e_p99_s')
+keys = ('label', 'request_rate', 'completed', 'failed', 'wrong_length_requests', 'out_tok_s', 'out_tokens', 'out_chunks', 'ttft_mean_s', 'ttft_p99_s', 'itl_p50_s', 'itl_p99_s', 'e2e_p99_s')
 for l in sys.stdin:
     if l.startswith('{'):
         r = json.loads(l); print(json.dumps({k: r.get(k) for k in keys}))"
