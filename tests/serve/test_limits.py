@@ -305,6 +305,8 @@ def test_connection_cap_answers_503(fake_engine, http_impl):
 
 
 def test_serve_limits_reject_nonsense():
+    with pytest.raises(ValueError, match="impl must be"):
+        guarded_protocol(None, None, "http2")
     with pytest.raises(ValueError, match="max_request_bytes"):
         ServeLimits(max_request_bytes=0)
     with pytest.raises(ValueError, match="body_timeout"):
