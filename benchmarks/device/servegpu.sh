@@ -65,6 +65,45 @@ fi
 cp "$PEER"/tok/* "$M"/
 note "\"step\": \"preset\", \"model\": \"$MODEL\", \"gpu\": \"$(head -2 "$OUT/gpu.txt" | tail -1)\""
 
+# stage "together": lmforge --dp 1, lmdeploy and (stage dp) lmforge --dp 2 load at once, each given CACHE of the
+# GPU memory (the workload needs ~9 GiB of KV on llama-1b), then are measured one after another (the others idle)
+CACHE=${CACHE:-0.25}
+start_lmf() {  # NAME PORT DP: sets LAST_PID
+  PYTHONPATH=$PWD:/tmp/site:$SG_SITE:$PEER/site setsid "${LMF[@]}" serve "$M" --port "$2" --dp "$3" \
+    --api-server-count "$API_SERVERS" --cache-max-entry-count "$CACHE" --log-level WARNING > "$OUT/$1.server.log" 2>&1 &
+  LAST_PID=$!; PIDS+=("$LAST_PID")
+}
+start_lmdeploy() {  # PORT
+  PYTHONPATH=$PEER/site:/tmp/site:$SG_SITE setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
+    --server-name 127.0.0.1 --server-port "$1" --log-level WARNING --cache-max-entry-count "$CACHE" \
+    > "$OUT/lmdeploy.server.log" 2>&1 &
+  LAST_PID=$!; PIDS+=("$LAST_PID")
+}
+bench() {  # NAME PORT API [rates]
+  local tag=inf extra=()
+  if [ "$4" = rates ]; then tag=rates; extra=(--num-requests "$RATE_N" --request-rates "$RATES" --plot "$OUT/$1.rates.png"); fi
+  timeout "$(lim 60)" "${BENCH[@]}" --url "http://127.0.0.1:$2" --api "$3" --label "$1 $MODEL" "${extra[@]}" \
+    > "$OUT/$1.$tag.jsonl" 2> "$OUT/$1.$tag.err"
+  note "\"step\": \"$1 $tag\", \"rc\": $?"
+}
+if has together; then
+  s=$(date +%s)
+  start_lmf lmforge 23333 1; P1=$LAST_PID
+  start_lmdeploy 23334; P2=$LAST_PID
+  P3=; if has dp; then start_lmf lmforge-dp2 23335 2; P3=$LAST_PID; fi
+  wait_http http://127.0.0.1:23333/health "$(lim 110)" "$P1"; U1=$?; note "\"step\": \"lmforge up\", \"rc\": $U1, \"start_s\": $(($(date +%s) - s))"
+  wait_http http://127.0.0.1:23334/health "$(lim 110)" "$P2"; U2=$?; note "\"step\": \"lmdeploy up\", \"rc\": $U2, \"start_s\": $(($(date +%s) - s))"
+  U3=1; if [ -n "$P3" ]; then
+    wait_http http://127.0.0.1:23335/health "$(lim 110)" "$P3"; U3=$?; note "\"step\": \"lmforge-dp2 up\", \"rc\": $U3, \"start_s\": $(($(date +%s) - s))"
+  fi
+  ((U1 == 0)) && bench lmforge 23333 completions
+  ((U2 == 0)) && (($(left) > 15)) && bench lmdeploy 23334 generate
+  ((U3 == 0)) && (($(left) > 15)) && bench lmforge-dp2 23335 completions
+  has rates && ((U1 == 0)) && (($(left) > 25)) && bench lmforge 23333 completions rates
+  has rates && ((U2 == 0)) && (($(left) > 25)) && bench lmdeploy 23334 generate rates
+  cleanup; PIDS=()
+fi
+
 # 2. lmforge serve (one engine core; --dp N in stage dp)
 lmf_serve() {  # NAME DP EXTRA...: start, bench all-at-once (+ rates when asked), stop
   local name=$1 dp=$2; shift 2
@@ -122,7 +161,7 @@ if has lmdeploy && (($(left) > 50)); then
 fi
 
 # 4. --dp 2 on the one GPU (each replica half of the KV memory) against the --dp 1 run above
-if has dp && (($(left) > 50)); then lmf_serve lmforge-dp2 2; fi
+if has dp && ! has together && (($(left) > 50)); then lmf_serve lmforge-dp2 2; fi
 
 cleanup
 trap - EXIT
