@@ -12,7 +12,7 @@ matplotlib; without it the JSON lines are still written and the plot is skipped 
 Workload: `../shared/peer/bench_peer.py`'s draw for draw (seed 0: per request in_len, out_len in [100, 1024], then
 in_len ids in [10, vocab - 1]); --input-len / --output-len change the ranges (tiny test models), --workload reads
 a file written by `bench_peer.py --write-workload`. Every request asks for exactly out_len tokens (EOS ignored),
-temperature 0.6, top_p 1.0, as bench_peer.py does.
+temperature 0.6, top_p 1.0, top_k 0 (sent: lmdeploy's GenerationConfig defaults to 50), as bench_peer.py does.
 
 Endpoints (--api): `completions` posts the ids as an OpenAI `/v1/completions` prompt (a list of token ids) with
 `stream_options.include_usage`, which lmforge serves; lmdeploy's `/v1/completions` reads a list as several
@@ -66,7 +66,8 @@ class Result:
 
 
 def _payload(api: str, model: str, ids: list[int], out_len: int) -> tuple[str, dict]:
-    common = {"max_tokens": out_len, "temperature": TEMPERATURE, "top_p": TOP_P, "ignore_eos": True, "stream": True}
+    common = {"max_tokens": out_len, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0, "ignore_eos": True,
+              "stream": True}  # fmt: skip
     if api == "generate":
         return "/generate", {"input_ids": ids, **common}
     body = {"model": model, "prompt": ids, "stream_options": {"include_usage": True}, **common}
