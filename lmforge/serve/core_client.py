@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 
 import psutil
 
-from lmforge.engine.core import decode, encode, pack_gen_config, unpack_output, unpack_stats
+from lmforge.engine.core import decode, encode, pack_gen_config, unpack_outputs, unpack_stats
 from lmforge.engine.outputs import EngineStats, RequestOutput
 from lmforge.engine.requests import validate_request
 from lmforge.messages import GenerationConfig
@@ -265,8 +265,8 @@ class EngineCoreClient:
             msg = decode(await sock.recv())
             kind = msg[0]
             if kind == "out":
-                for t in msg[1]:
-                    self._deliver(unpack_output(t))
+                for out in unpack_outputs(msg[1]):
+                    self._deliver(out)
                 self._stats[i] = unpack_stats(msg[2])
             elif kind == "stats":
                 self._stats[i] = unpack_stats(msg[1])

@@ -204,3 +204,20 @@ def test_streamed_completion_with_merged_deltas_equals_the_unstreamed_one(tokeni
         assert plain["usage"]["completion_tokens"] == 40 == len(tokens)
     # merging happened: fewer text chunks than tokens
     assert len([c for c in chunks if c["choices"]]) < len(tokens)
+
+
+def test_a_steps_deltas_cross_the_socket_as_columns_unchanged():
+    from lmforge.engine.core import decode, encode, pack_outputs, unpack_outputs
+
+    outs = [
+        RequestOutput(
+            "a", "", [5, 6], [TokenLogprob(5, -0.5, [(5, -0.5), (9, -2.0)]), TokenLogprob(6, -0.25, [])], None, 3, 2
+        ),  # fmt: skip
+        RequestOutput("b", "", [7], None, "length", 4, 10),
+        RequestOutput("c", "", [], None, "error", 0, 0, "core died"),
+    ]
+    assert unpack_outputs(decode(encode(pack_outputs(outs)))) == outs
+    plain = [RequestOutput("d", "", [1], None, None, 2, 1), RequestOutput("e", "text", [2], None, "stop", 2, 1)]
+    cols = pack_outputs(plain)
+    assert cols[5] is None and cols[6] is None  # no logprobs, no errors: nothing sent for them
+    assert unpack_outputs(decode(encode(cols))) == plain
