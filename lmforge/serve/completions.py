@@ -56,7 +56,10 @@ def _prompt_items(req: CompletionRequest, ctx: ServeContext) -> list[str | list[
             check_prompt_chars(len(item), session_len, ctx.max_token_chars, "prompt")
         else:
             check_context(len(item), req.max_tokens, session_len, "prompt")  # before the per-id scan
-            bad = next((t for t in item if t < 0 or t >= ctx.engine.vocab_size), None)
+            vocab = ctx.engine.vocab_size
+            bad = None
+            if item and (min(item) < 0 or max(item) >= vocab):  # two C-speed passes; the first bad id on failure
+                bad = next(t for t in item if t < 0 or t >= vocab)
             if bad is not None:
                 raise invalid(
                     f"token id {bad} is outside this model's vocabulary [0, {ctx.engine.vocab_size})", "prompt"
@@ -104,7 +107,10 @@ async def create_completion(
     items = _prompt_items(req, ctx)
     if len(items) * req.n > MAX_CHOICES:
         raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(items) * req.n}", "n")
-    prompts = await ctx.workers.run(_encode_prompts, items, ctx, req.parse_special_tokens)
+    if all(isinstance(item, list) for item in items):  # token ids: nothing to tokenize, no thread-pool hop
+        prompts = _encode_prompts(items, ctx)
+    else:
+        prompts = await ctx.workers.run(_encode_prompts, items, ctx, req.parse_special_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     record.request_id = rid
     jobs, choices = [], []
