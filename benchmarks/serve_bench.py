@@ -239,7 +239,7 @@ def run_rate(args, model: str, reqs, rate: float) -> dict:
     else:
         import multiprocessing as mp
 
-        start_at = time.time() + 3.0  # time for the client processes to start and import aiohttp
+        start_at = time.time() + 2.0  # time for the client processes to start and import aiohttp
         with mp.get_context("spawn").Pool(procs) as pool:
             shards = pool.starmap(_shard_main, [(args, model, jobs[k::procs], start_at) for k in range(procs)])
     results: list[Result | None] = [None] * len(reqs)

@@ -2,15 +2,18 @@
 # One device call: lmforge over HTTP (`lmforge serve`, streaming OpenAI clients) against its own Engine.step() figure
 # and against lmdeploy's api_server (PyTorch backend), same preset, same workload (the peer kit's 256 requests), same
 # card; then --dp 2 (two half-memory replicas on the one GPU) against --dp 1.
-#   OUT=dir [MODEL=llama-1b] [BUDGET=150] [STAGES=engine,serve,lmdeploy,rates,dp] bash benchmarks/device/servegpu.sh
+#   OUT=dir [MODEL=llama-1b] [BUDGET=150] [STAGES=engine,together,dp,rates] bash benchmarks/device/servegpu.sh
 # Each step runs under `timeout` inside the budget; servers are killed at the end; logs and JSON lines under $OUT.
+# STAGES=engine,together,dp,rates (default, llama-1b): the Engine.step figure, then four servers loaded at once
+# with CACHE=0.2 of the memory each. For llama-8b (more weights and KV per server) run them one at a time with
+# 0.8 each: MODEL=llama-8b STAGES=serve,engine,lmdeploy,rates API_SERVERS=2.
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/lmf-triton
 MODEL=${MODEL:-llama-1b}
 BUDGET=${BUDGET:-150}
-STAGES=${STAGES:-serve,engine}
-RATES=${RATES:-16,32}     # finite request rates (req/s), RATE_N requests each
-RATE_N=${RATE_N:-128}
+STAGES=${STAGES:-engine,together,dp,rates}
+RATES=${RATES:-16}        # finite request rates (req/s), RATE_N requests each
+RATE_N=${RATE_N:-96}
 API_SERVERS=${API_SERVERS:-1}
 OUT=${OUT:-/tmp/servegpu-out}; mkdir -p "$OUT"
 PEER=${PEER:-/tmp/peer}; [ -d "$PEER/site" ] || PEER=$PWD/.peer
@@ -65,12 +68,13 @@ fi
 cp "$PEER"/tok/* "$M"/
 note "\"step\": \"preset\", \"model\": \"$MODEL\", \"gpu\": \"$(head -2 "$OUT/gpu.txt" | tail -1)\""
 
-# stage "together": lmforge --dp 1, lmdeploy and (stage dp) lmforge --dp 2 load at once, each given CACHE of the
-# GPU memory (the workload needs ~9 GiB of KV on llama-1b), then are measured one after another (the others idle)
-CACHE=${CACHE:-0.25}
-start_lmf() {  # NAME PORT DP: sets LAST_PID
+# stage "together": the Engine.step figure first (alone on the GPU), then lmforge (--api-server-count 1 and 2),
+# lmdeploy and (stage dp) lmforge --dp 2 load at once, each given CACHE of the GPU memory (the llama-1b workload
+# needs ~9 GiB of KV), and are measured one after another while the others idle
+CACHE=${CACHE:-0.2}
+start_lmf() {  # NAME PORT DP API_SERVERS: sets LAST_PID
   PYTHONPATH=$PWD:/tmp/site:$SG_SITE:$PEER/site setsid "${LMF[@]}" serve "$M" --port "$2" --dp "$3" \
-    --api-server-count "$API_SERVERS" --cache-max-entry-count "$CACHE" --log-level WARNING > "$OUT/$1.server.log" 2>&1 &
+    --api-server-count "$4" --cache-max-entry-count "$CACHE" --log-level WARNING > "$OUT/$1.server.log" 2>&1 &
   LAST_PID=$!; PIDS+=("$LAST_PID")
 }
 start_lmdeploy() {  # PORT
@@ -86,21 +90,32 @@ bench() {  # NAME PORT API [rates]
     > "$OUT/$1.$tag.jsonl" 2> "$OUT/$1.$tag.err"
   note "\"step\": \"$1 $tag\", \"rc\": $?"
 }
+up() {  # NAME PORT PID: 0 when it answers /health
+  wait_http "http://127.0.0.1:$2/health" "$(lim 110)" "$3"; local rc=$?
+  note "\"step\": \"$1 up\", \"rc\": $rc, \"start_s\": $(($(date +%s) - s))"
+  return $rc
+}
 if has together; then
-  s=$(date +%s)
-  start_lmf lmforge 23333 1; P1=$LAST_PID
-  start_lmdeploy 23334; P2=$LAST_PID
-  P3=; if has dp; then start_lmf lmforge-dp2 23335 2; P3=$LAST_PID; fi
-  wait_http http://127.0.0.1:23333/health "$(lim 110)" "$P1"; U1=$?; note "\"step\": \"lmforge up\", \"rc\": $U1, \"start_s\": $(($(date +%s) - s))"
-  wait_http http://127.0.0.1:23334/health "$(lim 110)" "$P2"; U2=$?; note "\"step\": \"lmdeploy up\", \"rc\": $U2, \"start_s\": $(($(date +%s) - s))"
-  U3=1; if [ -n "$P3" ]; then
-    wait_http http://127.0.0.1:23335/health "$(lim 110)" "$P3"; U3=$?; note "\"step\": \"lmforge-dp2 up\", \"rc\": $U3, \"start_s\": $(($(date +%s) - s))"
+  if has engine; then
+    timeout "$(lim 50)" python3 benchmarks/throughput.py --model "$MODEL" --model-dir "$M" --skip bs1 \
+      > "$OUT/engine_step.jsonl" 2> "$OUT/engine_step.err"
+    note "\"step\": \"engine\", \"rc\": $?"
   fi
-  ((U1 == 0)) && bench lmforge 23333 completions
-  ((U2 == 0)) && (($(left) > 15)) && bench lmdeploy 23334 generate
-  ((U3 == 0)) && (($(left) > 15)) && bench lmforge-dp2 23335 completions
-  has rates && ((U1 == 0)) && (($(left) > 25)) && bench lmforge 23333 completions rates
-  has rates && ((U2 == 0)) && (($(left) > 25)) && bench lmdeploy 23334 generate rates
+  s=$(date +%s)
+  start_lmf lmforge-api2 23336 1 2; PA2=$LAST_PID
+  start_lmdeploy 23334; PL=$LAST_PID
+  PD=; if has dp; then start_lmf lmforge-dp2 23335 2 2; PD=$LAST_PID; fi
+  start_lmf lmforge 23333 1 1; PA1=$LAST_PID
+  up lmforge-api2 23336 "$PA2"; UA2=$?
+  up lmdeploy 23334 "$PL"; UL=$?
+  UD=1; if [ -n "$PD" ]; then up lmforge-dp2 23335 "$PD"; UD=$?; fi
+  up lmforge 23333 "$PA1"; UA1=$?
+  ((UA2 == 0)) && bench lmforge-api2 23336 completions
+  ((UL == 0)) && (($(left) > 15)) && bench lmdeploy 23334 generate
+  ((UD == 0)) && (($(left) > 15)) && bench lmforge-dp2 23335 completions
+  has rates && ((UA2 == 0)) && (($(left) > 25)) && bench lmforge-api2 23336 completions rates
+  has rates && ((UL == 0)) && (($(left) > 25)) && bench lmdeploy 23334 generate rates
+  ((UA1 == 0)) && (($(left) > 15)) && bench lmforge 23333 completions
   cleanup; PIDS=()
 fi
 
@@ -129,7 +144,7 @@ lmf_serve() {  # NAME DP EXTRA...: start, bench all-at-once (+ rates when asked)
 if has serve; then lmf_serve lmforge 1; fi
 
 # 2b. the Engine.step() figure (after the server: the HTTP figure is the one to have if time runs out)
-if has engine; then
+if has engine && ! has together; then
   timeout "$(lim 70)" python3 benchmarks/throughput.py --model "$MODEL" --model-dir "$M" --skip bs1 \
     > "$OUT/engine_step.jsonl" 2> "$OUT/engine_step.err"
   note "\"step\": \"engine\", \"rc\": $?"
@@ -176,5 +191,30 @@ keys = ('label', 'request_rate', 'completed', 'failed', 'wrong_length_requests',
 for l in sys.stdin:
     if l.startswith('{'):
         r = json.loads(l); print(json.dumps({k: r.get(k) for k in keys}))"
+python3 - "$OUT" <<'PYEOF'
+import glob, json, os, sys
+out = sys.argv[1]
+rows = {}
+for f in glob.glob(os.path.join(out, "*.jsonl")):
+    name = os.path.basename(f)[: -len(".jsonl")]
+    for line in open(f):
+        if line.startswith("{"):
+            rows[name] = json.loads(line)
+eng = rows.get("engine_step", {}).get("out_tok_s")
+def tok(n):
+    return rows.get(n, {}).get("out_tok_s")
+ratios = {}
+for n in ("lmforge.inf", "lmforge-api2.inf", "lmforge-dp2.inf"):
+    if eng and tok(n):
+        ratios[f"{n} / engine_step"] = round(tok(n) / eng, 3)
+    if tok("lmdeploy.inf") and tok(n):
+        ratios[f"{n} / lmdeploy.inf"] = round(tok(n) / tok("lmdeploy.inf"), 3)
+if tok("lmforge-dp2.inf") and tok("lmforge-api2.inf"):
+    ratios["dp2 / dp1 (both 2 API servers)"] = round(tok("lmforge-dp2.inf") / tok("lmforge-api2.inf"), 3)
+a, b = rows.get("lmforge-api2.rates", {}), rows.get("lmdeploy.rates", {})
+if a.get("itl_p99_s") and b.get("itl_p99_s"):
+    ratios["itl_p99 lmforge-api2 / lmdeploy at rate"] = [a["request_rate"], round(a["itl_p99_s"] / b["itl_p99_s"], 3)]
+print(json.dumps({"bench": "servegpu_ratios", "engine_step_out_tok_s": eng, **ratios}))
+PYEOF
 for f in "$OUT"/*.err "$OUT"/*.server.log; do [ -s "$f" ] && { echo "--- $f"; tail -4 "$f"; }; done
 echo "total $(($(date +%s) - T0)) s"
