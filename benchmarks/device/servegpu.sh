@@ -6,15 +6,16 @@
 # Each step runs under `timeout` inside the budget; servers are killed at the end; logs and JSON lines under $OUT.
 # STAGES=engine,together,dp,rates (default, llama-1b): the Engine.step figure, then four servers loaded at once
 # with CACHE=0.2 of the memory each. For llama-8b (more weights and KV per server) run them one at a time with
-# 0.8 each: MODEL=llama-8b STAGES=serve,engine,lmdeploy,rates API_SERVERS=2.
+# 0.8 each, the default for any other MODEL: STAGES=serve,engine,lmdeploy,rates, API_SERVERS=2.
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/lmf-triton
 MODEL=${MODEL:-llama-1b}
 BUDGET=${BUDGET:-150}
-STAGES=${STAGES:-engine,together,dp,rates}
+if [ "$MODEL" = llama-1b ]; then DEFAULT_STAGES=engine,together,dp,rates; else DEFAULT_STAGES=serve,engine,lmdeploy,rates; fi
+STAGES=${STAGES:-$DEFAULT_STAGES}
 RATES=${RATES:-16}        # finite request rates (req/s), RATE_N requests each
 RATE_N=${RATE_N:-96}
-API_SERVERS=${API_SERVERS:-1}
+API_SERVERS=${API_SERVERS:-2}  # the sequential stages' lmforge servers
 OUT=${OUT:-/tmp/servegpu-out}; mkdir -p "$OUT"
 PEER=${PEER:-/tmp/peer}; [ -d "$PEER/site" ] || PEER=$PWD/.peer
 M=/tmp/lmf-models/$MODEL
@@ -211,9 +212,11 @@ for n in ("lmforge.inf", "lmforge-api2.inf", "lmforge-dp2.inf"):
         ratios[f"{n} / lmdeploy.inf"] = round(tok(n) / tok("lmdeploy.inf"), 3)
 if tok("lmforge-dp2.inf") and tok("lmforge-api2.inf"):
     ratios["dp2 / dp1 (both 2 API servers)"] = round(tok("lmforge-dp2.inf") / tok("lmforge-api2.inf"), 3)
-a, b = rows.get("lmforge-api2.rates", {}), rows.get("lmdeploy.rates", {})
-if a.get("itl_p99_s") and b.get("itl_p99_s"):
-    ratios["itl_p99 lmforge-api2 / lmdeploy at rate"] = [a["request_rate"], round(a["itl_p99_s"] / b["itl_p99_s"], 3)]
+b = rows.get("lmdeploy.rates", {})
+for n in ("lmforge-api2.rates", "lmforge.rates"):
+    a = rows.get(n, {})
+    if a.get("itl_p99_s") and b.get("itl_p99_s"):
+        ratios[f"itl_p99 {n} / lmdeploy at rate"] = [a["request_rate"], round(a["itl_p99_s"] / b["itl_p99_s"], 3)]
 print(json.dumps({"bench": "servegpu_ratios", "engine_step_out_tok_s": eng, **ratios}))
 PYEOF
 for f in "$OUT"/*.err "$OUT"/*.server.log; do [ -s "$f" ] && { echo "--- $f"; tail -4 "$f"; }; done
