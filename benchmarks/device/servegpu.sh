@@ -4,9 +4,9 @@
 # card; then --dp 2 (two half-memory replicas on the one GPU) against --dp 1.
 #   OUT=dir [MODEL=llama-1b] [BUDGET=150] [STAGES=engine,together,dp,rates] bash benchmarks/device/servegpu.sh
 # Each step runs under `timeout` inside the budget; servers are killed at the end; logs and JSON lines under $OUT.
-# STAGES=engine,together,dp,rates (default, llama-1b): the Engine.step figure, then four servers loaded at once
-# with CACHE=0.2 of the memory each. For llama-8b (more weights and KV per server) run them one at a time with
-# 0.8 each, the default for any other MODEL: STAGES=serve,engine,lmdeploy,rates, API_SERVERS=2.
+# STAGES=engine,together,dp,rates (default, llama-1b): the Engine.step figure, then three servers loaded at once
+# (lmforge CACHE=0.2, lmdeploy 0.25 of the free memory). For llama-8b (more weights and KV per server) they run one
+# at a time with 0.8 each, the default for any other MODEL: STAGES=serve,engine,lmdeploy,rates, API_SERVERS=2.
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/lmf-triton
 MODEL=${MODEL:-llama-1b}
@@ -69,10 +69,12 @@ fi
 cp "$PEER"/tok/* "$M"/
 note "\"step\": \"preset\", \"model\": \"$MODEL\", \"gpu\": \"$(head -2 "$OUT/gpu.txt" | tail -1)\""
 
-# stage "together": the Engine.step figure first (alone on the GPU), then lmforge (--api-server-count 1 and 2),
-# lmdeploy and (stage dp) lmforge --dp 2 load at once, each given CACHE of the GPU memory (the llama-1b workload
-# needs ~9 GiB of KV), and are measured one after another while the others idle
-CACHE=${CACHE:-0.2}
+# stage "together": the Engine.step figure first (alone on the GPU), then lmforge (--api-server-count 2; with stage
+# api1 also 1), lmdeploy and (stage dp) lmforge --dp 2 load at once, each given a share of the free GPU memory that
+# leaves it more KV than the llama-1b workload needs (~9.4 GiB), and are measured one after another while the others
+# idle
+CACHE=${CACHE:-0.2}  # lmforge's share of the free memory; lmdeploy's below: it may profile last, after the others
+LMDEPLOY_CACHE=${LMDEPLOY_CACHE:-0.25}
 start_lmf() {  # NAME PORT DP API_SERVERS: sets LAST_PID
   PYTHONPATH=$PWD:/tmp/site:$SG_SITE:$PEER/site setsid "${LMF[@]}" serve "$M" --port "$2" --dp "$3" \
     --api-server-count "$4" --cache-max-entry-count "$CACHE" --log-level WARNING > "$OUT/$1.server.log" 2>&1 &
@@ -80,7 +82,7 @@ start_lmf() {  # NAME PORT DP API_SERVERS: sets LAST_PID
 }
 start_lmdeploy() {  # PORT
   PYTHONPATH=$PEER/site:/tmp/site:$SG_SITE setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
-    --server-name 127.0.0.1 --server-port "$1" --log-level WARNING --cache-max-entry-count "$CACHE" \
+    --server-name 127.0.0.1 --server-port "$1" --log-level WARNING --cache-max-entry-count "$LMDEPLOY_CACHE" \
     > "$OUT/lmdeploy.server.log" 2>&1 &
   LAST_PID=$!; PIDS+=("$LAST_PID")
 }
@@ -106,11 +108,11 @@ if has together; then
   start_lmf lmforge-api2 23336 1 2; PA2=$LAST_PID
   start_lmdeploy 23334; PL=$LAST_PID
   PD=; if has dp; then start_lmf lmforge-dp2 23335 2 2; PD=$LAST_PID; fi
-  start_lmf lmforge 23333 1 1; PA1=$LAST_PID
+  PA1=; has api1 && { start_lmf lmforge 23333 1 1; PA1=$LAST_PID; }
   up lmforge-api2 23336 "$PA2"; UA2=$?
   up lmdeploy 23334 "$PL"; UL=$?
   UD=1; if [ -n "$PD" ]; then up lmforge-dp2 23335 "$PD"; UD=$?; fi
-  up lmforge 23333 "$PA1"; UA1=$?
+  UA1=1; if [ -n "$PA1" ]; then up lmforge 23333 "$PA1"; UA1=$?; fi
   ((UA2 == 0)) && bench lmforge-api2 23336 completions
   ((UL == 0)) && (($(left) > 15)) && bench lmdeploy 23334 generate
   ((UD == 0)) && (($(left) > 15)) && bench lmforge-dp2 23335 completions
