@@ -57,6 +57,15 @@ SG_SITE=/tmp/sg-site
 ls benchmarks/device/wheels/*.whl > /dev/null 2>&1 && [ "${FAST_LOOP:-1}" = 1 ] &&
   python3 -m pip install -q --no-index --no-deps --no-compile --target $SG_SITE benchmarks/device/wheels/*.whl > "$OUT/wheels.log" 2>&1
 [ "${FAST_LOOP:-1}" = 1 ] || SG_SITE=/nonexistent
+# what lmdeploy's api_server imports beyond the peer kit (openai types, PIL), only where the image lacks it
+LMD_SITE=/tmp/sg-lmd-site
+for pair in openai:openai jiter:jiter distro:distro sniffio:sniffio PIL:pillow; do
+  mod=${pair%%:*}; whl=${pair##*:}
+  PYTHONPATH=$PEER/site:/tmp/site python3 -c "import $mod" 2>/dev/null && continue
+  ls benchmarks/device/wheels/lmdeploy/"$whl"-*.whl > /dev/null 2>&1 &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --target $LMD_SITE benchmarks/device/wheels/lmdeploy/"$whl"-*.whl \
+      >> "$OUT/wheels.log" 2>&1 && echo "lmdeploy gets $whl" >> "$OUT/wheels.log"
+done
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import msgspec, zmq, aiohttp; print('msgspec', msgspec.__version__, 'zmq', zmq.__version__, 'aiohttp', aiohttp.__version__)" \
   > "$OUT/deps.txt" 2>&1
@@ -81,7 +90,7 @@ start_lmf() {  # NAME PORT DP API_SERVERS: sets LAST_PID
   LAST_PID=$!; PIDS+=("$LAST_PID")
 }
 start_lmdeploy() {  # PORT
-  PYTHONPATH=$PEER/site:/tmp/site:$SG_SITE setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
+  PYTHONPATH=$PEER/site:/tmp/site:$SG_SITE:$LMD_SITE setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
     --server-name 127.0.0.1 --server-port "$1" --log-level WARNING --cache-max-entry-count "$LMDEPLOY_CACHE" \
     > "$OUT/lmdeploy.server.log" 2>&1 &
   LAST_PID=$!; PIDS+=("$LAST_PID")
@@ -157,7 +166,7 @@ fi
 # 3. lmdeploy api_server, PyTorch backend (given the same uvloop/httptools): its /generate takes token ids (its
 # /v1/completions reads a list of ints as several prompts), same SSE streaming
 if has lmdeploy && (($(left) > 50)); then
-  PYTHONPATH=$PEER/site:/tmp/site:$SG_SITE setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
+  PYTHONPATH=$PEER/site:/tmp/site:$SG_SITE:$LMD_SITE setsid python3 -m lmdeploy serve api_server "$M" --backend pytorch \
     --server-name 127.0.0.1 --server-port 23334 --log-level WARNING --cache-max-entry-count 0.8 \
     > "$OUT/lmdeploy.server.log" 2>&1 &
   LPID=$!; PIDS+=("$LPID")
