@@ -76,6 +76,7 @@ class Worker:
             self.rank,
             self.world_size,
             check_weights=cfg.check_weights,
+            pack_gguf=cfg.dtype == "auto",  # an explicit dtype gets the dequantized reference weights
         )
         self.step = ModelStep(self.model, self.ctx_mgr)
 

@@ -35,19 +35,21 @@ def iter_weights(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    gguf_packed: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every weight under `model_path` (an HF folder or one weight file).
 
     16/32/64-bit float tensors are cast to `dtype` when given (integer and float8 tensors, a quantized
     checkpoint's own data, keep theirs); GGUF weights are
-    dequantized to `dtype`, float32 when it is None. Safetensors open straight onto `device`, so GPU weights
+    dequantized to `dtype`, float32 when it is None, except the layers of `gguf_packed` (weights.gguf.gguf_pack_plan),
+    which stay packed. Safetensors open straight onto `device`, so GPU weights
     skip a host copy.
     """
     kind, files = find_weight_files(model_path)
     if kind == "gguf":
         from lmforge.weights.gguf import iter_gguf_weights  # needs the gguf package: only for GGUF files
 
-        yield from iter_gguf_weights(files[0], dtype or torch.float32, device, progress=progress)
+        yield from iter_gguf_weights(files[0], dtype or torch.float32, device, progress, gguf_packed)
         return
     check, read = (_check_safetensors, _read_safetensors) if kind == "safetensors" else (_check_torch, _read_torch)
     for path in files:  # every file before the first tensor, so a bad last shard fails before a partial load
