@@ -1,0 +1,189 @@
+"""Where a batch-1 decode step's GPU time goes: the bs1 decode figure of throughput.py, a per-kernel table
+(count and GPU time per step) of eager and of graph-replayed steps, the captured graph's GPU time per replay, and
+optionally the M=1 GEMM (GEMV) time of the preset's projection shapes against the weight-read bound.
+
+    python benchmarks/decode_profile.py --model llama-1b --model-dir DIR [--gemv]
+JSON lines to stdout, kernel tables to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import time
+
+import torch
+from common import device_name, emit, log
+from throughput import PRESETS, VOCAB, bs1_ids, write_preset
+
+from lmforge import GenerationConfig, PytorchEngineConfig
+
+
+def kernel_table(prof, steps: int) -> tuple[list[tuple[str, float, float]], float, int]:
+    """[(kernel name, count per step, GPU us per step)] sorted by time, the total GPU us and kernel count per step."""
+    time_us: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        time_us[e.name] += e.time_range.elapsed_us()
+        count[e.name] += 1
+    rows = sorted(((n, count[n] / steps, t / steps) for n, t in time_us.items()), key=lambda r: -r[2])
+    return rows, sum(r[2] for r in rows), round(sum(r[1] for r in rows))
+
+
+def print_table(title: str, rows, total_us: float, n_kernels: int) -> None:
+    lines = [f"{title}: {n_kernels} kernels, {total_us:.1f} us GPU per step", f"{'us/step':>9} {'n/step':>7}  kernel"]
+    for name, n, t in rows:
+        lines.append(f"{t:9.1f} {n:7.1f}  {name[:150]}")
+    log("\n".join(lines))
+
+
+def profile_steps(engine, steps: int):
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    return prof
+
+
+def bs1_decode(engine, n_new: int = 256) -> dict:
+    """throughput.py's batch-1 measure: 128 ids in, 256 greedy tokens out, after one untimed run."""
+    greedy = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, top_k=1, ignore_eos=True)
+    ids = bs1_ids(0)
+    for _ in range(2):
+        engine.add_request(ids, greedy)
+        t_first, n = None, 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.token_ids:
+                    n += len(out.token_ids)
+                    t_first = t_first or time.perf_counter()
+        t_end = time.perf_counter()
+    return dict(out_tok_s=round((n - 1) / (t_end - t_first), 1), out_tokens=n)
+
+
+def gemv_shapes(name: str) -> dict[str, tuple[int, int]]:
+    p = PRESETS[name]
+    h, i = p["hidden_size"], p["intermediate_size"]
+    d = h // p["num_attention_heads"]
+    qkv = (p["num_attention_heads"] + 2 * p["num_key_value_heads"]) * d
+    return {"qkv": (qkv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (VOCAB, h)}
+
+
+def time_graph(fn, reps: int = 50, iters: int = 20) -> float:
+    """GPU us per call of fn, from a CUDA graph of `reps` calls (no launch gaps)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * iters)
+
+
+def _rotating(fn, args_list):
+    """A zero-argument call of fn that takes the next argument tuple each time it is called (at graph capture)."""
+    it = iter(range(1 << 30))
+    return lambda: fn(*args_list[next(it) % len(args_list)])
+
+
+def gemv_bench(name: str) -> None:
+    torch.manual_seed(0)
+    buf = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    us = time_graph(_rotating(torch.Tensor.copy_, [(torch.empty_like(buf), buf)]), reps=5, iters=4)
+    emit(device=device_name("cuda"), measure="copy_bandwidth", gb_s=round(2 * buf.numel() / us / 1e3, 1))
+    buf = None
+    try:
+        from lmforge.kernels.cuda.gemv import gemv
+    except ImportError:
+        gemv = None
+    for shape_name, (n, k) in gemv_shapes(name).items():
+        # a weight set per call, rotating, so the L2 cache (50 MB) holds none of them between calls
+        copies = max(2, -(-200 * 2**20 // (n * k * 2)))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        calls = [(x, torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
+        fig = {}
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            us = time_graph(_rotating(torch.nn.functional.linear, calls))
+            fig[lib] = dict(us=round(us, 2), gb_s=round(n * k * 2 / us / 1e3, 1))
+        torch.backends.cuda.preferred_blas_library("cublas")
+        if gemv is not None:
+            us = time_graph(_rotating(gemv, calls))
+            fig["triton_gemv"] = dict(us=round(us, 2), gb_s=round(n * k * 2 / us / 1e3, 1))
+        emit(device=device_name("cuda"), measure="gemv_m1", model=name, shape=shape_name, n=n, k=k, **fig)
+        calls = None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(PRESETS), default="llama-1b")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--steps", type=int, default=10, help="profiled decode steps per table")
+    p.add_argument("--gemv", action="store_true", help="also time the M=1 projections (cuBLAS / cuBLASLt)")
+    p.add_argument("--no-engine", action="store_true", help="only the GEMV timing")
+    args = p.parse_args()
+    base = dict(device=device_name("cuda"), model=args.model)
+    if args.gemv:
+        gemv_bench(args.model)
+    if args.no_engine:
+        return
+    from lmforge.engine.engine import Engine
+
+    if not os.path.exists(os.path.join(args.model_dir, "config.json")):
+        log(f"writing {args.model} to {args.model_dir}")
+        write_preset(args.model, args.model_dir, 0)
+    t0 = time.perf_counter()
+    engine = Engine(args.model_dir, PytorchEngineConfig(dtype="bfloat16", max_batch_size=1))
+    log(f"engine ready in {time.perf_counter() - t0:.1f} s")
+    emit(**base, measure="bs1_decode", **bs1_decode(engine))
+
+    runner = engine.graph_runner
+    greedy = GenerationConfig(max_new_tokens=200, min_new_tokens=200, top_k=1, ignore_eos=True)
+    engine.add_request(bs1_ids(0), greedy)
+    for _ in range(8):  # prefill, then decode
+        engine.step()
+    for mode in ("eager", "graph"):
+        runner.enabled = mode == "graph"
+        for _ in range(3):
+            engine.step()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) / args.steps * 1e6
+        rows, total, n = kernel_table(profile_steps(engine, args.steps), args.steps)
+        print_table(f"{args.model} bs1 decode, {mode}", rows, total, n)
+        emit(**base, measure="bs1_step_kernels", mode=mode, kernels=n, gpu_us=round(total, 1), wall_us=round(wall_us))
+    runner.enabled = True
+    if runner.graphs:
+        g = runner.graphs[min(runner.graphs)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(50):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        emit(**base, measure="bs1_graph_replay", us=round(start.elapsed_time(end) * 1e3 / 50, 1))
+    while engine.has_unfinished():
+        engine.step()
+
+
+if __name__ == "__main__":
+    main()
