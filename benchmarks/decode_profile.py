@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import time
 
@@ -63,6 +64,10 @@ def bs1_decode(engine, n_new: int = 256) -> dict:
                     t_first = t_first or time.perf_counter()
         t_end = time.perf_counter()
     return dict(out_tok_s=round((n - 1) / (t_end - t_first), 1), out_tokens=n)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the Triton GEMV to time beside its default
+GEMV_SWEEP = [(2, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 8, 3), (4, 1024, 8, 2)]
 
 
 def gemv_shapes(name: str) -> dict[str, tuple[int, int]]:
@@ -124,8 +129,12 @@ def gemv_bench(name: str) -> None:
             fig[lib] = dict(us=round(us, 2), gb_s=round(n * k * 2 / us / 1e3, 1))
         torch.backends.cuda.preferred_blas_library("cublas")
         if gemv is not None:
-            us = time_graph(_rotating(gemv, calls))
-            fig["triton_gemv"] = dict(us=round(us, 2), gb_s=round(n * k * 2 / us / 1e3, 1))
+            err = (gemv(*calls[0]).float() - torch.nn.functional.linear(*calls[0]).float()).abs().max().item()
+            fig["triton_max_abs_diff_vs_cublas"] = err
+            for cfg in [None, *GEMV_SWEEP]:
+                us = time_graph(_rotating(functools.partial(gemv, config=cfg), calls))
+                key = "triton_default" if cfg is None else "triton_" + "_".join(map(str, cfg))
+                fig[key] = dict(us=round(us, 2), gb_s=round(n * k * 2 / us / 1e3, 1))
         emit(device=device_name("cuda"), measure="gemv_m1", model=name, shape=shape_name, n=n, k=k, **fig)
         calls = None
 
@@ -137,8 +146,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="profiled decode steps per table")
     p.add_argument("--gemv", action="store_true", help="also time the M=1 projections (cuBLAS / cuBLASLt)")
     p.add_argument("--no-engine", action="store_true", help="only the GEMV timing")
+    p.add_argument("--no-gemv", action="store_true", help="dense layers on cuBLAS only (the Triton GEMV off)")
     args = p.parse_args()
-    base = dict(device=device_name("cuda"), model=args.model)
+    base = dict(device=device_name("cuda"), model=args.model, gemv=not args.no_gemv)
+    if args.no_gemv:
+        import lmforge.backends.cuda.linear as cuda_linear
+
+        cuda_linear.GEMV_ENABLED = False
     if args.gemv:
         gemv_bench(args.model)
     if args.no_engine:

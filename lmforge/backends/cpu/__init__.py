@@ -1,5 +1,7 @@
 """Pure PyTorch reference backend: runs anywhere, and every CUDA kernel is tested against it."""
 
+import torch
+
 from .activation import activation, gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
 from .moe import fused_moe
@@ -16,9 +18,12 @@ from .quant import (
     wna16_linear,
     wna16_prepare,
 )
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotary_cos_sin
+
+linear = torch.nn.functional.linear
 
 OPS = {
+    "linear": linear,  # F.linear: x [..., K], weight [N, K], bias [N] -> [..., N]
     "rms_norm": rms_norm,
     "sharded_rms_norm": sharded_rms_norm,
     "layer_norm": layer_norm,
@@ -26,6 +31,7 @@ OPS = {
     "silu_and_mul": silu_and_mul,
     "gelu_and_mul": gelu_and_mul,
     "apply_rotary": apply_rotary,
+    "rotary_cos_sin": rotary_cos_sin,
     "fill_kv_cache": fill_kv_cache,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,

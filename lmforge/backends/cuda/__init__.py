@@ -4,6 +4,7 @@ which runs on CUDA tensors too."""
 
 from .activation import activation, gelu_and_mul, silu_and_mul
 from .attention import fill_kv_cache, paged_attention
+from .linear import linear
 from .moe import fused_moe
 from .norm import rms_norm
 from .quant import (
@@ -15,14 +16,16 @@ from .quant import (
     wna16_linear,
     wna16_prepare,
 )
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotary_cos_sin
 
 OPS = {
+    "linear": linear,
     "rms_norm": rms_norm,
     "silu_and_mul": silu_and_mul,
     "gelu_and_mul": gelu_and_mul,
     "activation": activation,
     "apply_rotary": apply_rotary,
+    "rotary_cos_sin": rotary_cos_sin,
     "fill_kv_cache": fill_kv_cache,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,
