@@ -147,14 +147,25 @@ def main() -> None:
     p.add_argument("--gemv", action="store_true", help="also time the M=1 projections (cuBLAS / cuBLASLt)")
     p.add_argument("--no-engine", action="store_true", help="only the GEMV timing")
     p.add_argument("--no-gemv", action="store_true", help="dense layers on cuBLAS only (the Triton GEMV off)")
+    p.add_argument(
+        "--baseline", action="store_true", help="every fusion of this branch that has a switch off (GEMV, fill, reduce)"
+    )
+    p.add_argument("--gemv-models", help="comma list of presets to time the GEMV of (default: --model)")
     args = p.parse_args()
-    base = dict(device=device_name("cuda"), model=args.model, gemv=not args.no_gemv)
-    if args.no_gemv:
+    base = dict(device=device_name("cuda"), model=args.model, gemv=not args.no_gemv, baseline=args.baseline)
+    if args.no_gemv or args.baseline:
         import lmforge.backends.cuda.linear as cuda_linear
 
         cuda_linear.GEMV_ENABLED = False
+    if args.baseline:
+        import lmforge.backends.cuda.attention as cuda_attention
+        import lmforge.kernels.cuda.decode_attention as decode_kernels
+
+        cuda_attention.FUSED_FILL_ENABLED = False
+        decode_kernels.FUSED_REDUCE_DEFAULT = False
     if args.gemv:
-        gemv_bench(args.model)
+        for name in (args.gemv_models or args.model).split(","):
+            gemv_bench(name)
     if args.no_engine:
         return
     from lmforge.engine.engine import Engine

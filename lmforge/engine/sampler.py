@@ -60,11 +60,13 @@ class Sampler:
         """logits: [num_seqs, >= vocab_size] float32 (padded vocab columns are ignored); it is not modified."""
         logits = logits[:, : self.vocab_size]
         cfgs = [s.gen_config for s in seqs]
-        params = self._pack_params(cfgs)
         raw_logprobs = logits.log_softmax(dim=-1) if any(c.logprobs is not None for c in cfgs) else None
 
         has_rep = any(c.repetition_penalty != 1.0 for c in cfgs)
         has_pres_freq = any(c.presence_penalty != 0.0 or c.frequency_penalty != 0.0 for c in cfgs)
+        all_greedy = all(c.is_greedy for c in cfgs)
+        # a plain greedy batch needs no per-row parameters on the device: no copy for it
+        params = self._pack_params(cfgs) if has_rep or has_pres_freq or not all_greedy else None
         masked = self._mask_pairs(seqs)
         biased = self._bias_entries(cfgs)
         guided = [i for i, s in enumerate(seqs) if s.guide is not None]
@@ -81,7 +83,7 @@ class Sampler:
             seqs[i].guide.fill_mask(logits[i])
 
         token_ids = logits.argmax(dim=-1)
-        if not all(c.is_greedy for c in cfgs):
+        if not all_greedy:
             sampled_ids = self._sample(logits, seqs, cfgs, params)
             token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)
         return _with_logprobs(token_ids, raw_logprobs, cfgs)

@@ -3,7 +3,7 @@
 import torch
 
 from .activation import activation, gelu_and_mul, silu_and_mul
-from .attention import fill_kv_cache, paged_attention
+from .attention import fill_kv_and_attend, fill_kv_cache, paged_attention
 from .moe import fused_moe
 from .norm import layer_norm, rms_norm, sharded_rms_norm
 from .quant import (
@@ -33,6 +33,7 @@ OPS = {
     "apply_rotary": apply_rotary,
     "rotary_cos_sin": rotary_cos_sin,
     "fill_kv_cache": fill_kv_cache,
+    "fill_kv_and_attend": fill_kv_and_attend,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,
     # quantized linear schemes (QUANT_CONTRACT.md); *_dequantize give the fp32 weight [N, K] of the canonical form

@@ -3,7 +3,7 @@ An op missing here (layer_norm, sharded_rms_norm) falls back to the cpu referenc
 which runs on CUDA tensors too."""
 
 from .activation import activation, gelu_and_mul, silu_and_mul
-from .attention import fill_kv_cache, paged_attention
+from .attention import fill_kv_and_attend, fill_kv_cache, paged_attention
 from .linear import linear
 from .moe import fused_moe
 from .norm import rms_norm
@@ -27,6 +27,7 @@ OPS = {
     "apply_rotary": apply_rotary,
     "rotary_cos_sin": rotary_cos_sin,
     "fill_kv_cache": fill_kv_cache,
+    "fill_kv_and_attend": fill_kv_and_attend,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,
     "wna16_prepare": wna16_prepare,
