@@ -2,7 +2,7 @@
 (count and GPU time per step) of eager and of graph-replayed steps, the captured graph's GPU time per replay, and
 optionally the M=1 GEMM (GEMV) time of the preset's projection shapes against the weight-read bound.
 
-    python benchmarks/decode_profile.py --model llama-1b --model-dir DIR [--gemv]
+    python benchmarks/decode_profile.py --model llama-1b[,llama-8b] --model-dir DIR[,DIR8] [--gemv] [--baseline]
 JSON lines to stdout, kernel tables to stderr.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import os
 import time
 
@@ -141,8 +142,8 @@ def gemv_bench(name: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(PRESETS), default="llama-1b")
-    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model", default="llama-1b", help="preset, or a comma list of presets profiled in turn")
+    p.add_argument("--model-dir", required=True, help="preset folder (comma list, one per --model)")
     p.add_argument("--steps", type=int, default=10, help="profiled decode steps per table")
     p.add_argument("--gemv", action="store_true", help="also time the M=1 projections (cuBLAS / cuBLASLt)")
     p.add_argument("--no-engine", action="store_true", help="only the GEMV timing")
@@ -168,14 +169,31 @@ def main() -> None:
             gemv_bench(name)
     if args.no_engine:
         return
+    models = args.model.split(",")
+    dirs = args.model_dir.split(",")
+    if len(dirs) != len(models):
+        p.error("--model-dir needs one folder per --model")
+    unknown = [m for m in models if m not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
+    for name, path in zip(models, dirs, strict=True):
+        profile_model(name, path, args.steps, {**base, "model": name})
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def profile_model(name: str, path: str, steps: int, base: dict) -> None:
     from lmforge.engine.engine import Engine
 
-    if not os.path.exists(os.path.join(args.model_dir, "config.json")):
-        log(f"writing {args.model} to {args.model_dir}")
-        write_preset(args.model, args.model_dir, 0)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        log(f"writing {name} to {path}")
+        write_preset(name, path, 0)
     t0 = time.perf_counter()
-    engine = Engine(args.model_dir, PytorchEngineConfig(dtype="bfloat16", max_batch_size=1))
-    log(f"engine ready in {time.perf_counter() - t0:.1f} s")
+    # batch 1 needs one graph and a small cache (a second model then fits beside what the first one left), and
+    # short prefill chunks keep the warm-up (and its kernel compiles) short
+    cfg = PytorchEngineConfig(dtype="bfloat16", max_batch_size=1, cache_max_entry_count=0.3, max_prefill_token_num=512)
+    engine = Engine(path, cfg)
+    log(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s")
     emit(**base, measure="bs1_decode", **bs1_decode(engine))
 
     runner = engine.graph_runner
@@ -188,12 +206,12 @@ def main() -> None:
         for _ in range(3):
             engine.step()
         t = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t) / args.steps * 1e6
-        rows, total, n = kernel_table(profile_steps(engine, args.steps), args.steps)
-        print_table(f"{args.model} bs1 decode, {mode}", rows, total, n)
+        wall_us = (time.perf_counter() - t) / steps * 1e6
+        rows, total, n = kernel_table(profile_steps(engine, steps), steps)
+        print_table(f"{name} bs1 decode, {mode}", rows, total, n)
         emit(**base, measure="bs1_step_kernels", mode=mode, kernels=n, gpu_us=round(total, 1), wall_us=round(wall_us))
     runner.enabled = True
     if runner.graphs:
@@ -208,6 +226,7 @@ def main() -> None:
         emit(**base, measure="bs1_graph_replay", us=round(start.elapsed_time(end) * 1e3 / 50, 1))
     while engine.has_unfinished():
         engine.step()
+    engine.close()
 
 
 if __name__ == "__main__":
