@@ -94,10 +94,14 @@ def test_decode_attention_window_softcap(device, check_dtype, paged_batch, tol, 
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
-def test_decode_attention_split_counts(device, paged_batch, tol, num_splits):
-    """More splits than chunks leaves programs with nothing to do; they must not disturb the combine."""
-    batch = paged_batch([1] * 3, [7, 64, 200], 8, 2, 64, 16, torch.float16, device)
-    out = _decode(batch, 0.125, num_splits=num_splits)
+@pytest.mark.parametrize("min_split_keys", [None, 1])
+@pytest.mark.parametrize("fused_reduce", [True, False], ids=["one_launch", "reduce_kernel"])
+def test_decode_attention_split_counts(device, paged_batch, tol, num_splits, fused_reduce, min_split_keys):
+    """More splits than chunks leaves programs with nothing to do; they must not disturb the combine (in the split
+    kernel or in the reduce kernel); min_split_keys 1 splits even short sequences, the default keeps them whole."""
+    batch = paged_batch([1] * 4, [7, 64, 200, 700], 8, 2, 64, 16, torch.float16, device)
+    kwargs = dict(num_splits=num_splits, fused_reduce=fused_reduce, min_split_keys=min_split_keys)
+    out = _decode(batch, 0.125, **kwargs)
     torch.testing.assert_close(out.float(), _reference(batch, 0.125), **tol(torch.float16))
 
 
@@ -203,18 +207,20 @@ def _fill_reference(batch: dict, key: torch.Tensor, value: torch.Tensor) -> tupl
     return k_ref, v_ref
 
 
+@pytest.mark.parametrize("min_split_keys", [None, 1])
 @pytest.mark.parametrize("fused_reduce", [True, False], ids=["one_launch", "reduce_kernel"])
-@pytest.mark.parametrize("num_splits", [None, 1, 3, 64])
+@pytest.mark.parametrize("num_splits", [None, 3, 64])
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_attention_fused_fill(
-    device, check_dtype, paged_batch, tol, dtype, heads, head_dim, num_splits, fused_reduce
+    device, check_dtype, paged_batch, tol, dtype, heads, head_dim, num_splits, fused_reduce, min_split_keys
 ):
     """This step's key/value written by the attention kernel itself: the cache ends up as fill_kv_cache leaves it
     (everything else untouched) and the output attends to the new key as if it had been cached first."""
     check_dtype(dtype)
-    kv_lens = [1, 16, 17, 64, 65, 200, 257]  # a one-key sequence (CUDA-graph padding rows), block and chunk edges
+    # a one-key sequence (CUDA-graph padding rows), block and chunk edges, one past the default split size
+    kv_lens = [1, 16, 17, 64, 65, 200, 257, 600]
     batch = paged_batch([1] * len(kv_lens), kv_lens, *heads, head_dim, 16, dtype, device)
     meta = batch["meta"]
     key = torch.randn(len(kv_lens), heads[1], head_dim, device=device).to(dtype)
@@ -236,6 +242,7 @@ def test_decode_attention_fused_fill(
         value=value,
         slot_mapping=meta.slot_mapping,
         fused_reduce=fused_reduce,
+        min_split_keys=min_split_keys,
     )
     assert torch.equal(batch["k_cache"], k_ref) and torch.equal(batch["v_cache"], v_ref)
     torch.testing.assert_close(got.float(), ref, **tol(dtype))
@@ -270,7 +277,8 @@ def test_decode_attention_one_launch_counters_reset(device, paged_batch, tol):
     batch = paged_batch([1] * 3, [7, 64, 200], 8, 2, 64, 16, torch.float16, device)
     ref = _reference(batch, 0.125)
     for splits in (64, 3, 64):
-        torch.testing.assert_close(_decode(batch, 0.125, num_splits=splits).float(), ref, **tol(torch.float16))
+        out = _decode(batch, 0.125, num_splits=splits, min_split_keys=1)
+        torch.testing.assert_close(out.float(), ref, **tol(torch.float16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -33,17 +33,21 @@ from .quant_common import NUM_LOCKS, splitk_locks
 
 
 @triton.jit
-def _split_range(kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Chunks [start, end) of BLOCK_N keys that this split covers, and the first visible key."""
+def _split_range(
+    kv_len, window, split, num_splits, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNKS: tl.constexpr
+):
+    """Chunks [start, end) of BLOCK_N keys that this split covers, the first visible key, and how many splits have
+    keys at all. A split takes at least MIN_CHUNKS chunks: a short sequence uses fewer splits than the grid has
+    (fewer partials to combine), and one that fits in a single split needs no combine."""
     lo = 0
     if WINDOW:  # the query sits at kv_len - 1; key j is visible iff kv_len - 1 - j < window
         lo = tl.maximum(kv_len - window, 0)
     first = lo // BLOCK_N
     num_chunks = tl.cdiv(kv_len, BLOCK_N) - first
-    per_split = tl.cdiv(num_chunks, num_splits)
+    per_split = tl.maximum(tl.cdiv(num_chunks, num_splits), MIN_CHUNKS)
     start = first + split * per_split
     end = tl.minimum(start + per_split, first + num_chunks)
-    return lo, start, end
+    return lo, start, end, tl.cdiv(num_chunks, per_split)
 
 
 # split count and block-table width vary with the batch: no variant per value
@@ -108,6 +112,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     FUSED_FILL: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
+    MIN_CHUNKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     # a large group (MLA: 16-128 query heads on one latent head) is served BLOCK_G heads per program
@@ -115,7 +120,7 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1) // head_blocks
     split = tl.program_id(2)
     kv_len = tl.load(kv_seqlens_ptr + seq)
-    lo, start, end = _split_range(kv_len, window, split, num_splits, WINDOW, BLOCK_N)
+    lo, start, end, num_active = _split_range(kv_len, window, split, num_splits, WINDOW, BLOCK_N, MIN_CHUNKS)
     g = (tl.program_id(1) % head_blocks) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_mask = g < group_size
     heads = kv_head * group_size + g
@@ -218,44 +223,55 @@ def _decode_split_kernel(
 
     # partials: out [seqs, heads, splits, BLOCK_DV], lse [seqs, heads, splits] (log2 domain)
     part = (seq * num_heads + heads) * num_splits + split
-    tl.store(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], acc / l_i[:, None], mask=out_mask)
-    tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g_mask)
     if FUSED_REDUCE:
-        # the last program of this (sequence, head group) to arrive combines every run's partial (in split order)
-        # and resets the counter for the next launch; every thread's partial is written before one releases it
-        tl.debug_barrier()
-        lock = lock_ptr + seq * tl.num_programs(1) + tl.program_id(1)
-        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-        first = lo // BLOCK_N
-        num_chunks = tl.cdiv(kv_len, BLOCK_N) - first
-        num_active = tl.cdiv(num_chunks, tl.cdiv(num_chunks, num_splits))
-        if arrived == num_active - 1:
-            m = tl.full([BLOCK_G], NEG_BIG, tl.float32)
-            w_sum = tl.zeros([BLOCK_G], tl.float32)
-            o = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-            for sp in range(0, num_active):
-                part_s = (seq * num_heads + heads) * num_splits + sp
-                # .cg: the other programs' partials from L2, never a stale L1 line
-                lse_s = tl.load(part_lse_ptr + part_s, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
-                o_s = tl.load(
-                    part_out_ptr + part_s[:, None].to(tl.int64) * BLOCK_DV + dv[None, :],
-                    mask=out_mask,
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                m_new = tl.maximum(m, lse_s)
-                a = tl.exp2(m - m_new)
-                b = tl.exp2(lse_s - m_new)
-                o = o * a[:, None] + tl.where(b[:, None] > 0, o_s, 0.0) * b[:, None]
-                w_sum = w_sum * a + b
-                m = m_new
-            res = o / tl.where(w_sum > 0, w_sum, 1.0)[:, None]  # no keys (padding row): zeros
+        if num_active == 1:  # the whole sequence in this program: the result itself, no partial
+            res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(
                 out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dv[None, :] * stride_od,
                 res.to(out_ptr.dtype.element_ty),
                 mask=out_mask,
             )
-            tl.atomic_xchg(lock, 0)
+        else:
+            tl.store(
+                part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], acc / l_i[:, None], mask=out_mask
+            )
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g_mask)
+            # the last program of this (sequence, head group) to arrive combines every run's partial (in split
+            # order) and resets the counter for the next launch; every thread's partial is written before one
+            # thread releases the counter at GPU scope
+            tl.debug_barrier()
+            lock = lock_ptr + seq * tl.num_programs(1) + tl.program_id(1)
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_active - 1:
+                m = tl.full([BLOCK_G], NEG_BIG, tl.float32)
+                w_sum = tl.zeros([BLOCK_G], tl.float32)
+                o = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+                for sp in range(0, num_active):
+                    part_s = (seq * num_heads + heads) * num_splits + sp
+                    # .cg: the other programs' partials from L2, never a stale L1 line
+                    lse_s = tl.load(part_lse_ptr + part_s, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(
+                        part_out_ptr + part_s[:, None].to(tl.int64) * BLOCK_DV + dv[None, :],
+                        mask=out_mask,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    m_new = tl.maximum(m, lse_s)
+                    a = tl.exp2(m - m_new)
+                    b = tl.exp2(lse_s - m_new)
+                    o = o * a[:, None] + tl.where(b[:, None] > 0, o_s, 0.0) * b[:, None]
+                    w_sum = w_sum * a + b
+                    m = m_new
+                res = o / tl.where(w_sum > 0, w_sum, 1.0)[:, None]  # no keys (padding row): zeros
+                tl.store(
+                    out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dv[None, :] * stride_od,
+                    res.to(out_ptr.dtype.element_ty),
+                    mask=out_mask,
+                )
+                tl.atomic_xchg(lock, 0)
+    else:
+        tl.store(part_out_ptr + part[:, None].to(tl.int64) * BLOCK_DV + dv[None, :], acc / l_i[:, None], mask=out_mask)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -274,12 +290,13 @@ def _decode_reduce_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    MIN_CHUNKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_len = tl.load(kv_seqlens_ptr + seq)
     splits = tl.arange(0, BLOCK_S)
-    _, start, end = _split_range(kv_len, window, splits, num_splits, WINDOW, BLOCK_N)
+    _, start, end, _ = _split_range(kv_len, window, splits, num_splits, WINDOW, BLOCK_N, MIN_CHUNKS)
     valid = (splits < num_splits) & (start < end)  # the same test the split programs used to skip
     part = (seq * tl.num_programs(1) + head) * num_splits + splits
     lse = tl.load(part_lse_ptr + part, mask=valid, other=float("-inf"))
@@ -296,6 +313,8 @@ def _decode_reduce_kernel(
 
 # benchmarks switch it off to time the separate reduce kernel; read at call time, so before a graph is captured
 FUSED_REDUCE_DEFAULT = True
+# keys a split reads at least (rounded down to whole BLOCK_N chunks); min_split_keys overrides it per call
+MIN_SPLIT_KEYS = 256
 
 
 def fusable_fill(
@@ -367,6 +386,7 @@ def decode_attention(
     value: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
     fused_reduce: bool | None = None,
+    min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """query [num_seqs, heads, d] -> [num_seqs, heads, v_head_dim]; cache [num_blocks, block_size, kv_heads, d].
 
@@ -374,6 +394,7 @@ def decode_attention(
     cache; the kernel writes them at their slots (fill_kv_cache's job) and attends to them in the same launch
     (a plain cache of the keys' dtype only; `fusable_fill` says when). fused_reduce (default: when the counters
     suffice) combines the splits' partials in the split kernel's last program instead of a second launch.
+    min_split_keys (default MIN_SPLIT_KEYS): the fewest keys one split reads; 1 splits as finely as num_splits allows.
 
     block_tables [num_seqs, max_blocks] int32, kv_seqlens [num_seqs] int32 (keys visible to each query, its own
     included). out, if given, receives the result. num_splits / block_n / num_warps / num_stages override the
@@ -419,6 +440,9 @@ def decode_attention(
     if num_seqs == 0:
         return out
     head_blocks = triton.cdiv(group_size, block_g)
+    # a split reads at least MIN_SPLIT_KEYS keys: on an H200 one program streams them faster than more splits
+    # would combine their partials (batch-1 decode of a few hundred keys: one program per head, no combine)
+    min_chunks = max(1, MIN_SPLIT_KEYS // block_n) if min_split_keys is None else max(1, min_split_keys // block_n)
     locks = splitk_locks(query.device) if query.is_cuda else torch.zeros(NUM_LOCKS, dtype=torch.int32)
     if fused_reduce is None:
         fused_reduce = FUSED_REDUCE_DEFAULT and num_seqs * num_kv_heads * head_blocks <= NUM_LOCKS
@@ -478,6 +502,7 @@ def decode_attention(
         DOT_PRECISION=dot_precision(query.dtype),
         FUSED_FILL=fill,
         FUSED_REDUCE=fused_reduce,
+        MIN_CHUNKS=min_chunks,
         num_warps=num_warps if head_dim <= 256 else max(num_warps, 8),
         num_stages=num_stages,
     )
@@ -496,6 +521,7 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_S=triton.next_power_of_2(num_splits),
         BLOCK_DV=block_dv,
+        MIN_CHUNKS=min_chunks,
         num_warps=4,
     )
     return out
