@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from lmforge.backends.registry import get_op
 from lmforge.engine.staging import PinnedStaging
 from lmforge.messages import GenerationConfig
 
@@ -55,6 +56,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.staging = PinnedStaging(self.device)
+        # the greedy token: one launch over the row on cuda (torch's reduction streams a vocab row in one block)
+        self.argmax = get_op("argmax_rows", self.device.type)
 
     def __call__(self, logits: torch.Tensor, seqs: Sequence[SamplingSeq]) -> SampleResult:
         """logits: [num_seqs, >= vocab_size] float32 (padded vocab columns are ignored); it is not modified."""
@@ -82,7 +85,7 @@ class Sampler:
         for i in guided:
             seqs[i].guide.fill_mask(logits[i])
 
-        token_ids = logits.argmax(dim=-1)
+        token_ids = self.argmax(logits)
         if not all_greedy:
             sampled_ids = self._sample(logits, seqs, cfgs, params)
             token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)

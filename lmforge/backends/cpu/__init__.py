@@ -22,7 +22,14 @@ from .rotary import apply_rotary, rotary_cos_sin
 
 linear = torch.nn.functional.linear
 
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, n] -> [rows] int64: the first index of each row's max (the greedy token)."""
+    return x.argmax(dim=-1)
+
+
 OPS = {
+    "argmax_rows": argmax_rows,
     "linear": linear,  # F.linear: x [..., K], weight [N, K], bias [N] -> [..., N]
     "rms_norm": rms_norm,
     "sharded_rms_norm": sharded_rms_norm,

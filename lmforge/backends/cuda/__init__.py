@@ -2,6 +2,8 @@
 An op missing here (layer_norm, sharded_rms_norm) falls back to the cpu reference (the registry does that),
 which runs on CUDA tensors too."""
 
+from lmforge.kernels.cuda.argmax import argmax_rows
+
 from .activation import activation, gelu_and_mul, silu_and_mul
 from .attention import fill_kv_and_attend, fill_kv_cache, paged_attention
 from .linear import linear
@@ -19,6 +21,7 @@ from .quant import (
 from .rotary import apply_rotary, rotary_cos_sin
 
 OPS = {
+    "argmax_rows": argmax_rows,
     "linear": linear,
     "rms_norm": rms_norm,
     "silu_and_mul": silu_and_mul,
