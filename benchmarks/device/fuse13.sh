@@ -16,7 +16,7 @@ T="nice -n 19 python3 -m pytest -q -p no:cacheprovider -rf"
     -k "graph or argmax or cos_sin or counters or fill_kv_and_attend or fused or split_counts or gemv or test_decode_attention" \
     > $OUT/tests_kernels.log 2>&1; mark tests_kernels $?
   timeout $(( $(left) - 2 )) $T tests/engine/test_gpu_engine.py tests/engine/test_sampler.py \
-    "tests/models/test_gpu_parity.py::test_bf16_cuda_parity[batch-llama]" > $OUT/tests_engine.log 2>&1; mark tests_engine $?
+    "tests/models/test_gpu_parity.py::test_bf16_cuda_parity[llama-batch]" > $OUT/tests_engine.log 2>&1; mark tests_engine $?
 ) &
 TP=$!
 timeout $(( $(left) - 2 )) python3 benchmarks/decode_profile.py --model llama-1b,llama-8b --model-dir $M1,$M8 \
