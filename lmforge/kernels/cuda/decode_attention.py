@@ -1,13 +1,17 @@
 """Decode attention over the paged KV cache (one query token per sequence), flash-decoding style.
 
 Decode is memory-bound: the floor is reading each sequence's K and V once. So one program serves all
-query heads that share a KV head (GQA), and each sequence's keys are split into `num_splits` slices
-handled by separate programs, whose partial results (output normalised per slice, plus its log-sum-exp)
-a second kernel combines.
+query heads that share a KV head (GQA), and each sequence's keys are split into up to `num_splits` slices
+handled by separate programs, whose partial results (output normalised per slice, plus its log-sum-exp) are
+combined by the last program of the sequence to finish (an arrival counter; or, with fused_reduce=False, by a
+second kernel). A slice reads at least MIN_SPLIT_KEYS keys, so a short sequence (batch-1 decode of a few hundred
+tokens) is one program per KV head that writes its result directly. Given this step's key/value (and their
+slots), the kernel also writes them into the cache and attends to them from registers: the decode step's
+fill_kv_cache launch is gone.
 
 CUDA-graph safe: the grid depends only on shapes (num_splits comes from the block table's width, never
 from kv lengths). Each program reads its sequence's kv length on the device, cuts the visible key range
-into num_splits equal runs of BLOCK_N keys, and returns at once when its run is empty.
+into runs of BLOCK_N-key chunks, and returns at once when its run is empty.
 """
 
 from __future__ import annotations
