@@ -2,7 +2,8 @@
 (count and GPU time per step) of eager and of graph-replayed steps, the captured graph's GPU time per replay, and
 optionally the M=1 GEMM (GEMV) time of the preset's projection shapes against the weight-read bound.
 
-    python benchmarks/decode_profile.py --model llama-1b[,llama-8b] --model-dir DIR[,DIR8] [--gemv] [--baseline]
+    python benchmarks/decode_profile.py --model llama-1b[,llama-8b,llama-1b:base] --model-dir DIR[,DIR8,DIR] [--gemv]
+(a preset with ':base' runs with this branch's switchable batch-1 work off: main's kernels, for a before/after)
 JSON lines to stdout, kernel tables to stderr.
 """
 
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import gc
 import importlib
 import os
 import time
+from unittest import mock
 
 import torch
 from common import device_name, emit, log
@@ -149,20 +152,12 @@ def main() -> None:
     p.add_argument("--gemv", action="store_true", help="also time the M=1 projections (cuBLAS / cuBLASLt)")
     p.add_argument("--no-engine", action="store_true", help="only the GEMV timing")
     p.add_argument("--no-gemv", action="store_true", help="dense layers on cuBLAS only (the Triton GEMV off)")
-    p.add_argument(
-        "--baseline", action="store_true", help="every fusion of this branch that has a switch off (GEMV, fill, reduce)"
-    )
+    p.add_argument("--baseline", action="store_true", help="every preset with this branch's batch-1 work off")
     p.add_argument("--gemv-models", help="comma list of presets to time the GEMV of (default: --model)")
     args = p.parse_args()
     base = dict(device=device_name("cuda"), model=args.model, gemv=not args.no_gemv, baseline=args.baseline)
-    # the modules themselves (lmforge.backends.cuda re-exports a function named `linear` over its submodule)
-    if args.no_gemv or args.baseline:
+    if args.no_gemv:
         importlib.import_module("lmforge.backends.cuda.linear").GEMV_ENABLED = False
-    if args.baseline:
-        importlib.import_module("lmforge.backends.cuda.attention").FUSED_FILL_ENABLED = False
-        decode_kernels = importlib.import_module("lmforge.kernels.cuda.decode_attention")
-        decode_kernels.FUSED_REDUCE_DEFAULT = False
-        decode_kernels.MIN_SPLIT_KEYS = 1
     if args.gemv:
         for name in (args.gemv_models or args.model).split(","):
             gemv_bench(name)
@@ -172,16 +167,42 @@ def main() -> None:
     dirs = args.model_dir.split(",")
     if len(dirs) != len(models):
         p.error("--model-dir needs one folder per --model")
-    unknown = [m for m in models if m not in PRESETS]
+    # "llama-1b:base" profiles that preset with every switchable fusion of this branch off
+    unknown = [m for m in models if m.removesuffix(":base") not in PRESETS]
     if unknown:
-        p.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
+        p.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)} (a ':base' suffix allowed)")
     for name, path in zip(models, dirs, strict=True):
-        profile_model(name, path, args.steps, {**base, "model": name})
+        baseline = args.baseline or name.endswith(":base")
+        set_baseline(baseline, keep_gemv_off=args.no_gemv)
+        name = name.removesuffix(":base")
+        profile_model(name, path, args.steps, {**base, "model": name, "baseline": baseline}, baseline)
         gc.collect()
         torch.cuda.empty_cache()
 
 
-def profile_model(name: str, path: str, steps: int, base: dict) -> None:
+def _with_cpu_cos_sin(init):
+    from lmforge.backends.cpu.rotary import rotary_cos_sin
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.cos_sin = rotary_cos_sin
+
+    return patched
+
+
+def set_baseline(on: bool, keep_gemv_off: bool = False) -> None:
+    """Every switch of this branch's batch-1 work to main's behaviour (on) or to the default (off): cuBLAS for one
+    row, the separate fill and reduce kernels and splits of any size, hidden states out of the decode graphs. The
+    sampler's argmax and the rotary cos/sin kernel are swapped per engine in profile_model."""
+    importlib.import_module("lmforge.backends.cuda.linear").GEMV_ENABLED = not (on or keep_gemv_off)
+    importlib.import_module("lmforge.backends.cuda.attention").FUSED_FILL_ENABLED = not on
+    decode_kernels = importlib.import_module("lmforge.kernels.cuda.decode_attention")
+    decode_kernels.FUSED_REDUCE_DEFAULT = not on
+    decode_kernels.MIN_SPLIT_KEYS = 1 if on else 256
+    importlib.import_module("lmforge.engine.cuda_graph").LOGITS_MAX_BS = 0 if on else 16
+
+
+def profile_model(name: str, path: str, steps: int, base: dict, baseline: bool = False) -> None:
     from lmforge.engine.engine import Engine
 
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -191,7 +212,16 @@ def profile_model(name: str, path: str, steps: int, base: dict) -> None:
     # batch 1 needs one graph and a small cache (a second model then fits beside what the first one left), and
     # short prefill chunks keep the warm-up (and its kernel compiles) short
     cfg = PytorchEngineConfig(dtype="bfloat16", max_batch_size=1, cache_max_entry_count=0.3, max_prefill_token_num=512)
-    engine = Engine(path, cfg)
+    if baseline:  # the cos/sin of torch's eight launches, captured that way
+        from lmforge.nn.rotary import RotaryEmbedding
+
+        patch = mock.patch.object(RotaryEmbedding, "__init__", _with_cpu_cos_sin(RotaryEmbedding.__init__))
+    else:
+        patch = contextlib.nullcontext()
+    with patch:
+        engine = Engine(path, cfg)
+    if baseline:
+        engine.sampler.argmax = lambda x: x.argmax(dim=-1)
     log(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s")
     emit(**base, measure="bs1_decode", **bs1_decode(engine))
 

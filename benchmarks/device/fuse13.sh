@@ -19,7 +19,7 @@ T="nice -n 19 python3 -m pytest -q -p no:cacheprovider -rf"
     "tests/models/test_gpu_parity.py::test_bf16_cuda_parity[llama-batch]" > $OUT/tests_engine.log 2>&1; mark tests_engine $?
 ) &
 TP=$!
-timeout $(( $(left) - 2 )) python3 benchmarks/decode_profile.py --model llama-1b,llama-8b --model-dir $M1,$M8 \
+timeout $(( $(left) - 2 )) python3 benchmarks/decode_profile.py --model llama-1b,llama-8b,llama-1b:base --model-dir $M1,$M8,$M1 \
   > $OUT/prof.jsonl 2> $OUT/prof.log; mark prof $?
 wait $TP
 cat $OUT/steps.txt; cut -c1-400 $OUT/prof.jsonl; tail -4 $OUT/tests_kernels.log $OUT/tests_engine.log
