@@ -20,11 +20,9 @@ def tanh(x):
 
 
 @triton.jit
-def load_kv_tile(
+def load_kv_codes(
     cache_ptr,
-    sz_ptr,
     rows,
-    sz_rows,
     row_mask,
     col0,
     num_cols,
@@ -34,30 +32,96 @@ def load_kv_tile(
     QUANT: tl.constexpr,
     MASK_COLS: tl.constexpr,
 ):
-    """Channels col0 + [0, BLOCK_D) (those < num_cols when MASK_COLS) of BLOCK_N cached key/value rows.
-
-    rows / sz_rows [BLOCK_N]: offsets of each row in the cache and in its scales_zeros (same head). QUANT 0 returns
-    the stored values as they are (the caller casts them; a float8 cache has scale 1.0); QUANT 8 / 4 dequantizes
-    the uint8 codes as the tile loads, (q - zero) * scale in float32, int4 unpacking byte c into channels 2c, 2c + 1.
-    Masked rows read as zeros."""
+    """Channels col0 + [0, BLOCK_D) (those < num_cols when MASK_COLS) of BLOCK_N cached key/value rows, as stored:
+    the values of a plain (or float8) cache, the uint8 codes of an int8 one, int4 bytes c unpacked into channels
+    2c, 2c + 1. rows [BLOCK_N]: offsets of each row in the cache (same head). Masked rows read as zeros."""
     if QUANT == 4:
         c = col0 // 2 + tl.arange(0, BLOCK_D // 2)
         mask = row_mask[:, None]
         if MASK_COLS:
             mask = mask & (c[None, :] * 2 < num_cols)
         packed = tl.load(cache_ptr + rows[:, None] + c[None, :] * stride_d, mask=mask, other=0)
-        x = tl.join(packed & 15, packed >> 4).reshape(BLOCK_N, BLOCK_D)
-    else:
-        c = col0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None]
-        if MASK_COLS:
-            mask = mask & (c[None, :] < num_cols)
-        x = tl.load(cache_ptr + rows[:, None] + c[None, :] * stride_d, mask=mask, other=0.0)
+        return tl.join(packed & 15, packed >> 4).reshape(BLOCK_N, BLOCK_D)
+    c = col0 + tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None]
+    if MASK_COLS:
+        mask = mask & (c[None, :] < num_cols)
+    return tl.load(cache_ptr + rows[:, None] + c[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_scales_zeros(sz_ptr, sz_rows, row_mask):
+    """(scale, zero point) [BLOCK_N] float32 of quantized rows (one 8-byte load each); masked rows read (0, 0)."""
+    pair = tl.load(sz_ptr + sz_rows[:, None] + tl.arange(0, 2)[None, :], mask=row_mask[:, None], other=0.0)
+    return tl.split(pair)
+
+
+@triton.jit
+def attn_scores(
+    q1,
+    q2,
+    q_sum,
+    k_ptr,
+    k_sz_ptr,
+    k_rows,
+    sz_rows,
+    row_mask,
+    head_dim,
+    stride_d,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """q . k [BLOCK_M, BLOCK_N] float32 of query rows q1 (channels [0, BLOCK_D1)) / q2 (the tail) against BLOCK_N
+    cached keys, and the keys' leading tile as stored (MLA reuses it as the values).
+
+    A quantized key k = (c - z) * s enters the dot as its integer codes c, exact in bf16 / fp16, and the row's scale
+    and zero point are applied to the score: q . k = s * (q . c - z * sum(q)), with q_sum [BLOCK_M] = sum(q) over
+    the head's channels. So each loaded element costs one int -> float convert, not a float dequantization."""
+    k1 = load_kv_codes(k_ptr, k_rows, row_mask, 0, head_dim, stride_d, BLOCK_N, BLOCK_D1, QUANT, False)
+    s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
+        s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
     if QUANT != 0:
-        scale = tl.load(sz_ptr + sz_rows, mask=row_mask, other=0.0)
-        zero = tl.load(sz_ptr + sz_rows + 1, mask=row_mask, other=0.0)
-        x = (x.to(tl.float32) - zero[:, None]) * scale[:, None]
-    return x
+        scale, zero = load_scales_zeros(k_sz_ptr, sz_rows, row_mask)
+        s = (s - q_sum[:, None] * zero[None, :]) * scale[None, :]
+    return s, k1
+
+
+@triton.jit
+def attn_values(
+    acc,
+    p,
+    q,
+    v_ptr,
+    v_sz_ptr,
+    v_rows,
+    sz_rows,
+    row_mask,
+    v_dim,
+    stride_d,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """acc [BLOCK_M, BLOCK_DV] float32 + p @ v, for softmax weights p [BLOCK_M, BLOCK_N] float32; the dot runs in the
+    dtype of the query tile q.
+
+    A quantized value v = (c - z) * s: p @ v = (p * s) @ c - sum(p * s * z), the codes c going to the dot as they
+    are. p * s is scaled by the chunk's largest scale first (and the result back), so in float16 it does not fall
+    into subnormals; the correction sums the rounded weights the dot used."""
+    v = load_kv_codes(v_ptr, v_rows, row_mask, 0, v_dim, stride_d, BLOCK_N, BLOCK_DV, QUANT, True)
+    if QUANT == 0:
+        return tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+    scale, zero = load_scales_zeros(v_sz_ptr, sz_rows, row_mask)
+    top = tl.maximum(tl.max(scale, axis=0), 1.0e-30)
+    w = (p * (scale * (1.0 / top))[None, :]).to(q.dtype)
+    pv = tl.dot(w, v.to(w.dtype), input_precision=DOT_PRECISION)
+    return acc + (pv - tl.sum(w.to(tl.float32) * zero[None, :], axis=1)[:, None]) * top
 
 
 def check_out(out: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

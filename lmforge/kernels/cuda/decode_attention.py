@@ -21,10 +21,11 @@ import triton.language as tl
 from .common import (
     LOG2E,
     NEG_BIG,
+    attn_scores,
+    attn_values,
     check_out,
     dot_precision,
     kv_quant_args,
-    load_kv_tile,
     shares_kv,
     split_head_dim,
     tanh,
@@ -115,6 +116,11 @@ def _decode_split_kernel(
         q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=g_mask[:, None] & (d2[None, :] < head_dim), other=0.0)
     else:  # placeholder, never read
         q2 = q1
+    q_sum = tl.zeros([BLOCK_G], tl.float32)  # sum(q) over the head's channels: a quantized key's zero-point term
+    if QUANT != 0:
+        q_sum = tl.sum(q1.to(tl.float32), axis=1)
+        if BLOCK_D2 > 0:
+            q_sum += tl.sum(q2.to(tl.float32), axis=1)
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
     k_sz_head = k_sz_ptr + kv_head * stride_zh
@@ -131,15 +137,23 @@ def _decode_split_kernel(
         offset = j % block_size
         k_row = block_id * stride_kb + offset * stride_ks
         sz_row = block_id * stride_zb + offset * stride_zs
-        k1 = load_kv_tile(
-            k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT, False
-        ).to(q1.dtype)
-        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
-        if BLOCK_D2 > 0:
-            k2 = load_kv_tile(
-                k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2, QUANT, True
-            )
-            s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
+        s, k1 = attn_scores(
+            q1,
+            q2,
+            q_sum,
+            k_head,
+            k_sz_head,
+            k_row,
+            sz_row,
+            j_mask,
+            head_dim,
+            stride_kd,
+            BLOCK_N,
+            BLOCK_D1,
+            BLOCK_D2,
+            QUANT,
+            DOT_PRECISION,
+        )  # [BLOCK_G, BLOCK_N]
         if SOFTCAP:
             s = softcap * tanh(s * (scale / softcap)) * LOG2E
         else:
@@ -149,14 +163,27 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
         if SHARED_KV:  # the values are the key tile's leading channels: no second load
-            v = k1
+            acc = tl.dot(p.to(q1.dtype), k1.to(q1.dtype), acc, input_precision=DOT_PRECISION)
         else:
             v_row = block_id * stride_vb + offset * stride_vs
-            v = load_kv_tile(
-                v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT, True
-            ).to(q1.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
+            acc = attn_values(
+                acc,
+                p,
+                q1,
+                v_head,
+                v_sz_head,
+                v_row,
+                sz_row,
+                j_mask,
+                v_dim,
+                stride_vd,
+                BLOCK_N,
+                BLOCK_DV,
+                QUANT,
+                DOT_PRECISION,
+            )
         m_i = m_new
 
     # partials: out [seqs, heads, splits, BLOCK_DV], lse [seqs, heads, splits] (log2 domain)

@@ -18,10 +18,11 @@ import triton.language as tl
 from .common import (
     LOG2E,
     NEG_BIG,
+    attn_scores,
+    attn_values,
     check_out,
     dot_precision,
     kv_quant_args,
-    load_kv_tile,
     shares_kv,
     split_head_dim,
     tanh,
@@ -32,6 +33,7 @@ from .common import (
 def _attend_chunk(
     q1,
     q2,
+    q_sum,
     acc,
     m_i,
     l_i,
@@ -74,15 +76,23 @@ def _attend_chunk(
     offset = j % block_size
     k_row = block_id * stride_kb + offset * stride_ks
     sz_row = block_id * stride_zb + offset * stride_zs
-    k1 = load_kv_tile(
-        k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT, False
-    ).to(q1.dtype)
-    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    if BLOCK_D2 > 0:
-        k2 = load_kv_tile(
-            k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2, QUANT, True
-        )
-        s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
+    s, k1 = attn_scores(
+        q1,
+        q2,
+        q_sum,
+        k_head,
+        k_sz_head,
+        k_row,
+        sz_row,
+        j_mask,
+        head_dim,
+        stride_kd,
+        BLOCK_N,
+        BLOCK_D1,
+        BLOCK_D2,
+        QUANT,
+        DOT_PRECISION,
+    )  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
         s = softcap * tanh(s * (scale / softcap)) * LOG2E
     else:
@@ -96,14 +106,27 @@ def _attend_chunk(
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
     if SHARED_KV:  # the values are the key tile's leading channels: no second load
-        v = k1
+        acc = tl.dot(p.to(q1.dtype), k1.to(q1.dtype), acc, input_precision=DOT_PRECISION)
     else:
         v_row = block_id * stride_vb + offset * stride_vs
-        v = load_kv_tile(
-            v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT, True
-        ).to(q1.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
+        acc = attn_values(
+            acc,
+            p,
+            q1,
+            v_head,
+            v_sz_head,
+            v_row,
+            sz_row,
+            j_mask,
+            v_dim,
+            stride_vd,
+            BLOCK_N,
+            BLOCK_DV,
+            QUANT,
+            DOT_PRECISION,
+        )
     return acc, m_new, l_i
 
 
@@ -181,6 +204,11 @@ def _prefill_attention_kernel(
         q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=row_mask[:, None] & (d2[None, :] < head_dim), other=0.0)
     else:  # placeholder, never read
         q2 = q1
+    q_sum = tl.zeros([BLOCK_M], tl.float32)  # sum(q) over the head's channels: a quantized key's zero-point term
+    if QUANT != 0:
+        q_sum = tl.sum(q1.to(tl.float32), axis=1)
+        if BLOCK_D2 > 0:
+            q_sum += tl.sum(q2.to(tl.float32), axis=1)
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
     k_sz_head = k_sz_ptr + kv_head * stride_zh
@@ -200,6 +228,7 @@ def _prefill_attention_kernel(
             acc, m_i, l_i = _attend_chunk(
                 q1,
                 q2,
+                q_sum,
                 acc,
                 m_i,
                 l_i,
@@ -240,6 +269,7 @@ def _prefill_attention_kernel(
         acc, m_i, l_i = _attend_chunk(
             q1,
             q2,
+            q_sum,
             acc,
             m_i,
             l_i,
