@@ -31,6 +31,8 @@ from lmforge.model_inputs import QuantizedCache
 DEVICE = torch.device("cuda")
 HEADS, KV_HEADS, BLOCK_SIZE = 32, 8, 64
 FORMATS = ("bf16", "int8", "int4", "fp8")
+# decode launch configs of --sweep: (block_n, num_warps, num_stages)
+SWEEP = ((64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2), (256, 8, 3))
 
 
 def caches_of(k_cache: torch.Tensor, v_cache: torch.Tensor, fmt: str) -> tuple[tuple, dict, int]:
@@ -89,7 +91,7 @@ def main() -> None:
     p.add_argument("--batches", default="256,64")
     p.add_argument("--kv-lens", default="512,2048")
     p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--sweep", action="store_true", help="block_n x num_warps for the quantized formats")
+    p.add_argument("--sweep", action="store_true", help="decode launch configs (SWEEP) for the quantized formats")
     p.add_argument("--prefill", action="store_true", help="also prefill of 512 new tokens after a 1536-token prefix")
     p.add_argument("--compare", help="folder with a kvattn_base package (another kernels/cuda copy)")
     p.add_argument("--compile-only", action="store_true")
@@ -111,10 +113,9 @@ def main() -> None:
                         cases.append(("decode", head_dim, batch, 1, kv_len, fmt, impl, {}))
         if args.sweep:
             for fmt in ("int8", "int4"):
-                for block_n in (64, 128, 256):
-                    for num_warps in (4, 8):
-                        overrides = {"block_n": block_n, "num_warps": num_warps}
-                        cases.append(("decode", head_dim, 256, 1, 2048, fmt, "new", overrides))
+                for block_n, num_warps, num_stages in SWEEP:
+                    overrides = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
+                    cases.append(("decode", head_dim, 256, 1, 2048, fmt, "new", overrides))
         if args.prefill:
             for fmt in formats:
                 for impl in impls:

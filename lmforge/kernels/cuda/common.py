@@ -112,16 +112,24 @@ def attn_values(
     dtype of the query tile q.
 
     A quantized value v = (c - z) * s: p @ v = (p * s) @ c - sum(p * s * z), the codes c going to the dot as they
-    are. p * s is scaled by the chunk's largest scale first (and the result back), so in float16 it does not fall
-    into subnormals; the correction sums the rounded weights the dot used."""
+    are. In float16, p * s is divided by the chunk's largest scale first (and the result multiplied back), so it
+    does not fall into subnormals; the correction sums the rounded weights the dot used."""
     v = load_kv_codes(v_ptr, v_rows, row_mask, 0, v_dim, stride_d, BLOCK_N, BLOCK_DV, QUANT, True)
     if QUANT == 0:
         return tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
     scale, zero = load_scales_zeros(v_sz_ptr, sz_rows, row_mask)
-    top = tl.maximum(tl.max(scale, axis=0), 1.0e-30)
-    w = (p * (scale * (1.0 / top))[None, :]).to(q.dtype)
-    pv = tl.dot(w, v.to(w.dtype), input_precision=DOT_PRECISION)
-    return acc + (pv - tl.sum(w.to(tl.float32) * zero[None, :], axis=1)[:, None]) * top
+    if q.dtype == tl.float16:
+        top = tl.maximum(tl.max(scale, axis=0), 1.0e-30)
+        w = (p * (scale * (1.0 / top))[None, :]).to(q.dtype)
+    else:  # bfloat16 / float32 have float32's exponent range
+        w = (p * scale[None, :]).to(q.dtype)
+    pv = (
+        tl.dot(w, v.to(w.dtype), input_precision=DOT_PRECISION)
+        - tl.sum(w.to(tl.float32) * zero[None, :], axis=1)[:, None]
+    )
+    if q.dtype == tl.float16:
+        pv = pv * top
+    return acc + pv
 
 
 def check_out(out: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
