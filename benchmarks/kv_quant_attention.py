@@ -6,17 +6,21 @@ llama's 32 query / 8 KV heads; head_dim 64 is llama-1b, 128 llama-8b.
 
     python3 benchmarks/kv_quant_attention.py [--head-dims 64,128] [--sweep] [--compare DIR] [--deadline S]
 
---compare DIR: a folder holding another copy of lmforge/kernels/cuda (decode_attention.py, prefill_attention.py,
-common.py) timed beside this tree's, as impl "base". --compile-only --shard i/n: launch each case once (fills the
-Triton cache for the timed run, n processes in parallel). --deadline: stop starting cases after S seconds.
+--compare DIR: a folder of packages kvattn_<name>, each another copy of lmforge/kernels/cuda (decode_attention.py,
+prefill_attention.py, common.py), timed beside this tree's as impl <name>.
+--compile-only --shard i/n: launch each case once (fills the Triton cache for the timed run, n processes in parallel).
+--deadline: stop starting cases after S seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import glob
+import hashlib
 import importlib
 import json
+import os
 import sys
 import time
 
@@ -73,15 +77,28 @@ def paged(num_seqs: int, q_len: int, kv_len: int, head_dim: int) -> dict:
     }
 
 
+def source_sha(mods: tuple) -> str:
+    """Short hash of an implementation's kernel sources (its two modules and their common.py): which code ran."""
+    digest = hashlib.sha1()
+    for mod in mods:
+        with open(mod.__file__, "rb") as f:
+            digest.update(f.read())
+    with open(os.path.join(os.path.dirname(mods[0].__file__), "common.py"), "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()[:10]
+
+
 def load_impls(compare: str | None) -> dict:
+    """This tree's kernels as "new", and each kvattn_<name> package in the compare folder as <name>."""
     impls = {"new": (decode_mod, prefill_mod)}
     if compare:
         sys.path.insert(0, compare)
-        pkg = importlib.import_module("kvattn_base")
-        impls["base"] = (
-            importlib.import_module(f"{pkg.__name__}.decode_attention"),
-            importlib.import_module(f"{pkg.__name__}.prefill_attention"),
-        )
+        for pkg in sorted(glob.glob(os.path.join(compare, "kvattn_*", "__init__.py"))):
+            name = os.path.basename(os.path.dirname(pkg))
+            impls[name.removeprefix("kvattn_")] = (
+                importlib.import_module(f"{name}.decode_attention"),
+                importlib.import_module(f"{name}.prefill_attention"),
+            )
     return impls
 
 
@@ -93,7 +110,7 @@ def main() -> None:
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--sweep", action="store_true", help="decode launch configs (SWEEP) for the int8 cache")
     p.add_argument("--prefill", action="store_true", help="also prefill of 512 new tokens after a 1536-token prefix")
-    p.add_argument("--compare", help="folder with a kvattn_base package (another kernels/cuda copy)")
+    p.add_argument("--compare", help="folder of kvattn_<name> packages (other kernels/cuda copies)")
     p.add_argument("--compile-only", action="store_true")
     p.add_argument("--shard", default="0/1")
     p.add_argument("--deadline", type=float, default=1e9)
@@ -103,7 +120,8 @@ def main() -> None:
     shard, num_shards = map(int, args.shard.split("/"))
     impls = load_impls(args.compare)
     formats = args.formats.split(",")
-    header = {"device": torch.cuda.get_device_name(), "git_sha": "worktree"}
+    header = {"device": torch.cuda.get_device_name()}
+    sources = {name: source_sha(mods) for name, mods in impls.items()}
     # (op, head_dim, batch, q_len, kv_len, fmt, impl, launch overrides), the most telling first (--deadline)
     head_dims, batches = [int(d) for d in args.head_dims.split(",")], [int(b) for b in args.batches.split(",")]
     kv_lens = [int(n) for n in args.kv_lens.split(",")]
@@ -162,7 +180,16 @@ def main() -> None:
             continue
         num_bytes = 2 * batch * kv_len * KV_HEADS * row_bytes
         rec = {**header, "op": op, "head_dim": head_dim, "batch": batch, "q_len": q_len, "kv_len": kv_len}
-        rec.update({"cache": fmt, "impl": impl, **overrides, "us": round(us, 1), "gb_s": round(num_bytes / us / 1e3)})
+        rec.update(
+            {
+                "cache": fmt,
+                "impl": impl,
+                "src": sources[impl],
+                **overrides,
+                "us": round(us, 1),
+                "gb_s": round(num_bytes / us / 1e3),
+            }
+        )
         if fmt == "bf16" and not overrides:
             bf16_us[(op, key, impl)] = us
         base = bf16_us.get((op, key, impl))

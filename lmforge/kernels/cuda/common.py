@@ -57,10 +57,44 @@ def load_scales_zeros(sz_ptr, sz_rows, row_mask):
 
 
 @triton.jit
+def codes_as_dot_operand(c, dtype: tl.constexpr):
+    """Integer codes c (uint8, < 1024) as dot operands: float16 1024 + c built from the bits (0x6400 is 1024.0 and
+    c fills the low mantissa bits), so no int -> float conversion instruction (a quarter-rate unit on the GPU) runs
+    per element; float32 (exact dots for float32 models) converts them."""
+    if dtype == tl.float16:
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return c.to(dtype)
+
+
+@triton.jit
+def quantized_query(q1, q2, BLOCK_D2: tl.constexpr):
+    """(q1, q2, q_sum, q_scale) for scoring quantized keys: float16 rows q / q_scale (q_scale [BLOCK_M] a power of two
+    near each row's largest |q|, so a bfloat16 query converts exactly and cannot overflow float16), and q_sum the
+    sum of those float16 rows over the head's channels. A float32 query stays float32 (q_scale 1)."""
+    if q1.dtype == tl.float32:
+        q_scale = tl.full([q1.shape[0]], 1.0, tl.float32)
+        qa1, qa2 = q1, q2
+    else:
+        q_max = tl.max(tl.abs(q1.to(tl.float32)), axis=1)
+        if BLOCK_D2 > 0:
+            q_max = tl.maximum(q_max, tl.max(tl.abs(q2.to(tl.float32)), axis=1))
+        # the power of two at or below q_max: its float32 exponent bits alone
+        q_scale = (tl.maximum(q_max, 1.0e-30).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        inv = 1.0 / q_scale
+        qa1 = (q1.to(tl.float32) * inv[:, None]).to(tl.float16)
+        qa2 = (q2.to(tl.float32) * inv[:, None]).to(tl.float16)
+    q_sum = tl.sum(qa1.to(tl.float32), axis=1)
+    if BLOCK_D2 > 0:
+        q_sum += tl.sum(qa2.to(tl.float32), axis=1)
+    return qa1, qa2, q_sum, q_scale
+
+
+@triton.jit
 def attn_scores(
     q1,
     q2,
     q_sum,
+    q_scale,
     k_ptr,
     k_sz_ptr,
     k_rows,
@@ -77,17 +111,25 @@ def attn_scores(
     """q . k [BLOCK_M, BLOCK_N] float32 of query rows q1 (channels [0, BLOCK_D1)) / q2 (the tail) against BLOCK_N
     cached keys, and the keys' leading tile as stored (MLA reuses it as the values).
 
-    A quantized key k = (c - z) * s enters the dot as its integer codes c, exact in bf16 / fp16, and the row's scale
-    and zero point are applied to the score: q . k = s * (q . c - z * sum(q)), with q_sum [BLOCK_M] = sum(q) over
-    the head's channels. So each loaded element costs one int -> float convert, not a float dequantization."""
+    Quantized keys (QUANT 8 / 4): q1, q2, q_sum, q_scale come from quantized_query. A key k = (c - z) * s enters the
+    dot as its integer codes, as float16 1024 + c (exact), and the row's scale and zero point are applied to the
+    score: q . k = s * q_scale * (q' . (1024 + c) - (z + 1024) * sum(q')). So a loaded element costs two integer
+    operations, not a conversion and a float dequantization."""
     k1 = load_kv_codes(k_ptr, k_rows, row_mask, 0, head_dim, stride_d, BLOCK_N, BLOCK_D1, QUANT, False)
-    s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+    if QUANT == 0:
+        s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
+            s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
+        return s, k1
+    s = tl.dot(q1, tl.trans(codes_as_dot_operand(k1, q1.dtype)), input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:
         k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
-        s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
-    if QUANT != 0:
-        scale, zero = load_scales_zeros(k_sz_ptr, sz_rows, row_mask)
-        s = (s - q_sum[:, None] * zero[None, :]) * scale[None, :]
+        s = tl.dot(q2, tl.trans(codes_as_dot_operand(k2, q2.dtype)), s, input_precision=DOT_PRECISION)
+    scale, zero = load_scales_zeros(k_sz_ptr, sz_rows, row_mask)
+    if q1.dtype == tl.float16:
+        zero += 1024.0
+    s = (s - q_sum[:, None] * zero[None, :]) * (q_scale[:, None] * scale[None, :])
     return s, k1
 
 
@@ -109,27 +151,25 @@ def attn_values(
     DOT_PRECISION: tl.constexpr,
 ):
     """acc [BLOCK_M, BLOCK_DV] float32 + p @ v, for softmax weights p [BLOCK_M, BLOCK_N] float32; the dot runs in the
-    dtype of the query tile q.
+    dtype of the query tile q (plain caches).
 
-    A quantized value v = (c - z) * s: p @ v = (p * s) @ c - sum(p * s * z), the codes c going to the dot as they
-    are. In float16, p * s is divided by the chunk's largest scale first (and the result multiplied back), so it
-    does not fall into subnormals; the correction sums the rounded weights the dot used."""
+    A quantized value v = (c - z) * s: p @ v = (p * s) @ c - sum(p * s * z), the codes going to the dot as float16
+    1024 + c (float32 for a float32 q) and the zero point shifted to match. p * s is divided by the chunk's largest
+    scale first (the result multiplied back), so it cannot fall into float16's subnormals; the correction sums
+    the rounded weights the dot used."""
     v = load_kv_codes(v_ptr, v_rows, row_mask, 0, v_dim, stride_d, BLOCK_N, BLOCK_DV, QUANT, True)
     if QUANT == 0:
         return tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
     scale, zero = load_scales_zeros(v_sz_ptr, sz_rows, row_mask)
-    if q.dtype == tl.float16:
-        top = tl.maximum(tl.max(scale, axis=0), 1.0e-30)
-        w = (p * (scale * (1.0 / top))[None, :]).to(q.dtype)
-    else:  # bfloat16 / float32 have float32's exponent range
-        w = (p * scale[None, :]).to(q.dtype)
-    pv = (
-        tl.dot(w, v.to(w.dtype), input_precision=DOT_PRECISION)
-        - tl.sum(w.to(tl.float32) * zero[None, :], axis=1)[:, None]
-    )
-    if q.dtype == tl.float16:
-        pv = pv * top
-    return acc + pv
+    if q.dtype == tl.float32:
+        w = p * scale[None, :]
+        pv = tl.dot(w, v.to(tl.float32), input_precision=DOT_PRECISION)
+        return acc + pv - tl.sum(w * zero[None, :], axis=1)[:, None]
+    top = tl.maximum(tl.max(scale, axis=0), 1.0e-30)
+    w = (p * (scale * (1.0 / top))[None, :]).to(tl.float16)
+    pv = tl.dot(w, codes_as_dot_operand(v, tl.float16), input_precision=DOT_PRECISION)
+    pv -= tl.sum(w.to(tl.float32) * (zero + 1024.0)[None, :], axis=1)[:, None]
+    return acc + pv * top
 
 
 def check_out(out: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .common import (
     check_out,
     dot_precision,
     kv_quant_args,
+    quantized_query,
     shares_kv,
     split_head_dim,
     tanh,
@@ -32,8 +33,10 @@ from .common import (
 @triton.jit
 def _attend_chunk(
     q1,
-    q2,
+    qk1,
+    qk2,
     q_sum,
+    q_scale,
     acc,
     m_i,
     l_i,
@@ -77,9 +80,10 @@ def _attend_chunk(
     k_row = block_id * stride_kb + offset * stride_ks
     sz_row = block_id * stride_zb + offset * stride_zs
     s, k1 = attn_scores(
-        q1,
-        q2,
+        qk1,
+        qk2,
         q_sum,
+        q_scale,
         k_head,
         k_sz_head,
         k_row,
@@ -204,11 +208,10 @@ def _prefill_attention_kernel(
         q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=row_mask[:, None] & (d2[None, :] < head_dim), other=0.0)
     else:  # placeholder, never read
         q2 = q1
-    q_sum = tl.zeros([BLOCK_M], tl.float32)  # sum(q) over the head's channels: a quantized key's zero-point term
+    # quantized keys are scored against a float16 copy of the query (common.attn_scores)
+    qk1, qk2, q_sum, q_scale = q1, q2, tl.zeros([BLOCK_M], tl.float32), tl.full([BLOCK_M], 1.0, tl.float32)
     if QUANT != 0:
-        q_sum = tl.sum(q1.to(tl.float32), axis=1)
-        if BLOCK_D2 > 0:
-            q_sum += tl.sum(q2.to(tl.float32), axis=1)
+        qk1, qk2, q_sum, q_scale = quantized_query(q1, q2, BLOCK_D2)
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
     k_sz_head = k_sz_ptr + kv_head * stride_zh
@@ -227,8 +230,10 @@ def _prefill_attention_kernel(
         for chunk in range(0, lo_chunk):
             acc, m_i, l_i = _attend_chunk(
                 q1,
-                q2,
+                qk1,
+                qk2,
                 q_sum,
+                q_scale,
                 acc,
                 m_i,
                 l_i,
@@ -268,8 +273,10 @@ def _prefill_attention_kernel(
     for chunk in range(lo_chunk, tl.cdiv(last_pos + 1, BLOCK_N)):
         acc, m_i, l_i = _attend_chunk(
             q1,
-            q2,
+            qk1,
+            qk2,
             q_sum,
+            q_scale,
             acc,
             m_i,
             l_i,
