@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="decode launch configs (SWEEP) for the int8 cache")
     p.add_argument("--prefill", action="store_true", help="also prefill of 512 new tokens after a 1536-token prefix")
     p.add_argument("--compare", help="folder of kvattn_<name> packages (other kernels/cuda copies)")
+    p.add_argument("--only-quant-impls", action="store_true", help="copies but base: int8 / int4 decode only")
     p.add_argument("--compile-only", action="store_true")
     p.add_argument("--shard", default="0/1")
     p.add_argument("--deadline", type=float, default=1e9)
@@ -130,12 +131,19 @@ def main() -> None:
         for kv_len in kv_lens:
             for head_dim in head_dims:
                 cases += [("decode", head_dim, batch, 1, kv_len, fmt, impl, {}) for fmt in formats for impl in impls]
+    if args.only_quant_impls:  # copies other than "base" time only the int8 / int4 decode cases
+        cases = [c for c in cases if c[6] in ("new", "base") or c[5] in ("int8", "int4")]
     for head_dim in head_dims if args.sweep else ():
         for block_n, num_warps, num_stages in SWEEP:
             overrides = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
             cases.append(("decode", head_dim, batches[0], 1, max(kv_lens), "int8", "new", overrides))
     for head_dim in head_dims if args.prefill else ():
-        cases += [("prefill", head_dim, 4, 512, 2048, fmt, impl, {}) for fmt in formats for impl in impls]
+        cases += [
+            ("prefill", head_dim, 4, 512, 2048, fmt, impl, {})
+            for fmt in formats
+            for impl in impls
+            if impl in ("new", "base") or not args.only_quant_impls
+        ]
     for batch in batches[1:]:
         for kv_len in kv_lens:
             for head_dim in head_dims:

@@ -1,5 +1,7 @@
 """Small Triton helpers shared by several kernels."""
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -11,6 +13,8 @@ NEG_BIG = tl.constexpr(-1.0e30)
 # value, and the smallest (max - min) range of an int8/int4 row, so a constant row gets a finite scale
 FP8_E4M3_MAX = tl.constexpr(448.0)
 QUANT_MIN_RANGE = tl.constexpr(1.0e-6)
+# inline PTX where it helps; the interpreter (TRITON_INTERPRET=1) runs the plain-Triton equivalent
+ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @triton.jit
@@ -62,6 +66,16 @@ def codes_as_dot_operand(c, dtype: tl.constexpr):
     c fills the low mantissa bits), so no int -> float conversion instruction (a quarter-rate unit on the GPU) runs
     per element; float32 (exact dots for float32 models) converts them."""
     if dtype == tl.float16:
+        if ASM:  # four codes a register: two byte permutes give four float16 (an asm op also stays where it is,
+            # in the load's layout, so Triton does not move it behind a byte-wise gather of the dot operand)
+            return tl.inline_asm_elementwise(
+                "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
+                "=r,=r,r",
+                [c],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=4,
+            )
         return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     return c.to(dtype)
 
@@ -106,6 +120,7 @@ def attn_scores(
     BLOCK_D1: tl.constexpr,
     BLOCK_D2: tl.constexpr,
     QUANT: tl.constexpr,
+    FACTORED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """q . k [BLOCK_M, BLOCK_N] float32 of query rows q1 (channels [0, BLOCK_D1)) / q2 (the tail) against BLOCK_N
@@ -114,8 +129,19 @@ def attn_scores(
     Quantized keys (QUANT 8 / 4): q1, q2, q_sum, q_scale come from quantized_query. A key k = (c - z) * s enters the
     dot as its integer codes, as float16 1024 + c (exact), and the row's scale and zero point are applied to the
     score: q . k = s * q_scale * (q' . (1024 + c) - (z + 1024) * sum(q')). So a loaded element costs two integer
-    operations, not a conversion and a float dequantization."""
+    operations, not a conversion and a float dequantization. FACTORED False: the keys are dequantized as they load
+    instead and q1 / q2 are the query as it is (prefill: there the [BLOCK_M, BLOCK_N] score corrections of many
+    query rows cost more than dequantizing a tile of keys, measured on an H200)."""
     k1 = load_kv_codes(k_ptr, k_rows, row_mask, 0, head_dim, stride_d, BLOCK_N, BLOCK_D1, QUANT, False)
+    if QUANT != 0 and not FACTORED:  # the keys dequantized as they load, for a plain dot with q as it is
+        scale, zero = load_scales_zeros(k_sz_ptr, sz_rows, row_mask)
+        k1 = (k1.to(tl.float32) - zero[:, None]) * scale[:, None]
+        s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
+            k2 = (k2.to(tl.float32) - zero[:, None]) * scale[:, None]
+            s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
+        return s, k1
     if QUANT == 0:
         s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
@@ -148,6 +174,7 @@ def attn_values(
     BLOCK_N: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     QUANT: tl.constexpr,
+    FACTORED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """acc [BLOCK_M, BLOCK_DV] float32 + p @ v, for softmax weights p [BLOCK_M, BLOCK_N] float32; the dot runs in the
@@ -156,11 +183,14 @@ def attn_values(
     A quantized value v = (c - z) * s: p @ v = (p * s) @ c - sum(p * s * z), the codes going to the dot as float16
     1024 + c (float32 for a float32 q) and the zero point shifted to match. p * s is divided by the chunk's largest
     scale first (the result multiplied back), so it cannot fall into float16's subnormals; the correction sums
-    the rounded weights the dot used."""
+    the rounded weights the dot used. FACTORED False: the values are dequantized as they load (prefill)."""
     v = load_kv_codes(v_ptr, v_rows, row_mask, 0, v_dim, stride_d, BLOCK_N, BLOCK_DV, QUANT, True)
     if QUANT == 0:
         return tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
     scale, zero = load_scales_zeros(v_sz_ptr, sz_rows, row_mask)
+    if not FACTORED:
+        v = (v.to(tl.float32) - zero[:, None]) * scale[:, None]
+        return tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
     if q.dtype == tl.float32:
         w = p * scale[None, :]
         pv = tl.dot(w, v.to(tl.float32), input_precision=DOT_PRECISION)

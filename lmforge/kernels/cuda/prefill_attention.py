@@ -23,7 +23,6 @@ from .common import (
     check_out,
     dot_precision,
     kv_quant_args,
-    quantized_query,
     shares_kv,
     split_head_dim,
     tanh,
@@ -95,6 +94,7 @@ def _attend_chunk(
         BLOCK_D1,
         BLOCK_D2,
         QUANT,
+        False,
         DOT_PRECISION,
     )  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
@@ -129,6 +129,7 @@ def _attend_chunk(
             BLOCK_N,
             BLOCK_DV,
             QUANT,
+            False,
             DOT_PRECISION,
         )
     return acc, m_new, l_i
@@ -208,10 +209,8 @@ def _prefill_attention_kernel(
         q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=row_mask[:, None] & (d2[None, :] < head_dim), other=0.0)
     else:  # placeholder, never read
         q2 = q1
-    # quantized keys are scored against a float16 copy of the query (common.attn_scores)
+    # tiles of quantized keys are dequantized as they load (attn_scores FACTORED False): the query as it is
     qk1, qk2, q_sum, q_scale = q1, q2, tl.zeros([BLOCK_M], tl.float32), tl.full([BLOCK_M], 1.0, tl.float32)
-    if QUANT != 0:
-        qk1, qk2, q_sum, q_scale = quantized_query(q1, q2, BLOCK_D2)
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
     k_sz_head = k_sz_ptr + kv_head * stride_zh
