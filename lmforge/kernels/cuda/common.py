@@ -132,8 +132,14 @@ def attn_scores(
     operations, not a conversion and a float dequantization. FACTORED False: the keys are dequantized as they load
     instead and q1 / q2 are the query as it is (prefill: there the [BLOCK_M, BLOCK_N] score corrections of many
     query rows cost more than dequantizing a tile of keys, measured on an H200)."""
+    # one if / elif chain, no early returns: Triton still type-checks the code after a returning constexpr branch
     k1 = load_kv_codes(k_ptr, k_rows, row_mask, 0, head_dim, stride_d, BLOCK_N, BLOCK_D1, QUANT, False)
-    if QUANT != 0 and not FACTORED:  # the keys dequantized as they load, for a plain dot with q as it is
+    if QUANT == 0:
+        s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
+            s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
+    elif not FACTORED:  # the keys dequantized as they load, for a plain dot with q as it is
         scale, zero = load_scales_zeros(k_sz_ptr, sz_rows, row_mask)
         k1 = (k1.to(tl.float32) - zero[:, None]) * scale[:, None]
         s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
@@ -141,21 +147,15 @@ def attn_scores(
             k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
             k2 = (k2.to(tl.float32) - zero[:, None]) * scale[:, None]
             s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
-        return s, k1
-    if QUANT == 0:
-        s = tl.dot(q1, tl.trans(k1.to(q1.dtype)), input_precision=DOT_PRECISION)
+    else:
+        s = tl.dot(q1, tl.trans(codes_as_dot_operand(k1, q1.dtype)), input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
             k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
-            s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
-        return s, k1
-    s = tl.dot(q1, tl.trans(codes_as_dot_operand(k1, q1.dtype)), input_precision=DOT_PRECISION)
-    if BLOCK_D2 > 0:
-        k2 = load_kv_codes(k_ptr, k_rows, row_mask, BLOCK_D1, head_dim, stride_d, BLOCK_N, BLOCK_D2, QUANT, True)
-        s = tl.dot(q2, tl.trans(codes_as_dot_operand(k2, q2.dtype)), s, input_precision=DOT_PRECISION)
-    scale, zero = load_scales_zeros(k_sz_ptr, sz_rows, row_mask)
-    if q1.dtype == tl.float16:
-        zero += 1024.0
-    s = (s - q_sum[:, None] * zero[None, :]) * (q_scale[:, None] * scale[None, :])
+            s = tl.dot(q2, tl.trans(codes_as_dot_operand(k2, q2.dtype)), s, input_precision=DOT_PRECISION)
+        scale, zero = load_scales_zeros(k_sz_ptr, sz_rows, row_mask)
+        if q1.dtype == tl.float16:
+            zero += 1024.0
+        s = (s - q_sum[:, None] * zero[None, :]) * (q_scale[:, None] * scale[None, :])
     return s, k1
 
 
@@ -186,20 +186,30 @@ def attn_values(
     the rounded weights the dot used. FACTORED False: the values are dequantized as they load (prefill)."""
     v = load_kv_codes(v_ptr, v_rows, row_mask, 0, v_dim, stride_d, BLOCK_N, BLOCK_DV, QUANT, True)
     if QUANT == 0:
-        return tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
-    scale, zero = load_scales_zeros(v_sz_ptr, sz_rows, row_mask)
-    if not FACTORED:
-        v = (v.to(tl.float32) - zero[:, None]) * scale[:, None]
-        return tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
-    if q.dtype == tl.float32:
-        w = p * scale[None, :]
-        pv = tl.dot(w, v.to(tl.float32), input_precision=DOT_PRECISION)
-        return acc + pv - tl.sum(w * zero[None, :], axis=1)[:, None]
-    top = tl.maximum(tl.max(scale, axis=0), 1.0e-30)
-    w = (p * (scale * (1.0 / top))[None, :]).to(tl.float16)
-    pv = tl.dot(w, codes_as_dot_operand(v, tl.float16), input_precision=DOT_PRECISION)
-    pv -= tl.sum(w.to(tl.float32) * (zero + 1024.0)[None, :], axis=1)[:, None]
-    return acc + pv * top
+        if FACTORED and v.dtype == tl.float8e4nv:  # decode over a float8 cache: transposed, as below
+            acc += tl.trans(tl.dot(tl.trans(v.to(q.dtype)), tl.trans(p.to(q.dtype)), input_precision=DOT_PRECISION))
+        else:
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+    else:
+        scale, zero = load_scales_zeros(v_sz_ptr, sz_rows, row_mask)
+        if not FACTORED:
+            v = (v.to(tl.float32) - zero[:, None]) * scale[:, None]
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+        elif q.dtype == tl.float32:
+            w = p * scale[None, :]
+            acc += (
+                tl.dot(w, v.to(tl.float32), input_precision=DOT_PRECISION) - tl.sum(w * zero[None, :], axis=1)[:, None]
+            )
+        else:
+            top = tl.maximum(tl.max(scale, axis=0), 1.0e-30)
+            w = (p * (scale * (1.0 / top))[None, :]).to(tl.float16)
+            # as (v^T w^T)^T: the head's channels become the dot's M (64+: a Hopper warpgroup MMA), and the codes,
+            # converted in the registers they load into, reach it through a float16 tile in shared memory (a
+            # transposing ldmatrix) instead of one byte-wide shared-memory gather per element (measured on an H200)
+            pv = tl.dot(tl.trans(codes_as_dot_operand(v, tl.float16)), tl.trans(w), input_precision=DOT_PRECISION)
+            pv = tl.trans(pv) - tl.sum(w.to(tl.float32) * (zero + 1024.0)[None, :], axis=1)[:, None]
+            acc += pv * top
+    return acc
 
 
 def check_out(out: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

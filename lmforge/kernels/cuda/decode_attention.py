@@ -237,12 +237,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def default_block_n(head_dim: int, v_dim: int, quant_bits: int = 0) -> int:
-    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernel_sweep.py sweep);
-    twice the keys for an int8 / int4 cache (benchmarks/kv_quant_attention.py --sweep, H200)."""
+def default_block_n(head_dim: int, v_dim: int) -> int:
+    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernel_sweep.py sweep)."""
     block_d = max(sum(split_head_dim(head_dim)), triton.next_power_of_2(v_dim))
-    block_n = 128 if block_d <= 64 else 64 if block_d <= 128 else 32
-    return 2 * block_n if quant_bits else block_n
+    return 128 if block_d <= 64 else 64 if block_d <= 128 else 32
 
 
 def default_block_g(group_size: int, head_dim: int) -> int:
@@ -305,7 +303,7 @@ def decode_attention(
     group_size = num_heads // num_kv_heads
     block_d1, block_d2 = split_head_dim(head_dim)
     block_dv = triton.next_power_of_2(v_dim)
-    block_n = block_n or default_block_n(head_dim, v_dim, quant_bits)
+    block_n = block_n or default_block_n(head_dim, v_dim)
     block_g = default_block_g(group_size, head_dim)
     if num_splits is None:
         num_splits = default_num_splits(
