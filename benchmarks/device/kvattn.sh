@@ -14,7 +14,7 @@ timeout 17 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_kv_c
   -k "(attention_over and bfloat16) or offset or replay or window" > $OUT/tests.log 2>&1 &
 wait; t compile
 TP="python3 benchmarks/throughput.py --model llama-1b --model-dir $M --skip bs1"
-timeout 22 $TP --quant-policy 8 > $OUT/thr_q8.jsonl 2> $OUT/thr_q8.err; t q8
-timeout 20 $TP --quant-policy 0 > $OUT/thr_q0.jsonl 2> $OUT/thr_q0.err; t q0
-timeout 14 $B --deadline 11 > $OUT/kernels.jsonl 2> $OUT/kernels.err; t kernels
+timeout 25 $TP --quant-policy 8 > $OUT/thr_q8.jsonl 2> $OUT/thr_q8.err; t q8
+timeout 22 $TP --quant-policy 0 > $OUT/thr_q0.jsonl 2> $OUT/thr_q0.err; t q0
+timeout 11 $B --deadline 8 > $OUT/kernels.jsonl 2> $OUT/kernels.err; t kernels
 tail -3 $OUT/tests.log; cut -c1-400 $OUT/thr_*.jsonl
