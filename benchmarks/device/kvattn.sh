@@ -7,7 +7,7 @@ export TRITON_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/lmforge/triton  # the en
 mkdir -p $TRITON_CACHE_DIR
 S=$(date +%s); t() { echo "$1 $(( $(date +%s) - S )) s" >> $OUT/times.txt; }
 M=/tmp/lmf-models/llama-1b
-B="python3 benchmarks/kv_quant_attention.py --prefill --sweep --batches 256 --rep 10 --only-quant-impls"
+B="python3 benchmarks/kv_quant_attention.py --prefill --sweep --batches 256 --kv-lens 2048 --rep 8 --only-quant-impls"
 ls -d benchmarks/device/kvattn_*/ >/dev/null 2>&1 && B="$B --compare benchmarks/device"
 for i in 0 1 2 3 4 5 6 7 8 9 10 11; do timeout 17 $B --compile-only --shard $i/12 > $OUT/compile_$i.log 2>&1 & done
 timeout 17 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_kv_cache_quant_kernels.py \
