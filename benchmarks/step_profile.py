@@ -1,7 +1,7 @@
 """Where a step's time goes: per-step wall time by kind (decode via graph, decode eager, mixed/prefill)
 and a torch-profiler table of one decode step at a given batch size and of one prefill step.
 
-    python benchmarks/step_profile.py --model-dir DIR [--batch 256] [--requests 256]
+    python benchmarks/step_profile.py --model-dir DIR [--batch 256] [--requests 256] [--quant-policy 8]
 Prints JSON lines (summary per step kind) to stdout and the profiler tables to stderr.
 """
 
@@ -25,11 +25,19 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--max-prefill-token-num", type=int, default=8192)
+    p.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=0, help="KV cache int8 (8) / int4 (4)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: a float8 e4m3 KV cache")
     args = p.parse_args()
     from lmforge.engine.engine import Engine
 
     engine = Engine(
-        args.model_dir, PytorchEngineConfig(dtype="bfloat16", max_prefill_token_num=args.max_prefill_token_num)
+        args.model_dir,
+        PytorchEngineConfig(
+            dtype="bfloat16",
+            max_prefill_token_num=args.max_prefill_token_num,
+            quant_policy=args.quant_policy,
+            kv_cache_dtype=args.kv_cache_dtype,
+        ),
     )
     gen = lambda n: GenerationConfig(
         max_new_tokens=n,
@@ -63,6 +71,8 @@ def main() -> None:
         emit(
             device=device_name("cuda"),
             kind=kind,
+            quant_policy=args.quant_policy,
+            kv_cache_dtype=args.kv_cache_dtype,
             steps=len(rows),
             total_s=round(sum(times), 3),
             median_ms=round(statistics.median(times) * 1e3, 3),

@@ -75,14 +75,16 @@ def test_fill_kv_cache_quantized(device, check_dtype, dtype, fmt, block_size, he
         assert (got.data != ref.data).float().mean() < 1e-3
 
 
-def _quantized_batch(paged_batch, fmt, q_lens, kv_lens, heads, kv_heads, head_dim, block_size, dtype, device):
+def _quantized_batch(
+    paged_batch, fmt, q_lens, kv_lens, heads, kv_heads, head_dim, block_size, dtype, device, offset=0.0
+):
     """paged_batch's layout, its caches replaced by quantized ones that every slot (stale ones included) was
-    written to through the reference fill."""
+    written to through the reference fill. offset shifts the cached values (a large zero point)."""
     batch = paged_batch(q_lens, kv_lens, heads, kv_heads, head_dim, block_size, dtype, device)
     num_blocks = batch["k_cache"].shape[0]
     all_slots = torch.arange(num_blocks * block_size, device=device)
     for name in ("k_cache", "v_cache"):
-        rows = batch[name].flatten(0, 1)
+        rows = batch[name].flatten(0, 1) + offset
         batch[name] = _empty(fmt, num_blocks, block_size, kv_heads, head_dim, device)
         cpu_backend.fill_kv_cache(rows, None, batch[name], None, all_slots)
     return batch
@@ -118,6 +120,19 @@ def test_quantized_attention_window_softcap_and_odd_head_dim(device, paged_batch
         batch = _quantized_batch(paged_batch, fmt, q_lens, kv_lens, 8, 2, 96, 16, torch.float16, device)
         out = cuda_backend.paged_attention(batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"], opts)
         torch.testing.assert_close(out.float(), _reference(batch, opts), **tol(torch.float16))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_attention_float32_and_offset_values(device, paged_batch, tol, fmt):
+    """The kernels put the codes into the dot and apply scale and zero point to its result: exact in float32, and
+    no loss to cancellation when every value sits far from zero (zero points near the top of the code range)."""
+    opts = AttnOptions(64**-0.5)
+    for dtype, offset in ((torch.float32, 0.0), (torch.float16, 40.0)):
+        for q_lens, kv_lens in (DECODE, PREFILL["chunked"]):
+            batch = _quantized_batch(paged_batch, fmt, q_lens, kv_lens, 8, 2, 64, 16, dtype, device, offset)
+            out = cuda_backend.paged_attention(batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"], opts)
+            ref = _reference(batch, opts)
+            torch.testing.assert_close(out.float(), ref, **tol(dtype) if offset == 0 else {"atol": 2e-2, "rtol": 1e-3})
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -25,10 +25,12 @@ import triton.language as tl
 from .common import (
     LOG2E,
     NEG_BIG,
+    attn_scores,
+    attn_values,
     check_out,
     dot_precision,
     kv_quant_args,
-    load_kv_tile,
+    quantized_query,
     shares_kv,
     split_head_dim,
     tanh,
@@ -151,6 +153,10 @@ def _decode_split_kernel(
     else:  # placeholders, never read
         d2 = d1
         q2 = q1
+    # quantized keys are scored against a float16 copy of the query (common.attn_scores)
+    qk1, qk2, q_sum, q_scale = q1, q2, tl.zeros([BLOCK_G], tl.float32), tl.full([BLOCK_G], 1.0, tl.float32)
+    if QUANT != 0:
+        qk1, qk2, q_sum, q_scale = quantized_query(q1, q2, BLOCK_D2)
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
     k_sz_head = k_sz_ptr + kv_head * stride_zh
@@ -170,15 +176,25 @@ def _decode_split_kernel(
         offset = j % block_size
         k_row = block_id * stride_kb + offset * stride_ks
         sz_row = block_id * stride_zb + offset * stride_zs
-        k1 = load_kv_tile(
-            k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT, False
-        ).to(q1.dtype)
-        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
-        if BLOCK_D2 > 0:
-            k2 = load_kv_tile(
-                k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2, QUANT, True
-            )
-            s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
+        s, k1 = attn_scores(
+            qk1,
+            qk2,
+            q_sum,
+            q_scale,
+            k_head,
+            k_sz_head,
+            k_row,
+            sz_row,
+            j_mask,
+            head_dim,
+            stride_kd,
+            BLOCK_N,
+            BLOCK_D1,
+            BLOCK_D2,
+            QUANT,
+            True,
+            DOT_PRECISION,
+        )  # [BLOCK_G, BLOCK_N]
         if SOFTCAP:
             s = softcap * tanh(s * (scale / softcap)) * LOG2E
         else:
@@ -188,14 +204,28 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
         if SHARED_KV:  # the values are the key tile's leading channels: no second load
-            v = k1
+            acc = tl.dot(p.to(q1.dtype), k1.to(q1.dtype), acc, input_precision=DOT_PRECISION)
         else:
             v_row = block_id * stride_vb + offset * stride_vs
-            v = load_kv_tile(
-                v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT, True
-            ).to(q1.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
+            acc = attn_values(
+                acc,
+                p,
+                q1,
+                v_head,
+                v_sz_head,
+                v_row,
+                sz_row,
+                j_mask,
+                v_dim,
+                stride_vd,
+                BLOCK_N,
+                BLOCK_DV,
+                QUANT,
+                True,
+                DOT_PRECISION,
+            )
         m_i = m_new
 
     if FUSED_FILL:

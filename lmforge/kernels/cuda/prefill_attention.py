@@ -18,10 +18,11 @@ import triton.language as tl
 from .common import (
     LOG2E,
     NEG_BIG,
+    attn_scores,
+    attn_values,
     check_out,
     dot_precision,
     kv_quant_args,
-    load_kv_tile,
     shares_kv,
     split_head_dim,
     tanh,
@@ -31,7 +32,10 @@ from .common import (
 @triton.jit
 def _attend_chunk(
     q1,
-    q2,
+    qk1,
+    qk2,
+    q_sum,
+    q_scale,
     acc,
     m_i,
     l_i,
@@ -74,15 +78,25 @@ def _attend_chunk(
     offset = j % block_size
     k_row = block_id * stride_kb + offset * stride_ks
     sz_row = block_id * stride_zb + offset * stride_zs
-    k1 = load_kv_tile(
-        k_head, k_sz_head, k_row, sz_row, j_mask, 0, head_dim, stride_kd, BLOCK_N, BLOCK_D1, QUANT, False
-    ).to(q1.dtype)
-    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    if BLOCK_D2 > 0:
-        k2 = load_kv_tile(
-            k_head, k_sz_head, k_row, sz_row, j_mask, BLOCK_D1, head_dim, stride_kd, BLOCK_N, BLOCK_D2, QUANT, True
-        )
-        s = tl.dot(q2, tl.trans(k2.to(q2.dtype)), s, input_precision=DOT_PRECISION)
+    s, k1 = attn_scores(
+        qk1,
+        qk2,
+        q_sum,
+        q_scale,
+        k_head,
+        k_sz_head,
+        k_row,
+        sz_row,
+        j_mask,
+        head_dim,
+        stride_kd,
+        BLOCK_N,
+        BLOCK_D1,
+        BLOCK_D2,
+        QUANT,
+        False,
+        DOT_PRECISION,
+    )  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
         s = softcap * tanh(s * (scale / softcap)) * LOG2E
     else:
@@ -96,14 +110,28 @@ def _attend_chunk(
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
     if SHARED_KV:  # the values are the key tile's leading channels: no second load
-        v = k1
+        acc = tl.dot(p.to(q1.dtype), k1.to(q1.dtype), acc, input_precision=DOT_PRECISION)
     else:
         v_row = block_id * stride_vb + offset * stride_vs
-        v = load_kv_tile(
-            v_head, v_sz_head, v_row, sz_row, j_mask, 0, v_dim, stride_vd, BLOCK_N, BLOCK_DV, QUANT, True
-        ).to(q1.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q1.dtype), v, input_precision=DOT_PRECISION)
+        acc = attn_values(
+            acc,
+            p,
+            q1,
+            v_head,
+            v_sz_head,
+            v_row,
+            sz_row,
+            j_mask,
+            v_dim,
+            stride_vd,
+            BLOCK_N,
+            BLOCK_DV,
+            QUANT,
+            False,
+            DOT_PRECISION,
+        )
     return acc, m_new, l_i
 
 
@@ -181,6 +209,8 @@ def _prefill_attention_kernel(
         q2 = tl.load(q_rows + d2[None, :] * stride_qd, mask=row_mask[:, None] & (d2[None, :] < head_dim), other=0.0)
     else:  # placeholder, never read
         q2 = q1
+    # tiles of quantized keys are dequantized as they load (attn_scores FACTORED False): the query as it is
+    qk1, qk2, q_sum, q_scale = q1, q2, tl.zeros([BLOCK_M], tl.float32), tl.full([BLOCK_M], 1.0, tl.float32)
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
     k_sz_head = k_sz_ptr + kv_head * stride_zh
@@ -199,7 +229,10 @@ def _prefill_attention_kernel(
         for chunk in range(0, lo_chunk):
             acc, m_i, l_i = _attend_chunk(
                 q1,
-                q2,
+                qk1,
+                qk2,
+                q_sum,
+                q_scale,
                 acc,
                 m_i,
                 l_i,
@@ -239,7 +272,10 @@ def _prefill_attention_kernel(
     for chunk in range(lo_chunk, tl.cdiv(last_pos + 1, BLOCK_N)):
         acc, m_i, l_i = _attend_chunk(
             q1,
-            q2,
+            qk1,
+            qk2,
+            q_sum,
+            q_scale,
             acc,
             m_i,
             l_i,
