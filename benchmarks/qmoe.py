@@ -1,0 +1,254 @@
+"""MoE over quantized experts on one GPU: the grouped Triton kernel (lmforge.kernels.cuda.quant_moe) against the
+per-expert loop it replaces, on a Qwen3-30B-A3B-like layer (128 experts, top-8, hidden 2048, moe_intermediate 768).
+
+One JSON line per figure (device, scheme, tokens, path, us per call):
+  - grouped: the cuda backend's fused_moe_quantized, R calls with R different random routings captured in one CUDA
+    graph and replayed, divided by R (the routed experts' weights then come from HBM, not from L2);
+  - loop_eager: the per-expert loop (the fallback; eager, one host sync per call), wall time per call;
+  - loop_graph: what a captured decode step ran before the grouped kernel: every expert on every token;
+  - bf16_grouped: the bf16 fused_moe kernel on the same layer with bf16 weights, for scale.
+Each grouped line also carries its relative error against the loop on the same inputs (rel_err_vs_loop).
+
+    python3 benchmarks/qmoe.py [--schemes fp8-block,int4-g128] [--tokens 1,16,64,2048] [--sweep] [--deadline S]
+        [--wait-pids FILE]
+
+--sweep times tile variants of the grouped kernel (`config`); --deadline stops starting new measurements S seconds
+after the start (the partial results are already printed); --wait-pids waits (up to half the deadline) for the
+processes listed in FILE to end before timing, so compiling runs beside them but timing does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+
+import torch
+
+from lmforge.backends import cuda as cuda_ops
+from lmforge.kernels.cuda.fused_moe import fused_moe
+from lmforge.kernels.cuda.quant_moe import launch_config
+
+DEVICE = torch.device("cuda")
+BF16 = torch.bfloat16
+E, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
+START = time.time()
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+HEADER = {"bench": "qmoe", "git_sha": _git_sha(), "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+LAYER = {"experts": E, "top_k": TOP_K, "hidden": HIDDEN, "moe_intermediate": INTER}
+
+
+def emit(rec: dict) -> None:
+    print(json.dumps({**HEADER, **rec, "t_s": round(time.time() - START, 1)}), flush=True)
+
+
+def make_layer(scheme: str) -> dict:
+    """Random experts in the scheme's canonical form, prepared by the cuda backend (and stacked)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    sides = []
+    for n, k in ((2 * INTER, HIDDEN), (HIDDEN, INTER)):
+        experts = []
+        for _ in range(E):
+            if scheme == "fp8-block":
+                w = (torch.randn(n, k, device=DEVICE, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+                scale = torch.rand(n // 128, k // 128, device=DEVICE, generator=gen) * 1e-4 + 1e-4
+                experts.append(cuda_ops.OPS["fp8_prepare"](w, scale, None, (128, 128)))
+            else:  # int4-g128, symmetric
+                q = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), device=DEVICE, dtype=torch.int32, generator=gen)
+                scales = (torch.rand(k // 128, n, device=DEVICE, generator=gen) * 0.01 + 0.005).to(BF16)
+                zeros = torch.full_like(scales, 8.0)
+                experts.append(cuda_ops.OPS["wna16_prepare"](q, scales, zeros, 4, 128))
+        sides.append(experts)
+    op = "fp8" if scheme.startswith("fp8") else "wna16"
+    return cuda_ops.OPS["fused_moe_quantized_prepare"](sides[0], sides[1], op)
+
+
+def routing(num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.randn(num_tokens, E, device=DEVICE)
+    w, ids = logits.softmax(-1).topk(TOP_K, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def graph_us(fns: list, replays: int = 10) -> float:
+    """Microseconds per call: fns captured back to back in one graph, replayed (median of 5)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns[:2]:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * len(fns)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def eager_us(fn, calls: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
+def bind(fn, *args):
+    """A zero-argument call of fn(*args), the arguments bound now."""
+    return lambda: fn(*args)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--schemes", default="fp8-block,int4-g128")
+    parser.add_argument("--tokens", default="1,16,64,2048")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--deadline", type=float, default=1e9)
+    parser.add_argument("--wait-pids", default=None)
+    args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    op = cuda_ops.OPS["fused_moe_quantized"]
+
+    def time_left() -> bool:
+        return time.time() - START < args.deadline
+
+    layers = {s: make_layer(s) for s in args.schemes.split(",")[:1]}
+    scheme0 = next(iter(layers))
+    # compile and check everything first (beside the tests), then time
+    inputs = {}
+    for t in tokens:
+        x = torch.randn(t, HIDDEN, device=DEVICE).to(BF16)
+        inputs[t] = [(x, *routing(t)) for _ in range(8 if t <= 64 else 2)]
+    for scheme, layer in layers.items():
+        for t in tokens:
+            x, w, ids = inputs[t][0]
+            got = op(x, layer, w, ids, "silu")
+            loop = op(x, dict(layer, grouped=None), w, ids, "silu")
+            emit({"scheme": scheme, "tokens": t, "check": "grouped_vs_loop", "rel_err": round(rel_err(got, loop), 5)})
+    if args.wait_pids and os.path.exists(args.wait_pids):
+        pids = [int(p) for p in open(args.wait_pids).read().split()]
+        while time.time() - START < args.deadline / 2 and any(os.path.exists(f"/proc/{p}") for p in pids):
+            time.sleep(0.2)
+        emit({"waited_for_tests": [p for p in pids if os.path.exists(f"/proc/{p}")] == []})
+
+    for scheme, layer in layers.items():
+        loop_layer = dict(layer, grouped=None)
+        for t in tokens:
+            if not time_left():
+                return
+            cases = inputs[t]
+            us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in cases])
+            x, w, ids = cases[0]
+            loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3 if t > 64 else 5)
+            rec = {"scheme": scheme, "tokens": t, **LAYER, "path": "grouped", "us": round(us, 2)}
+            rec.update(loop_eager_us=round(loop_us, 1), speedup_vs_loop_eager=round(loop_us / us, 2))
+            rec["config"] = launch_config(t * TOP_K, E, "block", 128)
+            if t <= 64 and time_left():
+                loop_graph = graph_us([bind(op, x, loop_layer, w, ids, "silu")], replays=2)
+                rec.update(loop_graph_us=round(loop_graph, 1), speedup_vs_loop_graph=round(loop_graph / us, 2))
+            emit(rec)
+
+    if time_left() and scheme0 == "fp8-block":  # bf16 weights of the same layer, the bf16 grouped kernel
+        gate_up = torch.randn(E, 2 * INTER, HIDDEN, device=DEVICE, dtype=BF16) * 0.02
+        down = torch.randn(E, HIDDEN, INTER, device=DEVICE, dtype=BF16) * 0.02
+        for t in tokens:
+            if not time_left():
+                break
+            us = graph_us([lambda c=c: fused_moe(c[0], gate_up, down, c[1], c[2]) for c in inputs[t]])
+            emit({"scheme": "bf16", "tokens": t, **LAYER, "path": "bf16_grouped", "us": round(us, 2)})
+        del gate_up, down
+
+    if args.sweep:
+        variants = {
+            "decode": [
+                dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=4),
+                dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
+                dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=4),
+            ],
+            "prefill": [
+                dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+                dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+            ],
+        }
+        from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped
+
+        layer = layers[scheme0]
+        for t in tokens:
+            for cfg in variants["decode" if t <= 64 else "prefill"]:
+                if not time_left():
+                    return
+                up_side, down_side = layer["grouped"]
+                calls = [
+                    bind(fused_moe_quantized_grouped, c[0], up_side, down_side, c[1], c[2], "silu", cfg)
+                    for c in inputs[t]
+                ]
+                x, w, ids = inputs[t][0]
+                err = rel_err(calls[0](), op(x, layer, w, ids, "silu"))
+                us = graph_us(calls)
+                emit(
+                    {
+                        "scheme": scheme0,
+                        "tokens": t,
+                        "path": "sweep",
+                        "config": cfg,
+                        "us": round(us, 2),
+                        "rel_err": round(err, 5),
+                    }
+                )
+
+    if time_left() and len(args.schemes.split(",")) > 1:
+        for scheme in args.schemes.split(",")[1:]:
+            layer = make_layer(scheme)
+            loop_layer = dict(layer, grouped=None)
+            for t in tokens:
+                if not time_left():
+                    return
+                x, w, ids = inputs[t][0]
+                err = rel_err(op(x, layer, w, ids, "silu"), op(x, loop_layer, w, ids, "silu"))
+                us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]])
+                loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3)
+                emit(
+                    {
+                        "scheme": scheme,
+                        "tokens": t,
+                        **LAYER,
+                        "path": "grouped",
+                        "us": round(us, 2),
+                        "loop_eager_us": round(loop_us, 1),
+                        "speedup_vs_loop_eager": round(loop_us / us, 2),
+                        "rel_err_vs_loop": round(err, 5),
+                    }
+                )
+
+
+if __name__ == "__main__":
+    main()
