@@ -5,14 +5,16 @@
 # The benchmark compiles and checks beside the tests, then waits for them before it times.
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-PT="python3 -m pytest -q -p no:cacheprovider -x"
+PT="python3 -m pytest -v -p no:cacheprovider -x"
 F=tests/kernels/test_quant_moe_kernel.py
 : > $OUT/test_pids
 (timeout 28 $PT $F -k "matches and (t1] or t300]) and (fp8-block or fp8-channel or int4-g128)" > $OUT/tests_a.log 2>&1; echo "rc=$?" >> $OUT/tests_a.log) &
 echo $! >> $OUT/test_pids
 (timeout 28 $PT $F -k "cuda_graph and (fp8-block or int4-g128) or only_routed or qwen3" > $OUT/tests_b.log 2>&1; echo "rc=$?" >> $OUT/tests_b.log) &
 echo $! >> $OUT/test_pids
-(timeout 28 $PT tests/kernels/test_fused_moe_kernel.py -k "align or (matches_reference and bfloat16)" > $OUT/tests_c.log 2>&1; echo "rc=$?" >> $OUT/tests_c.log) &
+(timeout 28 $PT tests/kernels/test_fused_moe_kernel.py tests/kernels/test_quant_kernels.py -k "align or (matches_reference and bfloat16) or fused_moe_quantized" > $OUT/tests_c.log 2>&1; echo "rc=$?" >> $OUT/tests_c.log) &
+echo $! >> $OUT/test_pids
+(timeout 30 $PT tests/quant/test_gpu_quant.py -k qwen3_moe > $OUT/tests_d.log 2>&1; echo "rc=$?" >> $OUT/tests_d.log) &
 echo $! >> $OUT/test_pids
 timeout 37 python3 benchmarks/qmoe.py --schemes fp8-block,int4-g128 --tokens 1,16,64,2048 --sweep --deadline 33 \
   --wait-pids $OUT/test_pids > $OUT/qmoe.jsonl 2> $OUT/qmoe.err
