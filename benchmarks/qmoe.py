@@ -24,12 +24,13 @@ import json
 import os
 import subprocess
 import time
+import traceback
 
 import torch
 
 from lmforge.backends import cuda as cuda_ops
 from lmforge.kernels.cuda.fused_moe import fused_moe
-from lmforge.kernels.cuda.quant_moe import launch_config
+from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped, launch_config
 
 DEVICE = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -122,6 +123,17 @@ def bind(fn, *args):
     return lambda: fn(*args)
 
 
+def guarded(step: str, fn, *args) -> bool:
+    """Runs fn(*args); a failure is printed as an error line (with the step) and the benchmark goes on."""
+    try:
+        fn(*args)
+        return True
+    except Exception as e:  # noqa: BLE001 - a benchmark reports every failure and continues
+        emit({"step": step, "error": f"{type(e).__name__}: {e}"[:800], "trace": traceback.format_exc()[-1500:]})
+        torch.cuda.synchronize()
+        return False
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
@@ -135,119 +147,93 @@ def main() -> None:
     parser.add_argument("--wait-pids", default=None)
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
+    schemes = args.schemes.split(",")
     op = cuda_ops.OPS["fused_moe_quantized"]
 
     def time_left() -> bool:
         return time.time() - START < args.deadline
 
-    layers = {s: make_layer(s) for s in args.schemes.split(",")[:1]}
-    scheme0 = next(iter(layers))
-    # compile and check everything first (beside the tests), then time
     inputs = {}
-    for t in tokens:
+    for t in tokens:  # 8 routings per decode graph (their weights do not fit in L2 together), 2 for prefill
         x = torch.randn(t, HIDDEN, device=DEVICE).to(BF16)
         inputs[t] = [(x, *routing(t)) for _ in range(8 if t <= 64 else 2)]
-    for scheme, layer in layers.items():
-        for t in tokens:
-            x, w, ids = inputs[t][0]
-            got = op(x, layer, w, ids, "silu")
-            loop = op(x, dict(layer, grouped=None), w, ids, "silu")
-            emit({"scheme": scheme, "tokens": t, "check": "grouped_vs_loop", "rel_err": round(rel_err(got, loop), 5)})
+
+    def check(scheme, layer, t):
+        x, w, ids = inputs[t][0]
+        err = rel_err(op(x, layer, w, ids, "silu"), op(x, dict(layer, grouped=None), w, ids, "silu"))
+        emit({"scheme": scheme, "tokens": t, "check": "grouped_vs_loop", "rel_err": round(err, 5)})
+
+    def measure(scheme, layer, t, loop_graph: bool):
+        loop_layer = dict(layer, grouped=None)
+        us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]])
+        x, w, ids = inputs[t][0]
+        loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3 if t > 64 else 5)
+        rec = {"scheme": scheme, "tokens": t, **LAYER, "path": "grouped", "us": round(us, 2)}
+        rec.update(loop_eager_us=round(loop_us, 1), speedup_vs_loop_eager=round(loop_us / us, 2))
+        rec["config"] = launch_config(t * TOP_K, E)
+        if loop_graph and t <= 64 and time_left():
+            graph = graph_us([bind(op, x, loop_layer, w, ids, "silu")], replays=2)
+            rec.update(loop_graph_us=round(graph, 1), speedup_vs_loop_graph=round(graph / us, 2))
+        emit(rec)
+
+    def bf16(t, gate_up, down):
+        us = graph_us([bind(fused_moe, c[0], gate_up, down, c[1], c[2]) for c in inputs[t]])
+        emit({"scheme": "bf16", "tokens": t, **LAYER, "path": "bf16_grouped", "us": round(us, 2)})
+
+    def sweep(layer, t, cfg):
+        up_side, down_side = layer["grouped"]
+        calls = [
+            bind(fused_moe_quantized_grouped, c[0], up_side, down_side, c[1], c[2], "silu", cfg) for c in inputs[t]
+        ]
+        x, w, ids = inputs[t][0]
+        err = rel_err(calls[0](), op(x, layer, w, ids, "silu"))
+        us = graph_us(calls)
+        emit({"scheme": schemes[0], "tokens": t, "path": "sweep", "config": cfg, "us": round(us, 2), "rel_err": err})
+
+    # the first scheme: compile and check beside the tests, then time
+    layer = make_layer(schemes[0])
+    for t in tokens:
+        guarded(f"check {schemes[0]} t{t}", check, schemes[0], layer, t)
     if args.wait_pids and os.path.exists(args.wait_pids):
         pids = [int(p) for p in open(args.wait_pids).read().split()]
         while time.time() - START < args.deadline / 2 and any(os.path.exists(f"/proc/{p}") for p in pids):
             time.sleep(0.2)
-        emit({"waited_for_tests": [p for p in pids if os.path.exists(f"/proc/{p}")] == []})
-
-    for scheme, layer in layers.items():
-        loop_layer = dict(layer, grouped=None)
-        for t in tokens:
-            if not time_left():
-                return
-            cases = inputs[t]
-            us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in cases])
-            x, w, ids = cases[0]
-            loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3 if t > 64 else 5)
-            rec = {"scheme": scheme, "tokens": t, **LAYER, "path": "grouped", "us": round(us, 2)}
-            rec.update(loop_eager_us=round(loop_us, 1), speedup_vs_loop_eager=round(loop_us / us, 2))
-            rec["config"] = launch_config(t * TOP_K, E, "block", 128)
-            if t <= 64 and time_left():
-                loop_graph = graph_us([bind(op, x, loop_layer, w, ids, "silu")], replays=2)
-                rec.update(loop_graph_us=round(loop_graph, 1), speedup_vs_loop_graph=round(loop_graph / us, 2))
-            emit(rec)
-
-    if time_left() and scheme0 == "fp8-block":  # bf16 weights of the same layer, the bf16 grouped kernel
+        emit({"tests_done_before_timing": not any(os.path.exists(f"/proc/{p}") for p in pids)})
+    for t in tokens:
+        if time_left():
+            guarded(f"measure {schemes[0]} t{t}", measure, schemes[0], layer, t, True)
+    if time_left():  # bf16 weights of the same layer through the bf16 grouped kernel, for scale
         gate_up = torch.randn(E, 2 * INTER, HIDDEN, device=DEVICE, dtype=BF16) * 0.02
         down = torch.randn(E, HIDDEN, INTER, device=DEVICE, dtype=BF16) * 0.02
         for t in tokens:
-            if not time_left():
-                break
-            us = graph_us([lambda c=c: fused_moe(c[0], gate_up, down, c[1], c[2]) for c in inputs[t]])
-            emit({"scheme": "bf16", "tokens": t, **LAYER, "path": "bf16_grouped", "us": round(us, 2)})
+            if time_left():
+                guarded(f"bf16 t{t}", bf16, t, gate_up, down)
         del gate_up, down
-
     if args.sweep:
-        variants = {
-            "decode": [
-                dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=4),
-                dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
-                dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=4),
-            ],
-            "prefill": [
-                dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
-                dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-            ],
-        }
-        from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped
-
-        layer = layers[scheme0]
+        decode = [
+            dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=4),
+            dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
+            dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=4),
+        ]
+        prefill = [
+            dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+            dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+            dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+        ]
         for t in tokens:
-            for cfg in variants["decode" if t <= 64 else "prefill"]:
-                if not time_left():
-                    return
-                up_side, down_side = layer["grouped"]
-                calls = [
-                    bind(fused_moe_quantized_grouped, c[0], up_side, down_side, c[1], c[2], "silu", cfg)
-                    for c in inputs[t]
-                ]
-                x, w, ids = inputs[t][0]
-                err = rel_err(calls[0](), op(x, layer, w, ids, "silu"))
-                us = graph_us(calls)
-                emit(
-                    {
-                        "scheme": scheme0,
-                        "tokens": t,
-                        "path": "sweep",
-                        "config": cfg,
-                        "us": round(us, 2),
-                        "rel_err": round(err, 5),
-                    }
-                )
-
-    if time_left() and len(args.schemes.split(",")) > 1:
-        for scheme in args.schemes.split(",")[1:]:
-            layer = make_layer(scheme)
-            loop_layer = dict(layer, grouped=None)
-            for t in tokens:
-                if not time_left():
-                    return
-                x, w, ids = inputs[t][0]
-                err = rel_err(op(x, layer, w, ids, "silu"), op(x, loop_layer, w, ids, "silu"))
-                us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]])
-                loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3)
-                emit(
-                    {
-                        "scheme": scheme,
-                        "tokens": t,
-                        **LAYER,
-                        "path": "grouped",
-                        "us": round(us, 2),
-                        "loop_eager_us": round(loop_us, 1),
-                        "speedup_vs_loop_eager": round(loop_us / us, 2),
-                        "rel_err_vs_loop": round(err, 5),
-                    }
-                )
+            for cfg in decode if t <= 64 else prefill:
+                if time_left():
+                    guarded(f"sweep t{t} {cfg}", sweep, layer, t, cfg)
+    del layer
+    for scheme in schemes[1:]:
+        if not time_left():
+            break
+        layer = make_layer(scheme)
+        for t in tokens:
+            if time_left():
+                guarded(f"check {scheme} t{t}", check, scheme, layer, t)
+                guarded(f"measure {scheme} t{t}", measure, scheme, layer, t, False)
+        del layer
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # The benchmark compiles and checks beside the tests, then waits for them before it times.
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-PT="python3 -m pytest -v -p no:cacheprovider -x"
+PT="python3 -m pytest -v -p no:cacheprovider"
 F=tests/kernels/test_quant_moe_kernel.py
 : > $OUT/test_pids
 (timeout 28 $PT $F -k "matches and (t1] or t300]) and (fp8-block or fp8-channel or int4-g128)" > $OUT/tests_a.log 2>&1; echo "rc=$?" >> $OUT/tests_a.log) &

@@ -257,10 +257,10 @@ def _qmoe_kernel(
         )
 
 
-def launch_config(num_slots: int, num_experts: int, w_mode: str, block_k: int) -> dict:
-    """Tiles by the mean rows per expert (a shape, so fixed under graph capture). BLOCK_K is the scale block (fp8
-    block) or the repacked chunk (wna16), 128 otherwise. Decode: small row tiles and narrow column blocks, so that a
-    handful of routed experts still spread their weight reads over the GPU's multiprocessors."""
+def launch_config(num_slots: int, num_experts: int) -> dict:
+    """Tiles by the mean rows per expert (a shape, so fixed under graph capture). BLOCK_K is not chosen here: it is
+    each side's scale block (fp8 block), repacked chunk (wna16) or 128. Decode: small row tiles and narrow column
+    blocks, so that a handful of routed experts still spread their weight reads over the GPU's multiprocessors."""
     rows_per_expert = num_slots / num_experts
     if rows_per_expert <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
@@ -268,7 +268,6 @@ def launch_config(num_slots: int, num_experts: int, w_mode: str, block_k: int) -
         cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
-    cfg["BLOCK_K"] = block_k
     return cfg
 
 
@@ -390,7 +389,7 @@ def fused_moe_quantized_grouped(
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     block_k_up, block_k_down = _block_k(gate_up), _block_k(down)
-    cfg = {**launch_config(num_slots, num_experts, gate_up["mode"], block_k_up), **(config or {})}
+    cfg = {**launch_config(num_slots, num_experts), **(config or {})}
     block_m = cfg["BLOCK_M"]
     sorted_ids = align_by_expert(topk_ids, num_experts, block_m)
     num_m = sorted_ids.numel() // block_m
