@@ -7,21 +7,19 @@ One JSON line per figure (device, scheme, tokens, path, us per call):
   - loop_eager: the per-expert loop (the fallback; eager, one host sync per call), wall time per call;
   - loop_graph: what a captured decode step ran before the grouped kernel: every expert on every token;
   - bf16_grouped: the bf16 fused_moe kernel on the same layer with bf16 weights, for scale.
-Each grouped line also carries its relative error against the loop on the same inputs (rel_err_vs_loop).
+Each grouped line also carries its relative error against the loop on the same inputs (rel_err_vs_loop) and the
+routed experts' weight bytes per second (weight_gb_s).
 
     python3 benchmarks/qmoe.py [--schemes fp8-block,int4-g128] [--tokens 1,16,64,2048] [--sweep] [--deadline S]
-        [--wait-pids FILE]
 
---sweep times tile variants of the grouped kernel (`config`); --deadline stops starting new measurements S seconds
-after the start (the partial results are already printed); --wait-pids waits (up to half the deadline) for the
-processes listed in FILE to end before timing, so compiling runs beside them but timing does not.
+--sweep times tile variants of the grouped kernel (`config`, first scheme); --deadline stops starting new
+measurements S seconds after the start (what was measured is already printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import time
 import traceback
@@ -144,7 +142,6 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,16,64,2048")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9)
-    parser.add_argument("--wait-pids", default=None)
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     schemes = args.schemes.split(",")
@@ -158,22 +155,22 @@ def main() -> None:
         x = torch.randn(t, HIDDEN, device=DEVICE).to(BF16)
         inputs[t] = [(x, *routing(t)) for _ in range(8 if t <= 64 else 2)]
 
-    def check(scheme, layer, t):
-        x, w, ids = inputs[t][0]
-        err = rel_err(op(x, layer, w, ids, "silu"), op(x, dict(layer, grouped=None), w, ids, "silu"))
-        emit({"scheme": scheme, "tokens": t, "check": "grouped_vs_loop", "rel_err": round(err, 5)})
-
     def measure(scheme, layer, t, loop_graph: bool):
         loop_layer = dict(layer, grouped=None)
-        us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]])
         x, w, ids = inputs[t][0]
+        err = rel_err(op(x, layer, w, ids, "silu"), op(x, loop_layer, w, ids, "silu"))
+        us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]])
         loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3 if t > 64 else 5)
         rec = {"scheme": scheme, "tokens": t, **LAYER, "path": "grouped", "us": round(us, 2)}
+        # the routed experts' weight bytes per call over the time: how close the kernel gets to HBM bandwidth
+        per_expert = 3 * INTER * HIDDEN * (1 if scheme.startswith("fp8") else 0.5)
+        routed = sum(c[2].unique().numel() for c in inputs[t]) / len(inputs[t])
+        rec.update(routed_experts=routed, weight_gb_s=round(routed * per_expert / us / 1e3, 1))
         rec.update(loop_eager_us=round(loop_us, 1), speedup_vs_loop_eager=round(loop_us / us, 2))
-        rec["config"] = launch_config(t * TOP_K, E)
         if loop_graph and t <= 64 and time_left():
             graph = graph_us([bind(op, x, loop_layer, w, ids, "silu")], replays=2)
             rec.update(loop_graph_us=round(graph, 1), speedup_vs_loop_graph=round(graph / us, 2))
+        rec.update(rel_err_vs_loop=round(err, 5), config=launch_config(t * TOP_K, E))
         emit(rec)
 
     def bf16(t, gate_up, down):
@@ -190,22 +187,15 @@ def main() -> None:
         us = graph_us(calls)
         emit({"scheme": schemes[0], "tokens": t, "path": "sweep", "config": cfg, "us": round(us, 2), "rel_err": err})
 
-    # the first scheme: compile and check beside the tests, then time
+    # the table first (each figure printed as it is measured), then bf16 for scale, the sweep, the other schemes
     layer = make_layer(schemes[0])
-    for t in tokens:
-        guarded(f"check {schemes[0]} t{t}", check, schemes[0], layer, t)
-    if args.wait_pids and os.path.exists(args.wait_pids):
-        pids = [int(p) for p in open(args.wait_pids).read().split()]
-        while time.time() - START < args.deadline / 2 and any(os.path.exists(f"/proc/{p}") for p in pids):
-            time.sleep(0.2)
-        emit({"tests_done_before_timing": not any(os.path.exists(f"/proc/{p}") for p in pids)})
     for t in tokens:
         if time_left():
             guarded(f"measure {schemes[0]} t{t}", measure, schemes[0], layer, t, True)
-    if time_left():  # bf16 weights of the same layer through the bf16 grouped kernel, for scale
+    if time_left():  # bf16 weights of the same layer through the bf16 grouped kernel
         gate_up = torch.randn(E, 2 * INTER, HIDDEN, device=DEVICE, dtype=BF16) * 0.02
         down = torch.randn(E, HIDDEN, INTER, device=DEVICE, dtype=BF16) * 0.02
-        for t in tokens:
+        for t in (1, max(tokens)):
             if time_left():
                 guarded(f"bf16 t{t}", bf16, t, gate_up, down)
         del gate_up, down
@@ -220,20 +210,18 @@ def main() -> None:
             dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
             dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
         ]
-        for t in tokens:
+        for t in (min(tokens), max(tokens)):
             for cfg in decode if t <= 64 else prefill:
                 if time_left():
                     guarded(f"sweep t{t} {cfg}", sweep, layer, t, cfg)
-    del layer
+
     for scheme in schemes[1:]:
-        if not time_left():
-            break
-        layer = make_layer(scheme)
-        for t in tokens:
-            if time_left():
-                guarded(f"check {scheme} t{t}", check, scheme, layer, t)
-                guarded(f"measure {scheme} t{t}", measure, scheme, layer, t, False)
-        del layer
+        if time_left():
+            other = make_layer(scheme)
+            for t in tokens:
+                if time_left():
+                    guarded(f"measure {scheme} t{t}", measure, scheme, other, t, False)
+            del other
 
 
 if __name__ == "__main__":
