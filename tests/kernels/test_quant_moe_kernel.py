@@ -182,6 +182,18 @@ def test_stacked_experts_share_memory_with_the_per_expert_dicts(device):
         assert torch.equal(d["weight"].cpu().view(torch.uint8), canon[e][0]["weight"].view(torch.uint8))
 
 
+def test_experts_sliced_from_one_tensor_are_not_copied(device):
+    """Experts prepared from consecutive slices of one [E, N, K] tensor (how the layer loads them) stack as a view."""
+    weight = torch.randn(4, 256, 128, device=device).to(torch.float8_e4m3fn)
+    scale = torch.rand(4, 2, 1, device=device) + 0.5
+    prepared = [OPS["fp8_prepare"](weight[e], scale[e], None, (128, 128)) for e in range(4)]
+    down = [OPS["fp8_prepare"](weight[e, :128].contiguous(), scale[e, :1], None, (128, 128)) for e in range(4)]
+    layer = OPS["fused_moe_quantized_prepare"](prepared, down, "fp8")
+    up_side, down_side = layer["grouped"]
+    assert up_side["weight"].data_ptr() == weight.data_ptr() and up_side["scale"].data_ptr() == scale.data_ptr()
+    assert down_side["weight"].shape == (4, 128, 128) and down_side["weight"].is_contiguous()
+
+
 def test_asymmetric_int8_falls_back_to_the_loop(device):
     """Static int8 activations with a zero point have no grouped kernel: the per-expert loop runs (and says why)."""
     gen = torch.Generator().manual_seed(1)

@@ -231,8 +231,21 @@ class _NotGroupable(Exception):
 
 def _stack(dicts: list[dict], key: str) -> torch.Tensor:
     """torch.stack of one tensor of every expert, each expert's dict then holding a view of its slice (the per-expert
-    fallback keeps working and the weights are held once)."""
-    stacked = torch.stack([d[key] for d in dicts]).contiguous()
+    fallback keeps working and the weights are held once). Experts that already are consecutive slices of one
+    contiguous [E, ...] tensor (the layer loads its checkpoint tensors stacked) are viewed as it, not copied."""
+    parts = [d[key] for d in dicts]
+    first = parts[0]
+    size = first.numel()
+    if first.is_contiguous() and all(
+        p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and p.shape == first.shape
+        and p.is_contiguous()
+        and p.storage_offset() == first.storage_offset() + e * size
+        for e, p in enumerate(parts)
+    ):
+        stacked = first.as_strided((len(parts), *first.shape), (size, *first.stride()), first.storage_offset())
+    else:
+        stacked = torch.stack(parts).contiguous()
     for e, d in enumerate(dicts):
         d[key] = stacked[e]
     return stacked

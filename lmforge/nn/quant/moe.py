@@ -101,7 +101,9 @@ class QuantExpertsMixin:
             return None
         if self._dense_loaded:
             raise state.error("got both dense and quantized expert weights")
-        param = self._materialize(f"{tag}_{tensor_name}", lambda old: torch.zeros(old.shape, dtype=old.dtype))
+        param = self._materialize(
+            f"{tag}_{tensor_name}", lambda old: torch.zeros(old.shape, dtype=old.dtype, device=self._device)
+        )
         state.load(param.data[expert], tensor_name, tensor, int(part))
         self._expert_loaded.add((tag, tensor_name, expert, int(part)))
         return f"{tag}_{tensor_name}"
