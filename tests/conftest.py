@@ -44,17 +44,12 @@ def make_tiny_tokenizer(path: str) -> None:
     hf.save_pretrained(path)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> str:
-    """A tiny random Llama (vocab 320) with a tokenizer, as an HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tok, **overrides):
+    """The LlamaConfig of the tests' tiny models (vocab 320, hidden 64, 2 layers, 4 heads / 2 kv heads) for the
+    tokenizer `make_tiny_tokenizer` wrote."""
+    from transformers import LlamaConfig
 
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    make_tiny_tokenizer(path)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    cfg = LlamaConfig(
+    fields = dict(
         vocab_size=320,
         hidden_size=64,
         intermediate_size=128,
@@ -64,8 +59,20 @@ def tiny_llama_dir(tmp_path_factory) -> str:
         max_position_embeddings=256,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
     )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny random Llama (vocab 320) with a tokenizer, as an HF folder."""
+    from transformers import LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    make_tiny_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    cfg = tiny_llama_config(AutoTokenizer.from_pretrained(path), tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():

@@ -54,8 +54,10 @@ _STREAM = {
 }
 
 
-def _record(request: Request) -> RequestRecord:
-    return request.scope.get("lmforge_record") or RequestRecord()
+def _record(request: Request, user: str | None = None) -> RequestRecord:
+    record = request.scope.get("lmforge_record") or RequestRecord()
+    record.user = user
+    return record
 
 
 def build_app(
@@ -121,12 +123,12 @@ def build_app(
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**_STREAM, **_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         check_text_fields(body)
-        return await create_completion(body, ctx, request, _record(request))
+        return await create_completion(body, ctx, request, _record(request, body.user))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_STREAM, **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_text_fields(body)
-        return await create_chat_completion(body, ctx, request, _record(request))
+        return await create_chat_completion(body, ctx, request, _record(request, body.user))
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
     async def health() -> HealthResponse:

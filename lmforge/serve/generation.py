@@ -141,6 +141,7 @@ class RequestRecord:
     """Per-HTTP-request facts for the one-line request log (filled in as the request runs)."""
 
     request_id: str = "-"
+    user: str | None = None  # the OpenAI `user` label: logged with the request, it changes no output
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)

@@ -104,7 +104,7 @@ class RequestLogMiddleware:
             level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
             logger.log(
                 level,
-                "%s %s %s %d in=%d out=%d finish=%s %.3fs%s",
+                "%s %s %s %d in=%d out=%d finish=%s %.3fs%s%s",
                 record.request_id,
                 scope["method"],
                 path,
@@ -114,4 +114,5 @@ class RequestLogMiddleware:
                 finish,
                 time.perf_counter() - start,
                 outcome,
+                "" if record.user is None else f" user={record.user!r}",
             )

@@ -48,7 +48,9 @@ class SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = Field(
         None, description="token id (as a string) -> bias in [-100, 100], added to that token's logit"
     )
-    user: str | None = None  # an end-user id for the caller's abuse tracking; it changes no output
+    user: str | None = Field(
+        None, max_length=256, description="an end-user label for the caller's own tracking: logged, changes no output"
+    )
 
 
 class CompletionRequest(SamplingRequest):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmforge.quantize.layerwise import QuantizeOptions, quantize_model
-from tests.conftest import make_tiny_tokenizer
+from tests.conftest import make_tiny_tokenizer, tiny_llama_config
 
 GROUP = 32  # hidden 64: group 128 would not divide K
 CALIB = dict(calib_samples=8, calib_seq_len=64)
@@ -21,23 +21,11 @@ CALIB = dict(calib_samples=8, calib_seq_len=64)
 def outlier_llama_dir(tmp_path_factory) -> str:
     """Llama (2 layers, hidden 64) whose norms give a few channels 10x the others, as trained LLMs have: the
     case AWQ's per-channel scales exist for."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = str(tmp_path_factory.mktemp("outlier_llama"))
     make_tiny_tokenizer(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(AutoTokenizer.from_pretrained(path), tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     gen = torch.Generator().manual_seed(1)

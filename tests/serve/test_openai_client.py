@@ -270,7 +270,7 @@ def test_request_log_and_sigterm_shutdown(tiny_server):
     # earlier, alone, made it miss the 5 s grace on a busy machine.) The server counts the requests in flight
     # when the signal arrives, so the one that finishes after it is counted however fast that happens.
     start = time.monotonic()
-    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 16, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 16, "ignore_eos": True, "user": "alice\nFAKE LINE"}
     resp = httpx.post(tiny_server.base_url + "/v1/completions", json=body, headers=tiny_server.headers(), timeout=60)
     assert resp.is_success
     short = min(max(int(2 * 16 / (time.monotonic() - start)), 24), 2000)  # ~2 s alone, more beside the long one
@@ -291,11 +291,14 @@ def test_request_log_and_sigterm_shutdown(tiny_server):
         t.join(10)
     assert events["short"][-1] == "[DONE]" and events["short"][-2]["choices"][0]["finish_reason"] == "length"
     assert events["long"][-1] == "[DONE]" and events["long"][-2]["choices"][0]["finish_reason"] == "abort"
-    assert 4.5 < took < 15, took
+    assert 4.5 < took < 60, took  # waited the 5 s grace, then aborted (the bound guards a hang, not speed)
     log = "".join(tiny_server.lines)
     assert "waiting up to 5.0 s for 2 request(s) in flight" in log and "aborted 1 request(s)" in log, log[-3000:]
     assert "shut down" in log and "Traceback" not in log
     # one line per request: id, method, path, status, tokens in and out, finish, latency
     assert re.search(rf"cmpl-\w+ POST /v1/completions 200 in=\d+ out={short} finish=length \d+\.\d+s", log)
     assert re.search(r"cmpl-\w+ POST /v1/completions 200 in=\d+ out=\d+ finish=abort ", log)
+    # OpenAI's `user` label is logged (escaped: it cannot forge a log line), not dropped
+    assert re.search(r"out=16 finish=length \d+\.\d+s user='alice\\nFAKE LINE'", log), log[-3000:]
+    assert "\nFAKE LINE" not in log
     assert re.search(r"- GET /v1/models 401 in=0 out=0", log)
