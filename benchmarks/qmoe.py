@@ -11,9 +11,12 @@ Each grouped line also carries its relative error against the loop on the same i
 routed experts' weight bytes per second (weight_gb_s).
 
     python3 benchmarks/qmoe.py [--schemes fp8-block,int4-g128] [--tokens 1,16,64,2048] [--sweep] [--deadline S]
+        [--compile-only --shard I/N]
 
 --sweep times tile variants of the grouped kernel (`config`, first scheme); --deadline stops starting new
-measurements S seconds after the start (what was measured is already printed).
+measurements S seconds after the start (what was measured is already printed). --compile-only --shard i/n runs
+every n-th measurement's calls once without timing: n such processes side by side fill Triton's on-disk cache for
+the timed run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import traceback
 import torch
 
 from lmforge.backends import cuda as cuda_ops
+from lmforge.kernels.cuda.activation import gated_activation
 from lmforge.kernels.cuda.fused_moe import fused_moe
 from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped, launch_config
 
@@ -136,15 +140,32 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
+SWEEP = {
+    "decode": [
+        dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=4),
+    ],
+    "prefill": [
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    ],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--schemes", default="fp8-block,int4-g128")
     parser.add_argument("--tokens", default="1,16,64,2048")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9)
+    parser.add_argument("--compile-only", action="store_true", help="run each job's calls once, time nothing")
+    parser.add_argument("--shard", default="0/1", help="i/n: only every n-th job from the i-th (with --compile-only)")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     schemes = args.schemes.split(",")
+    shard, num_shards = (int(v) for v in args.shard.split("/"))
     op = cuda_ops.OPS["fused_moe_quantized"]
 
     def time_left() -> bool:
@@ -154,11 +175,23 @@ def main() -> None:
     for t in tokens:  # 8 routings per decode graph (their weights do not fit in L2 together), 2 for prefill
         x = torch.randn(t, HIDDEN, device=DEVICE).to(BF16)
         inputs[t] = [(x, *routing(t)) for _ in range(8 if t <= 64 else 2)]
+    layers: dict[str, dict] = {}
 
-    def measure(scheme, layer, t, loop_graph: bool):
+    def layer_of(scheme: str) -> dict:
+        if scheme not in layers:
+            layers[scheme] = make_layer(scheme)
+        return layers[scheme]
+
+    def measure(scheme, t, loop_graph: bool):
+        layer = layer_of(scheme)
         loop_layer = dict(layer, grouped=None)
         x, w, ids = inputs[t][0]
         err = rel_err(op(x, layer, w, ids, "silu"), op(x, loop_layer, w, ids, "silu"))
+        if args.compile_only:
+            if loop_graph and t <= 64:  # the all-experts form's kernels (M = t for every expert)
+                linear = cuda_ops.OPS[f"{layer['scheme']}_linear"]
+                linear(gated_activation(linear(x, layer["gate_up"][0]), "silu"), layer["down"][0])
+            return
         us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]])
         loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3 if t > 64 else 5)
         rec = {"scheme": scheme, "tokens": t, **LAYER, "path": "grouped", "us": round(us, 2)}
@@ -173,55 +206,50 @@ def main() -> None:
         rec.update(rel_err_vs_loop=round(err, 5), config=launch_config(t * TOP_K, E))
         emit(rec)
 
-    def bf16(t, gate_up, down):
-        us = graph_us([bind(fused_moe, c[0], gate_up, down, c[1], c[2]) for c in inputs[t]])
-        emit({"scheme": "bf16", "tokens": t, **LAYER, "path": "bf16_grouped", "us": round(us, 2)})
+    bf16_weights: list = []
 
-    def sweep(layer, t, cfg):
+    def bf16(t):
+        if not bf16_weights:
+            bf16_weights.append(torch.randn(E, 2 * INTER, HIDDEN, device=DEVICE, dtype=BF16) * 0.02)
+            bf16_weights.append(torch.randn(E, HIDDEN, INTER, device=DEVICE, dtype=BF16) * 0.02)
+        gate_up, down = bf16_weights
+        calls = [bind(fused_moe, c[0], gate_up, down, c[1], c[2]) for c in inputs[t]]
+        if args.compile_only:
+            calls[0]()
+            return
+        emit({"scheme": "bf16", "tokens": t, **LAYER, "path": "bf16_grouped", "us": round(graph_us(calls), 2)})
+
+    def sweep(t, cfg):
+        layer = layer_of(schemes[0])
         up_side, down_side = layer["grouped"]
         calls = [
             bind(fused_moe_quantized_grouped, c[0], up_side, down_side, c[1], c[2], "silu", cfg) for c in inputs[t]
         ]
         x, w, ids = inputs[t][0]
         err = rel_err(calls[0](), op(x, layer, w, ids, "silu"))
-        us = graph_us(calls)
-        emit({"scheme": schemes[0], "tokens": t, "path": "sweep", "config": cfg, "us": round(us, 2), "rel_err": err})
+        if not args.compile_only:
+            us = graph_us(calls)
+            emit(
+                {"scheme": schemes[0], "tokens": t, "path": "sweep", "config": cfg, "us": round(us, 2), "rel_err": err}
+            )
 
-    # the table first (each figure printed as it is measured), then bf16 for scale, the sweep, the other schemes
-    layer = make_layer(schemes[0])
-    for t in tokens:
-        if time_left():
-            guarded(f"measure {schemes[0]} t{t}", measure, schemes[0], layer, t, True)
-    if time_left():  # bf16 weights of the same layer through the bf16 grouped kernel
-        gate_up = torch.randn(E, 2 * INTER, HIDDEN, device=DEVICE, dtype=BF16) * 0.02
-        down = torch.randn(E, HIDDEN, INTER, device=DEVICE, dtype=BF16) * 0.02
-        for t in (1, max(tokens)):
-            if time_left():
-                guarded(f"bf16 t{t}", bf16, t, gate_up, down)
-        del gate_up, down
+    # the table first (each figure printed as it is measured), bf16 for scale, the sweep, the other schemes
+    jobs = [(f"measure {schemes[0]} t{t}", measure, schemes[0], t, True) for t in tokens]
+    jobs += [(f"bf16 t{t}", bf16, t) for t in (min(tokens), max(tokens))]
     if args.sweep:
-        decode = [
-            dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=4),
-            dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
-            dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=4),
-        ]
-        prefill = [
-            dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-            dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
-            dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-        ]
         for t in (min(tokens), max(tokens)):
-            for cfg in decode if t <= 64 else prefill:
-                if time_left():
-                    guarded(f"sweep t{t} {cfg}", sweep, layer, t, cfg)
-
-    for scheme in schemes[1:]:
-        if time_left():
-            other = make_layer(scheme)
-            for t in tokens:
-                if time_left():
-                    guarded(f"measure {scheme} t{t}", measure, scheme, other, t, False)
-            del other
+            jobs += [(f"sweep t{t} {cfg}", sweep, t, cfg) for cfg in SWEEP["decode" if t <= 64 else "prefill"]]
+    jobs += [(f"measure {s} t{t}", measure, s, t, False) for s in schemes[1:] for t in tokens]
+    if args.compile_only:
+        jobs = jobs[shard::num_shards]
+    for name, fn, *fn_args in jobs:
+        if not time_left():
+            emit({"deadline": args.deadline, "skipped_from": name})
+            break
+        guarded(name, fn, *fn_args)
+    torch.cuda.synchronize()
+    if args.compile_only:
+        emit({"compiled_shard": args.shard, "jobs": [j[0] for j in jobs]})
 
 
 if __name__ == "__main__":
