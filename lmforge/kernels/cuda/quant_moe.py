@@ -34,14 +34,19 @@ from .quant_act import FP8_MAX, INT8_MAX, _to_codes, quantize_per_token
 from .quant_wna16 import KS
 
 W_MODES = ("block", "row", "wna16")
+# globals a kernel reads must be constexpr (the GPU compiler refuses plain Python numbers; the interpreter takes them)
+_KS = tl.constexpr(KS)
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
 def _quantize_tile(a, scale, IS_INT: tl.constexpr):
     """a [BLOCK_M, BLOCK_K] fp32 / scale (broadcastable) -> e4m3 or int8 codes (quant_act's rounding)."""
     if IS_INT:
-        return _to_codes(a / scale, 0.0, True, 127.0)
-    return _to_codes(a / scale, 0.0, False, 448.0)
+        codes = _to_codes(a / scale, 0.0, True, 127.0)
+    else:
+        codes = _to_codes(a / scale, 0.0, False, 448.0)
+    return codes
 
 
 @triton.jit
@@ -113,8 +118,8 @@ def _qmoe_kernel(
     s_base = ws_ptr + expert * stride_se
     if W_MODE == "wna16":
         # k row kk of a K block sits in word row kk % KS, bit field kk // KS (quant_wna16.repack)
-        g_ptrs = w_base + (k % KS)[:, None] * stride_wk + n[None, :] * stride_wn
-        shifts = (k // KS) * BITS
+        g_ptrs = w_base + (k % _KS)[:, None] * stride_wk + n[None, :] * stride_wn
+        shifts = (k // _KS) * BITS
     else:
         g_ptrs = w_base + n[None, :] * stride_wn + k[:, None] * stride_wk
     u_ptrs = g_ptrs + N * stride_wn
@@ -134,7 +139,7 @@ def _qmoe_kernel(
         # ---- the activation operand
         if A_MODE == "group":
             af = a.to(tl.float32)
-            a_s = tl.maximum(tl.max(tl.abs(af), axis=1) / FP8_MAX, 1e-12)
+            a_s = tl.maximum(tl.max(tl.abs(af), axis=1) / _FP8_MAX, 1e-12)
             a_op = _quantize_tile(af, a_s[:, None], False)
         elif A_MODE == "static":
             a_op = _quantize_tile(a.to(tl.float32), a_static, IS_INT)
@@ -143,9 +148,9 @@ def _qmoe_kernel(
         # ---- the weight tiles and their product
         if W_MODE == "wna16":
             if EVEN_K:
-                qg = tl.load(g_ptrs + kb * (KS * stride_wk), mask=n_mask[None, :], other=0)
+                qg = tl.load(g_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :], other=0)
             else:
-                qg = tl.load(g_ptrs + kb * (KS * stride_wk), mask=n_mask[None, :] & (k0 + k < K)[:, None], other=0)
+                qg = tl.load(g_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :] & (k0 + k < K)[:, None], other=0)
             if SCALE_PER_BLOCK:
                 g_idx = tl.minimum(k0 // GROUP, num_groups - 1)
                 sg = tl.load(s_base + g_idx * stride_sk + n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -168,9 +173,9 @@ def _qmoe_kernel(
             acc_g = tl.dot(a_op, wg, acc_g, input_precision=DOT_PRECISION)
             if GATED:
                 if EVEN_K:
-                    qu = tl.load(u_ptrs + kb * (KS * stride_wk), mask=n_mask[None, :], other=0)
+                    qu = tl.load(u_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :], other=0)
                 else:
-                    qu = tl.load(u_ptrs + kb * (KS * stride_wk), mask=n_mask[None, :] & (k0 + k < K)[:, None], other=0)
+                    qu = tl.load(u_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :] & (k0 + k < K)[:, None], other=0)
                 if SCALE_PER_BLOCK:
                     su = tl.load(s_base + g_idx * stride_sk + (N + n) * stride_sn, mask=n_mask, other=0.0)
                     su = su.to(tl.float32)[None, :]
