@@ -9,7 +9,7 @@ Every peer runs --repeats times, interleaved (lmforge, hf, llamacpp, lmforge, ..
 busy machine shows in the figures. Prints one JSON line per engine, measure and repeat, with the CPU
 model and its vector flags (AVX2 / AVX-512 / AVX512-BF16 / AMX).
 
-    python benchmarks/cpu.py [--dtype float32|bfloat16] [--requests 32] [--peers lmforge,hf,llamacpp]
+    python benchmarks/cpu.py [--dtype auto|float32|bfloat16] [--requests 32] [--peers lmforge,hf,llamacpp]
 
 The llama.cpp peer needs llama-cpp-python, which has no Linux CPU wheel on PyPI: `--install-llama-cpp`
 builds it from source for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON; about 40 minutes on 2 idle cores), i.e.
@@ -38,7 +38,17 @@ from common import device_name, emit, git_sha, log  # noqa: E402
 from lmforge import GenerationConfig, PytorchEngineConfig  # noqa: E402
 
 LLAMA_CPP_PIN = ("llama-cpp-python==0.3.36", "diskcache==5.6.3")
-_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vbmi",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def cpu_flags() -> str:
@@ -138,7 +148,8 @@ def bench_hf(args, reqs, bs1_ids) -> None:
     path = default_model_path()
     folder, name = path.rsplit("/", 1)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, args.dtype)).eval()
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - t0
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -146,7 +157,7 @@ def bench_hf(args, reqs, bs1_ids) -> None:
         bench="cpu",
         engine="hf",
         model="SmolLM2-135M-Instruct.Q4_1.gguf",
-        dtype=args.dtype,
+        dtype=dtype,
         device=device_name("cpu"),
         cpu_flags=cpu_flags(),
         threads=torch.get_num_threads(),
@@ -287,7 +298,12 @@ def bench_llamacpp(args, reqs, bs1_ids) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="lmforge's dtype (auto: GGUF weights kept packed as int4; HF then runs float32); default auto",
+    )
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--bs1-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

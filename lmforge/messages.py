@@ -115,8 +115,10 @@ class GenerationConfig:
 class PytorchEngineConfig:
     """Engine settings. `device_type=None` picks 'cuda' when a GPU is present, else 'cpu'. dtype 'auto' is the
     checkpoint's float16/bfloat16 (else bfloat16) on CUDA; on CPU bfloat16 where the CPU computes it natively
-    (AVX512-BF16 or AMX), float32 otherwise. `tp` > 1 splits the model over that many ranks, one worker process
-    each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); decode steps replay CUDA graphs on every rank.
+    (AVX512-BF16 or AMX), float32 otherwise; on CPU 'auto' also keeps a GGUF file's Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0
+    linear layers packed as int4 (an explicit dtype dequantizes every GGUF weight to it). `tp` > 1 splits the model
+    over that many ranks, one worker process each (GPUs 0..tp-1 over NCCL; on CPU, processes over gloo); decode
+    steps replay CUDA graphs on every rank.
     `distributed_executor_backend`: where ranks 1..tp-1 run, local processes (None or 'mp') or Ray actors
     ('ray', on the Ray cluster this process joins).
     `cpu_threads` is a CPU engine's torch thread count (0: OMP_NUM_THREADS if set, else one per physical core).

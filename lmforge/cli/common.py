@@ -31,7 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float16", "bfloat16", "float32"],
-        help="auto: on GPUs the checkpoint's float16/bfloat16 (else bfloat16); on CPUs bf16 where native, else fp32",
+        help="auto: on GPUs the checkpoint's float16/bfloat16 (else bfloat16); on CPUs bf16 where native, else fp32, "
+        "with a GGUF's Q4/Q5/Q8 layers kept packed as int4 (an explicit dtype dequantizes them)",
     )
     g.add_argument(
         "--tp",

@@ -60,6 +60,7 @@ class CudaGraphRunner:
         self._support = support if callable(support) else (lambda *a, **k: bool(support))
         self.enabled = bool(support)
         self.capture_seconds = 0.0
+        self.bucket_seconds: dict[int, float] = {}  # warm-up + capture per bucket
         if self.enabled and capture:
             self._capture_all(max_capture_s)
 
@@ -96,6 +97,7 @@ class CudaGraphRunner:
                         max_capture_s,
                     )
                     break
+                t_bucket = time.perf_counter()
                 self._forward(bs)  # warm-up: autotuning and lazy allocations happen outside the graph
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -104,6 +106,7 @@ class CudaGraphRunner:
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[bs], self.outputs[bs] = graph, out
+                self.bucket_seconds[bs] = time.perf_counter() - t_bucket
         except Exception as e:  # a model op that cannot be captured: run eagerly
             logger.warning("CUDA graph capture failed (%s); decoding runs eagerly", e)
             self.graphs.clear()

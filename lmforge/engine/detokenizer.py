@@ -60,6 +60,9 @@ class Detokenizer:
             delta = self._decode_new(final=False)
         if not delta:
             return "", False
+        if not self.stop_words:  # nothing to cut or hold back
+            self._text += delta
+            return delta, False
         return self._emit(delta)
 
     def flush(self) -> str:
@@ -79,6 +82,9 @@ class Detokenizer:
     def _bytes_of(self, ids: list[int]) -> bytes:
         pieces, specials = self._table
         n = len(pieces)  # ids past the tokenizer's vocabulary (a padded model vocab) decode to nothing
+        if len(ids) == 1:  # the engine's case: one token a step
+            i = ids[0]
+            return pieces[i] if i < n and not (self.skip_special_tokens and i in specials) else b""
         if self.skip_special_tokens:
             return b"".join(pieces[i] for i in ids if i < n and i not in specials)
         return b"".join(pieces[i] for i in ids if i < n)

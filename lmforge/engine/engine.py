@@ -7,6 +7,7 @@ lmforge.engine.core runs it in a process of its own for the server.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import threading
@@ -34,7 +35,13 @@ from .requests import build_request_guide, validate_request, with_bad_word_ids
 from .sampler import Sampler, SampleResult
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
-from .startup import configure_triton_cache, resolve_device_type, start_weight_prefetch
+from .startup import (
+    configure_triton_cache,
+    resolve_device_type,
+    short_gil_switch,
+    start_cuda_context,
+    start_weight_prefetch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +78,10 @@ class Engine:
     (engine/executor.py: one in-process Worker, tensor-parallel ranks as local processes, or Ray actors)."""
 
     def __init__(self, model_path: str | None = None, backend_config: PytorchEngineConfig | None = None):
-        cfg = backend_config or PytorchEngineConfig()
+        with short_gil_switch():
+            self._start(model_path, backend_config or PytorchEngineConfig())
+
+    def _start(self, model_path: str | None, cfg: PytorchEngineConfig) -> None:
         self.engine_config = cfg
         start = time.perf_counter()
         start_weight_prefetch(model_path)  # the disk reads overlap CUDA start and the model build
@@ -83,15 +93,21 @@ class Engine:
         self.triton_cache_dir, self.triton_cache_entries = (
             configure_triton_cache() if device_type == "cuda" else (None, 0)
         )
+        if device_type == "cuda":
+            cuda_start = start_cuda_context()
+            importlib.import_module("lmforge.backends.cuda")  # Triton and the kernels, while CUDA starts
+            cuda_start.join()
         # tensor parallelism: the other ranks start now and load their shards while this one loads its own
         self.executor = make_executor(model_path, cfg, device_type)
         try:
-            self._build(model_path, cfg, device_type, start)
+            self._build(model_path, cfg, device_type, start, time.perf_counter())
         except BaseException:
             self.executor.close(abort=True)
             raise
 
-    def _build(self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float) -> None:
+    def _build(
+        self, model_path: str | None, cfg: PytorchEngineConfig, device_type: str, start: float, t_source: float
+    ) -> None:
         executor = self.executor
         driver = executor.driver
         self.device = driver.device
@@ -104,7 +120,9 @@ class Engine:
             load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
         t_model = time.perf_counter()
-        driver.load_model(source)
+        # one GPU, no quantized layers: the weights load beside the memory profile step (Worker.load_model)
+        quantized = getattr(source.hf_config, "quantization_config", None) is not None
+        driver.load_model(source, background=device_type == "cuda" and cfg.tp == 1 and not quantized)
         self.dtype = driver.dtype
         t_weights = time.perf_counter()
         self.max_batch_size = cfg.max_batch_size or (256 if device_type == "cuda" else 64)
@@ -147,15 +165,21 @@ class Engine:
         if device_type == "cuda":
             self.warmup()
         self.load_seconds = time.perf_counter() - start
-        # seconds per start-up phase, in order, summing to load_seconds: CUDA start + config, model build + weights,
-        # memory profile + KV cache, CUDA graphs, waiting for the tokenizer (it loads on a thread from the config
-        # on), warm-up (with the runner and sampler set-up)
+        # seconds per start-up phase, in order, summing to load_seconds: device and executor start, config, model
+        # build, weights, memory profile, KV cache sizing + allocation, CUDA graphs, waiting for the tokenizer (it
+        # loads on a thread from the config on), warm-up (with the runner and sampler set-up). Where the weights
+        # load beside the profile step (one GPU), profile_s covers both and driver.load_times the load's own time
+        times = driver.load_times
+        build, profile = times.get("build_s", 0.0), times.get("profile_s", 0.0)
         self.load_breakdown = {
             k: round(v, 2)
             for k, v in (
-                ("source_s", t_model - start),
-                ("weights_s", t_weights - t_model),
-                ("kv_cache_s", t_cache - t_weights),
+                ("device_s", t_source - start),
+                ("source_s", t_model - t_source),
+                ("build_s", build),
+                ("weights_s", t_weights - t_model - build),
+                ("profile_s", profile),
+                ("kv_cache_s", t_cache - t_weights - profile),
                 ("graphs_s", t_graphs - t_cache),
                 ("tokenizer_wait_s", t_warmup - t_tokenizer),
                 ("warmup_s", start + self.load_seconds - t_warmup + t_tokenizer - t_graphs),
@@ -196,11 +220,17 @@ class Engine:
 
     def warmup(self) -> None:
         """Run a small burst through the real loop at start: prefill chunks short and long (one a full
-        max_prefill_token_num chunk), mixed and decode steps, greedy and sampled rows, logprobs. Kernel
-        compilation and library autotuning then happen here, not under the first real requests."""
+        max_prefill_token_num chunk), mixed steps (with a decode prefix) and decode steps, greedy and sampled rows,
+        logprobs. Kernel compilation and library autotuning then happen here, not under the first real requests."""
         limit = self.session_len - 8
         chunk = self.engine_config.max_prefill_token_num + 50
         lengths = sorted({min(n, limit) for n in (1, 17, 100, 333, 1100, chunk)})
+        # short requests first: they decode beside the prefills below, so mixed steps with a decode prefix (the
+        # attention split of backends/cuda/attention.py) compile here too
+        num_short = min(8, self.max_batch_size - len(lengths))
+        for i in range(num_short):
+            gen = GenerationConfig(max_new_tokens=len(lengths) + 4, ignore_eos=True, do_sample=bool(i % 2))
+            self.add_request([(i + 5) % self.vocab_size] * 3, gen, request_id=f"warmup-short-{i}")
         for i, n in enumerate(lengths):
             gen = GenerationConfig(
                 max_new_tokens=4,
@@ -264,6 +294,7 @@ class Engine:
             generator=generator,
             guide=guide,
             detokenizer=detok,
+            sampling=self.sampler.row_info(gen_config, stop_ids),
         )
         self._requests[request_id] = seq
         self.prompt_tokens_total += len(input_ids)
@@ -334,13 +365,7 @@ class Engine:
 
     def _can_overlap(self, sched: SchedulerOutput) -> bool:
         # penalties and grammars read the previous token on the host before this step's sampling
-        return self.overlap and not any(
-            s.guide is not None
-            or s.gen_config.repetition_penalty != 1.0
-            or s.gen_config.presence_penalty
-            or s.gen_config.frequency_penalty
-            for s in sched.seqs
-        )
+        return self.overlap and not any(s.guide is not None or s.sampling.penalised for s in sched.seqs)
 
     def _launch(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> _Inflight | None:
         keep = [i for i, s in enumerate(sched.seqs) if not s.is_finished]  # stopped while the schedule was made
@@ -349,22 +374,21 @@ class Engine:
             sched.num_tokens = [sched.num_tokens[i] for i in keep]
         if sched.is_empty:
             return None
-        # a sequence samples only when this step computes all of its known tokens
-        sample_rows = [
-            i
-            for i, (s, n) in enumerate(zip(sched.seqs, sched.num_tokens, strict=True))
-            if s.num_computed_tokens + n == s.num_tokens
-        ]
-        sampled = [sched.seqs[i] for i in sample_rows]
-        patch = None
-        if self._inflight is not None:  # placeholders this step feeds: the previous step's tokens, on device
-            dst, src, offset = [], [], 0
-            for s, n in zip(sched.seqs, sched.num_tokens, strict=True):
-                if s.inflight_row is not None and s.num_computed_tokens + n == s.num_tokens:
-                    dst.append(offset + n - 1)
+        # a sequence samples only when this step computes all of its known tokens; the placeholders this step
+        # feeds (the previous step's tokens, still on the device) are those of sampling rows
+        seqs, nums = sched.seqs, sched.num_tokens
+        sample_rows, sampled, dst, src = [], [], [], []
+        feeding = self._inflight is not None
+        offset = 0
+        for i, (s, n) in enumerate(zip(seqs, nums, strict=True)):
+            offset += n
+            if s.num_computed_tokens + n == len(s.token_ids):
+                sample_rows.append(i)
+                sampled.append(s)
+                if feeding and s.inflight_row is not None:
+                    dst.append(offset - 1)
                     src.append(s.inflight_row)
-                offset += n
-            patch = (dst, src, self._inflight.token_ids) if dst else None
+        patch = (dst, src, self._inflight.token_ids) if dst else None
         try:
             logits = self.executor.execute(sched, sample_rows, patch)
             token_ids = None
@@ -379,14 +403,17 @@ class Engine:
                 outputs.append(self._finish(seq, "error"))
             return None
         slots = []
-        for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
+        for seq, n in zip(seqs, nums, strict=True):
             seq.num_computed_tokens += n
+        session_len = self.session_len
         for row, seq in enumerate(sampled):
-            seq.token_ids.append(PLACEHOLDER)
+            tokens = seq.token_ids
+            tokens.append(PLACEHOLDER)
             seq.inflight_row = row
-            slots.append(len(seq.token_ids) - 1)
+            num = len(tokens)
+            slots.append(num - 1)
             # no further step for a sequence whose length limit this token reaches
-            seq.is_draining = seq.num_new_tokens >= seq.gen_config.max_new_tokens or seq.num_tokens >= self.session_len
+            seq.is_draining = num - seq.num_prompt_tokens >= seq.gen_config.max_new_tokens or num >= session_len
         ready = None
         if result is not None and self.device.type == "cuda":
             # copy the results out now, queued right behind this step: reading them later waits for this
@@ -420,16 +447,17 @@ class Engine:
                 if seq.is_finished:  # stopped or aborted after this step was launched: drop the token
                     continue
                 lp = None
-                if seq.gen_config.logprobs is not None and logprobs is not None:
+                if logprobs is not None and seq.gen_config.logprobs is not None:
                     k = seq.gen_config.logprobs
                     top = list(zip(top_ids[j][:k], top_lps[j][:k], strict=True)) if top_ids is not None and k else []
                     lp = TokenLogprob(token_ids[j], logprobs[j], top)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 outputs.append(self._accept_token(seq, token_ids[j], lp, slot))
-        for seq in step.seqs:
-            if not seq.is_finished:
-                self.block_manager.register_full_blocks(seq)
+        if self.block_manager.enable_prefix_caching:
+            for seq in step.seqs:
+                if not seq.is_finished:
+                    self.block_manager.register_full_blocks(seq)
         return outputs
 
     def _accept_token(self, seq: Sequence, token: int, lp: TokenLogprob | None, slot: int) -> RequestOutput:

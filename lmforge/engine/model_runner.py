@@ -7,6 +7,8 @@ through CUDA graphs when they were captured (engine/cuda_graph.py).
 
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 import torch
 from torch import nn
@@ -72,12 +74,14 @@ class ModelRunner:
         """The step's context, plus device index tensors: 'sample' (token rows of the sampled sequences),
         'patch_rows' / 'patch_src' (placeholder tokens to fill from the previous step's samples)."""
         bs = self.block_size
-        num_seqs = len(sched.seqs)
+        seqs = sched.seqs
+        num_seqs = len(seqs)
         q_lens = np.asarray(sched.num_tokens, dtype=np.int64)
-        starts = np.fromiter((s.num_computed_tokens for s in sched.seqs), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
         kv_lens = starts + q_lens
         num_tokens = int(q_lens.sum())
-        max_blocks = max(len(s.block_ids) for s in sched.seqs)
+        num_blocks = np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=num_seqs)
+        max_blocks = int(num_blocks.max())
         q_start_loc = np.cumsum(q_lens) - q_lens
         last = q_start_loc + q_lens - 1
         sample = last if sample_rows is None or len(sample_rows) == num_seqs else last[sample_rows]
@@ -86,17 +90,18 @@ class ModelRunner:
         p64, p32 = self._packs(num_tokens, num_seqs, max_blocks, len(sample), n_patch)
         input_ids, positions, slot_mapping = p64["ids"], p64["pos"], p64["slots"]
         block_tables = p32["tables"].reshape(num_seqs, max_blocks)
+        # every table row in one masked assignment (row-major, so the concatenated ids land row after row)
+        block_tables[np.arange(max_blocks) < num_blocks[:, None]] = np.fromiter(
+            chain.from_iterable(s.block_ids for s in seqs), dtype=np.int32, count=int(num_blocks.sum())
+        )
         if num_tokens == num_seqs:  # decode: one token per sequence, no per-sequence slicing
-            for i, seq in enumerate(sched.seqs):
-                input_ids[i] = seq.token_ids[seq.num_computed_tokens]
-                block_tables[i, : len(seq.block_ids)] = seq.block_ids
+            input_ids[:] = np.fromiter((s.token_ids[s.num_computed_tokens] for s in seqs), np.int64, num_seqs)
             positions[:] = starts
         else:
             offset = 0
-            for i, (seq, start, n) in enumerate(zip(sched.seqs, starts, q_lens, strict=True)):
+            for seq, start, n in zip(seqs, starts.tolist(), sched.num_tokens, strict=True):
                 input_ids[offset : offset + n] = seq.token_ids[start : start + n]
                 positions[offset : offset + n] = np.arange(start, start + n)
-                block_tables[i, : len(seq.block_ids)] = seq.block_ids
                 offset += n
         seq_index = np.repeat(np.arange(num_seqs), q_lens)
         slot_mapping[:] = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs

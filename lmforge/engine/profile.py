@@ -28,10 +28,14 @@ def peak_step_memory(
     device: torch.device,
     num_tokens: int,
     channel=None,
+    outside: dict | None = None,
 ) -> int:
     """Peak bytes allocated by one num_tokens prefill step on a temporary cache. Rank 0 (or a single rank) builds
     and runs the step; with tensor parallelism it broadcasts it over `channel` and the other ranks (rank > 0)
-    follow it on their shards."""
+    follow it on their shards. `outside` (when given, a dict) gets `bytes`: how much less device memory is free
+    after the step than before it, all of it (kernel modules and library handles the first step loads)."""
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info(device)[0]
     num_blocks = (num_tokens + block_size - 1) // block_size
     tp_size = channel.world if channel is not None else 1
     cache = CacheEngine(model_config, num_blocks, block_size, dtype, device, tp_size=tp_size)
@@ -50,4 +54,6 @@ def peak_step_memory(
     peak = torch.cuda.max_memory_allocated() - base
     del cache, runner
     torch.cuda.empty_cache()
+    if outside is not None:
+        outside["bytes"] = max(0, free_before - torch.cuda.mem_get_info(device)[0])
     return int(peak)

@@ -49,6 +49,28 @@ class SampleResult:
 # Rows of the packed per-row parameter tensor (one host->device copy per call).
 _TEMP, _TOP_P, _MIN_P, _TOP_K, _REP, _PRES, _FREQ, _GREEDY = range(8)
 
+# Feature bits of a row (RowInfo.flags): the batch's union decides which passes a call runs.
+_F_SAMPLE, _F_LOGPROBS, _F_REP, _F_PRES_FREQ, _F_BIAS, _F_BAD, _F_MIN_TOKENS, _F_TOP_P, _F_TOP_K, _F_MIN_P = (
+    1 << i for i in range(10)
+)
+
+
+@dataclass(slots=True, frozen=True)
+class RowInfo:
+    """What the sampler needs of one request that does not change while it runs: its packed parameter column and
+    its feature bits. The engine computes it once per request (Sampler.row_info) and keeps it on the Sequence as
+    `sampling`; a sequence without one gets it computed on each call."""
+
+    params: tuple[float, ...]  # the 8 packed values, in _TEMP.. _GREEDY order
+    flags: int
+    top_k: int  # 0 = off (also for greedy rows and k >= vocab)
+    logprobs: int | None
+
+    @property
+    def penalised(self) -> bool:
+        """Repetition / presence / frequency penalties: sampling reads the row's token history on the host."""
+        return bool(self.flags & (_F_REP | _F_PRES_FREQ))
+
 
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device):
@@ -56,17 +78,64 @@ class Sampler:
         self.device = torch.device(device)
         self.staging = PinnedStaging(self.device)
 
+    def row_info(self, cfg: GenerationConfig, stop_ids: Sequence[int] = ()) -> RowInfo:
+        """The per-request part of a call's host work, done once (see RowInfo)."""
+        greedy = cfg.is_greedy
+        top_k = 0 if greedy or not 0 < cfg.top_k < self.vocab_size else cfg.top_k
+        params = (
+            1.0 if greedy else cfg.temperature,
+            # top_p == 1 must keep the whole tail even when the float cumsum reaches 1.0 early.
+            float("inf") if greedy or cfg.top_p >= 1.0 else cfg.top_p,
+            0.0 if greedy else cfg.min_p,
+            float(top_k),
+            cfg.repetition_penalty,
+            cfg.presence_penalty,
+            cfg.frequency_penalty,
+            1.0 if greedy else 0.0,
+        )
+        flags = 0
+        for bit, on in (
+            (_F_SAMPLE, not greedy),
+            (_F_LOGPROBS, cfg.logprobs is not None),
+            (_F_REP, cfg.repetition_penalty != 1.0),
+            (_F_PRES_FREQ, cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0),
+            (_F_BIAS, any(b != 0 for b in (cfg.logit_bias or {}).values())),
+            (_F_BAD, any(t < self.vocab_size for t in cfg.bad_token_ids or ())),
+            (_F_MIN_TOKENS, cfg.min_new_tokens > 0 and any(t < self.vocab_size for t in stop_ids)),
+            (_F_TOP_P, not greedy and cfg.top_p < 1.0),
+            (_F_TOP_K, top_k > 0),
+            (_F_MIN_P, not greedy and cfg.min_p > 0.0),
+        ):
+            if on:
+                flags |= bit
+        return RowInfo(params, flags, top_k, cfg.logprobs)
+
+    def _infos(self, seqs: Sequence[SamplingSeq]) -> list[RowInfo]:
+        infos = []
+        for s in seqs:
+            info = getattr(s, "sampling", None)
+            infos.append(info if info is not None else self.row_info(s.gen_config, s.stop_ids))
+        return infos
+
     def __call__(self, logits: torch.Tensor, seqs: Sequence[SamplingSeq]) -> SampleResult:
         """logits: [num_seqs, >= vocab_size] float32 (padded vocab columns are ignored); it is not modified."""
         logits = logits[:, : self.vocab_size]
+        infos = self._infos(seqs)
+        flags = num_sampling = 0
+        for info in infos:
+            flags |= info.flags
+            num_sampling += info.flags & _F_SAMPLE
         cfgs = [s.gen_config for s in seqs]
-        params = self._pack_params(cfgs)
-        raw_logprobs = logits.log_softmax(dim=-1) if any(c.logprobs is not None for c in cfgs) else None
+        # [8, num_seqs] (a transposed view: one host->device copy of the rows as they are)
+        params = self._to_device(
+            torch.tensor([info.params for info in infos], dtype=torch.float32).view(len(infos), 8), torch.float32
+        ).T
+        raw_logprobs = logits.log_softmax(dim=-1) if flags & _F_LOGPROBS else None
 
-        has_rep = any(c.repetition_penalty != 1.0 for c in cfgs)
-        has_pres_freq = any(c.presence_penalty != 0.0 or c.frequency_penalty != 0.0 for c in cfgs)
-        masked = self._mask_pairs(seqs)
-        biased = self._bias_entries(cfgs)
+        has_rep = bool(flags & _F_REP)
+        has_pres_freq = bool(flags & _F_PRES_FREQ)
+        masked = self._mask_pairs(seqs, infos) if flags & (_F_BAD | _F_MIN_TOKENS) else None
+        biased = self._bias_entries(cfgs) if flags & _F_BIAS else None
         guided = [i for i, s in enumerate(seqs) if s.guide is not None]
         if (masked is not None or biased is not None or guided) and not (has_rep or has_pres_freq):
             logits = logits.clone()  # masks write in place; the caller's tensor stays raw
@@ -80,39 +149,29 @@ class Sampler:
         for i in guided:
             seqs[i].guide.fill_mask(logits[i])
 
-        token_ids = logits.argmax(dim=-1)
-        if not all(c.is_greedy for c in cfgs):
-            sampled_ids = self._sample(logits, seqs, cfgs, params)
-            token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)
-        return _with_logprobs(token_ids, raw_logprobs, cfgs)
+        if infos and num_sampling == len(infos):  # no greedy row: no argmax pass over the batch's logits
+            token_ids = self._sample(logits, seqs, cfgs, params, infos, flags)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            if num_sampling:
+                sampled_ids = self._sample(logits, seqs, cfgs, params, infos, flags)
+                token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)
+        return _with_logprobs(token_ids, raw_logprobs, infos)
 
     def _to_device(self, data: list | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # A plain torch.tensor(..., device='cuda') copies from pageable memory and waits for the stream (a sync);
         # a pinned buffer lets the copy queue behind the forward pass instead.
         return self.staging.to_device(torch.as_tensor(data, dtype=dtype))
 
-    def _pack_params(self, cfgs: list[GenerationConfig]) -> torch.Tensor:
-        """[8, num_seqs] float32; greedy rows get neutral sampling values so they never change the batch's work."""
-        rows: list[list[float]] = [[] for _ in range(8)]
-        for c in cfgs:
-            greedy = c.is_greedy
-            top_k = c.top_k if 0 < c.top_k < self.vocab_size else 0
-            rows[_TEMP].append(1.0 if greedy else c.temperature)
-            # top_p == 1 must keep the whole tail even when the float cumsum reaches 1.0 early.
-            rows[_TOP_P].append(float("inf") if greedy or c.top_p >= 1.0 else c.top_p)
-            rows[_MIN_P].append(0.0 if greedy else c.min_p)
-            rows[_TOP_K].append(0.0 if greedy else float(top_k))
-            rows[_REP].append(c.repetition_penalty)
-            rows[_PRES].append(c.presence_penalty)
-            rows[_FREQ].append(c.frequency_penalty)
-            rows[_GREEDY].append(1.0 if greedy else 0.0)
-        return self._to_device(rows, torch.float32)
-
-    def _mask_pairs(self, seqs: Sequence[SamplingSeq]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _mask_pairs(
+        self, seqs: Sequence[SamplingSeq], infos: list[RowInfo]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(row, token) index pairs forced to -inf: bad tokens always, stop ids until min_new_tokens is reached."""
         rows: list[int] = []
         tokens: list[int] = []
         for i, s in enumerate(seqs):
+            if not infos[i].flags & (_F_BAD | _F_MIN_TOKENS):
+                continue
             cfg = s.gen_config
             banned = list(cfg.bad_token_ids or ())
             if s.num_new_tokens < cfg.min_new_tokens:
@@ -177,22 +236,28 @@ class Sampler:
         return logits - params[_FREQ][:, None] * counts - params[_PRES][:, None] * (counts > 0).to(logits.dtype)
 
     def _sample(
-        self, logits: torch.Tensor, seqs: Sequence[SamplingSeq], cfgs: list[GenerationConfig], params: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        seqs: Sequence[SamplingSeq],
+        cfgs: list[GenerationConfig],
+        params: torch.Tensor,
+        infos: list[RowInfo],
+        flags: int,
     ) -> torch.Tensor:
-        sampling = [c for c in cfgs if not c.is_greedy]
-        top_ks = [c.top_k if 0 < c.top_k < self.vocab_size else 0 for c in sampling]
         logits = logits / params[_TEMP][:, None]
-        if any(c.top_p < 1.0 for c in sampling):
+        if flags & (_F_TOP_P | _F_TOP_K):
+            top_ks = [info.top_k for info in infos if info.flags & _F_SAMPLE]
+        if flags & _F_TOP_P:
             # top-p needs the candidates in order: all of them, or only the top max-k when every row has a top-k.
             if all(top_ks):
                 candidates, candidate_ids = logits.topk(max(top_ks), dim=-1)
             else:
                 candidates, candidate_ids = logits.sort(dim=-1, descending=True)
             logits = _top_k_top_p(logits, candidates, candidate_ids, params[_TOP_K], params[_TOP_P])
-        elif any(top_ks):
+        elif flags & _F_TOP_K:
             logits = _top_k(logits, params[_TOP_K], max(top_ks))
         probs = logits.softmax(dim=-1)
-        if any(c.min_p > 0.0 for c in sampling):
+        if flags & _F_MIN_P:
             threshold = params[_MIN_P][:, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
         # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., draws a token with probability p (renormalised),
@@ -255,14 +320,12 @@ def _top_k_top_p(
     return torch.full_like(logits, float("-inf")).scatter_(1, candidate_ids, candidates)
 
 
-def _with_logprobs(
-    token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, cfgs: list[GenerationConfig]
-) -> SampleResult:
+def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, infos: list[RowInfo]) -> SampleResult:
     """Logprobs come from the raw logits: OpenAI reports the model's distribution, not the sampling one."""
     if raw_logprobs is None:
         return SampleResult(token_ids)
     chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
-    k = max(c.logprobs for c in cfgs if c.logprobs is not None)
+    k = max(info.logprobs for info in infos if info.logprobs is not None)
     if k == 0:
         return SampleResult(token_ids, chosen)
     top_logprobs, top_ids = raw_logprobs.topk(k, dim=-1)

@@ -66,7 +66,8 @@ class Scheduler:
         bm = self.block_manager
         # running sequences, oldest first; the newest are preempted when blocks run out
         for seq in list(self.running):
-            if seq not in self.running or seq.is_draining:  # preempted in this loop, or finishing
+            # preempted in this loop (a status test: `in self.running` would make the loop quadratic), or finishing
+            if seq.status is not SeqStatus.RUNNING or seq.is_draining:
                 continue
             pending = seq.num_pending_tokens
             num = pending if pending == 1 else min(pending, budget)

@@ -33,6 +33,8 @@ class Sequence:
     generator: torch.Generator | None = None
     guide: Any = None
     detokenizer: Any = None
+    # the sampler's per-request parameters and feature bits (sampler.RowInfo), computed once by the engine
+    sampling: Any = None
     status: SeqStatus = SeqStatus.WAITING
     # tokens whose keys/values are in the cache; the step computes token_ids[num_computed_tokens:]
     num_computed_tokens: int = 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import threading
 
 import torch
 
@@ -11,9 +14,14 @@ logger = logging.getLogger(__name__)
 _logged_triton_cache: set[str] = set()
 
 
-def default_triton_cache_dir() -> str:
+def lmforge_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/lmforge` (`~/.cache/lmforge`): the default Triton kernel cache and the memory profiles."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "lmforge", "triton")
+    return os.path.join(base, "lmforge")
+
+
+def default_triton_cache_dir() -> str:
+    return os.path.join(lmforge_cache_dir(), "triton")
 
 
 def configure_triton_cache() -> tuple[str, int]:
@@ -35,11 +43,52 @@ def configure_triton_cache() -> tuple[str, int]:
     return path, entries
 
 
+_gil_lock = threading.Lock()
+_gil_users = 0
+_gil_previous = 0.005
+
+
+@contextlib.contextmanager
+def short_gil_switch(interval_s: float = 0.001):
+    """During start-up, threads hand the GIL over after `interval_s` instead of Python's 5 ms: the tokenizer
+    thread's `import transformers` runs beside the weight readers and the main thread's launches, and each of
+    their short GIL needs (a read done, a copy queued) would otherwise wait up to 5 ms for it. Engines starting
+    at once share it: the last one to finish restores the interval."""
+    global _gil_users, _gil_previous
+    with _gil_lock:
+        if _gil_users == 0:
+            _gil_previous = sys.getswitchinterval()
+            sys.setswitchinterval(min(_gil_previous, interval_s))
+        _gil_users += 1
+    try:
+        yield
+    finally:
+        with _gil_lock:
+            _gil_users -= 1
+            if _gil_users == 0:
+                sys.setswitchinterval(_gil_previous)
+
+
+def start_cuda_context() -> threading.Thread:
+    """Start CUDA (driver init and the device's context, most of it in the driver with the GIL released) on a
+    thread, while the main thread imports the CUDA backend's modules (Triton and the kernels). Errors are left to
+    the main thread's first CUDA call, which raises them."""
+
+    def run() -> None:
+        try:
+            torch.cuda.init()
+            torch.empty(1, device=torch.device("cuda", torch.cuda.current_device()))
+        except Exception:  # noqa: BLE001 - re-raised by the engine's own first CUDA call
+            pass
+
+    thread = threading.Thread(target=run, name="lmforge-cuda-init", daemon=True)
+    thread.start()
+    return thread
+
+
 def start_weight_prefetch(model_path: str | None) -> None:
     """Read the weight files ahead into the page cache on a daemon thread (weights.files.prefetch_weight_files)
     while CUDA starts and the model is built; errors are left to the real load, which names them."""
-    import threading
-
     from lmforge.model_source import resolve_model_path
     from lmforge.weights.files import WeightFileError, prefetch_weight_files
 

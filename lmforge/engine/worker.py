@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
+import time
+from concurrent.futures import Future
 
 import torch
 import torch.distributed as dist
@@ -23,13 +26,28 @@ from lmforge.model_source import ModelSource, load_model_source
 
 from . import cache_engine as ce
 from . import tp
-from .model_loader import build_model
+from .model_loader import build_model, load_model_weights
 from .model_runner import ModelRunner, ModelStep
 from .profile import peak_step_memory, profile_num_tokens
+from .profile_cache import load_profile, profile_key, store_profile
 from .scheduler import SchedulerOutput
 from .startup import resolve_dtype
 
 logger = logging.getLogger(__name__)
+
+
+def _in_thread(fn, *args) -> Future:
+    """fn(*args) on a daemon thread (an abandoned start must not hold the exiting process)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="lmforge-weights-load", daemon=True).start()
+    return future
 
 
 class Worker:
@@ -46,6 +64,9 @@ class Worker:
         self.cache: ce.CacheEngine | None = None
         self.graph_runner = None
         self.runner: ModelRunner | None = None
+        self.load_times: dict[str, float] = {}  # seconds of this rank's start-up steps (engine.load_breakdown)
+        self.profile_cached = False  # the memory profile came from lmforge's cache (engine.profile_cache)
+        self._weights = None  # a Future: the weight load on a thread (load_model(background=True))
 
     @property
     def is_driver(self) -> bool:
@@ -57,9 +78,11 @@ class Worker:
             self.channel.send(cmd, *args)
 
     # --- start-up -------------------------------------------------------------------------------
-    def load_model(self, source: ModelSource | None = None) -> None:
+    def load_model(self, source: ModelSource | None = None, background: bool = False) -> None:
         """Build this rank's shard of the model under the build context and load its weights (model_loader runs
-        the layers' post-load weight processing)."""
+        the layers' post-load weight processing). `background` (one GPU rank, a checkpoint without quantized
+        layers): the weights load on a thread while the first profile step compiles its kernels (on whatever the
+        parameters hold then: the kernels do not depend on the values); `wait_weights` joins it."""
         cfg = self.cfg
         if source is None:
             source = load_model_source(self.model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
@@ -76,17 +99,42 @@ class Worker:
             self.rank,
             self.world_size,
             check_weights=cfg.check_weights,
+            pack_gguf=cfg.dtype == "auto",  # an explicit dtype gets the dequantized reference weights
+            times=self.load_times,
+            load=not background,  # background: CUDA only, where GGUF is never packed (no plan to pass)
         )
         self.step = ModelStep(self.model, self.ctx_mgr)
+        if background:
+            self._weights = _in_thread(self._load_weights_on_thread, source)
+        elif self.is_driver:
+            t = self.load_times
+            logger.info("model built in %.2f s, weights loaded in %.2f s", t["build_s"], t["weights_s"])
+
+    def _load_weights_on_thread(self, source: ModelSource) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the thread's own CUDA device (events, streams)
+        t0 = time.perf_counter()
+        load_model_weights(self.model, source, self.dtype, self.device, self.cfg.check_weights)
+        self.load_times["weights_s"] = time.perf_counter() - t0
+        logger.info("weights loaded in %.2f s (beside the profile step)", self.load_times["weights_s"])
+
+    def wait_weights(self) -> None:
+        """Join the background weight load, if any (its errors are raised here)."""
+        if self._weights is not None:
+            thread, self._weights = self._weights, None
+            thread.result()
 
     def profile_peak_memory(self, max_batch_size: int) -> int:
         """Bytes the largest step needs beyond the weights (activations + logits of a full batch); with tensor
         parallelism, the largest over the ranks (each runs the same step on its shard)."""
         num_tokens = profile_num_tokens(self.cfg.max_prefill_token_num, self.model_config)
-        self._tell(tp.PROFILE, num_tokens)
-        peak = peak_step_memory(
-            self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens, self.channel
-        )
+        if self.channel is None:  # one rank: a profile measured before on this very step is reused
+            peak = self._cached_peak(num_tokens)
+        else:
+            self._tell(tp.PROFILE, num_tokens)
+            peak = peak_step_memory(
+                self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens, self.channel
+            )
         if self.is_driver:  # the sampler holds a few [batch, vocab] float32 tensors at once
             peak += 4 * max(1, min(max_batch_size, 256)) * self.model_config.vocab_size * 4
         if self.channel is not None:
@@ -95,12 +143,43 @@ class Worker:
             logger.info("profile: a %d-token step needs %.2f GiB of activations", num_tokens, peak / 2**30)
         return int(peak)
 
+    def _cached_peak(self, num_tokens: int) -> int:
+        """The profile step's peak from lmforge's cache (engine.profile_cache), else measured and stored. A cached
+        profile also reserves what the measured step took outside torch's allocator: this start has not loaded
+        those kernels and libraries yet, so the free memory it sees still counts them."""
+        key = profile_key(self.source.hf_config, self.dtype, self.device, num_tokens, self.cfg.block_size)
+        cached = load_profile(key)
+        if cached is not None:
+            self.profile_cached = True
+            logger.info("profile: reused the measured peak of this step (%s)", key)
+            return cached[0] + cached[1]
+        if self._weights is not None:
+            # the weights are still loading: a first run compiles the step's kernels beside the load; the measured
+            # run follows the load, since the load's own allocations would blur the step's peak
+            peak_step_memory(self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens)
+            self.wait_weights()
+        outside: dict = {}
+        peak = peak_step_memory(
+            self.step, self.model_config, self.cfg.block_size, self.dtype, self.device, num_tokens, outside=outside
+        )
+        store_profile(key, peak, outside["bytes"])
+        return peak
+
     def determine_num_blocks(self, max_batch_size: int) -> int:
         """KV blocks every rank can hold: on CPU from the host budget, on GPU from each rank's free memory after
         the profile step (the smallest count over the ranks)."""
         if self.device.type == "cpu":
             return ce.num_cpu_blocks(self.model_config, self._cache_config(), self.dtype)
-        reserved = self.profile_peak_memory(max_batch_size)
+        t0 = time.perf_counter()
+        try:
+            reserved = self.profile_peak_memory(max_batch_size)
+        except BaseException:
+            if self._weights is not None:  # let the load finish (its own error, if any, is secondary)
+                self._weights.exception()
+                self._weights = None
+            raise
+        self.wait_weights()  # before the free memory is read: the load's temporaries are gone by then
+        self.load_times["profile_s"] = time.perf_counter() - t0
         self._tell(tp.SIZE, reserved)
         return self._gpu_blocks(reserved)
 
@@ -191,7 +270,6 @@ def run_worker(
 
     Ctrl-C and SIGTERM reach the whole process group; only rank 0 acts on them (it finishes or aborts its
     requests, then sends STOP), since a rank that left mid-step would stall the other ranks' collectives."""
-    import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)

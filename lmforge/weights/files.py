@@ -35,23 +35,27 @@ def iter_weights(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    gguf_packed: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every weight under `model_path` (an HF folder or one weight file).
 
     16/32/64-bit float tensors are cast to `dtype` when given (integer and float8 tensors, a quantized
     checkpoint's own data, keep theirs); GGUF weights are
-    dequantized to `dtype`, float32 when it is None. Safetensors open straight onto `device`, so GPU weights
-    skip a host copy.
+    dequantized to `dtype`, float32 when it is None, except the layers of `gguf_packed` (weights.gguf.gguf_pack_plan),
+    which stay packed. Safetensors for a GPU are read by weights.device_reader (threads into pinned buffers, copied
+    to the device asynchronously); elsewhere they are memory-mapped.
     """
     kind, files = find_weight_files(model_path)
     if kind == "gguf":
         from lmforge.weights.gguf import iter_gguf_weights  # needs the gguf package: only for GGUF files
 
-        yield from iter_gguf_weights(files[0], dtype or torch.float32, device, progress=progress)
+        yield from iter_gguf_weights(files[0], dtype or torch.float32, device, progress, gguf_packed)
         return
     check, read = (_check_safetensors, _read_safetensors) if kind == "safetensors" else (_check_torch, _read_torch)
     for path in files:  # every file before the first tensor, so a bad last shard fails before a partial load
         check(path)
+    if kind == "safetensors" and torch.device(device).type == "cuda" and _gpu_reader() == "threads":
+        read = _device_reader(torch.device(device))
     disabled = not progress or not sys.stderr.isatty()
     for path in tqdm(files, desc="Loading weight files", unit="file", disable=disabled or len(files) == 1):
         for name, tensor in read(path, device):
@@ -161,6 +165,35 @@ def _read_safetensors(path: str, device: str | torch.device) -> Iterator[tuple[s
                 yield name, f.get_tensor(name)
     except Exception as e:  # safetensors raises its own SafetensorError, OSError or RuntimeError
         raise WeightFileError(_corrupt(path, f"{type(e).__name__}: {e}")) from e
+
+
+def _gpu_reader() -> str:
+    """LMFORGE_SAFETENSORS_READER: `threads` (the default: weights.device_reader) or `safe_open` (safetensors'
+    own reader, one tensor at a time through pageable memory)."""
+    choice = os.environ.get("LMFORGE_SAFETENSORS_READER", "threads")
+    if choice not in ("threads", "safe_open"):
+        raise ValueError(f"LMFORGE_SAFETENSORS_READER must be 'threads' or 'safe_open', got {choice!r}")
+    return choice
+
+
+def _device_reader(device: torch.device):
+    """A `read(path, device)` for safetensors on a GPU: weights.device_reader, or safe_open for a file with a
+    dtype that reader does not know."""
+    from lmforge.weights.device_reader import DeviceReader, read_header
+
+    reader = DeviceReader(device)
+
+    def read(path: str, _device) -> Iterator[tuple[str, torch.Tensor]]:
+        entries = read_header(path)
+        if entries is None:
+            yield from _read_safetensors(path, device)
+            return
+        try:
+            yield from reader.read(path, entries)
+        except OSError as e:
+            raise WeightFileError(_corrupt(path, f"{type(e).__name__}: {e}")) from e
+
+    return read
 
 
 def _check_safetensors(path: str) -> None:

@@ -1,4 +1,5 @@
-"""GGUF models: HF config, tokenizer and HF-named, dequantized weights from one .gguf file.
+"""GGUF models: HF config, tokenizer and HF-named weights from one .gguf file, dequantized or (on CPU, for the
+linear layers of `gguf_pack_plan`) kept packed as int4 planes (weights/gguf_pack.py).
 
 `files.iter_weights` sends .gguf paths here; the engine gets the config and tokenizer through the same path,
 so a GGUF file stands in for a whole HF folder. Nothing is written to disk.
@@ -9,12 +10,14 @@ import sys
 from collections.abc import Iterator
 
 import torch
+from gguf import GGMLQuantizationType as _Q
 from tqdm import tqdm
 
 from lmforge.weights.dequant import can_dequantize, dequantize
 from lmforge.weights.errors import WeightFileError
 from lmforge.weights.gguf_config import GGUFFamily, gguf_config_dict, gguf_family, gguf_hf_config_from_file
 from lmforge.weights.gguf_file import GGUFFile, GGUFTensorInfo, read_gguf
+from lmforge.weights.gguf_pack import PLANES, int4_planes, pack_gptq_order
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -54,6 +57,8 @@ _EXPERT_NAMES = {
 }
 # rope factors live in the config (see gguf_config._rope_scaling), not in the model's parameters
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+# GGUF modules of the linear layers that can stay packed (MoE experts and routers, embeddings and norms cannot)
+_PACKABLE_MODULES = {"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 
 
 def gguf_hf_config(path: str, with_transformers: bool = False):
@@ -85,13 +90,57 @@ def gguf_tokenizer(path: str):
     return tokenizer
 
 
+def gguf_pack_plan(
+    path: str, packed_modules_mapping: dict[str, list[str]] | None, tie_word_embeddings: bool
+) -> tuple[dict[str, str], dict[str, str]]:
+    """({HF module name: GGUF type name} of the linear layers that can stay packed as int4 planes, the same of the
+    other linear layers, which stay dense). Packed: a type of
+    gguf_pack.PLANES, out-features a multiple of 16 (torch's int4 kernel), and, for the parts of one merged layer
+    (packed_modules_mapping: q/k/v_proj, gate/up_proj), all parts with the same number of planes, else none of
+    them. A tied lm_head packs from token_embd. Both the quant config and iter_gguf_weights follow this plan."""
+    file = read_gguf(path)
+    family = gguf_family(file)
+    candidates: dict[str, GGUFTensorInfo] = {}
+    for info in file.tensors.values():
+        parts = info.name.split(".")
+        if info.name == "output.weight" or (tie_word_embeddings and info.name == "token_embd.weight"):
+            if "output.weight" in file.tensors and info.name == "token_embd.weight":
+                continue
+            candidates["lm_head"] = info
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in _PACKABLE_MODULES and parts[3] == "weight":
+            candidates[_hf_names(file, family, info)[0].removesuffix(".weight")] = info
+    groups: dict[str, list[str]] = {}
+    for module in candidates:
+        parent, _, last = module.rpartition(".")
+        merged = next((m for m, parts in (packed_modules_mapping or {}).items() if last in parts), last)
+        groups.setdefault(f"{parent}.{merged}", []).append(module)
+    plan, dense = {}, {}
+    for members in groups.values():
+        infos = [candidates[m] for m in members]
+        ok = all(
+            _Q(i.ggml_type) in PLANES and len(i.shape) == 2 and i.shape[0] % 16 == 0 and i.shape[1] % 32 == 0
+            for i in infos
+        )
+        ok = ok and len({PLANES[_Q(i.ggml_type)] for i in infos}) == 1
+        (plan if ok else dense).update({m: i.type_name for m, i in zip(members, infos, strict=True)})
+    return plan, dense
+
+
 def iter_gguf_weights(
-    path: str, dtype: torch.dtype, device: str | torch.device = "cpu", progress: bool = False
+    path: str,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    packed: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every weight: dequantized to `dtype` on `device`, torch [out, in] order,
     q/k rows back in HF's rotate-half layout. The bytes move to `device` before dequantizing, so a GPU does
     the unpacking when one is given.
+
+    packed (gguf_pack_plan's, CPU only): each of these modules instead yields the canonical wna16 tensors of its
+    int4 planes, `<module>.qweight` int32 [P * K / 8, N], `.scales` and `.mins` float32 [P * K / 32, N].
     """
+    packed = packed or {}
     file = read_gguf(path)
     family = gguf_family(file)
     config = gguf_config_dict(file)
@@ -107,7 +156,13 @@ def iter_gguf_weights(
     for info, hf_names in bar:
         if not hf_names:
             continue
+        module = hf_names[0].removesuffix(".weight")
+        if module in packed:
+            yield from _load_packed(file, family, config, info, module)
+            continue
         tensor = _load_tensor(file, family, config, info, hf_names[0], dtype, torch.device(device))
+        if info.name == "token_embd.weight" and "lm_head" in packed and "output.weight" not in file.tensors:
+            yield from _load_packed(file, family, config, info, "lm_head")  # tied: lm_head packs from the embedding
         if _is_stacked_experts(info.name):  # [num_experts, out, in]: one HF tensor per expert
             yield from zip(hf_names, tensor.unbind(0), strict=True)
         else:
@@ -169,6 +224,24 @@ def _load_tensor(
     elif family.permute_qk and ".self_attn.k_proj." in hf_name:
         tensor = _unpermute_rows(tensor, config["num_key_value_heads"])
     return tensor
+
+
+def _load_packed(
+    file: GGUFFile, family: GGUFFamily, config: dict, info: GGUFTensorInfo, module: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    if _Q(info.ggml_type) not in PLANES:
+        raise WeightFileError(f"GGUF file {file.path}: tensor {info.name!r} ({info.type_name}) cannot stay packed")
+    codes, scales, mins = int4_planes(file.raw(info), info.ggml_type, info.shape)
+    heads = None
+    if family.permute_qk and module.endswith(".self_attn.q_proj"):
+        heads = config["num_attention_heads"]
+    elif family.permute_qk and module.endswith(".self_attn.k_proj"):
+        heads = config["num_key_value_heads"]
+    if heads is not None:  # rows are out-features: the same un-permutation as the dense weight's
+        codes, scales, mins = (_unpermute_rows(t, heads) for t in (codes, scales, mins))
+    yield f"{module}.qweight", pack_gptq_order(codes)
+    yield f"{module}.scales", scales.t().contiguous()
+    yield f"{module}.mins", mins.t().contiguous()
 
 
 def _unpermute_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:

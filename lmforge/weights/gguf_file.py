@@ -9,6 +9,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -70,7 +71,21 @@ class GGUFFile:
 
 
 def read_gguf(path: str) -> GGUFFile:
-    """Parse a GGUF file's header and check that every tensor's bytes lie inside the file."""
+    """Parse a GGUF file's header and check that every tensor's bytes lie inside the file.
+
+    One engine start reads the same file for its config, its pack plan and its weights: the parse (~0.4 s for a
+    49k-token vocabulary) is cached per (path, size, mtime), so a rewritten file is parsed again. Callers must not
+    modify the returned metadata."""
+    stat = os.stat(path)
+    return _read_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    return _read(path)
+
+
+def _read(path: str) -> GGUFFile:
     size = os.path.getsize(path)
     if size < 24:  # magic, version, tensor count, kv count
         raise WeightFileError(_broken(path, f"it is only {size} bytes long"))

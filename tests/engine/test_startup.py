@@ -42,7 +42,8 @@ def test_prefetch_weight_files(tiny_llama_dir, tmp_path):
 
 def test_load_breakdown_phases_sum_to_the_load_time(tiny_llama_dir):
     engine = Engine(tiny_llama_dir, PytorchEngineConfig(device_type="cpu", num_cpu_blocks=16, block_size=8))
-    phases = ["source_s", "weights_s", "kv_cache_s", "graphs_s", "tokenizer_wait_s", "warmup_s"]
+    phases = ["device_s", "source_s", "build_s", "weights_s", "profile_s", "kv_cache_s", "graphs_s"]
+    phases += ["tokenizer_wait_s", "warmup_s"]
     assert list(engine.load_breakdown) == phases
     assert all(v >= 0 for v in engine.load_breakdown.values())
     assert sum(engine.load_breakdown.values()) == pytest.approx(engine.load_seconds, abs=0.04)
@@ -77,3 +78,33 @@ def test_a_custom_module_map_gets_transformers_config(tiny_llama_dir, tmp_path):
     module_map.write_text("MODULE_MAP = {}\n")
     assert isinstance(load_hf_config(tiny_llama_dir, custom_module_map=str(module_map)), PretrainedConfig)
     assert type(load_hf_config(tiny_llama_dir)).__name__ == "HFConfig"
+
+
+def test_short_gil_switch_is_restored():
+    import sys
+
+    from lmforge.engine.startup import short_gil_switch
+
+    before = sys.getswitchinterval()
+    first, second = short_gil_switch(0.0005), short_gil_switch(0.0005)
+    first.__enter__()
+    second.__enter__()  # two engines starting at once
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
+
+
+def test_cuda_start_thread_leaves_errors_to_the_engine():
+    """Without a GPU the thread's CUDA start fails quietly; the engine's own first CUDA call reports it."""
+    import torch
+
+    from lmforge.engine.startup import start_cuda_context
+
+    thread = start_cuda_context()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA was asked for"):
+            Engine(None, PytorchEngineConfig(device_type="cuda"))

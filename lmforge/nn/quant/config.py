@@ -17,11 +17,12 @@ class QuantConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class LayerScheme:
-    """What one layer's checkpoint tensors are. kind: 'awq' | 'gptq' | 'ct_wna16' | 'fp8' | 'int8'.
+    """What one layer's checkpoint tensors are. kind: 'awq' | 'gptq' | 'ct_wna16' | 'fp8' | 'int8' | 'gguf'.
 
     bits/group_size/sym/desc_act/gptq_v1 for the weight-only kinds (group_size -1: one group over all of K);
     block_size for block FP8; static_input for the W8A8 kinds (an input_scale tensor), input_zero_point for
-    asymmetric static int8; scale_name is 'weight_scale' or HF fp8's 'weight_scale_inv'."""
+    asymmetric static int8; scale_name is 'weight_scale' or HF fp8's 'weight_scale_inv'; planes: int4 planes per
+    weight of a GGUF layer (lmforge/weights/gguf_pack.py)."""
 
     kind: str
     bits: int = 4
@@ -34,11 +35,14 @@ class LayerScheme:
     input_zero_point: bool = False
     scale_name: str = "weight_scale"
     per_tensor_weight: bool = False
+    planes: int = 1
     fmt: str = ""  # the format's name for messages: 'awq', 'gptq', 'compressed-tensors pack-quantized', ...
 
     @property
     def op(self) -> str:
-        return {"awq": "wna16", "gptq": "wna16", "ct_wna16": "wna16", "fp8": "fp8", "int8": "int8"}[self.kind]
+        return {"awq": "wna16", "gptq": "wna16", "ct_wna16": "wna16", "fp8": "fp8", "int8": "int8", "gguf": "wna16"}[
+            self.kind
+        ]
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -257,6 +261,37 @@ class FP8Config(QuantConfig):
     def describe(self):
         weights = f"block {list(self.block)} scales" if self.block else "per-tensor scales"
         return f"fp8 (HF fine-grained): e4m3 weights with {weights}, {self.scheme} activations"
+
+
+class GGUFConfig(QuantConfig):
+    """GGUF weights kept packed on CPU (made by the model loader from the file, never read from a config.json):
+    `types` maps each packed module (HF name, e.g. model.layers.0.self_attn.q_proj, or lm_head) to its GGUF type
+    name; the loader packs exactly these (lmforge/weights/gguf.py: gguf_pack_plan), every other layer is dense."""
+
+    method = "gguf"
+
+    def __init__(self, types: dict[str, str], planes: dict[str, int]):
+        super().__init__({"quant_method": "gguf"})
+        self.types, self.planes = types, planes
+
+    def scheme_for(self, prefix, names):
+        if not names or any(n not in self.types for n in names):
+            return None
+        planes = {self.types[n]: self.planes[self.types[n]] for n in names}
+        if len(set(planes.values())) != 1:
+            raise QuantConfigError(f"layer {prefix}: its parts {names} pack into different int4 planes {planes}")
+        fmt = "gguf " + "/".join(sorted(planes))
+        return LayerScheme("gguf", 4, 32, sym=False, planes=next(iter(planes.values())), fmt=fmt)
+
+    def expert_scheme_for(self, prefix, names):
+        return None  # MoE experts are not packed (gguf_pack_plan leaves them out)
+
+    def describe(self):
+        counts: dict[str, int] = {}
+        for t in self.types.values():
+            counts[t] = counts.get(t, 0) + 1
+        kinds = ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
+        return f"gguf kept packed as int4 planes of group 32: {kinds}"
 
 
 _CONFIGS = {c.method: c for c in (AWQConfig, GPTQConfig, CompressedTensorsConfig, FP8Config)}

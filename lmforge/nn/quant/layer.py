@@ -49,6 +49,13 @@ def tensor_specs(s: LayerScheme, k_full: int) -> list[TensorSpec]:
             TensorSpec("qzeros", i32, (grouped, (N, 8))),
             TensorSpec("scales", f32, (grouped, (N, 1))),
         ]
+    if s.kind == "gguf":  # K holds `planes` codes per weight (lmforge/weights/gguf_pack.py)
+        per_word, per_group = 8 // s.planes, 32 // s.planes
+        return [
+            TensorSpec("qweight", i32, ((K, per_word), (N, 1))),
+            TensorSpec("scales", f32, ((K, per_group), (N, 1))),
+            TensorSpec("mins", f32, ((K, per_group), (N, 1))),
+        ]
     p = 32 // s.bits
     if s.kind == "gptq":
         return [
@@ -128,6 +135,8 @@ class QuantState:
                 f"({k_full} over the TP ranks): run it with a tensor-parallel size that keeps in_features / tp a "
                 f"multiple of {s.group_size}, or re-quantize with a smaller group size"
             )
+        if s.kind == "gguf" and k_local != k_full:
+            raise self.error("GGUF weights are kept packed only without tensor parallelism over in-features")
         if s.desc_act and k_local != k_full:
             raise self.error(
                 "act-order (desc_act / g_idx) on a row-parallel layer under tensor parallelism is not supported; "
@@ -292,6 +301,21 @@ class QuantState:
             zeros = unpack_int32(t["weight_zero_point"], bits, dim=0).t().float()
         q = self._act_order(q.contiguous(), t.get("weight_g_idx"))
         return self._wna16(q, scales, zeros)
+
+    def _canonical_gguf(self, t: dict) -> dict:
+        # scales and mins stay float32 (GGUF's float16 products are exact there); the int4 kernel takes bf16
+        # activations unless the model already computes in a half type
+        compute = torch.bfloat16 if self.act_dtype == torch.float32 else None
+        return dict(
+            qweight=t["qweight"],
+            scales=t["scales"].float(),
+            zeros=None,
+            mins=t["mins"].float(),
+            bits=4,
+            group_size=32,
+            planes=self.scheme.planes,
+            compute_dtype=compute,
+        )
 
     def _per_part_to_channel(self, values: torch.Tensor) -> torch.Tensor:
         """[parts] -> [1] when there is one part, else [N, 1] (each part's rows get its value)."""

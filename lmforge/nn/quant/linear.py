@@ -147,7 +147,7 @@ class QuantLinearMixin:
             c = q.canonical
             cpu = partial(get_op, device_type="cpu")
             if q.scheme.op == "wna16":
-                w = cpu("wna16_dequantize")(c["qweight"], c["scales"], c["zeros"], c["bits"], c["group_size"])
+                w = cpu("wna16_dequantize")(**c)
                 if q.perm is not None:  # back to the checkpoint's order of in-features
                     w = w[:, torch.argsort(q.perm)]
             elif q.scheme.op == "fp8":

@@ -1,0 +1,69 @@
+"""Start-up on CUDA (skipped without a GPU): a reused memory profile sizes the KV cache like a measured one and the
+engine then runs its largest prefill; the weights read by weights.device_reader give safe_open's tokens."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from lmforge.engine.engine import Engine
+from lmforge.messages import GenerationConfig, PytorchEngineConfig
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("gpu_llama_start"))
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _greedy(engine, prompts, steps=8):
+    gen = GenerationConfig(max_new_tokens=steps, ignore_eos=True)
+    ids = [engine.add_request(p, gen) for p in prompts]
+    toks = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            toks[out.request_id] += out.token_ids
+    return [toks[i] for i in ids]
+
+
+def _close(engine) -> None:
+    engine.close()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_a_reused_profile_sizes_the_cache_like_a_measured_one(llama_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("LMFORGE_SAFETENSORS_READER", "safe_open")
+    cfg = PytorchEngineConfig(dtype="bfloat16", max_prefill_token_num=2048, cache_max_entry_count=0.5)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (2048, 300, 5)]
+    first = Engine(llama_dir, cfg)
+    assert not first.executor.driver.profile_cached
+    blocks, reference = first.block_manager.num_blocks, _greedy(first, prompts)
+    _close(first)
+    monkeypatch.setenv("LMFORGE_SAFETENSORS_READER", "threads")
+    second = Engine(llama_dir, cfg)
+    assert second.executor.driver.profile_cached
+    assert 0.9 * blocks <= second.block_manager.num_blocks <= 1.01 * blocks
+    assert _greedy(second, prompts) == reference  # the largest prefill runs; the threaded reader's weights agree
+    _close(second)
