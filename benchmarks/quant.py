@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.backends import cuda as cuda_ops
-from lmforge.backends.cuda.quant import WNA16_DENSE_MIN_M, wna16_dequantize
+from lmforge.backends.cuda.quant import W4_GEMV_MAX_M, WNA16_DENSE_MIN_M, wna16_dequantize
 from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_token
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
-from lmforge.kernels.cuda.quant_wna16 import default_config, wna16_gemm
+from lmforge.kernels.cuda.quant_wna16 import default_config, repack, wna16_gemm
 
 DEVICE = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -192,7 +192,12 @@ def _wna16_one(proj, m, k, n, sweep, results) -> None:
     op = cuda_ops.OPS["wna16_linear"]
     x, preps, wb = wna16_case(m, k, n)
     us = graph_us([lambda p=p: op(x, p) for p in preps])
-    cfg = "dense" if m >= WNA16_DENSE_MIN_M else default_config(m, n, k, 4, DEVICE)
+    if m >= WNA16_DENSE_MIN_M:
+        cfg = "dense"
+    elif preps[0]["layout"] == "w4":
+        cfg = "w4_gemv" if m <= W4_GEMV_MAX_M and preps[0]["m1_kernel"] == "gemv" else "w4_dot"
+    else:
+        cfg = default_config(m, n, k, 4, DEVICE)
     results.append(record("wna16_int4_g128", proj, m, k, n, us, wb, 2, config=cfg))
     if m >= 64:  # dequantize to bf16 + cuBLAS, the path wna16_linear takes from WNA16_DENSE_MIN_M rows
         fns = [lambda p=p: x @ wna16_dequantize(p) for p in preps]
@@ -225,7 +230,20 @@ def _wna16_variants(m: int, k: int, n: int) -> list[dict]:
 
 
 def sweep_wna16(x, preps, proj, m, k, n, wb) -> None:
+    """The chunked-layout kernel's variants (group 128 4-bit weights take quant_w4gemv's layout in wna16_prepare:
+    benchmarks/w4gemv_bench.py sweeps those); the weights are repacked here for it."""
     variants = _wna16_variants(m, k, n)
+    if preps[0]["layout"] != "chunked":
+        shifts = torch.arange(8, device=DEVICE, dtype=torch.int32) * 4
+        chunked = []
+        for p in preps:
+            from lmforge.kernels.cuda.quant_w4gemv import unpack_gemv
+
+            codes = unpack_gemv(p["qweight"])  # [K, N]
+            canon = (codes.view(-1, 8, codes.shape[1]) << shifts[None, :, None]).sum(1, dtype=torch.int64)
+            canon = torch.where(canon >= 2**31, canon - 2**32, canon).to(torch.int32)
+            chunked.append({**p, "qweight": repack(canon, 4)})
+        preps = chunked
     for cfg in variants:
         for magic in (True,):
             try:

@@ -12,7 +12,7 @@ matplotlib; without it the JSON lines are still written and the plot is skipped 
 Workload: `../shared/peer/bench_peer.py`'s draw for draw (seed 0: per request in_len, out_len in [100, 1024], then
 in_len ids in [10, vocab - 1]); --input-len / --output-len change the ranges (tiny test models), --workload reads
 a file written by `bench_peer.py --write-workload`. Every request asks for exactly out_len tokens (EOS ignored),
-temperature 0.6, top_p 1.0, as bench_peer.py does.
+temperature 0.6, top_p 1.0, top_k 0 (sent: lmdeploy's GenerationConfig defaults to 50), as bench_peer.py does.
 
 Endpoints (--api): `completions` posts the ids as an OpenAI `/v1/completions` prompt (a list of token ids) with
 `stream_options.include_usage`, which lmforge serves; lmdeploy's `/v1/completions` reads a list as several
@@ -61,11 +61,13 @@ class Result:
     itls: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    chunks: int = 0  # streamed events that carried output (several tokens each when the server merged them)
     error: str = ""
 
 
 def _payload(api: str, model: str, ids: list[int], out_len: int) -> tuple[str, dict]:
-    common = {"max_tokens": out_len, "temperature": TEMPERATURE, "top_p": TOP_P, "ignore_eos": True, "stream": True}
+    common = {"max_tokens": out_len, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0, "ignore_eos": True,
+              "stream": True}  # fmt: skip
     if api == "generate":
         return "/generate", {"input_ids": ids, **common}
     body = {"model": model, "prompt": ids, "stream_options": {"include_usage": True}, **common}
@@ -117,6 +119,7 @@ async def one_request(lines, api: str, model: str, ids: list[int], out_len: int)
             if payload == "[DONE]":
                 break
             if _parse(api, json.loads(payload), res):
+                res.chunks += 1
                 now = time.perf_counter()
                 if res.ttft == 0.0:
                     res.ttft = now - start
@@ -157,6 +160,7 @@ def summarize(results: list[Result], reqs, wall: float, rate: float) -> dict:
         "total_tok_s": round((out_tokens + in_tokens) / wall, 1),
         "in_tokens": in_tokens,
         "out_tokens": out_tokens,
+        "out_chunks": sum(r.chunks for r in ok),
     }
     for name, xs in (
         ("ttft", [r.ttft for r in ok]),
@@ -172,29 +176,32 @@ def summarize(results: list[Result], reqs, wall: float, rate: float) -> dict:
     return row
 
 
-async def run_rate(args, model: str, reqs, rate: float) -> dict:
+def arrival_delays(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each request is sent: all at 0 for rate inf, else Poisson arrivals."""
+    rng = random.Random(seed + 7)
+    delays, t = [], 0.0
+    for _ in range(n):
+        delays.append(t)
+        if not math.isinf(rate):
+            t += rng.expovariate(rate)
+    return delays
+
+
+async def run_shard(args, model: str, jobs: list[tuple[int, list[int], int, float]], start_at: float):
+    """Send `jobs` (index, ids, out_len, delay) from this process, the first at wall-clock `start_at`; returns
+    [(index, Result)] and the wall-clock time the last one ended."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    rng = random.Random(args.seed + 7)
-    timeout = args.timeout
 
-    async def with_client(lines) -> tuple[list[Result], float]:
-        async def fire(i: int, delay: float) -> Result:
-            await asyncio.sleep(delay)
-            ids, n = reqs[i]
+    async def with_client(lines) -> list[tuple[int, Result]]:
+        async def fire(i: int, ids: list[int], n: int, delay: float) -> tuple[int, Result]:
+            await asyncio.sleep(max(0.0, start_at + delay - time.time()))
             if limit is None:
-                return await one_request(lines, args.api, model, ids, n)
+                return i, await one_request(lines, args.api, model, ids, n)
             async with limit:
-                return await one_request(lines, args.api, model, ids, n)
+                return i, await one_request(lines, args.api, model, ids, n)
 
-        delays, t = [], 0.0
-        for _ in reqs:
-            delays.append(t)
-            if not math.isinf(rate):
-                t += rng.expovariate(rate)
-        start = time.perf_counter()
-        results = await asyncio.gather(*(fire(i, d) for i, d in enumerate(delays)))
-        return list(results), time.perf_counter() - start
+        return list(await asyncio.gather(*(fire(*job) for job in jobs)))
 
     try:
         import aiohttp
@@ -203,15 +210,43 @@ async def run_rate(args, model: str, reqs, rate: float) -> dict:
     if aiohttp is not None:
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
-            base_url=args.url, connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)
+            base_url=args.url, connector=conn, timeout=aiohttp.ClientTimeout(total=args.timeout)
         ) as session:
-            results, wall = await with_client(lambda path, body: _lines_aiohttp(session, path, body, headers))
+            results = await with_client(lambda path, body: _lines_aiohttp(session, path, body, headers))
     else:
         import httpx
 
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=args.url, timeout=timeout, limits=limits) as client:
-            results, wall = await with_client(lambda path, body: _lines_httpx(client, path, body, headers))
+        async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout, limits=limits) as client:
+            results = await with_client(lambda path, body: _lines_httpx(client, path, body, headers))
+    return results, time.time()
+
+
+def _shard_main(args, model, jobs, start_at):
+    return asyncio.run(run_shard(args, model, jobs, start_at))
+
+
+def run_rate(args, model: str, reqs, rate: float) -> dict:
+    """One request rate: with --client-procs N the requests are dealt round-robin to N client processes (one
+    Python process cannot parse tens of thousands of SSE events per second), all starting at one wall-clock
+    instant; the latencies are measured in each and merged."""
+    delays = arrival_delays(len(reqs), rate, args.seed)
+    jobs = [(i, ids, n, delays[i]) for i, (ids, n) in enumerate(reqs)]
+    procs = max(1, min(args.client_procs, len(jobs)))
+    if procs == 1:
+        start_at = time.time()
+        shards = [asyncio.run(run_shard(args, model, jobs, start_at))]
+    else:
+        import multiprocessing as mp
+
+        start_at = time.time() + 2.0  # time for the client processes to start and import aiohttp
+        with mp.get_context("spawn").Pool(procs) as pool:
+            shards = pool.starmap(_shard_main, [(args, model, jobs[k::procs], start_at) for k in range(procs)])
+    results: list[Result | None] = [None] * len(reqs)
+    for shard, _ in shards:
+        for i, res in shard:
+            results[i] = res
+    wall = max(end for _, end in shards) - start_at
     return summarize(results, reqs, wall, rate)
 
 
@@ -298,6 +333,11 @@ def main(argv=None) -> int:
                    help="comma-separated requests per second, 'inf' = all at once (default: inf)")  # fmt: skip
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds a request may take")
+    p.add_argument("--warmup-requests", type=int, default=4,
+                   help="short requests sent (and not counted) before the timed runs")  # fmt: skip
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="client processes the requests are spread over (one Python process tops out at some "
+                   "tens of thousands of SSE events per second; use several against a fast server)")  # fmt: skip
     p.add_argument("--plot", default=None, help="write a PNG of throughput and p99 latency vs request rate here")
     p.add_argument("--label", default=None, help="added to every JSON line (e.g. the server and model)")
     args = p.parse_args(argv)
@@ -306,9 +346,12 @@ def main(argv=None) -> int:
     else:
         reqs = workload(args.num_requests, args.seed, args.vocab, args.input_len, args.output_len)
     model = model_name(args) if args.api == "completions" else (args.model_name or "")
+    if args.warmup_requests:  # the server's first requests (lazy imports and caches) are not timed
+        warm = workload(args.warmup_requests, args.seed + 99, args.vocab, (16, 16), (4, 4))
+        asyncio.run(run_shard(args, model, [(i, ids, n, 0.0) for i, (ids, n) in enumerate(warm)], time.time()))
     rows = []
     for rate in args.request_rates:
-        row = asyncio.run(run_rate(args, model, reqs, rate))
+        row = run_rate(args, model, reqs, rate)
         row = {"bench": "serve", "label": args.label, "api": args.api, "url": args.url, **row}
         print(json.dumps(row), flush=True)
         rows.append(row)

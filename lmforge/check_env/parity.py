@@ -88,6 +88,9 @@ class _LogitsRecorder:
         self.sampler = sampler
         self.logits: dict[str, list[torch.Tensor]] = defaultdict(list)
 
+    def __getattr__(self, name: str):  # the rest of the sampler's interface (row_info, ...) is the sampler's own
+        return getattr(self.sampler, name)
+
     def __call__(self, logits: torch.Tensor, seqs):
         for row, seq in zip(logits, seqs, strict=True):
             self.logits[seq.request_id].append(row.detach().float().cpu().clone())

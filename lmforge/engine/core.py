@@ -8,7 +8,7 @@ each. Messages are msgpack (msgspec) arrays:
                         ["abort", request_id]
                         ["shutdown"]                            abort everything, stop the engine, exit 0
     core -> front end   ["ready", info]                         model name, session_len, vocab_size, block_size
-                        ["out", [output, ...], stats]           the deltas of one step for this front end
+                        ["out", columns, stats]                 the deltas of one step for this front end (pack_outputs)
                         ["stats", stats]                        when the engine goes idle
 
 The loop blocks on the socket while there is nothing to run and otherwise steps the engine, reading every message
@@ -47,29 +47,51 @@ def decode(data: bytes):
     return _decode(data)
 
 
-def pack_output(out: RequestOutput) -> tuple:
-    lps = None if out.logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs]
-    return (
-        out.request_id,
-        out.text,
-        out.token_ids,
+def pack_outputs(outs: list[RequestOutput]) -> list:
+    """One step's deltas for one front end as columns (msgpack arrays of plain values: cheaper to build, encode and
+    decode than one record per delta): request ids, token ids, finish reasons, prompt and generated counts, then
+    logprobs, errors and texts, each None when no delta has one."""
+    lps = None
+    if any(o.logprobs is not None for o in outs):
+        lps = [None if o.logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs] for o in outs]
+    errors = [o.error for o in outs] if any(o.error is not None for o in outs) else None
+    texts = [o.text for o in outs] if any(o.text for o in outs) else None
+    return [
+        [o.request_id for o in outs],
+        [o.token_ids for o in outs],
+        [o.finish_reason for o in outs],
+        [o.num_prompt_tokens for o in outs],
+        [o.num_generated_tokens for o in outs],
         lps,
-        out.finish_reason,
-        out.num_prompt_tokens,
-        out.num_generated_tokens,
-        out.error,
-    )
+        errors,
+        texts,
+    ]
 
 
-def unpack_output(t: list) -> RequestOutput:
-    rid, text, token_ids, lps, finish, n_prompt, n_gen, error = t
+def unpack_outputs(cols: list) -> list[RequestOutput]:
+    rids, tokens, finish, n_prompt, n_gen, lps, errors, texts = cols
+    outs = [
+        RequestOutput(rid, "", toks, None, fin, p, g)
+        for rid, toks, fin, p, g in zip(rids, tokens, finish, n_prompt, n_gen, strict=True)
+    ]
     if lps is not None:
-        lps = [TokenLogprob(tid, lp, [(a, b) for a, b in top]) for tid, lp, top in lps]
-    return RequestOutput(rid, text, token_ids, lps, finish, n_prompt, n_gen, error)
+        for out, lp in zip(outs, lps, strict=True):
+            if lp is not None:
+                out.logprobs = [TokenLogprob(tid, v, [(a, b) for a, b in top]) for tid, v, top in lp]
+    if errors is not None:
+        for out, error in zip(outs, errors, strict=True):
+            out.error = error
+    if texts is not None:
+        for out, text in zip(outs, texts, strict=True):
+            out.text = text
+    return outs
+
+
+_STAT_FIELDS = tuple(f.name for f in dataclasses.fields(EngineStats))
 
 
 def pack_stats(s: EngineStats) -> tuple:
-    return dataclasses.astuple(s)
+    return tuple(getattr(s, name) for name in _STAT_FIELDS)  # dataclasses.astuple deep-copies: 40x slower
 
 
 def unpack_stats(t: list) -> EngineStats:
@@ -142,16 +164,20 @@ class EngineCore:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         if not outputs:
             return
-        by_client: dict[bytes, list] = {}
+        by_client: dict[bytes, list[RequestOutput]] = {}
+        owner = self.owner
         for out in outputs:
-            client = self.owner.get(out.request_id)
+            client = owner.get(out.request_id)
             if out.finish_reason is not None:
-                self.owner.pop(out.request_id, None)
+                owner.pop(out.request_id, None)
             if client is not None:
-                by_client.setdefault(client, []).append(pack_output(out))
+                outs = by_client.get(client)
+                if outs is None:
+                    by_client[client] = outs = []
+                outs.append(out)
         stats = pack_stats(self.engine.stats())
         for client, outs in by_client.items():
-            self._send(client, ["out", outs, stats])
+            self._send(client, ["out", pack_outputs(outs), stats])
 
     def _parent_gone(self) -> bool:
         return self.parent_pid is not None and os.getppid() != self.parent_pid

@@ -1,6 +1,10 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket, captured at start, replayed with
 the step's inputs copied into static buffers. Padding rows of a bucket point at the cache's trash
-block, so their key/value writes land where no sequence reads."""
+block, so their key/value writes land where no sequence reads.
+
+Small buckets (up to LOGITS_MAX_BS rows) capture the lm_head too: a decode step samples every row, so the
+graph's float32 logits are the step's logits, and a batch-1 step launches nothing between the graph and the
+sampler. Larger buckets return hidden states (their logits would hold [bs, vocab] float32 per graph)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import torch
 from lmforge.model_inputs import AttnMetadata, StepContext
 
 logger = logging.getLogger(__name__)
+
+LOGITS_MAX_BS = 16
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -55,6 +61,7 @@ class CudaGraphRunner:
         self.slot_mapping = torch.full((n,), self.trash_slot, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # buckets whose graph ends in the lm_head
         self.pool = None
         support = getattr(self.model, "support_cuda_graph", True)
         self._support = support if callable(support) else (lambda *a, **k: bool(support))
@@ -82,8 +89,11 @@ class CudaGraphRunner:
             self.input_ids[:bs], self.position_ids[:bs], meta, self.kv_caches, True, self.q_start_loc[:bs].long()
         )
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        return self.step.forward(self._context(bs))
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self.step.forward(self._context(bs))
+        if bs > LOGITS_MAX_BS or not self.step.has_get_logits:
+            return hidden, None
+        return hidden, self.step.model.get_logits(hidden)
 
     @torch.inference_mode()
     def _capture_all(self, max_capture_s: float) -> None:
@@ -102,15 +112,18 @@ class CudaGraphRunner:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    out = self._forward(bs)
+                    out, logits = self._forward(bs)
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[bs], self.outputs[bs] = graph, out
+                if logits is not None:
+                    self.logits[bs] = logits
                 self.bucket_seconds[bs] = time.perf_counter() - t_bucket
         except Exception as e:  # a model op that cannot be captured: run eagerly
             logger.warning("CUDA graph capture failed (%s); decoding runs eagerly", e)
             self.graphs.clear()
             self.outputs.clear()
+            self.logits.clear()
             self.enabled = False
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d CUDA graphs in %.1f s", len(self.graphs), self.capture_seconds)
@@ -120,6 +133,7 @@ class CudaGraphRunner:
         per rank, and ranks that replayed different buckets would pair mismatched collectives)."""
         for bs in sorted(self.graphs, reverse=True)[n:]:
             del self.graphs[bs], self.outputs[bs]
+            self.logits.pop(bs, None)
         if not self.graphs:
             self.enabled = False
 
@@ -133,7 +147,9 @@ class CudaGraphRunner:
             and self._support(input_ids=ctx.input_ids, attn_metadata=ctx.attn_metadata)
         )
 
-    def run(self, ctx: StepContext) -> torch.Tensor:
+    def run(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states [bs, hidden], and the float32 logits [bs, vocab] of every row where the graph holds them,
+        else None). Both are the graph's static buffers: read them before the next replay."""
         meta = ctx.attn_metadata
         bs = meta.num_seqs
         bucket = next((b for b in sorted(self.graphs) if b >= bs), None)
@@ -150,4 +166,5 @@ class CudaGraphRunner:
             self.slot_mapping[bs:bucket].fill_(self.trash_slot)
             self.block_tables[bs:bucket, 0].fill_(self.trash_slot // self.block_size)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:bs]
+        logits = self.logits.get(bucket)
+        return self.outputs[bucket][:bs], None if logits is None else logits[:bs]

@@ -175,17 +175,20 @@ class ModelRunner:
         ctx, extra = self.build_context(sched, sample_rows, rows, src)
         if tokens is not None:
             ctx.input_ids.index_copy_(0, extra["patch_rows"], tokens.index_select(0, extra["patch_src"]))
-        hidden = self._run(ctx)
+        hidden, logits = self._run(ctx)
         if not sample_rows:
             return None
+        if logits is not None and len(sample_rows) == len(sched.seqs):  # a decode graph's lm_head: every row
+            return logits
         return self.step.logits(hidden, extra["sample"])
 
-    def _run(self, ctx: StepContext) -> torch.Tensor:
+    def _run(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, the logits of every row when a CUDA graph computed them, else None)."""
         # every rank decides the same way from the same shapes, so under tensor parallelism all ranks replay
         # their graphs (with the collectives captured in them) or all run eagerly
         if self.graph_runner is not None and self.graph_runner.can_run(ctx):
             return self.graph_runner.run(ctx)
-        return self.step.forward(ctx)
+        return self.step.forward(ctx), None
 
     @torch.inference_mode()
     def follow(self, header: list[int]) -> None:

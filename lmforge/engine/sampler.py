@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from lmforge.backends.registry import get_op
 from lmforge.engine.staging import PinnedStaging
 from lmforge.messages import GenerationConfig
 
@@ -77,6 +78,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.staging = PinnedStaging(self.device)
+        # the greedy token: one launch over the row on cuda (torch's reduction streams a vocab row in one block)
+        self.argmax = get_op("argmax_rows", self.device.type)
 
     def row_info(self, cfg: GenerationConfig, stop_ids: Sequence[int] = ()) -> RowInfo:
         """The per-request part of a call's host work, done once (see RowInfo)."""
@@ -126,10 +129,13 @@ class Sampler:
             flags |= info.flags
             num_sampling += info.flags & _F_SAMPLE
         cfgs = [s.gen_config for s in seqs]
-        # [8, num_seqs] (a transposed view: one host->device copy of the rows as they are)
-        params = self._to_device(
-            torch.tensor([info.params for info in infos], dtype=torch.float32).view(len(infos), 8), torch.float32
-        ).T
+        # [8, num_seqs] (a transposed view: one host->device copy of the rows as they are); a plain greedy batch
+        # reads none of it, so it gets no copy
+        params = None
+        if num_sampling or flags & (_F_REP | _F_PRES_FREQ):
+            params = self._to_device(
+                torch.tensor([info.params for info in infos], dtype=torch.float32).view(len(infos), 8), torch.float32
+            ).T
         raw_logprobs = logits.log_softmax(dim=-1) if flags & _F_LOGPROBS else None
 
         has_rep = bool(flags & _F_REP)
@@ -152,7 +158,7 @@ class Sampler:
         if infos and num_sampling == len(infos):  # no greedy row: no argmax pass over the batch's logits
             token_ids = self._sample(logits, seqs, cfgs, params, infos, flags)
         else:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = self.argmax(logits)
             if num_sampling:
                 sampled_ids = self._sample(logits, seqs, cfgs, params, infos, flags)
                 token_ids = torch.where(params[_GREEDY] > 0, token_ids, sampled_ids)

@@ -37,7 +37,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.logit_softcapping = logit_softcapping or None
         self.options = AttnOptions(self.scale, self.sliding_window, self.logit_softcapping, self.v_head_size)
-        self.fill_kv_cache = get_op("fill_kv_cache")
+        self.fill_kv_and_attend = get_op("fill_kv_and_attend")  # one kernel for a decode step on cuda
         self.attention = get_op("paged_attention")
 
     def forward(
@@ -51,8 +51,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """query [T, heads, d], key/value [T, kv_heads, d] (None: already cached) -> [T, heads * v_d]."""
         if key is not None:
-            self.fill_kv_cache(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
-        return self.attention(query, k_cache, v_cache, attn_metadata, self.options).flatten(-2)
+            out = self.fill_kv_and_attend(query, key, value, k_cache, v_cache, attn_metadata, self.options)
+        else:
+            out = self.attention(query, k_cache, v_cache, attn_metadata, self.options)
+        return out.flatten(-2)
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from lmforge.backends.registry import current_build_context
+from lmforge.backends.registry import current_build_context, get_op
 from lmforge.nn.quant.linear import QuantLinearMixin, resolve_quant_config
 
 
@@ -67,6 +66,7 @@ class LinearBase(QuantLinearMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self.all_reduce = all_reduce
+        self.linear_op = get_op("linear")  # the cuda backend sends one-row inputs to its GEMV kernel
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded_weight)
@@ -80,7 +80,7 @@ class LinearBase(QuantLinearMixin, nn.Module):
         return shard_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias) if self.quant is None else self.quant_forward(x)
+        out = self.linear_op(x, self.weight, self.bias) if self.quant is None else self.quant_forward(x)
         if self.all_reduce:
             dist.all_reduce(out, group=current_build_context().tp_group)
         return out

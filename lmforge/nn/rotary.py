@@ -80,11 +80,10 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
         self.attention_scaling, self.position_scale = attention_scaling, position_scale
+        self.cos_sin = get_op("rotary_cos_sin")  # one kernel on cuda
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[:, None] * self.inv_freq[None, :] / self.position_scale
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return self.cos_sin(position_ids, self.inv_freq, self.position_scale, self.attention_scaling)
 
 
 class DynamicNTKRotaryEmbedding(RotaryEmbedding):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,7 +56,10 @@ def _prompt_items(req: CompletionRequest, ctx: ServeContext) -> list[str | list[
             check_prompt_chars(len(item), session_len, ctx.max_token_chars, "prompt")
         else:
             check_context(len(item), req.max_tokens, session_len, "prompt")  # before the per-id scan
-            bad = next((t for t in item if t < 0 or t >= ctx.engine.vocab_size), None)
+            vocab = ctx.engine.vocab_size
+            bad = None
+            if item and (min(item) < 0 or max(item) >= vocab):  # two C-speed passes; the first bad id on failure
+                bad = next(t for t in item if t < 0 or t >= vocab)
             if bad is not None:
                 raise invalid(
                     f"token id {bad} is outside this model's vocabulary [0, {ctx.engine.vocab_size})", "prompt"
@@ -103,7 +107,10 @@ async def create_completion(
     items = _prompt_items(req, ctx)
     if len(items) * req.n > MAX_CHOICES:
         raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(items) * req.n}", "n")
-    prompts = await ctx.workers.run(_encode_prompts, items, ctx, req.parse_special_tokens)
+    if all(isinstance(item, list) for item in items):  # token ids: nothing to tokenize, no thread-pool hop
+        prompts = _encode_prompts(items, ctx)
+    else:
+        prompts = await ctx.workers.run(_encode_prompts, items, ctx, req.parse_special_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     record.request_id = rid
     jobs, choices = [], []
@@ -145,24 +152,18 @@ async def _events(req, ctx, rid, prompts, jobs, choices: list[Choice], arrival, 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     offsets = [0] * len(choices)
 
+    # every chunk is this JSON with its index, text, logprobs and finish_reason filled in (json.dumps' own layout):
+    # only the text is encoded per token
+    head = json.dumps({"id": rid, "object": "text_completion", "created": created, "model": req.model})[:-1]
+    tail = ', "usage": null}' if include_usage else "}"
+
     def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, finish: str | None) -> str:
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": logprobs.model_dump() if logprobs is not None else None,
-                    "finish_reason": finish,
-                }
-            ],
-        }
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+        lp = "null" if logprobs is None else json.dumps(logprobs.model_dump())
+        fin = "null" if finish is None else json.dumps(finish)
+        return (
+            f'data: {head}, "choices": [{{"index": {index}, "text": {json.dumps(text)}, "logprobs": {lp}, '
+            f'"finish_reason": {fin}}}]{tail}\n\n'
+        )
 
     try:
         if req.echo:

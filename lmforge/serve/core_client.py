@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 
 import psutil
 
-from lmforge.engine.core import decode, encode, pack_gen_config, unpack_output, unpack_stats
+from lmforge.engine.core import decode, encode, pack_gen_config, unpack_outputs, unpack_stats
 from lmforge.engine.outputs import EngineStats, RequestOutput
 from lmforge.engine.requests import validate_request
 from lmforge.messages import GenerationConfig
@@ -82,6 +82,55 @@ class ReplicaRouter:
         return choice
 
 
+class _Stream:
+    """One request's outputs on their way to its consumer. The reader appends; the consumer takes everything there
+    is at once, so one that fell behind (a slow client, a busy front end) gets one merged delta instead of a
+    backlog of one-token ones, and the front end's work per token falls as its load rises."""
+
+    __slots__ = ("replica", "items", "waiter")
+
+    def __init__(self, replica: int):
+        self.replica = replica
+        self.items: list[RequestOutput] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, out: RequestOutput) -> None:
+        self.items.append(out)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[RequestOutput]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def merge_deltas(outs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive deltas of one request as one: tokens, text and logprobs in order, the last one's finish."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    lps = None
+    if any(o.logprobs is not None for o in outs):
+        lps = [lp for o in outs for lp in o.logprobs or ()]
+    return RequestOutput(
+        last.request_id,
+        "".join(o.text for o in outs),
+        [t for o in outs for t in o.token_ids],
+        lps,
+        last.finish_reason,
+        max(o.num_prompt_tokens for o in outs),  # an error delta from a dead core carries zeros
+        max(o.num_generated_tokens for o in outs),
+        last.error,
+    )
+
+
 class _RequestText:
     """One request's text, made here from the core's token ids exactly as the Engine makes it in-process: a
     Detokenizer over the prompt, stop tokens never in the text, held-back text released at the finish, and a stop
@@ -100,6 +149,13 @@ class _RequestText:
     def apply(self, out: RequestOutput) -> RequestOutput:
         if self.detok is None or not out.token_ids:
             return out
+        if not self.detok.stop_words and self.stop_ids.isdisjoint(out.token_ids):
+            # nothing in this delta can end the request early: its tokens decode in one call
+            parts = [self.detok.step(out.token_ids)[0]]
+            if out.finish_reason in ("stop", "length"):
+                parts.append(self.detok.flush())
+            out.text = "".join(parts)
+            return out
         first = out.num_generated_tokens - len(out.token_ids) + 1  # the count of the delta's first token
         parts = []
         for i, token in enumerate(out.token_ids):
@@ -110,6 +166,8 @@ class _RequestText:
             if hit:
                 self.hit_stop_string = True
                 out.token_ids = out.token_ids[: i + 1]
+                if out.logprobs is not None:
+                    out.logprobs = out.logprobs[: i + 1]
                 out.num_generated_tokens = first + i
                 out.finish_reason = "stop"
                 break
@@ -133,6 +191,10 @@ class EngineCoreClient:
 
         info = infos[0]
         self.tokenizer = tokenizer
+        if tokenizer is not None:  # the detokenizer's byte table, built now rather than inside the first request
+            from lmforge.engine.detokenizer import token_bytes_table
+
+            token_bytes_table(tokenizer.hf)
         self.model_name = info["model_name"]
         self.session_len = min(i["session_len"] for i in infos)
         self.vocab_size = info["vocab_size"]
@@ -151,7 +213,7 @@ class EngineCoreClient:
             sock.connect(address)
             self._socks.append(sock)
         self.router = ReplicaRouter(self.num_replicas, info["block_size"])
-        self._streams: dict[str, tuple[int, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._stats = [EngineStats(0, 0, 0, 0, 0.0, 0, 0)] * self.num_replicas
         self._alive = [True] * self.num_replicas
         # a core on this machine is watched by its pid; one elsewhere (Ray) by its socket's heartbeats
@@ -203,8 +265,8 @@ class EngineCoreClient:
             msg = decode(await sock.recv())
             kind = msg[0]
             if kind == "out":
-                for t in msg[1]:
-                    self._deliver(unpack_output(t))
+                for out in unpack_outputs(msg[1]):
+                    self._deliver(out)
                 self._stats[i] = unpack_stats(msg[2])
             elif kind == "stats":
                 self._stats[i] = unpack_stats(msg[1])
@@ -212,14 +274,13 @@ class EngineCoreClient:
                 self._stats[i] = unpack_stats(msg[1]["stats"])
 
     def _deliver(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
-        if target is None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
             return
-        replica, q = target
         if out.finish_reason is not None:
             self._streams.pop(out.request_id, None)
-            self.router.load[replica] -= 1
-        q.put_nowait(out)
+            self.router.load[stream.replica] -= 1
+        stream.put(out)
 
     async def _watch_socket(self, i: int) -> None:
         """A remote core: its connection dropping (the process or its node gone, or heartbeats unanswered for
@@ -257,8 +318,8 @@ class EngineCoreClient:
         where = f"pid {self.pids[i]}" if self.pids[i] is not None else self.addresses[i]
         reason = f"the engine core process ({where}) died"
         logger.error("%s; failing its requests", reason)
-        for rid, (replica, _q) in list(self._streams.items()):
-            if replica == i:
+        for rid, stream in list(self._streams.items()):
+            if stream.replica == i:
                 self._deliver(RequestOutput(rid, "", [], None, "error", 0, 0, reason))
         if self.on_core_death is not None:
             self.on_core_death(reason)
@@ -274,8 +335,8 @@ class EngineCoreClient:
         request_id = request_id or uuid.uuid4().hex
         input_ids = list(input_ids)
         replica = self.router.choose(input_ids, self._alive)
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (replica, q)
+        stream = _Stream(replica)
+        self._streams[request_id] = stream
         self.router.load[replica] += 1
         spec = getattr(guide, "spec", None) if guide is not None else None
         text = _RequestText(self.tokenizer, input_ids, gen_config, self.eos_token_ids)
@@ -283,7 +344,7 @@ class EngineCoreClient:
         finished = False
         try:
             while True:
-                out = text.apply(await q.get())
+                out = text.apply(merge_deltas(await stream.take()))
                 finished = out.finish_reason is not None
                 # a stop string: the core still runs the request, so stop it there (its last outputs are dropped)
                 if text.hit_stop_string and self._streams.pop(request_id, None) is not None:
@@ -301,7 +362,7 @@ class EngineCoreClient:
     async def abort(self, request_id: str) -> None:
         target = self._streams.get(request_id)
         if target is not None:
-            await self._socks[target[0]].send(encode(["abort", request_id]))
+            await self._socks[target.replica].send(encode(["abort", request_id]))
 
     def is_healthy(self) -> bool:
         return not self._closed and all(self._alive)

@@ -25,7 +25,7 @@ import time
 from lmforge.engine.core import EngineCoreProcess
 from lmforge.messages import PytorchEngineConfig
 
-from .server import bind_socket, serve_async
+from .server import bind_socket, run_event_loop, serve_async
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -115,12 +115,11 @@ def _client_factory(addresses: list[str], pids: list[int], model_path, trust_rem
 
 
 def _api_server_main(addresses, pids, model_path, trust_remote_code, sock, server_kwargs, log_level) -> None:
-    import asyncio
     import sys
 
     logging.basicConfig(level=getattr(logging, log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     factory = _client_factory(addresses, pids, model_path, trust_remote_code)
-    sys.exit(asyncio.run(serve_async(factory, sock=sock, **server_kwargs)))
+    sys.exit(run_event_loop(serve_async(factory, sock=sock, **server_kwargs)))
 
 
 def serve_model(
@@ -145,10 +144,8 @@ def serve_model(
         addresses, pids = [c.address for c in cores], [c.pid for c in cores]
         kwargs = dict(server_kwargs, log_level=log_level.lower())
         if api_server_count == 1:
-            import asyncio
-
             factory = _client_factory(addresses, pids, model_path, cfg.trust_remote_code)
-            return asyncio.run(serve_async(factory, sock=sock, **kwargs))
+            return run_event_loop(serve_async(factory, sock=sock, **kwargs))
         return _run_api_servers(api_server_count, addresses, pids, model_path, cfg, sock, kwargs, log_level, cores)
     finally:
         for core in cores:

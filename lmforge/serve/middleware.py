@@ -114,5 +114,5 @@ class RequestLogMiddleware:
                 finish,
                 time.perf_counter() - start,
                 outcome,
-                "" if record.user is None else f" user={record.user!r}",
+                "" if record.user is None else f" user={record.user[:256]!r}",
             )

@@ -49,7 +49,8 @@ class SamplingRequest(_Request):
         None, description="token id (as a string) -> bias in [-100, 100], added to that token's logit"
     )
     user: str | None = Field(
-        None, max_length=256, description="an end-user label for the caller's own tracking: logged, changes no output"
+        None,
+        description="an end-user label for the caller's own tracking: logged (first 256 characters), changes no output",
     )
 
 

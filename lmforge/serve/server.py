@@ -234,5 +234,18 @@ async def _log_speed(engine, interval: float) -> None:
         last, last_t = now, now_t
 
 
+def run_event_loop(coro) -> int:
+    """Run the server's coroutine on uvloop when it is installed (a faster event loop for many streams), else on
+    asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
 def run_server(engine_factory: Callable[[], object], **kwargs) -> int:
-    return asyncio.run(serve_async(engine_factory, **kwargs))
+    return run_event_loop(serve_async(engine_factory, **kwargs))

@@ -94,10 +94,14 @@ def test_decode_attention_window_softcap(device, check_dtype, paged_batch, tol, 
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
-def test_decode_attention_split_counts(device, paged_batch, tol, num_splits):
-    """More splits than chunks leaves programs with nothing to do; they must not disturb the combine."""
-    batch = paged_batch([1] * 3, [7, 64, 200], 8, 2, 64, 16, torch.float16, device)
-    out = _decode(batch, 0.125, num_splits=num_splits)
+@pytest.mark.parametrize("min_split_keys", [None, 1])
+@pytest.mark.parametrize("fused_reduce", [True, False], ids=["one_launch", "reduce_kernel"])
+def test_decode_attention_split_counts(device, paged_batch, tol, num_splits, fused_reduce, min_split_keys):
+    """More splits than chunks leaves programs with nothing to do; they must not disturb the combine (in the split
+    kernel or in the reduce kernel); min_split_keys 1 splits even short sequences, the default keeps them whole."""
+    batch = paged_batch([1] * 4, [7, 64, 200, 700], 8, 2, 64, 16, torch.float16, device)
+    kwargs = dict(num_splits=num_splits, fused_reduce=fused_reduce, min_split_keys=min_split_keys)
+    out = _decode(batch, 0.125, **kwargs)
     torch.testing.assert_close(out.float(), _reference(batch, 0.125), **tol(torch.float16))
 
 
@@ -194,3 +198,124 @@ def test_attention_mla_shapes(device, check_dtype, paged_batch, tol, dtype, shap
         run = _decode if max(q_lens) == 1 else _prefill
         out = run(batch, scale, v_head_dim=v_dim)
         torch.testing.assert_close(out.float(), _reference(batch, scale, v_head_dim=v_dim), **tol(dtype))
+
+
+def _fill_reference(batch: dict, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The caches after fill_kv_cache (in their own dtype) and the float32 reference attention over them."""
+    k_ref, v_ref = batch["k_cache"].clone(), batch["v_cache"].clone()
+    cpu_backend.fill_kv_cache(key, value, k_ref, v_ref, batch["meta"].slot_mapping)
+    return k_ref, v_ref
+
+
+@pytest.mark.parametrize("min_split_keys", [None, 1])
+@pytest.mark.parametrize("fused_reduce", [True, False], ids=["one_launch", "reduce_kernel"])
+@pytest.mark.parametrize("num_splits", [None, 3, 64])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_fused_fill(
+    device, check_dtype, paged_batch, tol, dtype, heads, head_dim, num_splits, fused_reduce, min_split_keys
+):
+    """This step's key/value written by the attention kernel itself: the cache ends up as fill_kv_cache leaves it
+    (everything else untouched) and the output attends to the new key as if it had been cached first."""
+    check_dtype(dtype)
+    # a one-key sequence (CUDA-graph padding rows), block and chunk edges, one past the default split size
+    kv_lens = [1, 16, 17, 64, 65, 200, 257, 600]
+    batch = paged_batch([1] * len(kv_lens), kv_lens, *heads, head_dim, 16, dtype, device)
+    meta = batch["meta"]
+    key = torch.randn(len(kv_lens), heads[1], head_dim, device=device).to(dtype)
+    value = torch.randn_like(key)
+    k_ref, v_ref = _fill_reference(batch, key, value)
+    scale = head_dim**-0.5
+    ref = _reference({**batch, "k_cache": k_ref, "v_cache": v_ref}, scale)
+    out = torch.full_like(batch["query"], float("nan"))
+    got = decode_attention(
+        batch["query"],
+        batch["k_cache"],
+        batch["v_cache"],
+        meta.block_tables,
+        meta.kv_seqlens,
+        scale,
+        out=out,
+        num_splits=num_splits,
+        key=key,
+        value=value,
+        slot_mapping=meta.slot_mapping,
+        fused_reduce=fused_reduce,
+        min_split_keys=min_split_keys,
+    )
+    assert torch.equal(batch["k_cache"], k_ref) and torch.equal(batch["v_cache"], v_ref)
+    torch.testing.assert_close(got.float(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("window,softcap", [(32, None), (None, 1.5), (40, 2.0)])
+def test_decode_attention_fused_fill_window_softcap(device, paged_batch, tol, window, softcap):
+    batch = paged_batch([1] * 5, [1, 31, 33, 100, 170], 16, 4, 128, 16, torch.float16, device)
+    meta = batch["meta"]
+    key = torch.randn(5, 4, 128, device=device).half()
+    value = torch.randn_like(key)
+    k_ref, v_ref = _fill_reference(batch, key, value)
+    kwargs = {"sliding_window": window, "logit_softcapping": softcap}
+    ref = _reference({**batch, "k_cache": k_ref, "v_cache": v_ref}, 0.2, **kwargs)
+    got = decode_attention(
+        batch["query"],
+        batch["k_cache"],
+        batch["v_cache"],
+        meta.block_tables,
+        meta.kv_seqlens,
+        0.2,
+        key=key,
+        value=value,
+        slot_mapping=meta.slot_mapping,
+        **kwargs,
+    )
+    torch.testing.assert_close(got.float(), ref, **tol(torch.float16))
+
+
+def test_decode_attention_one_launch_counters_reset(device, paged_batch, tol):
+    """The in-kernel combine leaves its arrival counters at zero: back-to-back launches (graph replays) agree."""
+    batch = paged_batch([1] * 3, [7, 64, 200], 8, 2, 64, 16, torch.float16, device)
+    ref = _reference(batch, 0.125)
+    for splits in (64, 3, 64):
+        out = _decode(batch, 0.125, num_splits=splits, min_split_keys=1)
+        torch.testing.assert_close(out.float(), ref, **tol(torch.float16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backend_fill_kv_and_attend(device, check_dtype, paged_batch, poison_allocator, tol, dtype):
+    """The backend op against the cpu one (fill, then attend) on decode and prefill batches."""
+    check_dtype(dtype)
+    cases = [([1] * 4, [3, 16, 17, 90], True), ([4, 1, 1], [4, 50, 9], False)]
+    for q_lens, kv_lens, is_decoding in cases:
+        batch = paged_batch(q_lens, kv_lens, 8, 2, 64, 16, dtype, device, is_decoding=is_decoding)
+        key = torch.randn(sum(q_lens), 2, 64, device=device).to(dtype)
+        value = torch.randn_like(key)
+        k_ref, v_ref = batch["k_cache"].float(), batch["v_cache"].float()
+        ref = cpu_backend.OPS["fill_kv_and_attend"](
+            batch["query"].float(), key.float(), value.float(), k_ref, v_ref, batch["meta"], AttnOptions(0.125)
+        )
+        poison_allocator()
+        out = cuda_backend.OPS["fill_kv_and_attend"](
+            batch["query"], key, value, batch["k_cache"], batch["v_cache"], batch["meta"], AttnOptions(0.125)
+        )
+        torch.testing.assert_close(out.float(), ref, **tol(dtype))
+        torch.testing.assert_close(batch["k_cache"].float(), k_ref, **tol(dtype))
+        torch.testing.assert_close(batch["v_cache"].float(), v_ref, **tol(dtype))
+
+
+def test_decode_attention_fused_fill_rejects_other_caches(device, paged_batch):
+    batch = paged_batch([1] * 2, [5, 9], 8, 2, 64, 16, torch.float16, device)
+    meta = batch["meta"]
+    key = torch.randn(2, 2, 64, device=device)  # float32 keys for a float16 cache
+    with pytest.raises(ValueError, match="plain cache"):
+        decode_attention(
+            batch["query"],
+            batch["k_cache"],
+            batch["v_cache"],
+            meta.block_tables,
+            meta.kv_seqlens,
+            0.1,
+            key=key,
+            value=key,
+            slot_mapping=meta.slot_mapping,
+        )

@@ -90,3 +90,54 @@ def test_decode_attention_cuda_graph_replay(window, softcap):
     torch.cuda.synchronize()
     assert torch.equal(graph_out[0], torch.zeros_like(graph_out[0]))
     assert not graph_out.isnan().any()
+
+
+def test_fill_kv_and_attend_cuda_graph_replay():
+    """The fused decode step (this step's keys/values written by the attention kernel, splits combined in the same
+    launch) replayed with new data: the cache and the output match fill_kv_cache + attention in float32."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    op = cuda_backend.OPS["fill_kv_and_attend"]
+    static = _random_inputs(device)
+    static["kv_seqlens"].clamp_(min=1)
+    static["key"] = torch.randn(NUM_SEQS, NUM_KV_HEADS, HEAD_DIM, device=device).bfloat16()
+    static["value"] = torch.randn_like(static["key"])
+
+    def slots(inputs: dict) -> torch.Tensor:
+        pos = inputs["kv_seqlens"].long() - 1
+        blocks = inputs["block_tables"].long().gather(1, (pos // BLOCK_SIZE)[:, None])[:, 0]
+        return blocks * BLOCK_SIZE + pos % BLOCK_SIZE
+
+    static_meta = _metadata(static)
+    static_meta.slot_mapping = slots(static)
+
+    def step() -> torch.Tensor:
+        args = (static["key"], static["value"], static["k_cache"], static["v_cache"])
+        return op(static["query"], *args, static_meta, AttnOptions(0.1))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = step()
+
+    for _ in range(3):
+        fresh = _random_inputs(device)
+        fresh["kv_seqlens"].clamp_(min=1)
+        fresh["key"] = torch.randn_like(static["key"])
+        fresh["value"] = torch.randn_like(static["key"])
+        for name, tensor in fresh.items():
+            static[name].copy_(tensor)
+        static_meta.slot_mapping.copy_(slots(fresh))
+        graph.replay()
+        torch.cuda.synchronize()
+        meta = _metadata(fresh)
+        meta.slot_mapping = slots(fresh)
+        k_ref, v_ref = fresh["k_cache"].clone(), fresh["v_cache"].clone()
+        cpu_backend.fill_kv_cache(fresh["key"], fresh["value"], k_ref, v_ref, meta.slot_mapping)
+        assert torch.equal(static["k_cache"], k_ref) and torch.equal(static["v_cache"], v_ref)
+        ref = cpu_backend.paged_attention(fresh["query"].float(), k_ref.float(), v_ref.float(), meta, AttnOptions(0.1))
+        torch.testing.assert_close(graph_out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -92,3 +92,18 @@ def test_plain_activation(device, check_dtype, poison_allocator, tol, dtype, d, 
     torch.testing.assert_close(got.float(), ref, **tol(dtype))
     got_strided = cuda_backend.OPS["activation"](x[..., : d // 2], kind)  # a strided view is read right too
     torch.testing.assert_close(got_strided.float(), ref[..., : d // 2], **tol(dtype))
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (4.0, 1.0), (1.0, 1.2)], ids=str)
+@pytest.mark.parametrize("rot_dim", [32, 128, 96])
+def test_rotary_cos_sin(device, rot_dim, scales):
+    position_scale, attention_scaling = scales
+    positions = torch.cat((torch.tensor([0, 1, 131071]), torch.randint(0, 40000, (45,)))).to(device)
+    inv_freq = (1.0 / (500000 ** (torch.arange(0, rot_dim, 2).double() / rot_dim))).float().to(device)
+    got = cuda_backend.OPS["rotary_cos_sin"](positions, inv_freq, position_scale, attention_scaling)
+    ref = cpu_backend.OPS["rotary_cos_sin"](positions.cpu(), inv_freq.cpu(), position_scale, attention_scaling)
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == (48, rot_dim) and g.dtype == torch.float32
+        torch.testing.assert_close(g.cpu(), r, atol=2e-6, rtol=1e-5)
+    empty = cuda_backend.OPS["rotary_cos_sin"](positions[:0], inv_freq)
+    assert empty[0].shape == (0, rot_dim)

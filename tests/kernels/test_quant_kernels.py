@@ -168,14 +168,13 @@ def test_wna16_kernel_variants_agree(device):
     """The dot-free GEMV variant, the folded (scales after the dot) and the plain dequantization, magic-number and
     int-to-float code conversion and every split of K give the reference result; the split-K reduction is
     deterministic (bitwise equal reruns)."""
-    from lmforge.kernels.cuda.quant_wna16 import wna16_gemm
+    from lmforge.kernels.cuda.quant_wna16 import repack, wna16_gemm
 
     k, n = (4096, 1024) if ON_GPU else (512, 64)
     qweight, scales, zeros = make_wna16(k, n, 4, 128, False, torch.float16, device)
-    p = OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
     x = torch.randn(1, k, device=device).half()
     ref = x.float() @ ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
-    args = (p["qweight"], p["scales"], p["zeros"], 4, 128)
+    args = (repack(qweight, 4), scales, zeros, 4, 128)
     gemv, dot = dict(BLOCK_M=1, USE_DOT=False), dict(BLOCK_M=16, USE_DOT=True)
     variants = [
         {**gemv, "FOLD": True, "ASM": True},
@@ -196,13 +195,83 @@ def test_wna16_kernel_variants_agree(device):
             assert torch.equal(wna16_gemm(x, *args, config=cfg), first)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_w4_layout_kernels(device, poison_allocator, dtype):
+    """The column-major 4-bit layout (quant_w4gemv): the CUDA-core GEMV (1 and 2 rows per program, PTX and plain
+    unpacking, several K splits, register prefetch), the tensor-core dot kernel (16- to 64-row tiles) and the
+    dequantization against the reference, zero points and symmetric, ragged N; split-K bitwise equal on reruns."""
+    from lmforge.kernels.cuda import quant_w4gemv as w4
+
+    k, n = (4096, 1000) if ON_GPU else (512, 72)
+    for symmetric in (False, True):
+        qweight, scales, zeros = make_wna16(k, n, 4, 128, symmetric, dtype, device)
+        packed = w4.repack_gemv(qweight)
+        assert torch.equal(w4.unpack_gemv(packed), ref_unpack(qweight, 4))
+        w_t = ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
+        z = None if symmetric else zeros
+        bias = torch.randn(n, device=device).to(dtype)
+        assert rel_err(w4.w4_dequantize(packed, scales, z, 128), w_t) < REL_TOL[dtype]
+        # the default launches on both; the variants (one compile each) on the zero-point case only
+        gemv_cfgs = [{}] + ([] if symmetric else [
+            dict(SPLIT_K=1, BLOCK_N=64),
+            dict(SPLIT_K=3, BLOCK_M=2, BLOCK_N=128, ASM=False),
+            dict(BLOCK_N=128, SPLIT_K=3, PREFETCH=True),
+        ])  # fmt: skip
+        for m in (1, 2, 3):
+            x = torch.randn(m, k, device=device).to(dtype)
+            ref = x.float() @ w_t + bias.float()
+            for cfg in gemv_cfgs:
+                poison_allocator()
+                y = w4.w4_gemv(x, packed, scales, z, 128, bias, config=cfg)
+                assert rel_err(y, ref) < REL_TOL[dtype], ("gemv", symmetric, m, cfg)
+        dot_cfgs = [{}] + ([] if symmetric else [dict(BLOCK_N=256, SPLIT_K=5, ASM=False)])
+        for m in (1, 7, 33) if ON_GPU else (1, 7, 17):
+            x = torch.randn(m, k, device=device).to(dtype)
+            ref = x.float() @ w_t + bias.float()
+            for cfg in dot_cfgs:
+                poison_allocator()
+                y = w4.w4_dot(x, packed, scales, z, 128, bias, config=cfg)
+                assert rel_err(y, ref) < REL_TOL[dtype], ("dot", symmetric, m, cfg)
+    x = torch.randn(1, k, device=device).to(dtype)
+    for fn in (w4.w4_gemv, w4.w4_dot):
+        first = fn(x, packed, scales, None, 128, config=dict(SPLIT_K=8))
+        for _ in range(10 if ON_GPU else 1):
+            assert torch.equal(fn(x, packed, scales, None, 128, config=dict(SPLIT_K=8)), first)
+
+
 def test_wna16_dense_path_and_dequantize(device):
     from lmforge.backends.cuda.quant import wna16_dequantize
 
-    qweight, scales, zeros = make_wna16(256, 64, 4, 64, False, torch.float16, device)
-    p = OPS["wna16_prepare"](qweight, scales, zeros, 4, 64)
-    ref_w = ref_wna16_weight_t(qweight, scales, zeros, 4, 64)
-    assert rel_err(wna16_dequantize(p), ref_w) < 1e-3
+    for group in (64, 128):  # the chunked layout, the column-major 4-bit one
+        qweight, scales, zeros = make_wna16(256, 64, 4, group, False, torch.float16, device)
+        p = OPS["wna16_prepare"](qweight, scales, zeros, 4, group)
+        assert p["layout"] == "chunked" if group == 64 else p["layout"] in ("w4", "chunked")
+        ref_w = ref_wna16_weight_t(qweight, scales, zeros, 4, group)
+        assert rel_err(wna16_dequantize(p), ref_w) < 1e-3
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "chunked", "auto", None])
+def test_wna16_kernel_choice(device, poison_allocator, monkeypatch, kernel):
+    """Each kernel the load-time choice can pick for a group-128 4-bit weight (LMFORGE_W4_KERNEL forces it; auto
+    times them on a GPU; chunked is the default) serves every M of wna16_linear: decode, small batch, dense path."""
+    if kernel is None:
+        monkeypatch.delenv("LMFORGE_W4_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("LMFORGE_W4_KERNEL", kernel)
+    k, n = (4096, 1536) if ON_GPU else (256, 64)
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    qweight, scales, zeros = make_wna16(k, n, 4, 128, False, dtype, device)
+    p = OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
+    assert p["m1_kernel"] == (kernel or "chunked") if kernel != "auto" else p["m1_kernel"] in ("gemv", "dot", "chunked")
+    assert p["layout"] == ("chunked" if p["m1_kernel"] == "chunked" else "w4")
+    w_t = ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
+    for m in (1, 3, 16, 50) if ON_GPU else (1, 3, 50):
+        x = torch.randn(m, k, device=device).to(dtype)
+        poison_allocator()
+        assert rel_err(OPS["wna16_linear"](x, p), x.float() @ w_t) < REL_TOL[dtype], (kernel, m)
+    monkeypatch.setenv("LMFORGE_W4_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="LMFORGE_W4_KERNEL"):
+        OPS["wna16_prepare"](qweight, scales, zeros, 4, 128)
 
 
 def test_wna16_rejects_bad_input(device):

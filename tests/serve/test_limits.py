@@ -208,16 +208,24 @@ def test_without_body_timeout_a_slow_body_holds_the_connection(fake_engine):
         server.stop()
 
 
-def guarded_server(fake_engine, header_timeout=None, max_connections=None) -> LiveServer:
+@pytest.fixture(params=["h11", "httptools"])
+def http_impl(request) -> str:
+    """Both of uvicorn's HTTP/1.1 protocols carry the limits (httptools is taken when it is installed)."""
+    if request.param == "httptools":
+        pytest.importorskip("httptools")
+    return request.param
+
+
+def guarded_server(fake_engine, header_timeout=None, max_connections=None, impl="h11") -> LiveServer:
     return LiveServer(
         build_app(fake_engine, "fake-model"),
-        http=guarded_protocol(header_timeout, max_connections),
+        http=guarded_protocol(header_timeout, max_connections, impl),
         timeout_keep_alive=30,
     )
 
 
-def test_slow_headers_get_408_and_are_closed(fake_engine):
-    server = guarded_server(fake_engine, header_timeout=0.5)
+def test_slow_headers_get_408_and_are_closed(fake_engine, http_impl):
+    server = guarded_server(fake_engine, header_timeout=0.5, impl=http_impl)
     try:
         sock = raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
         status, reply = read_response(sock)
@@ -254,8 +262,8 @@ def read_response_keepalive(sock: socket.socket) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
-def test_without_header_timeout_slow_headers_hold_the_connection(fake_engine):
-    server = guarded_server(fake_engine, header_timeout=None)
+def test_without_header_timeout_slow_headers_hold_the_connection(fake_engine, http_impl):
+    server = guarded_server(fake_engine, header_timeout=None, impl=http_impl)
     try:
         sock = raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", timeout=1.5)
         with pytest.raises(TimeoutError):
@@ -272,8 +280,8 @@ def wait_connections(server: LiveServer, num: int) -> None:
         time.sleep(0.01)
 
 
-def test_connection_cap_answers_503(fake_engine):
-    server = guarded_server(fake_engine, max_connections=3)
+def test_connection_cap_answers_503(fake_engine, http_impl):
+    server = guarded_server(fake_engine, max_connections=3, impl=http_impl)
     try:
         idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
         wait_connections(server, 3)
@@ -297,6 +305,8 @@ def test_connection_cap_answers_503(fake_engine):
 
 
 def test_serve_limits_reject_nonsense():
+    with pytest.raises(ValueError, match="impl must be"):
+        guarded_protocol(None, None, "http2")
     with pytest.raises(ValueError, match="max_request_bytes"):
         ServeLimits(max_request_bytes=0)
     with pytest.raises(ValueError, match="body_timeout"):

@@ -1,7 +1,9 @@
 """Pure PyTorch reference backend: runs anywhere, and every CUDA kernel is tested against it."""
 
+import torch
+
 from .activation import activation, gelu_and_mul, silu_and_mul
-from .attention import fill_kv_cache, paged_attention
+from .attention import fill_kv_and_attend, fill_kv_cache, paged_attention
 from .moe import fused_moe
 from .norm import layer_norm, rms_norm, sharded_rms_norm
 from .quant import (
@@ -17,9 +19,19 @@ from .quant import (
     wna16_linear,
     wna16_prepare,
 )
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotary_cos_sin
+
+linear = torch.nn.functional.linear
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, n] -> [rows] int64: the first index of each row's max (the greedy token)."""
+    return x.argmax(dim=-1)
+
 
 OPS = {
+    "argmax_rows": argmax_rows,
+    "linear": linear,  # F.linear: x [..., K], weight [N, K], bias [N] -> [..., N]
     "rms_norm": rms_norm,
     "sharded_rms_norm": sharded_rms_norm,
     "layer_norm": layer_norm,
@@ -27,7 +39,9 @@ OPS = {
     "silu_and_mul": silu_and_mul,
     "gelu_and_mul": gelu_and_mul,
     "apply_rotary": apply_rotary,
+    "rotary_cos_sin": rotary_cos_sin,
     "fill_kv_cache": fill_kv_cache,
+    "fill_kv_and_attend": fill_kv_and_attend,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,
     # quantized linear schemes (QUANT_CONTRACT.md); *_dequantize give the fp32 weight [N, K] of the canonical form

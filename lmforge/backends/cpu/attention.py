@@ -197,3 +197,17 @@ def _decode(
             scores = scores + bias
         torch.bmm(scores.softmax(-1).to(v.dtype), v_rows[:, :, h], out=out[h])
     return out.transpose(0, 1).reshape(num_seqs, num_heads, v.shape[-1])
+
+
+def fill_kv_and_attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    k_cache: torch.Tensor | QuantizedCache,
+    v_cache: torch.Tensor | QuantizedCache | None,
+    attn_metadata: AttnMetadata,
+    options: AttnOptions,
+) -> torch.Tensor:
+    """fill_kv_cache with this step's keys/values, then paged_attention: query [T, heads, d] -> [T, heads, v_d]."""
+    fill_kv_cache(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
+    return paged_attention(query, k_cache, v_cache, attn_metadata, options)

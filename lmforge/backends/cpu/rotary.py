@@ -23,3 +23,17 @@ def apply_rotary(
     q = torch.cat((_rotate(q[..., :rot], cos, sin), q[..., rot:]), dim=-1)
     k = torch.cat((_rotate(k[..., :rot], cos, sin), k[..., rot:]), dim=-1)
     return q, k
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, position_scale: float = 1.0, attention_scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [T], inv_freq [rot_dim // 2] float32 -> (cos, sin), each [T, rot_dim] float32: the angle
+    position * inv_freq / position_scale on both halves, times attention_scaling."""
+    freqs = position_ids.float()[:, None] * inv_freq[None, :]
+    if position_scale != 1.0:
+        freqs = freqs / position_scale
+    emb = torch.cat((freqs, freqs), dim=-1)
+    if attention_scaling == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * attention_scaling, emb.sin() * attention_scaling

@@ -2,8 +2,11 @@
 An op missing here (layer_norm, sharded_rms_norm) falls back to the cpu reference (the registry does that),
 which runs on CUDA tensors too."""
 
+from lmforge.kernels.cuda.argmax import argmax_rows
+
 from .activation import activation, gelu_and_mul, silu_and_mul
-from .attention import fill_kv_cache, paged_attention
+from .attention import fill_kv_and_attend, fill_kv_cache, paged_attention
+from .linear import linear
 from .moe import fused_moe
 from .norm import rms_norm
 from .quant import (
@@ -16,15 +19,19 @@ from .quant import (
     wna16_linear,
     wna16_prepare,
 )
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotary_cos_sin
 
 OPS = {
+    "argmax_rows": argmax_rows,
+    "linear": linear,
     "rms_norm": rms_norm,
     "silu_and_mul": silu_and_mul,
     "gelu_and_mul": gelu_and_mul,
     "activation": activation,
     "apply_rotary": apply_rotary,
+    "rotary_cos_sin": rotary_cos_sin,
     "fill_kv_cache": fill_kv_cache,
+    "fill_kv_and_attend": fill_kv_and_attend,
     "paged_attention": paged_attention,
     "fused_moe": fused_moe,
     "wna16_prepare": wna16_prepare,

@@ -1,12 +1,13 @@
 """Paged attention on the Triton kernels: split-K decode when every sequence brings one query token,
 variable-length prefill over the paged cache otherwise (prefill, chunked prefill, mixed batches).
-A QuantizedCache (quant_policy 8/4) is unpacked here into its codes and scales for the kernels."""
+A QuantizedCache (quant_policy 8/4) is unpacked here into its codes and scales for the kernels.
+A decode step over a plain cache writes its keys/values in the attention kernel itself (fill_kv_and_attend)."""
 
 from __future__ import annotations
 
 import torch
 
-from lmforge.kernels.cuda.decode_attention import decode_attention
+from lmforge.kernels.cuda.decode_attention import decode_attention, fusable_fill
 from lmforge.kernels.cuda.fill_kv_cache import fill_kv_cache as fill_kernel
 from lmforge.kernels.cuda.prefill_attention import prefill_attention
 from lmforge.model_inputs import AttnMetadata, AttnOptions, QuantizedCache
@@ -34,6 +35,52 @@ def fill_kv_cache(
     fill_kernel(key, value, _data(k_cache), _data(v_cache), slot_mapping, **_quant_kwargs(k_cache, v_cache))
 
 
+# benchmarks switch it off to time the separate fill kernel; read at call time, so before a graph is captured
+FUSED_FILL_ENABLED = True
+
+
+def _is_decode(query: torch.Tensor, meta: AttnMetadata) -> bool:
+    # a shape test, not a data test, so the choice is fixed when a decode step is captured in a CUDA graph
+    return meta.is_decoding and query.shape[0] == meta.num_seqs
+
+
+def fill_kv_and_attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    k_cache: torch.Tensor | QuantizedCache,
+    v_cache: torch.Tensor | QuantizedCache | None,
+    attn_metadata: AttnMetadata,
+    options: AttnOptions,
+) -> torch.Tensor:
+    """fill_kv_cache then paged_attention, in one decode kernel where the cache format allows it."""
+    meta, opt = attn_metadata, options
+    if (
+        FUSED_FILL_ENABLED
+        and _is_decode(query, meta)
+        and not isinstance(k_cache, QuantizedCache)
+        and not isinstance(v_cache, QuantizedCache)
+        and fusable_fill(key, value, k_cache, v_cache)
+        and (opt.v_head_dim or v_cache.shape[-1]) == v_cache.shape[-1]
+    ):
+        return decode_attention(
+            query,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.kv_seqlens,
+            opt.scale,
+            opt.sliding_window,
+            opt.logit_softcapping,
+            opt.v_head_dim,
+            key=key,
+            value=value,
+            slot_mapping=meta.slot_mapping,
+        )
+    fill_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention(query, k_cache, v_cache, meta, opt)
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor | QuantizedCache,
@@ -45,8 +92,7 @@ def paged_attention(
     meta, opt = attn_metadata, options
     quant = _quant_kwargs(k_cache, v_cache)
     k_cache, v_cache = _data(k_cache), _data(v_cache)
-    # a shape test, not a data test, so the choice is fixed when a decode step is captured in a CUDA graph
-    if meta.is_decoding and query.shape[0] == meta.num_seqs:
+    if _is_decode(query, meta):
         return decode_attention(
             query,
             k_cache,

@@ -7,6 +7,9 @@ on the host or allocates by value, so every one of them can be recorded in a CUD
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from lmforge.kernels.cuda.activation import gated_activation
@@ -14,23 +17,87 @@ from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_
 from lmforge.kernels.cuda.quant_common import splitk_locks
 from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
+from lmforge.kernels.cuda.quant_w4gemv import gemv_supported, repack_gemv, w4_dequantize, w4_dot, w4_gemv
 from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
 
 # from this many rows a weight-only layer dequantizes its weight once per call and runs a dense cuBLAS GEMM: the
 # fused kernel re-dequantizes each weight tile for every row tile and its dots are small; measured on an H200 it
 # already loses at 64 rows (llama-8b projections, benchmarks/quant.py)
 WNA16_DENSE_MIN_M = 48
+# 4-bit weights whose groups are whole 128-k tiles (group 128 / 256 / per channel, K a multiple of 128; TP shards
+# included) may take the column-major layout of quant_w4gemv (`_w4_choice`: opt-in through LMFORGE_W4_KERNEL, not
+# yet measured end to end): up to W4_GEMV_MAX_M rows its CUDA-core GEMV (fp32 sums) or its tensor-core dot kernel,
+# then the dot kernel up to WNA16_DENSE_MIN_M, then its dequantization + cuBLAS.
+W4_GEMV_MAX_M = 1
+_W4_CHOICES: dict[tuple, str] = {}
+W4_TIMINGS: dict[tuple, dict] = {}  # what the load-time choice measured, per shape (benchmarks report it)
 # up to this many rows the per-row x per-column FP8 GEMM runs in the split-K Triton kernel, which streams the weight
 # faster than cuBLASLt's row-wise scaled GEMM on decode shapes (H200: 1.3-1.7x at M <= 16, but 2x slower at 64);
 # above it torch._scaled_mm
 FP8_TRITON_MAX_M = 16
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+logger = logging.getLogger(__name__)
 
 
 def _rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
     if x.shape[-1] != k:
         raise ValueError(f"{what}: x has {x.shape[-1]} input features, the layer {k}")
     return x.reshape(-1, k)
+
+
+def _time_us(fn, flush: torch.Tensor, reps: int = 8) -> float:
+    """Median us of fn with the L2 flushed before each call (weights stream from HBM, as in a model forward)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[reps // 2]
+
+
+def _w4_choice(qweight: torch.Tensor, scales: torch.Tensor, zeros, sym_zero: int, group: int) -> str:
+    """Which kernel a 4-bit weight with whole-tile groups gets, per (K, N, group, dtype, zero points) and device.
+    LMFORGE_W4_KERNEL=chunked (the default: the path measured end to end so far), gemv or dot (quant_w4gemv's
+    column-major layout with its GEMV or its dot kernel for one row) forces one; auto: on a GPU the first weight of
+    each shape times the candidates once (eager, at load, L2 flushed): the w4 layout (its GEMV or dot kernel at one
+    row, its dot kernel at 16 rows) against the chunked one (its kernel at 1 and at 16 rows), the smaller sum wins;
+    off the GPU (the interpreter) auto means the w4 layout with its GEMV."""
+    forced = os.environ.get("LMFORGE_W4_KERNEL", "chunked")
+    if forced not in ("auto", "gemv", "dot", "chunked"):
+        raise ValueError(f"LMFORGE_W4_KERNEL must be auto, gemv, dot or chunked, got {forced!r}")
+    if forced != "auto":
+        return forced
+    if not qweight.is_cuda or torch.cuda.is_current_stream_capturing():
+        return "gemv"
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    key = (k, n, group, scales.dtype, zeros is None, qweight.device)
+    if key not in _W4_CHOICES:
+        w4, chunked = repack_gemv(qweight), repack(qweight, 4)
+        x1 = torch.randn(1, k, device=qweight.device).to(scales.dtype)
+        x16 = torch.randn(16, k, device=qweight.device).to(scales.dtype)
+        flush = torch.empty(128 << 20, dtype=torch.uint8, device=qweight.device)
+        args = (scales, zeros, group)
+        t = {
+            "gemv": _time_us(lambda: w4_gemv(x1, w4, *args, sym_zero=sym_zero), flush),
+            "dot": _time_us(lambda: w4_dot(x1, w4, *args, sym_zero=sym_zero), flush),
+            "chunked": _time_us(lambda: wna16_gemm(x1, chunked, scales, zeros, 4, group, sym_zero=sym_zero), flush),
+            "dot16": _time_us(lambda: w4_dot(x16, w4, *args, sym_zero=sym_zero), flush),
+            "chunked16": _time_us(lambda: wna16_gemm(x16, chunked, scales, zeros, 4, group, sym_zero=sym_zero), flush),
+        }
+        w4_kernel = "gemv" if t["gemv"] <= t["dot"] else "dot"
+        w4_score = t[w4_kernel] + t["dot16"]
+        choice = w4_kernel if w4_score <= t["chunked"] + t["chunked16"] else "chunked"
+        _W4_CHOICES[key] = choice
+        W4_TIMINGS[key] = {name: round(us, 2) for name, us in t.items()}
+        logger.info("wna16 %dx%d group %d: %s (us %s)", k, n, group, choice, W4_TIMINGS[key])
+        del w4, chunked, flush
+    return _W4_CHOICES[key]
 
 
 def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> dict:
@@ -52,11 +119,19 @@ def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         raise ValueError(f"wna16: zeros must be [{k // group}, {n}] like scales, got {tuple(zeros.shape)}")
     sym_zero = 1 << (bits - 1)
     symmetric = bool((zeros == sym_zero).all())
+    scales = scales.contiguous()
+    zeros = None if symmetric else zeros.to(scales.dtype).contiguous()
+    sym_zero = sym_zero if symmetric else 0
+    kernel = "chunked"
+    if gemv_supported(bits, group, k):
+        kernel = _w4_choice(qweight, scales, zeros, sym_zero, group)
     return {
-        "qweight": repack(qweight, bits),
-        "scales": scales.contiguous(),
-        "zeros": None if symmetric else zeros.to(scales.dtype).contiguous(),
-        "sym_zero": sym_zero if symmetric else 0,
+        "layout": "chunked" if kernel == "chunked" else "w4",
+        "m1_kernel": kernel,  # chunked, or the w4 layout's kernel for one row: gemv / dot
+        "qweight": repack(qweight, bits) if kernel == "chunked" else repack_gemv(qweight),
+        "scales": scales,
+        "zeros": zeros,
+        "sym_zero": sym_zero,
         "bits": bits,
         "group_size": group,
         "in_features": k,
@@ -68,6 +143,8 @@ def wna16_prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 def wna16_dequantize(prepared: dict) -> torch.Tensor:
     """W^T [K, N] in the scales' dtype (the dense weight the kernel computes with)."""
     p = prepared
+    if p["layout"] == "w4":
+        return w4_dequantize(p["qweight"], p["scales"], p["zeros"], p["group_size"], sym_zero=p["sym_zero"])
     return dequantize(
         p["qweight"], p["scales"], p["zeros"], p["bits"], p["group_size"], p["in_features"], sym_zero=p["sym_zero"]
     )
@@ -79,9 +156,13 @@ def wna16_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = No
     x2 = _rows(x, k, "wna16_linear")
     if x2.dtype != p["scales"].dtype:
         raise ValueError(f"wna16_linear: x is {x2.dtype} but the layer's scales are {p['scales'].dtype}")
-    if x2.shape[0] >= WNA16_DENSE_MIN_M:
+    m = x2.shape[0]
+    if m >= WNA16_DENSE_MIN_M:
         w_t = wna16_dequantize(p)
         y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+    elif p["layout"] == "w4":
+        kernel = w4_gemv if m <= W4_GEMV_MAX_M and p["m1_kernel"] == "gemv" else w4_dot
+        y = kernel(x2, p["qweight"], p["scales"], p["zeros"], p["group_size"], bias, sym_zero=p["sym_zero"])
     else:
         y = wna16_gemm(
             x2, p["qweight"], p["scales"], p["zeros"], p["bits"], p["group_size"], bias, sym_zero=p["sym_zero"]
