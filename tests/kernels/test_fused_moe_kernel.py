@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 from lmforge.backends import cpu as cpu_backend  # noqa: E402
 from lmforge.backends import cuda as cuda_backend  # noqa: E402
 from lmforge.backends.cpu.moe import fused_moe_grouped  # noqa: E402
-from lmforge.kernels.cuda.fused_moe import align_by_expert, fused_moe  # noqa: E402
+from lmforge.kernels.cuda.fused_moe import align_by_expert, align_by_expert_torch, fused_moe  # noqa: E402
 
 from .conftest import INTERPRET, tolerances  # noqa: E402
 
@@ -103,6 +103,17 @@ def test_align_by_expert_layout(device, block_m):
         assert (flat[run.long()] == e).all()
         pos += -(-int(counts[e]) // block_m) * block_m
     assert (sorted_ids[pos:] == num_slots).all()
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, top_k, block_m", [(1, 128, 8, 16), (64, 128, 8, 16), (100, 16, 4, 64), (7, 4, 1, 32)]
+)
+def test_align_one_program_matches_torch(device, num_tokens, num_experts, top_k, block_m):
+    """The single-program Triton sort of decode-sized routings gives the torch path's layout exactly."""
+    ids = torch.randn(num_tokens, num_experts, device=device).topk(top_k, dim=-1).indices
+    ids[: num_tokens // 2, 0] = 0  # one crowded expert
+    fast = align_by_expert(ids, num_experts, block_m)
+    assert torch.equal(fast, align_by_expert_torch(ids, num_experts, block_m))
 
 
 def test_fused_moe_rejects_bad_arguments(device):

@@ -524,9 +524,8 @@ def test_fused_moe_quantized(device, scheme):
         experts.append(pair)
     x = torch.randn(num_tokens, hidden, device=device).to(dtype)
     weights, ids = torch.randn(num_tokens, num_experts, device=device).softmax(-1).topk(top_k, dim=-1)
-    out = OPS["fused_moe_quantized"](
-        x, [e[0][0] for e in experts], [e[1][0] for e in experts], weights, ids, "silu", scheme
-    )
+    layer = OPS["fused_moe_quantized_prepare"]([e[0][0] for e in experts], [e[1][0] for e in experts], scheme)
+    out = OPS["fused_moe_quantized"](x, layer, weights, ids, "silu")
     ref = torch.zeros(num_tokens, hidden, device=device)
     for t in range(num_tokens):
         for j in range(top_k):
@@ -538,7 +537,10 @@ def test_fused_moe_quantized(device, scheme):
     # two quantized products in a row (the intermediate is quantized again for the W8A8 schemes)
     slack = 3 * FP8_SLACK if scheme == "fp8" else 3.0
     assert rel_err(out, ref) < slack * REL_TOL[dtype]
-    # the path a CUDA-graph capture takes: every expert on every token, weighted by the dense routing weights
+    # the per-expert loop (the fallback where the grouped kernel does not apply) on the same experts
+    loop = OPS["fused_moe_quantized"](x, dict(layer, grouped=None), weights, ids, "silu")
+    assert rel_err(loop, ref) < slack * REL_TOL[dtype]
+    # the fallback's form under a CUDA-graph capture: every expert on every token, weighted by the routing weights
     from lmforge.backends.cuda.quant import moe_all_experts
     from lmforge.kernels.cuda.activation import gated_activation
 
@@ -549,12 +551,12 @@ def test_fused_moe_quantized(device, scheme):
 
     assert rel_err(moe_all_experts(x, num_experts, expert, weights, ids), ref) < slack * REL_TOL[dtype]
     with pytest.raises(ValueError, match="scheme"):
-        OPS["fused_moe_quantized"](x, [], [], weights, ids, "silu", "nf4")
+        OPS["fused_moe_quantized_prepare"]([], [], "nf4")
 
 
 @gpu_only
 def test_fused_moe_quantized_cuda_graph_replay():
-    """Captured (the all-experts path), replayed on fresh tokens and routing: matches an eager (routed) call."""
+    """Captured (the grouped kernel), replayed on fresh tokens and routing: matches an eager call."""
     torch.manual_seed(0)
     device = torch.device("cuda")
     num_experts, hidden, inter, num_tokens, top_k = 8, 512, 256, 4, 2
@@ -572,20 +574,21 @@ def test_fused_moe_quantized_cuda_graph_replay():
 
     x = torch.randn(num_tokens, hidden, device=device).to(torch.bfloat16)
     weights, ids = routing()
+    layer = OPS["fused_moe_quantized_prepare"](gate_up, down, "wna16")
     op = OPS["fused_moe_quantized"]
-    op(x, gate_up, down, weights, ids, "silu", "wna16")
+    op(x, layer, weights, ids, "silu")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        op(x, gate_up, down, weights, ids, "silu", "wna16")
+        op(x, layer, weights, ids, "silu")
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = op(x, gate_up, down, weights, ids, "silu", "wna16")
+        static_out = op(x, layer, weights, ids, "silu")
     for _ in range(3):
         fresh_w, fresh_ids = routing()
         x.copy_(torch.randn_like(x))
         weights.copy_(fresh_w)
         ids.copy_(fresh_ids)
         graph.replay()
-        assert rel_err(static_out, op(x, gate_up, down, weights, ids, "silu", "wna16").float()) < 1e-2
+        assert rel_err(static_out, op(x, layer, weights, ids, "silu").float()) < 1e-2

@@ -71,3 +71,50 @@ def test_quantized_llama_bf16_cuda(fmt, tmp_path):
     assert result.max_abs_diff <= tol, result.table()
     for engine, hf, margin in zip(result.engine_tokens, result.hf_tokens, result.divergence_margins, strict=True):
         assert engine[:3] == hf[:3] or (margin is not None and margin < 0.05), result.table()
+
+
+# Qwen3-MoE with experts of the kernels' usual group / block size (hidden 256, moe_intermediate 256, FP8 block 128,
+# int4 group 128): the experts run in the grouped quantized-MoE kernel, decode inside CUDA graphs
+MOE_SIZES = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
+
+
+@pytest.mark.parametrize("fmt", ["hf-fp8-block", "gptq-int4"])
+def test_quantized_qwen3_moe_bf16_cuda(fmt, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from contextlib import nullcontext
+
+    from tests.quant.conftest import fake_quant_activations
+
+    model = tiny_model("qwen3_moe", **MOE_SIZES)
+    model.config._experts_implementation = "eager"  # HF 5's per-expert F.linear, which the FP8 reference patches
+    path = str(tmp_path / fmt)
+    if fmt == "gptq-int4":
+        writers.write_gptq(model, path, bits=4, group_size=128)
+        quantized, tol = set(), 0.05
+    else:
+        storages = writers.write_hf_fp8(model, path, block=(128, 128))
+        quantized = {n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() in storages}
+        tol = 0.1
+    ref = model.to("cuda", torch.bfloat16).eval()
+    params = dict(ref.named_parameters())
+    context = (
+        fake_quant_activations({params[n].untyped_storage().data_ptr() for n in quantized}, "fp8", group=128)
+        if quantized
+        else nullcontext()
+    )
+    config = PytorchEngineConfig(device_type="cuda", dtype="bfloat16", block_size=16, num_gpu_blocks=64)
+    with context:
+        result = engine_vs_hf(path, PROMPTS, 4, hf_model=ref, backend_config=config)
+    assert result.max_abs_diff <= tol, result.table()
+    for engine, hf, margin in zip(result.engine_tokens, result.hf_tokens, result.divergence_margins, strict=True):
+        assert engine[:3] == hf[:3] or (margin is not None and margin < 0.05), result.table()

@@ -13,6 +13,7 @@ from .quant import (
     fp8_linear,
     fp8_prepare,
     fused_moe_quantized,
+    fused_moe_quantized_prepare,
     int8_linear,
     int8_prepare,
     wna16_linear,
@@ -54,4 +55,5 @@ OPS = {
     "int8_linear": int8_linear,
     "int8_dequantize": dequantize_int8,
     "fused_moe_quantized": fused_moe_quantized,
+    "fused_moe_quantized_prepare": fused_moe_quantized_prepare,
 }

@@ -262,20 +262,28 @@ def int8_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = Non
 _LINEAR = {"wna16": wna16_linear, "fp8": fp8_linear, "int8": int8_linear}
 
 
+def fused_moe_quantized_prepare(gate_up: list[dict], down: list[dict], scheme: str) -> dict:
+    """The experts of one MoE layer from each expert's `<scheme>_prepare` output ([2I, H] gate_up and [H, I] down
+    weights), once after loading; the reference keeps the per-expert lists."""
+    if scheme not in _LINEAR:
+        raise ValueError(f"unknown quantization scheme {scheme!r} for fused_moe_quantized; known: {sorted(_LINEAR)}")
+    if len(gate_up) != len(down) or not gate_up:
+        raise ValueError(f"{len(gate_up)} gate_up experts but {len(down)} down experts")
+    return {"scheme": scheme, "gate_up": gate_up, "down": down}
+
+
 def fused_moe_quantized(
     hidden_states: torch.Tensor,
-    gate_up: list[dict],
-    down: list[dict],
+    experts: dict,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     activation: str,
-    scheme: str,
 ) -> torch.Tensor:
-    """fused_moe over quantized experts: gate_up / down hold each expert's `<scheme>_prepare` output ([2I, H] and
-    [H, I] weights); each routed group of tokens runs through `<scheme>_linear` of its expert."""
+    """fused_moe over quantized experts (`fused_moe_quantized_prepare`'s output): each routed group of tokens runs
+    through `<scheme>_linear` of its expert's gate_up, the activation, and its down."""
     from .moe import _act_and_mul
 
-    linear = _LINEAR[scheme]
+    gate_up, down, linear = experts["gate_up"], experts["down"], _LINEAR[experts["scheme"]]
     top_k = topk_ids.shape[1]
     out = torch.zeros_like(hidden_states)
     flat_ids = topk_ids.reshape(-1)

@@ -13,6 +13,7 @@ from .quant import (
     fp8_linear,
     fp8_prepare,
     fused_moe_quantized,
+    fused_moe_quantized_prepare,
     int8_linear,
     int8_prepare,
     wna16_linear,
@@ -40,4 +41,5 @@ OPS = {
     "int8_prepare": int8_prepare,
     "int8_linear": int8_linear,
     "fused_moe_quantized": fused_moe_quantized,
+    "fused_moe_quantized_prepare": fused_moe_quantized_prepare,
 }

@@ -15,6 +15,7 @@ import torch
 from lmforge.kernels.cuda.activation import gated_activation
 from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_token
 from lmforge.kernels.cuda.quant_common import splitk_locks
+from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
 from lmforge.kernels.cuda.quant_w4gemv import gemv_supported, repack_gemv, w4_dequantize, w4_dot, w4_gemv
 from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
@@ -305,26 +306,137 @@ def int8_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = Non
 _LINEAR = {"wna16": wna16_linear, "fp8": fp8_linear, "int8": int8_linear}
 
 
+class _NotGroupable(Exception):
+    """Why a layer's experts cannot go through the grouped kernel (they then take the per-expert loop)."""
+
+
+def _stack(dicts: list[dict], key: str) -> torch.Tensor:
+    """torch.stack of one tensor of every expert, each expert's dict then holding a view of its slice (the per-expert
+    fallback keeps working and the weights are held once). Experts that already are consecutive slices of one
+    contiguous [E, ...] tensor (the layer loads its checkpoint tensors stacked) are viewed as it, not copied."""
+    parts = [d[key] for d in dicts]
+    first = parts[0]
+    size = first.numel()
+    if first.is_contiguous() and all(
+        p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and p.shape == first.shape
+        and p.is_contiguous()
+        and p.storage_offset() == first.storage_offset() + e * size
+        for e, p in enumerate(parts)
+    ):
+        stacked = first.as_strided((len(parts), *first.shape), (size, *first.stride()), first.storage_offset())
+    else:
+        stacked = torch.stack(parts).contiguous()
+    for e, d in enumerate(dicts):
+        d[key] = stacked[e]
+    return stacked
+
+
+def _same(dicts: list[dict], key: str, what: str):
+    values = {d[key] if not isinstance(d[key], torch.Tensor) else tuple(d[key].shape) for d in dicts}
+    if len(values) != 1:
+        raise _NotGroupable(f"the experts differ in {what} ({sorted(map(str, values))})")
+    return dicts[0][key]
+
+
+def _static_input_scales(dicts: list[dict]) -> torch.Tensor | None:
+    present = {d["input_scale"] is not None for d in dicts}
+    if len(present) != 1:
+        raise _NotGroupable("some experts have static activation scales and some dynamic ones")
+    return torch.cat([d["input_scale"].reshape(1) for d in dicts]) if present.pop() else None
+
+
+def _stack_side(scheme: str, dicts: list[dict]) -> dict:
+    """One side (gate_up or down) of every expert, stacked [E, ...] for lmforge.kernels.cuda.quant_moe."""
+    num_experts = len(dicts)
+    if scheme == "wna16":
+        for key, what in (("bits", "bits"), ("group_size", "group size"), ("in_features", "in_features")):
+            _same(dicts, key, what)
+        _same(dicts, "qweight", "qweight shape")
+        side = {"mode": "wna16", "bits": dicts[0]["bits"], "group_size": dicts[0]["group_size"]}
+        n, k = dicts[0]["out_features"], dicts[0]["in_features"]
+        side["qweight"] = _stack(dicts, "qweight")
+        side["scales"] = _stack(dicts, "scales")
+        if all(d["zeros"] is None for d in dicts) and len({d["sym_zero"] for d in dicts}) == 1:
+            side["zeros"], side["sym_zero"] = None, dicts[0]["sym_zero"]
+        else:  # some experts asymmetric: the symmetric ones get their constant zero point written out
+            for d in dicts:
+                if d["zeros"] is None:
+                    d["zeros"] = torch.full_like(d["scales"], d["sym_zero"])
+                    d["sym_zero"] = 0
+            side["zeros"], side["sym_zero"] = _stack(dicts, "zeros"), 0
+    elif scheme == "fp8":
+        mode = _same(dicts, "mode", "FP8 scale kind")
+        _same(dicts, "weight", "weight shape")
+        n, k = dicts[0]["weight"].shape
+        if mode == "block":
+            side = {"mode": "block", "block": _same(dicts, "block_size", "FP8 block size")}
+            side["scale"] = _stack(dicts, "weight_scale")  # [E, cdiv(N, bn), cdiv(K, bk)]
+            side["input_scale"] = None
+        else:  # per tensor or per channel: a scale per output channel [E, N]
+            side = {"mode": "row", "scale": _stack(dicts, "w_scale"), "input_scale": _static_input_scales(dicts)}
+        side["weight"] = _stack(dicts, "weight")
+    elif scheme == "int8":
+        if any(d["zero_point"] for d in dicts):
+            raise _NotGroupable("asymmetric static int8 activations (an input zero point)")
+        _same(dicts, "weight", "weight shape")
+        n, k = dicts[0]["weight"].shape
+        side = {"mode": "row", "scale": _stack(dicts, "w_scale"), "input_scale": _static_input_scales(dicts)}
+        side["weight"] = _stack(dicts, "weight")
+    else:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; known: {sorted(_LINEAR)}")
+    side.update(num_experts=num_experts, out_features=n, in_features=k)
+    return side
+
+
+def fused_moe_quantized_prepare(gate_up: list[dict], down: list[dict], scheme: str) -> dict:
+    """The experts of one MoE layer, from each expert's `<scheme>_prepare` output of this backend ([2I, H] gate_up
+    and [H, I] down weights), once after loading: their tensors are stacked [E, ...] for the grouped Triton kernel
+    (lmforge.kernels.cuda.quant_moe), each expert's dict keeping a view of its slice. Experts the kernel cannot
+    take (int8 W8A8 with an asymmetric static activation zero point) keep the per-expert loop; `fallback` says
+    why."""
+    if scheme not in _LINEAR:
+        raise ValueError(f"unknown quantization scheme {scheme!r} for fused_moe_quantized; known: {sorted(_LINEAR)}")
+    if len(gate_up) != len(down) or not gate_up:
+        raise ValueError(f"{len(gate_up)} gate_up experts but {len(down)} down experts")
+    experts = {"scheme": scheme, "gate_up": gate_up, "down": down, "grouped": None, "fallback": None}
+    try:
+        up_side, down_side = _stack_side(scheme, gate_up), _stack_side(scheme, down)
+    except _NotGroupable as e:
+        experts["fallback"] = str(e)
+        return experts
+    if up_side["out_features"] % 2 or down_side["in_features"] != up_side["out_features"] // 2:
+        raise ValueError(
+            f"experts gate_up [{up_side['out_features']}, {up_side['in_features']}] and down "
+            f"[{down_side['out_features']}, {down_side['in_features']}] are not one gated MLP"
+        )
+    experts["grouped"] = (up_side, down_side)
+    return experts
+
+
 def fused_moe_quantized(
     hidden_states: torch.Tensor,
-    gate_up: list[dict],
-    down: list[dict],
+    experts: dict,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     activation: str,
-    scheme: str,
 ) -> torch.Tensor:
-    """MoE over quantized experts, the cpu op's signature: gate_up / down hold each expert's `<scheme>_prepare`
-    output of this backend ([2I, H] and [H, I] weights); each expert's routed tokens run through `<scheme>_linear`.
-    Eager calls read the per-expert token counts on the host (one sync). Inside a CUDA-graph capture no value can
-    be read, so every expert runs on every token, weighted by its (mostly zero) routing weight: correct, but it
-    reads all experts' weights. A grouped Triton kernel over quantized experts is still to come."""
-    if scheme not in _LINEAR:
-        raise ValueError(f"unknown quantization scheme {scheme!r} for fused_moe_quantized; known: {sorted(_LINEAR)}")
+    """MoE over quantized experts (`fused_moe_quantized_prepare`'s output), the cpu op's signature. The grouped
+    Triton kernel reads only the routed experts' weights, reads nothing on the host, and so records in a CUDA graph.
+    Experts it cannot take run the per-expert loop: eager calls read the per-expert token counts on the host (one
+    sync); inside a CUDA-graph capture, where no value can be read, every expert runs on every token, weighted by
+    its (mostly zero) routing weight."""
     if activation not in ("silu", "gelu", "gelu_tanh"):
         raise ValueError(f"unsupported MoE activation {activation!r}; supported: silu, gelu, gelu_tanh")
-    if len(gate_up) != len(down):
-        raise ValueError(f"{len(gate_up)} gate_up experts but {len(down)} down experts")
+    scheme = experts["scheme"]
+    if experts["grouped"] is not None:
+        up_side, down_side = experts["grouped"]
+        if scheme == "wna16" and hidden_states.dtype != up_side["scales"].dtype:
+            raise ValueError(
+                f"fused_moe_quantized: x is {hidden_states.dtype} but the experts' scales are {up_side['scales'].dtype}"
+            )
+        return fused_moe_quantized_grouped(hidden_states, up_side, down_side, topk_weights, topk_ids, activation)
+    gate_up, down = experts["gate_up"], experts["down"]
     linear = _LINEAR[scheme]
 
     def expert(e: int, x: torch.Tensor) -> torch.Tensor:

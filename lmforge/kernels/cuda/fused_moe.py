@@ -175,10 +175,88 @@ def _launch_config(num_slots: int, num_experts: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+# up to this many (token, slot) pairs the routing is sorted by one Triton program (decode batches); beyond it by
+# torch ops (about fifteen small kernels, which dominate a decode step's MoE time in a CUDA graph)
+ALIGN_ONE_PROGRAM_MAX_SLOTS = 1024
+
+
+@triton.jit
+def _align_kernel(
+    topk_ids_ptr,
+    sorted_ids_ptr,
+    start_ptr,
+    num_slots,
+    num_experts,
+    length,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    """One program: sorted_ids[padded_start[e] + rank of slot s among expert e's slots] = s, the rest the sentinel
+    num_slots; the same layout as the torch path of align_by_expert (slots of an expert in slot order)."""
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < num_slots
+    # padding slots go to the extra bin num_experts (< BLOCK_E), which takes no rows
+    ids = tl.load(topk_ids_ptr + s, mask=s_mask, other=num_experts).to(tl.int32)
+    counts = tl.histogram(ids, BLOCK_E)
+    bins = tl.arange(0, BLOCK_E)
+    padded = tl.where(bins < num_experts, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    tl.store(start_ptr + bins, tl.cumsum(padded, 0) - padded)
+    for i0 in range(0, length, FILL):
+        i = i0 + tl.arange(0, FILL)
+        tl.store(sorted_ids_ptr + i, tl.full([FILL], 0, tl.int32) + num_slots, mask=i < length)
+    # rank of each slot among the earlier slots of its expert
+    rank = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for j0 in range(0, num_slots, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        ids_j = tl.load(topk_ids_ptr + j, mask=j < num_slots, other=-1).to(tl.int32)
+        same = (ids[:, None] == ids_j[None, :]) & (j[None, :] < s[:, None])
+        rank += tl.sum(same.to(tl.int32), axis=1)
+    tl.debug_barrier()  # the expert starts and the sentinel fill are visible to every thread of the program
+    start = tl.load(start_ptr + ids, mask=s_mask, other=0)
+    tl.store(sorted_ids_ptr + start + rank, s, mask=s_mask)
+
+
+def _aligned_length(num_slots: int, num_experts: int, block_m: int) -> int:
+    # at most min(T * k, E) experts get slots, each wasting under block_m rows; whole tiles, so no tile reads past
+    return triton.cdiv(num_slots + min(num_slots, num_experts) * (block_m - 1), block_m) * block_m
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> torch.Tensor:
     """topk_ids [T, k] -> sorted_ids int32 of T * k + min(T * k, E) * (block_m - 1) entries rounded up to whole
     tiles: the flat slot ids (t * k + j) grouped by expert, each expert's run padded to a multiple of block_m with
-    the sentinel T * k. No host sync."""
+    the sentinel T * k. No host sync. Up to ALIGN_ONE_PROGRAM_MAX_SLOTS slots one Triton program does it."""
+    num_slots = topk_ids.numel()
+    length = _aligned_length(num_slots, num_experts, block_m)
+    if 0 < num_slots <= ALIGN_ONE_PROGRAM_MAX_SLOTS and block_m & (block_m - 1) == 0:
+        flat = topk_ids.reshape(-1)
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        sorted_ids = torch.empty(length, dtype=torch.int32, device=flat.device)
+        block_e = triton.next_power_of_2(num_experts + 1)
+        starts = torch.empty(block_e, dtype=torch.int32, device=flat.device)
+        block_s = triton.next_power_of_2(num_slots)
+        _align_kernel[(1,)](
+            flat,
+            sorted_ids,
+            starts,
+            num_slots,
+            num_experts,
+            length,
+            BLOCK_M=block_m,
+            BLOCK_S=block_s,
+            BLOCK_E=block_e,
+            CHUNK=min(64, block_s),
+            FILL=1024,
+            num_warps=4 if block_s <= 256 else 8,
+        )
+        return sorted_ids
+    return align_by_expert_torch(topk_ids, num_experts, block_m)
+
+
+def align_by_expert_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> torch.Tensor:
+    """align_by_expert in torch ops (any number of slots)."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     num_slots = flat.numel()
     # scatter_add rather than bincount: bincount reads the max id on the host
@@ -190,8 +268,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     order = torch.argsort(flat, stable=True)
     experts = flat[order]
     dest = padded_start[experts] + torch.arange(num_slots, device=flat.device) - start[experts]
-    # at most min(T * k, E) experts get slots, each wasting under block_m rows; whole tiles, so no tile reads past
-    length = triton.cdiv(num_slots + min(num_slots, num_experts) * (block_m - 1), block_m) * block_m
+    length = _aligned_length(num_slots, num_experts, block_m)
     sorted_ids = torch.full((length,), num_slots, dtype=torch.int32, device=flat.device)
     sorted_ids[dest] = order.to(torch.int32)
     return sorted_ids

@@ -3,8 +3,9 @@ checkpoint's tensors decide; see lmforge/nn/quant/layer.py).
 
 Each expert's gate/up is a merged colwise layer ([I, I] over TP) and its down a row-parallel one (K = I over TP),
 so one QuantState per side describes every expert; the checkpoint tensors are stacked [E, ...] while loading and,
-after it, each expert goes through the scheme's `<op>_prepare`. The backend's `fused_moe_quantized` takes the
-lists of prepared experts (the CPU reference runs `<op>_linear` per routed group of tokens).
+after it, each expert goes through the scheme's `<op>_prepare`, and the backend's `fused_moe_quantized_prepare`
+turns the lists of prepared experts into the layer's experts for `fused_moe_quantized` (the CPU reference runs
+`<op>_linear` per routed group of tokens; CUDA stacks them [E, ...] for its grouped Triton kernel).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class QuantExpertsMixin:
             self.register_parameter(name, param)
         self._dense_loaded = False
         self._expert_loaded: set[tuple[str, str, int, int]] = set()
-        self._prepared: tuple[list[dict], list[dict]] | None = None
+        self._prepared: dict | None = None
         return True
 
     def attach_quant_experts(self, prefix: str) -> None:
@@ -100,7 +101,9 @@ class QuantExpertsMixin:
             return None
         if self._dense_loaded:
             raise state.error("got both dense and quantized expert weights")
-        param = self._materialize(f"{tag}_{tensor_name}", lambda old: torch.zeros(old.shape, dtype=old.dtype))
+        param = self._materialize(
+            f"{tag}_{tensor_name}", lambda old: torch.zeros(old.shape, dtype=old.dtype, device=self._device)
+        )
         state.load(param.data[expert], tensor_name, tensor, int(part))
         self._expert_loaded.add((tag, tensor_name, expert, int(part)))
         return f"{tag}_{tensor_name}"
@@ -132,11 +135,11 @@ class QuantExpertsMixin:
             prepared.append(per_expert)
         for name in self._placeholders:
             self._parameters.pop(name, None)
-        self._prepared = (prepared[0], prepared[1])
+        prepare = get_op("fused_moe_quantized_prepare", self._device_type)
+        self._prepared = prepare(prepared[0], prepared[1], self.quant_w13.scheme.op)
 
     def quant_experts_forward(self, hidden_states, topk_weights, topk_ids) -> torch.Tensor:
         if self._prepared is None:
             raise RuntimeError(f"experts {self.quant_prefix} were not processed after loading")
         op = get_op("fused_moe_quantized", self._device_type)
-        w13, w2 = self._prepared
-        return op(hidden_states, w13, w2, topk_weights, topk_ids, self.activation, self.quant_w13.scheme.op)
+        return op(hidden_states, self._prepared, topk_weights, topk_ids, self.activation)
