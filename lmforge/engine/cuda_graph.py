@@ -2,9 +2,11 @@
 the step's inputs copied into static buffers. Padding rows of a bucket point at the cache's trash
 block, so their key/value writes land where no sequence reads.
 
-Small buckets (up to LOGITS_MAX_BS rows) capture the lm_head too: a decode step samples every row, so the
-graph's float32 logits are the step's logits, and a batch-1 step launches nothing between the graph and the
-sampler. Larger buckets return hidden states (their logits would hold [bs, vocab] float32 per graph)."""
+Buckets of up to LOGITS_MAX_BS rows capture the lm_head too: a decode step samples every row, so the graph's
+float32 logits are the step's logits, and a batch-1 step launches nothing between the graph and the sampler.
+Only the batch-1 bucket does so: a padded bucket's lm_head GEMM runs on more rows than the eager step would,
+which may pick another cuBLAS kernel and flip a bf16 near-tie against eager decoding. Larger buckets return
+hidden states (their logits would hold [bs, vocab] float32 per graph)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from lmforge.model_inputs import AttnMetadata, StepContext
 
 logger = logging.getLogger(__name__)
 
-LOGITS_MAX_BS = 16
+LOGITS_MAX_BS = 1
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:

@@ -38,6 +38,22 @@ SCHEMES = {
     "int4-g64-asym": ("wna16", 1.5e-2),
     "int8-g128": ("wna16", 1.5e-2),
 }
+# the int4 grouped kernel failed on an H200 (2026-12-01: int4 g64 asym at every size, int4 g128 at 300 tokens and in a
+# graph at 200: shared memory over the limit, wrong results); the backend keeps wna16 MoE on the per-expert loop
+# (WNA16_GROUPED_MOE) until it is fixed, and these cases are expected to fail on a GPU until then
+INT4_GPU_XFAIL = pytest.mark.xfail(ON_GPU, reason="grouped int4 MoE kernel broken on GPU; backend off", strict=False)
+
+
+def _case(scheme: str):
+    return pytest.param(scheme, marks=INT4_GPU_XFAIL) if scheme.startswith("int4") else scheme
+
+
+@pytest.fixture(autouse=True)
+def _grouped_wna16_on(monkeypatch):
+    """These tests are of the grouped kernel itself: turn its wna16 path on (the backend's default is off)."""
+    monkeypatch.setattr(cuda_backend.quant, "WNA16_GROUPED_MOE", True)
+
+
 # (tokens, hidden, intermediate, experts, top_k): decode, a few rows per expert, prefill (> 48 rows per expert);
 # intermediate 192: gate_up N = 384 (3 FP8 blocks), down K = 192 (a partial 128-block)
 SHAPES = [(1, 256, 192, 8, 2), (7, 256, 192, 16, 4), (300, 256, 128, 8, 2)]
@@ -130,7 +146,7 @@ def _reference(ref_experts, x, weights, ids, activation="silu"):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"t{s[0]}")
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("scheme", [_case(s) for s in SCHEMES])
 def test_grouped_matches_cpu_reference(device, scheme, shape):
     num_tokens, hidden, inter, num_experts, top_k = shape
     if INTERPRET and not ON_GPU and num_tokens > 100 and scheme not in ("fp8-block", "int4-g128"):
@@ -192,6 +208,18 @@ def test_experts_sliced_from_one_tensor_are_not_copied(device):
     up_side, down_side = layer["grouped"]
     assert up_side["weight"].data_ptr() == weight.data_ptr() and up_side["scale"].data_ptr() == scale.data_ptr()
     assert down_side["weight"].shape == (4, 128, 128) and down_side["weight"].is_contiguous()
+
+
+def test_wna16_experts_take_the_loop_while_the_grouped_kernel_is_off(device, monkeypatch):
+    """The backend's default for int4/int8 weight-only experts (WNA16_GROUPED_MOE off): the per-expert loop, which
+    says why, and gives the reference's result."""
+    monkeypatch.setattr(cuda_backend.quant, "WNA16_GROUPED_MOE", False)
+    cuda, ref, _ = _experts("int4-g64-asym", 256, 192, 8, device)
+    assert cuda["grouped"] is None and "WNA16_GROUPED_MOE" in cuda["fallback"]
+    x = torch.randn(7, 256, device=device).to(DTYPE)
+    weights, ids = _routing(7, 8, 2, device)
+    out = OPS["fused_moe_quantized"](x, cuda, weights, ids, "silu")
+    assert rel_err(out, _reference(ref, x, weights, ids)) < SCHEMES["int4-g64-asym"][1]
 
 
 def test_asymmetric_int8_falls_back_to_the_loop(device):

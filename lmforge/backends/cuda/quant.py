@@ -389,17 +389,26 @@ def _stack_side(scheme: str, dicts: list[dict]) -> dict:
     return side
 
 
+# the grouped wna16 MoE kernel failed tests/kernels/test_quant_moe_kernel.py on an H200 (int4 g64 asym, g128 at 300
+# tokens, graph replay): off until fixed and rerun there; fp8 and int8 grouped paths passed
+WNA16_GROUPED_MOE = False
+
+
 def fused_moe_quantized_prepare(gate_up: list[dict], down: list[dict], scheme: str) -> dict:
     """The experts of one MoE layer, from each expert's `<scheme>_prepare` output of this backend ([2I, H] gate_up
     and [H, I] down weights), once after loading: their tensors are stacked [E, ...] for the grouped Triton kernel
     (lmforge.kernels.cuda.quant_moe), each expert's dict keeping a view of its slice. Experts the kernel cannot
-    take (int8 W8A8 with an asymmetric static activation zero point) keep the per-expert loop; `fallback` says
-    why."""
+    take keep the per-expert loop, `fallback` saying why: int8 W8A8 with an asymmetric static activation zero
+    point, and (until its tiles are fixed: it failed its GPU test on an H200, shared memory over the limit and
+    wrong results) the int4/int8 weight-only wna16 scheme."""
     if scheme not in _LINEAR:
         raise ValueError(f"unknown quantization scheme {scheme!r} for fused_moe_quantized; known: {sorted(_LINEAR)}")
     if len(gate_up) != len(down) or not gate_up:
         raise ValueError(f"{len(gate_up)} gate_up experts but {len(down)} down experts")
     experts = {"scheme": scheme, "gate_up": gate_up, "down": down, "grouped": None, "fallback": None}
+    if scheme == "wna16" and not WNA16_GROUPED_MOE:
+        experts["fallback"] = "wna16 experts: the grouped kernel is off (WNA16_GROUPED_MOE) until it passes on the GPU"
+        return experts
     try:
         up_side, down_side = _stack_side(scheme, gate_up), _stack_side(scheme, down)
     except _NotGroupable as e:
