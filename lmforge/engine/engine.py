@@ -10,10 +10,8 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
-import threading
 import time
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +35,7 @@ from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
 from .startup import (
     configure_triton_cache,
+    in_daemon_thread,
     resolve_device_type,
     short_gil_switch,
     start_cuda_context,
@@ -56,21 +55,6 @@ class _Inflight:
     token_ids: torch.Tensor | None  # on the device: the next step reads its placeholders from here
     result: SampleResult | None  # host copies (pinned) once `ready` has fired
     ready: torch.cuda.Event | None = None
-
-
-def _in_daemon_thread(fn, *args) -> Future:
-    """fn(*args) on a daemon thread: a load abandoned by Ctrl-C must not hold the exiting process for as long as
-    it takes (a ThreadPoolExecutor's worker would be joined at exit)."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:
-            future.set_exception(e)
-
-    threading.Thread(target=run, name="lmforge-tokenizer", daemon=True).start()
-    return future
 
 
 class Engine:
@@ -116,8 +100,8 @@ class Engine:
         check_kv_cache_format(self.model_config, cfg.quant_policy, cfg.kv_cache_dtype)  # before the weights load
         # the tokenizer (and the transformers import it needs) loads on a thread while CUDA starts and the weights
         # go to the device; it is first needed by warm-up
-        tokenizer_future = _in_daemon_thread(
-            load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
+        tokenizer_future = in_daemon_thread(
+            "lmforge-tokenizer", load_tokenizer, source.path, source.model_config.eos_token_ids, cfg.trust_remote_code
         )
         t_model = time.perf_counter()
         # one GPU, no quantized layers: the weights load beside the memory profile step (Worker.load_model)

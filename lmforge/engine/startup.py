@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+from concurrent.futures import Future
 
 import torch
 
@@ -136,3 +137,19 @@ def resolve_dtype(dtype: str, hf_config, device_type: str) -> torch.dtype:
     if stored in (torch.float16, "float16"):
         return torch.float16
     return torch.bfloat16
+
+
+def in_daemon_thread(name: str, fn, *args) -> Future:
+    """fn(*args) on a daemon thread named `name`, its result or exception in the returned Future: start-up work
+    abandoned by Ctrl-C must not hold the exiting process for as long as it takes (a ThreadPoolExecutor's worker
+    would be joined at exit)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

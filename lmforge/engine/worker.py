@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future
 
 import torch
 import torch.distributed as dist
@@ -31,23 +30,9 @@ from .model_runner import ModelRunner, ModelStep
 from .profile import peak_step_memory, profile_num_tokens
 from .profile_cache import load_profile, profile_key, store_profile
 from .scheduler import SchedulerOutput
-from .startup import resolve_dtype
+from .startup import in_daemon_thread, resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-
-def _in_thread(fn, *args) -> Future:
-    """fn(*args) on a daemon thread (an abandoned start must not hold the exiting process)."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:
-            future.set_exception(e)
-
-    threading.Thread(target=run, name="lmforge-weights-load", daemon=True).start()
-    return future
 
 
 class Worker:
@@ -105,7 +90,7 @@ class Worker:
         )
         self.step = ModelStep(self.model, self.ctx_mgr)
         if background:
-            self._weights = _in_thread(self._load_weights_on_thread, source)
+            self._weights = in_daemon_thread("lmforge-weights-load", self._load_weights_on_thread, source)
         elif self.is_driver:
             t = self.load_times
             logger.info("model built in %.2f s, weights loaded in %.2f s", t["build_s"], t["weights_s"])

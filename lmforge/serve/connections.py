@@ -29,28 +29,33 @@ def _raw_response(status: int, reason: str, message: str, code: str, extra: str 
     return head.encode("latin-1") + body
 
 
-class GuardedH11Protocol(H11Protocol):
+class _HeaderDeadline:
+    """The header deadline and connection cap shared by both protocols: `_arm` starts the deadline (once), `_disarm`
+    stops it, `_headers_pending` says whether a deadline that fires still finds headers missing (then 408, close)."""
+
     header_timeout: float | None = None
     max_connections: int | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def _guard(self, transport: asyncio.Transport) -> None:  # from connection_made, after the base class's
         self._header_timer: asyncio.TimerHandle | None = None
         if not _refuse_over_cap(self, transport):
-            self._arm_header_timer()
+            self._arm()
 
-    def _arm_header_timer(self) -> None:
+    def _arm(self) -> None:
         if self.header_timeout is not None and self._header_timer is None:
             self._header_timer = self.loop.call_later(self.header_timeout, self._on_header_timeout)
 
-    def _disarm_header_timer(self) -> None:
+    def _disarm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
+    def _headers_pending(self) -> bool:
+        raise NotImplementedError
+
     def _on_header_timeout(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._headers_pending():
             return
         self.transport.write(
             _raw_response(
@@ -62,18 +67,27 @@ class GuardedH11Protocol(H11Protocol):
         )
         self.transport.close()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._guard(transport)
+
+    def _headers_pending(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         # Headers are complete once h11 has moved the client past IDLE. A later request on a keep-alive connection
         # gets its deadline from its first bytes (uvicorn's keep-alive timeout closes a silent one).
         if self.conn.their_state is h11.IDLE:
-            self._arm_header_timer()
+            self._arm()
         else:
-            self._disarm_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
-        super().connection_lost(exc)
+            self._disarm()
 
 
 def _refuse_over_cap(protocol, transport: asyncio.Transport) -> bool:
@@ -96,42 +110,17 @@ def _refuse_over_cap(protocol, transport: asyncio.Transport) -> bool:
 def _httptools_protocol():
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
         """The same limits on uvicorn's httptools protocol: the header deadline runs from the connection (and from
         each later request's first bytes) to the parser's headers-complete callback."""
 
-        header_timeout: float | None = None
-        max_connections: int | None = None
-
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._header_timer: asyncio.TimerHandle | None = None
             self._headers_done = False
-            if not _refuse_over_cap(self, transport):
-                self._arm()
+            self._guard(transport)
 
-        def _arm(self) -> None:
-            if self.header_timeout is not None and self._header_timer is None:
-                self._header_timer = self.loop.call_later(self.header_timeout, self._on_header_timeout)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _on_header_timeout(self) -> None:
-            self._header_timer = None
-            if self.transport.is_closing() or self._headers_done:
-                return
-            self.transport.write(
-                _raw_response(
-                    408,
-                    "Request Timeout",
-                    f"Request headers not received within {self.header_timeout:g} s; see --request-header-timeout.",
-                    "request_timeout",
-                )
-            )
-            self.transport.close()
+        def _headers_pending(self) -> bool:
+            return not self._headers_done
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -142,10 +131,6 @@ def _httptools_protocol():
             self._headers_done = True
             self._disarm()
             super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
 
     return GuardedHttpToolsProtocol
 
