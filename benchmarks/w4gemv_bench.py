@@ -22,6 +22,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from quant import BF16, DEVICE, LLAMA_8B, bf16_us, copies_for, emit, graph_us  # noqa: E402
 
 from lmforge.backends import cuda as cuda_ops  # noqa: E402
+from lmforge.kernels.cuda import quant_w4dot as gd  # noqa: E402
 from lmforge.kernels.cuda import quant_w4gemv as gv  # noqa: E402
 from lmforge.kernels.cuda.quant_wna16 import repack, wna16_gemm  # noqa: E402
 
@@ -71,7 +72,7 @@ def one(cand, proj, m, k, n, wb, cfg=None):
         fns = [lambda p=p: gv.w4_gemv(x, p[0], p[1], p[2], 128, config=cfg) for p in preps]
     elif cand == "dot":
         preps = [(gv.repack_gemv(q), s, z) for q, s, z in base]
-        fns = [lambda p=p: gv.w4_dot(x, p[0], p[1], p[2], 128, config=cfg) for p in preps]
+        fns = [lambda p=p: gd.w4_dot(x, p[0], p[1], p[2], 128, config=cfg) for p in preps]
     elif cand == "chunked":  # the chunked-layout kernel of quant_wna16 (the path before the w4 layout)
         preps = [(repack(q, 4), s, z) for q, s, z in base]
         fns = [lambda p=p: wna16_gemm(x, p[0], p[1], p[2], 4, 128) for p in preps]

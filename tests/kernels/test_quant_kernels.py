@@ -200,6 +200,7 @@ def test_w4_layout_kernels(device, poison_allocator, dtype):
     """The column-major 4-bit layout (quant_w4gemv): the CUDA-core GEMV (1 and 2 rows per program, PTX and plain
     unpacking, several K splits, register prefetch), the tensor-core dot kernel (16- to 64-row tiles) and the
     dequantization against the reference, zero points and symmetric, ragged N; split-K bitwise equal on reruns."""
+    from lmforge.kernels.cuda import quant_w4dot as w4d
     from lmforge.kernels.cuda import quant_w4gemv as w4
 
     k, n = (4096, 1000) if ON_GPU else (512, 72)
@@ -210,7 +211,7 @@ def test_w4_layout_kernels(device, poison_allocator, dtype):
         w_t = ref_wna16_weight_t(qweight, scales, zeros, 4, 128)
         z = None if symmetric else zeros
         bias = torch.randn(n, device=device).to(dtype)
-        assert rel_err(w4.w4_dequantize(packed, scales, z, 128), w_t) < REL_TOL[dtype]
+        assert rel_err(w4d.w4_dequantize(packed, scales, z, 128), w_t) < REL_TOL[dtype]
         # the default launches on both; the variants (one compile each) on the zero-point case only
         gemv_cfgs = [{}] + ([] if symmetric else [
             dict(SPLIT_K=1, BLOCK_N=64),
@@ -230,10 +231,10 @@ def test_w4_layout_kernels(device, poison_allocator, dtype):
             ref = x.float() @ w_t + bias.float()
             for cfg in dot_cfgs:
                 poison_allocator()
-                y = w4.w4_dot(x, packed, scales, z, 128, bias, config=cfg)
+                y = w4d.w4_dot(x, packed, scales, z, 128, bias, config=cfg)
                 assert rel_err(y, ref) < REL_TOL[dtype], ("dot", symmetric, m, cfg)
     x = torch.randn(1, k, device=device).to(dtype)
-    for fn in (w4.w4_gemv, w4.w4_dot):
+    for fn in (w4.w4_gemv, w4d.w4_dot):
         first = fn(x, packed, scales, None, 128, config=dict(SPLIT_K=8))
         for _ in range(10 if ON_GPU else 1):
             assert torch.equal(fn(x, packed, scales, None, 128, config=dict(SPLIT_K=8)), first)

@@ -17,7 +17,8 @@ from lmforge.kernels.cuda.quant_act import quantize_per_group_fp8, quantize_per_
 from lmforge.kernels.cuda.quant_common import splitk_locks
 from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
-from lmforge.kernels.cuda.quant_w4gemv import gemv_supported, repack_gemv, w4_dequantize, w4_dot, w4_gemv
+from lmforge.kernels.cuda.quant_w4dot import w4_dequantize, w4_dot
+from lmforge.kernels.cuda.quant_w4gemv import gemv_supported, repack_gemv, w4_gemv
 from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
 
 # from this many rows a weight-only layer dequantizes its weight once per call and runs a dense cuBLAS GEMM: the
