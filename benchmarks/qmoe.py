@@ -28,6 +28,7 @@ import time
 import traceback
 
 import torch
+from quant import graph_us  # benchmarks/ is sys.path[0] when this file runs
 
 from lmforge.backends import cuda as cuda_ops
 from lmforge.kernels.cuda.activation import gated_activation
@@ -81,33 +82,6 @@ def routing(num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.randn(num_tokens, E, device=DEVICE)
     w, ids = logits.softmax(-1).topk(TOP_K, dim=-1)
     return w / w.sum(-1, keepdim=True), ids
-
-
-def graph_us(fns: list, replays: int = 10) -> float:
-    """Microseconds per call: fns captured back to back in one graph, replayed (median of 5)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns[:2]:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (replays * len(fns)))
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def eager_us(fn, calls: int = 5) -> float:
@@ -192,7 +166,7 @@ def main() -> None:
                 linear = cuda_ops.OPS[f"{layer['scheme']}_linear"]
                 linear(gated_activation(linear(x, layer["gate_up"][0]), "silu"), layer["down"][0])
             return
-        us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]])
+        us = graph_us([bind(op, c[0], layer, c[1], c[2], "silu") for c in inputs[t]], replays=10)
         loop_us = eager_us(bind(op, x, loop_layer, w, ids, "silu"), calls=3 if t > 64 else 5)
         rec = {"scheme": scheme, "tokens": t, **LAYER, "path": "grouped", "us": round(us, 2)}
         # the routed experts' weight bytes per call over the time: how close the kernel gets to HBM bandwidth
@@ -217,7 +191,15 @@ def main() -> None:
         if args.compile_only:
             calls[0]()
             return
-        emit({"scheme": "bf16", "tokens": t, **LAYER, "path": "bf16_grouped", "us": round(graph_us(calls), 2)})
+        emit(
+            {
+                "scheme": "bf16",
+                "tokens": t,
+                **LAYER,
+                "path": "bf16_grouped",
+                "us": round(graph_us(calls, replays=10), 2),
+            }
+        )
 
     def sweep(t, cfg):
         layer = layer_of(schemes[0])
@@ -228,7 +210,7 @@ def main() -> None:
         x, w, ids = inputs[t][0]
         err = rel_err(calls[0](), op(x, layer, w, ids, "silu"))
         if not args.compile_only:
-            us = graph_us(calls)
+            us = graph_us(calls, replays=10)
             emit(
                 {"scheme": schemes[0], "tokens": t, "path": "sweep", "config": cfg, "us": round(us, 2), "rel_err": err}
             )
