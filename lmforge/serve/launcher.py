@@ -114,12 +114,15 @@ def _client_factory(addresses: list[str], pids: list[int], model_path, trust_rem
     return factory
 
 
-def _api_server_main(addresses, pids, model_path, trust_remote_code, sock, server_kwargs, log_level) -> None:
+def _api_server_main(addresses, pids, model_path, trust_remote_code, sock, server_kwargs, log_level, ready) -> None:
     import sys
 
+    # Ctrl-C reaches the whole process group; the launcher forwards it as SIGTERM, which is the one stop to honour
+    # (a SIGINT landing before uvicorn installs its handlers would end this process with a traceback)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=getattr(logging, log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     factory = _client_factory(addresses, pids, model_path, trust_remote_code)
-    sys.exit(run_event_loop(serve_async(factory, sock=sock, **server_kwargs)))
+    sys.exit(run_event_loop(serve_async(factory, sock=sock, on_ready=ready.set, **server_kwargs)))
 
 
 def serve_model(
@@ -170,10 +173,11 @@ def _join_ray() -> bool:
 
 def _run_api_servers(n, addresses, pids, model_path, cfg, sock, kwargs, log_level, cores) -> int:
     ctx = mp.get_context("spawn")
+    ready = [ctx.Event() for _ in range(n)]
     procs = [
         ctx.Process(
             target=_api_server_main,
-            args=(addresses, pids, model_path, cfg.trust_remote_code, sock, kwargs, log_level),
+            args=(addresses, pids, model_path, cfg.trust_remote_code, sock, kwargs, log_level, ready[j]),
             name=f"lmforge-api{j}",
         )
         for j in range(n)
@@ -186,20 +190,30 @@ def _run_api_servers(n, addresses, pids, model_path, cfg, sock, kwargs, log_leve
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
 
+    def clean(p) -> bool:
+        # an API server still starting when the stop came has no handler yet and dies of the SIGTERM it was sent:
+        # it was serving nothing, so that is a clean stop
+        return p.exitcode == 0 or (bool(stopping) and p.exitcode == -signal.SIGTERM)
+
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for p in procs:
             p.start()
-        logger.info("%d API servers on http://%s:%d", n, kwargs["host"], kwargs["port"])
+        announced = False
         status = 0
         while any(p.is_alive() for p in procs):
-            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            failed = [p for p in procs if p.exitcode is not None and not clean(p)]
             dead_core = [c for c in cores if not c.alive()]
             if (failed or dead_core) and not stopping:
                 status = 1
+                for p in failed:
+                    logger.error("API server %s exited with status %s", p.name, p.exitcode)
                 forward(signal.SIGTERM, None)
+            if not announced and not stopping and all(e.is_set() for e in ready):
+                announced = True
+                logger.info("%d API servers on http://%s:%d", n, kwargs["host"], sock.getsockname()[1])
             time.sleep(0.2)
-        if any(p.exitcode != 0 for p in procs):
+        if not all(clean(p) for p in procs):
             status = 1
         return status
     finally:

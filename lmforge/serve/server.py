@@ -31,10 +31,15 @@ _ABORT_GRACE_S = 2.0  # after the abort, time for streams to write their last ch
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, ctx, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, ctx, shutdown_timeout: float, on_ready=None):
         super().__init__(config)
-        self.ctx, self.shutdown_timeout = ctx, shutdown_timeout
+        self.ctx, self.shutdown_timeout, self.on_ready = ctx, shutdown_timeout, on_ready
         self.num_in_flight_at_signal: int | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_ready is not None:
+            self.on_ready()
 
     def handle_exit(self, sig, frame) -> None:
         # Counted when the signal arrives (this handler runs on the event loop's thread, between its callbacks),
@@ -123,6 +128,7 @@ async def serve_async(
     allowed_hosts: list[str] | None = None,
     sock: socket.socket | None = None,
     stats_interval: float | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Build the engine inside the serving loop (its streams bind to this loop), serve until a signal, close.
 
@@ -130,7 +136,8 @@ async def serve_async(
     `lmforge serve`'s launcher takes it before its engine cores start). `engine_factory` may be a coroutine
     function; given a parameter, it gets a callback to call with a reason when the engine dies under the server
     (then the server stops and this returns 1). Returns the exit status: 0 after a signal.
-    `stats_interval`: log the generation rate every that many seconds (when tokens were generated)."""
+    `stats_interval`: log the generation rate every that many seconds (when tokens were generated).
+    `on_ready`: called once the server accepts requests."""
     limits = limits or ServeLimits()
     if sock is None:
         sock = bind_socket(host, port)
@@ -181,7 +188,7 @@ async def serve_async(
             timeout_keep_alive=5,
             http=guarded_protocol(limits.header_timeout, limits.max_connections),
         )
-        server = _Server(config, app.state.ctx, shutdown_timeout)
+        server = _Server(config, app.state.ctx, shutdown_timeout, on_ready)
         logger.info(
             "serving %s on http://%s:%d (chat page at /, API at /v1, docs at /docs)%s",
             app.state.ctx.served_model_names[0],

@@ -121,6 +121,11 @@ def test_dp2_with_two_api_servers_equals_dp1_aborts_and_sums_metrics(tiny_model_
     expected = _greedy(dp1)
     server = ServerProcess([tiny_model_dir, *TINY_SERVER_ARGS, "--dp", "2", "--api-server-count", "2"], api_key="k")
     try:
+        # /health answers once one API server is up; the launcher says when both are
+        deadline = time.monotonic() + 300
+        while not any("2 API servers on" in line for line in server.lines):
+            assert time.monotonic() < deadline, "".join(server.lines[-30:])
+            time.sleep(0.1)
         assert len(_core_pids(server)) == 2
         assert _greedy(server) == expected
         assert server.metric("lmforge_kv_cache_total_blocks") == 2 * 320  # both replicas' blocks
@@ -143,6 +148,31 @@ def test_dp2_with_two_api_servers_equals_dp1_aborts_and_sums_metrics(tiny_model_
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         server.stop()
+
+
+def test_a_stop_while_the_api_servers_start_is_a_clean_exit(tiny_model_dir):
+    """SIGTERM right after the engine cores are up, while the API-server processes are still importing: status 0
+    (either order of stop and startup), no process left behind."""
+    cmd = [sys.executable, "-m", "lmforge.cli.main", "serve", tiny_model_dir, *TINY_SERVER_ARGS]
+    cmd += ["--api-server-count", "2", "--port", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "engine core 0 ready" in line:
+                break
+        children = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(0.3)  # the API servers are spawned now, not yet serving
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stdout.readlines()
+        assert proc.wait(60) == 0, "".join(lines[-30:])
+        psutil.wait_procs(children, timeout=10)
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_dp2_on_ray_places_the_replicas_as_actors_and_equals_dp1(tiny_model_dir, dp1):
