@@ -16,15 +16,19 @@ builds it from source for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON; about 40 minute
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
 
-All peers run in this one process under one OpenMP wait policy (OMP_WAIT_POLICY=PASSIVE unless set, as lmforge
-sets it; llama.cpp's own threads are not OpenMP-torch's but are given the same count).
+All peers run in this one process under one OpenMP wait policy (lmforge's: a short spin, GOMP_SPINCOUNT=10000,
+unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set; llama.cpp's own threads are not OpenMP-torch's but are given the
+same count). lmforge's engine may drop to one thread while other work contends for the cores (its
+`thread_drops` field counts that); every peer starts at the same count.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; the same for every peer
+from lmforge.cpu_threads import set_omp_wait_policy  # noqa: E402
+
+set_omp_wait_policy()  # before torch loads; the same for every peer
 
 import argparse  # noqa: E402
 import random  # noqa: E402
@@ -73,6 +77,7 @@ def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
 def bench_lmforge(args, reqs, bs1_ids) -> None:
     from lmforge.engine.engine import Engine
 
+    torch.set_num_threads(args.num_threads)
     t0 = time.perf_counter()
     engine = Engine(None, PytorchEngineConfig(device_type="cpu", dtype=args.dtype, cpu_threads=args.threads))
     load_s = time.perf_counter() - t0
@@ -137,7 +142,9 @@ def bench_lmforge(args, reqs, bs1_ids) -> None:
         output_tok_s=round(out_tokens / wall, 2),
         total_tok_s=round((out_tokens + in_tokens) / wall, 2),
         mean_ttft_s=round(sum(ttfts.values()) / len(ttfts), 3),
+        thread_drops=engine._thread_governor.drops if engine._thread_governor else 0,
     )
+    torch.set_num_threads(args.num_threads)  # the governor's choice does not carry over to the next peer
 
 
 def bench_hf(args, reqs, bs1_ids) -> None:
@@ -316,7 +323,7 @@ def main() -> None:
         install_llama_cpp()
     from lmforge.cpu_threads import configure_cpu_threads
 
-    configure_cpu_threads(args.threads)
+    args.num_threads, _ = configure_cpu_threads(args.threads)
     peers = {"lmforge": bench_lmforge, "hf": bench_hf, "llamacpp": bench_llamacpp}
     unknown = [name for name in args.peers.split(",") if name not in peers]
     if unknown:

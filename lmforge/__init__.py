@@ -1,9 +1,9 @@
 """lmforge: an LLM inference and serving engine in Python and PyTorch."""
 
 # before torch loads: OpenMP reads its wait policy once, at load (lmforge/cpu_threads.py says why)
-from lmforge.cpu_threads import prefer_passive_omp_wait
+from lmforge.cpu_threads import set_omp_wait_policy
 
-prefer_passive_omp_wait()
+set_omp_wait_policy()
 
 # the submodule is imported first so that the name `pipeline` below stays bound to the function
 # (importing a submodule sets the package attribute of the same name once, on first import)

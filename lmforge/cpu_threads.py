@@ -1,7 +1,7 @@
 """CPU thread settings for the engine: how many intra-op threads, and how idle OpenMP threads wait.
 
-Imports nothing heavy (no torch at module level): `prefer_passive_omp_wait` must run before torch is imported,
-because OpenMP reads OMP_WAIT_POLICY once, when torch's runtime loads.
+Imports nothing heavy (no torch at module level): `set_omp_wait_policy` must run before torch is imported,
+because OpenMP reads its wait policy once, when torch's runtime loads.
 """
 
 from __future__ import annotations
@@ -10,23 +10,29 @@ import logging
 import math
 import os
 import sys
+import time
 
 logger = logging.getLogger(__name__)
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def prefer_passive_omp_wait() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user set it (or torch is already loaded, when it is too late).
+# libgomp: how long (iterations, ~10-30 us here) an idle OpenMP worker spins before it sleeps
+_SPIN_COUNT = "10000"
 
-    With the default policy an OpenMP worker spins after each parallel region; on a machine whose cores are
-    also busy with other work (other processes, or the server's own front-end and tokenizer threads) the
-    spinning workers take the cores those need, and every parallel region then waits for a descheduled
-    thread: on a loaded 2-core machine a 576x1536 decode GEMV took ~5-29 ms on 2 spinning threads and
-    ~0.3 ms on 2 passive ones (benchmarks in docs/benchmarks.md). Passive workers sleep at once instead."""
-    if "torch" in sys.modules:
+
+def set_omp_wait_policy() -> None:
+    """A short spin for idle OpenMP workers (GOMP_SPINCOUNT=10000) unless the user chose a policy (OMP_WAIT_POLICY
+    or GOMP_SPINCOUNT set), or torch is already loaded, when it is too late (OpenMP reads it once).
+
+    A decode step is ~150 small parallel regions a few microseconds apart. Sleeping workers (PASSIVE) must be
+    woken for each, which on an idle virtual CPU costs more than the region: a 2-core Xeon VM ran SmolLM2-135M
+    at 12 tok/s passive against 33 spinning ~10k iterations. libgomp's default spin (300k) is too long for a
+    machine whose cores are also busy with other work (a spinning worker takes the core the next region waits
+    for): the contention itself is handled by `CpuThreadGovernor`, which drops to one thread while it lasts."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["GOMP_SPINCOUNT"] = _SPIN_COUNT
 
 
 def _cgroup_cpu_limit() -> int | None:
@@ -73,9 +79,10 @@ def physical_cores() -> int:
     return max(1, min(n, limit) if limit else n)
 
 
-def configure_cpu_threads(requested: int = 0) -> int:
-    """Set torch's intra-op thread count for a CPU engine and return it: `requested` when > 0; else what
-    OMP_NUM_THREADS / MKL_NUM_THREADS asked for (torch already applied it); else the physical cores."""
+def configure_cpu_threads(requested: int = 0) -> tuple[int, bool]:
+    """Set torch's intra-op thread count for a CPU engine: `requested` when > 0; else what OMP_NUM_THREADS /
+    MKL_NUM_THREADS asked for (torch already applied it); else the physical cores. Returns (threads, chosen
+    here): a count the user chose is kept as it is; one chosen here may be narrowed by CpuThreadGovernor."""
     import torch
 
     if requested < 0:
@@ -89,7 +96,64 @@ def configure_cpu_threads(requested: int = 0) -> int:
         torch.set_num_threads(physical_cores())
         source = "physical cores"
     n = torch.get_num_threads()
-    logger.info(
-        "CPU threads: %d (%s), OMP_WAIT_POLICY=%s", n, source, os.environ.get("OMP_WAIT_POLICY", "unset (spin)")
-    )
-    return n
+    policy = os.environ.get("OMP_WAIT_POLICY") or f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}"
+    logger.info("CPU threads: %d (%s), OpenMP wait: %s", n, source, policy)
+    return n, source == "physical cores"
+
+
+class CpuThreadGovernor:
+    """Runs torch's intra-op pool at full width while this process has its cores, and at one thread while other
+    work contends for them.
+
+    With N threads every parallel region waits for its slowest thread; when another process (or the server's
+    own front end) takes a core, that thread is often descheduled and a decode step takes several scheduler
+    slices: on a 2-core VM with one busy process beside it, 2 threads ran a SmolLM2 decode step in ~130 ms and
+    1 thread in ~45 ms. Contention shows as involuntary context switches of this process (0-4 per step alone,
+    90-160 per step beside one busy process), read once per step with getrusage. After `window` contended steps
+    it drops to 1 thread; it tries full width again after `retry_s`, doubling that wait (up to `max_retry_s`)
+    while the contention lasts."""
+
+    def __init__(self, threads: int, window: int = 8, busy_switches: float = 40.0, retry_s: float = 2.0,
+                 max_retry_s: float = 60.0):  # fmt: skip
+        self.threads, self.window, self.busy_switches = threads, window, busy_switches
+        self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self._wait_s = retry_s
+        self._single_since: float | None = None
+        self._steps = 0
+        self._switches = 0
+        self._last = self._read()
+        self.drops = 0  # times it fell back to one thread (for logs and tests)
+
+    @staticmethod
+    def _read() -> int:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+    def after_step(self, now: float | None = None) -> None:
+        import torch
+
+        now = time.monotonic() if now is None else now
+        count = self._read()
+        delta, self._last = count - self._last, count
+        if self._single_since is not None:  # one thread: try full width again after the wait
+            if now - self._single_since >= self._wait_s:
+                self._single_since = None
+                self._steps = self._switches = 0
+                torch.set_num_threads(self.threads)
+            return
+        self._steps += 1
+        self._switches += delta
+        if self._steps < self.window:
+            return
+        contended = self._switches / self._steps > self.busy_switches
+        self._steps = self._switches = 0
+        if contended:
+            torch.set_num_threads(1)
+            self._single_since = now
+            self.drops += 1
+            if self.drops == 1:
+                logger.info("CPU cores contended by other work: 1 thread while it lasts (%d otherwise)", self.threads)
+            self._wait_s = min(self._wait_s * 2, self.max_retry_s) if self.drops > 1 else self._wait_s
+        else:
+            self._wait_s = self.retry_s

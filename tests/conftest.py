@@ -80,3 +80,17 @@ def tiny_llama_dir(tmp_path_factory) -> str:
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def cpu_kernel_mode(request, monkeypatch):
+    """Runs a test twice: with lmforge's compiled CPU kernels (lmforge/kernels/cpu) and with them off, as on a
+    machine without a C compiler (the plain-torch path). Yields the mode's name."""
+    from lmforge.kernels import cpu as cpu_kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+        monkeypatch.setattr(cpu_kernels, "_tried", True)
+    elif not cpu_kernels.available():
+        pytest.fail("the CPU kernels did not build on this machine (a C compiler is part of the test setup)")
+    yield request.param

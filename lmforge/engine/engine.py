@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import SchedulerConfig
-from lmforge.cpu_threads import configure_cpu_threads
+from lmforge.cpu_threads import CpuThreadGovernor, configure_cpu_threads
 from lmforge.generation_defaults import load_generation_defaults
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_source import load_model_source, load_tokenizer
@@ -70,9 +70,12 @@ class Engine:
         start = time.perf_counter()
         start_weight_prefetch(model_path)  # the disk reads overlap CUDA start and the model build
         device_type = resolve_device_type(cfg.device_type)
+        self._thread_governor = None
         if device_type == "cpu":
             bound_cpu_kernel_caches()
-            configure_cpu_threads(cfg.cpu_threads)
+            threads, chosen_here = configure_cpu_threads(cfg.cpu_threads)
+            if chosen_here and threads > 1 and cfg.tp == 1:
+                self._thread_governor = CpuThreadGovernor(threads)
         # compiled kernels persist between runs; set before the TP ranks start so that they share the folder
         self.triton_cache_dir, self.triton_cache_entries = (
             configure_triton_cache() if device_type == "cuda" else (None, 0)
@@ -343,6 +346,8 @@ class Engine:
         st["schedule_s"] += t1 - t0
         st["launch_s"] += t2 - t1
         st["process_s"] += time.perf_counter() - t2
+        if self._thread_governor is not None and launched is not None:
+            self._thread_governor.after_step()
         if self.device.type == "cpu" and (st["steps"] % 256 == 0 or not self.has_unfinished()):
             release_free_host_memory()  # keeps a long-running CPU server's resident memory flat
         return outputs

@@ -101,13 +101,16 @@ def test_block_fp8_dequantize_expands_partial_blocks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, k, group", [(48, 64, 32), (64, 256, 128), (32, 64, 64)])
-def test_wna16_int4pack_fast_path_agrees_with_the_reference(n, k, group, dtype):
+def test_wna16_int4_fast_paths_agree_with_the_reference(n, k, group, dtype, cpu_kernel_mode):
+    """float32 (AWQ/GPTQ scales in a float32 model): lmforge's q4 kernel, or torch's int4 kernel without it;
+    bfloat16: torch's int4 kernel."""
     q = torch.randint(0, 16, (k, n), dtype=torch.int32)
     scales = (torch.rand(k // group, n) * 0.02 + 0.001).to(dtype)
     zeros = torch.randint(0, 16, (k // group, n)).to(dtype)
     args = (pack_int32(q, 4, 0), scales, zeros, 4, group)
     fast, ref = get_op("wna16_prepare", "cpu")(*args), get_op("wna16_prepare", "cpu")(*args, reference=True)
-    assert "int4pack" in fast and "weight" in ref
+    fast_key = "q4" if dtype == torch.float32 and cpu_kernel_mode == "kernels" else "int4pack"
+    assert fast_key in fast and "weight" in ref
     x, bias = torch.randn(3, k).to(dtype), torch.randn(n).to(dtype)
     linear = get_op("wna16_linear", "cpu")
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)

@@ -3,11 +3,17 @@
 import torch
 import torch.nn.functional as F
 
+from lmforge.kernels import cpu as cpu_kernels
+
 # the plain activations `activation` computes; HF's hidden_act names map onto these in lmforge.nn.activation
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 
 
 def silu_and_mul(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    if x.dtype == torch.float32 and cpu_kernels.available():
+        fused = cpu_kernels.silu_and_mul(x)
+        if fused is not None:
+            return fused
     gate, up = x.chunk(2, dim=-1)
     if inplace:
         return F.silu(gate, inplace=True).mul_(up)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.kernels import cpu as cpu_kernels
 from lmforge.model_inputs import AttnMetadata, AttnOptions, QuantizedCache
 
 # the largest finite float8_e4m3fn value: an FP8 cache clamps to it (the cast of a larger value is not finite)
@@ -124,6 +125,10 @@ def paged_attention(
     scale, sliding_window, logit_softcapping = options.scale, options.sliding_window, options.logit_softcapping
     v_head_dim = options.v_head_dim
     num_tokens, num_heads, head_dim = query.shape
+    if query.dtype == torch.float32 and not logit_softcapping and cpu_kernels.available():
+        out = cpu_kernels.paged_attention(query, k_cache, v_cache, meta, scale, sliding_window, v_head_dim)
+        if out is not None:
+            return out
     layout = _step_layout(meta, sliding_window, query.device)
     num_seqs, max_q = meta.num_seqs, meta.max_q_seqlen
     # slots past a sequence's length hold zeros or stale finite values (the CPU cache starts zeroed), and

@@ -4,6 +4,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lmforge.kernels import cpu as cpu_kernels
+
 
 def rms_norm(
     x: torch.Tensor,
@@ -16,6 +18,10 @@ def rms_norm(
 
     weight_offset=1 gives Gemma's `x * (1 + w)` form.
     """
+    if x.dtype == torch.float32 and cpu_kernels.available():
+        fused = cpu_kernels.rms_norm(x, weight, eps, residual, weight_offset)
+        if fused is not None:
+            return fused
     dtype = x.dtype
     if residual is not None:
         x = x + residual

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.kernels import cpu as cpu_kernels
 from lmforge.nn.quant.packing import unpack_int32
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -98,6 +99,13 @@ def wna16_prepare(
             f"scales and zeros [{k // max(group_size, 1)}, {n}], got {tuple(scales.shape)} and {tuple(offsets.shape)}"
         )
     if bits == 4 and not reference:
+        # float32 activations (GGUF in a float32 model asks for bf16 compute; AWQ/GPTQ scales come in the model's
+        # dtype): lmforge's own kernel, exact in float32; else torch's packed int4 matmul on bf16 activations
+        f32_model = compute_dtype is None and mins is None and scales.dtype == torch.float32
+        if compute_dtype == torch.bfloat16 or f32_model:
+            q4 = cpu_kernels.q4_prepare(qweight, scales, offsets, group_size, planes, zeros=mins is None)
+            if q4 is not None:
+                return q4
         fast = _int4pack_prepare(qweight, scales, zeros, mins, group_size, planes, compute_dtype)
         if fast is not None:
             return fast
@@ -107,6 +115,12 @@ def wna16_prepare(
 
 def wna16_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype."""
+    if "q4" in prepared:
+        y = cpu_kernels.q4_linear(x, prepared, bias)
+        if y is None:  # not float32 activations
+            w = cpu_kernels.q4_dequantize(prepared).to(x.dtype)
+            y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return y
     if "int4pack" in prepared:
         compute = prepared["compute_dtype"] or x.dtype
         xc = x.to(compute) if x.dtype != compute else x.contiguous()

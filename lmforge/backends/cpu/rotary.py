@@ -2,6 +2,8 @@
 
 import torch
 
+from lmforge.kernels import cpu as cpu_kernels
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [num_tokens, heads, rot_dim]; cos/sin [num_tokens, 1, rot_dim]
@@ -15,6 +17,10 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k [T, Hk, D], cos/sin [T, rot_dim] with rot_dim <= D (partial rotary)."""
+    if q.dtype == torch.float32 and cpu_kernels.available():
+        fused = cpu_kernels.apply_rotary(q, k, cos, sin)
+        if fused is not None:
+            return fused
     rot = cos.shape[-1]
     cos = cos[:, None, :].to(q.dtype)
     sin = sin[:, None, :].to(q.dtype)

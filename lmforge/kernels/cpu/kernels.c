@@ -1,0 +1,373 @@
+/* lmforge's CPU kernels: float32 activations, compiled on the machine that runs them (-O3 -march=native -fopenmp)
+ * by lmforge/kernels/cpu/__init__.py and called through ctypes. Each has a plain-torch reference in
+ * lmforge/backends/cpu (the tests compare them). Threads: every entry point takes `nt`, the OpenMP team size
+ * (torch's intra-op thread count; torch and this library share one libgomp).
+ *
+ * int4 weights ("q4"): row n of W [N, K] is P planes of K / 32 blocks; a block is 16 bytes, byte j holding
+ * code j in its low nibble and code 16 + j in its high one (ggml's order), with one float scale s and one float
+ * min m per block: w = code * s + m. A P-plane row sums its planes (lmforge/weights/gguf_pack.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+int lmf_simd_width(void) {
+#if defined(__AVX512F__)
+    return 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 8;
+#else
+    return 1;
+#endif
+}
+
+/* ---- int4 linear ---------------------------------------------------------------------------------------- */
+
+#define ROWS 4 /* activation rows per pass over a weight row */
+
+#if defined(__AVX512F__)
+/* The 32 weights of a block, dequantized: a 16-entry table code -> code * s + m, indexed by the codes */
+static inline void q4_dequant_block(const uint8_t *codes, float s, float m, __m512 *lo, __m512 *hi) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
+    __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(m));
+    *lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* the same, as four 8-lane vectors (values 0-7, 8-15, 16-23, 24-31) */
+static inline void q4_dequant_block(const uint8_t *codes, float s, float m, __m256 *w) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)codes);
+    __m256i b0 = _mm256_cvtepu8_epi32(raw), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
+    __m256i m15 = _mm256_set1_epi32(15);
+    __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, m15)), vs, vm);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, m15)), vs, vm);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), vs, vm);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), vs, vm);
+}
+static inline float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
+/* One weight row (P planes of nb blocks) against nr <= ROWS activation rows (stride ldx): out[r] = x_r . w */
+static void q4_row(const uint8_t *codes, const float *scales, const float *mins, int64_t nb, int planes,
+                   const float *x, int64_t ldx, int nr, float *out) {
+#if defined(__AVX512F__)
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int p = 0; p < planes; p++)
+        for (int64_t b = 0; b < nb; b++) {
+            __m512 lo, hi;
+            q4_dequant_block(codes + (p * nb + b) * 16, scales[p * nb + b], mins[p * nb + b], &lo, &hi);
+            const float *xb = x + b * 32;
+            switch (nr) { /* unrolled so the accumulators stay in registers */
+            case 4: acc[3][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + 3 * ldx), acc[3][0]);
+                    acc[3][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 3 * ldx + 16), acc[3][1]); /* fall through */
+            case 3: acc[2][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + 2 * ldx), acc[2][0]);
+                    acc[2][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 2 * ldx + 16), acc[2][1]); /* fall through */
+            case 2: acc[1][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + ldx), acc[1][0]);
+                    acc[1][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + ldx + 16), acc[1][1]); /* fall through */
+            default: acc[0][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[0][0]);
+                    acc[0][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[0][1]);
+            }
+        }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int p = 0; p < planes; p++)
+        for (int64_t b = 0; b < nb; b++) {
+            __m256 w[4];
+            q4_dequant_block(codes + (p * nb + b) * 16, scales[p * nb + b], mins[p * nb + b], w);
+            for (int r = 0; r < nr; r++) {
+                const float *xb = x + r * ldx + b * 32;
+                acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), acc[r][1]);
+                acc[r][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), acc[r][1]);
+            }
+        }
+    for (int r = 0; r < nr; r++) out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+#else
+    for (int r = 0; r < nr; r++) out[r] = 0.f;
+    for (int p = 0; p < planes; p++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *c = codes + (p * nb + b) * 16;
+            const float s = scales[p * nb + b], m = mins[p * nb + b];
+            for (int r = 0; r < nr; r++) {
+                const float *xb = x + r * ldx + b * 32;
+                float d = 0.f;
+                for (int j = 0; j < 16; j++) d += ((c[j] & 15) * s + m) * xb[j] + ((c[j] >> 4) * s + m) * xb[16 + j];
+                out[r] += d;
+            }
+        }
+#endif
+}
+
+static void q4_dequant_row(const uint8_t *c, const float *s, const float *m, int64_t nb, int planes, float *o);
+
+/* dot products of 4 rows of x (stride ldx) with w [K]: the weight vector is loaded once for the 4 rows */
+static inline void dot4(const float *x, int64_t ldx, int nr, const float *w, int64_t K, float *out) {
+    int64_t j = 0;
+    float tail[4] = {0};
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 16 <= K; j += 16) {
+        __m512 wv = _mm512_loadu_ps(w + j);
+        a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j), a0);
+        if (nr > 1) a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + ldx + j), a1);
+        if (nr > 2) a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 2 * ldx + j), a2);
+        if (nr > 3) a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + 3 * ldx + j), a3);
+    }
+    tail[0] = _mm512_reduce_add_ps(a0), tail[1] = _mm512_reduce_add_ps(a1);
+    tail[2] = _mm512_reduce_add_ps(a2), tail[3] = _mm512_reduce_add_ps(a3);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 8 <= K; j += 8) {
+        __m256 wv = _mm256_loadu_ps(w + j);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j), a0);
+        if (nr > 1) a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + ldx + j), a1);
+        if (nr > 2) a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 2 * ldx + j), a2);
+        if (nr > 3) a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 3 * ldx + j), a3);
+    }
+    tail[0] = hsum256(a0), tail[1] = hsum256(a1), tail[2] = hsum256(a2), tail[3] = hsum256(a3);
+#endif
+    for (int r = 0; r < nr; r++) {
+        float t = tail[r];
+        for (int64_t i = j; i < K; i++) t += x[r * ldx + i] * w[i];
+        out[r] = t;
+    }
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias); K = nb * 32. Up to ROWS rows: dequantized in registers;
+ * more: each weight row dequantized once into a K-float buffer (L1) and dotted with every row of x. */
+void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scales,
+                   const float *mins, const float *bias, int64_t N, int planes, float *y, int64_t ldy, int nt) {
+    const int64_t nb = K / 32, row_bytes = (int64_t)planes * nb * 16, row_blocks = (int64_t)planes * nb;
+#pragma omp parallel num_threads(nt)
+    {
+        float *wbuf = M > ROWS ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float out[ROWS];
+            const float bn = bias ? bias[n] : 0.f;
+            if (wbuf) q4_dequant_row(codes + n * row_bytes, scales + n * row_blocks, mins + n * row_blocks, nb,
+                                     planes, wbuf);
+            for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+                int nr = (int)(M - r0 < ROWS ? M - r0 : ROWS);
+                if (wbuf)
+                    dot4(x + r0 * K, K, nr, wbuf, K, out);
+                else
+                    q4_row(codes + n * row_bytes, scales + n * row_blocks, mins + n * row_blocks, nb, planes,
+                           x + r0 * K, K, nr, out);
+                for (int r = 0; r < nr; r++) y[(r0 + r) * ldy + n] = out[r] + bn;
+            }
+        }
+        free(wbuf);
+    }
+}
+
+/* one weight row, planes summed, into o [nb * 32] */
+static void q4_dequant_row(const uint8_t *c0, const float *s0, const float *m0, int64_t nb, int planes, float *o0) {
+    for (int p = 0; p < planes; p++) {
+        const uint8_t *c = c0 + p * nb * 16;
+        const float *s = s0 + p * nb, *m = m0 + p * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            float *o = o0 + b * 32;
+#if defined(__AVX512F__)
+            __m512 lo, hi;
+            q4_dequant_block(c + b * 16, s[b], m[b], &lo, &hi);
+            if (p) {
+                lo = _mm512_add_ps(lo, _mm512_loadu_ps(o));
+                hi = _mm512_add_ps(hi, _mm512_loadu_ps(o + 16));
+            }
+            _mm512_storeu_ps(o, lo);
+            _mm512_storeu_ps(o + 16, hi);
+#elif defined(__AVX2__) && defined(__FMA__)
+            __m256 v[4];
+            q4_dequant_block(c + b * 16, s[b], m[b], v);
+            for (int i = 0; i < 4; i++) {
+                if (p) v[i] = _mm256_add_ps(v[i], _mm256_loadu_ps(o + 8 * i));
+                _mm256_storeu_ps(o + 8 * i, v[i]);
+            }
+#else
+            for (int j = 0; j < 16; j++) {
+                float lo = (float)(c[b * 16 + j] & 15) * s[b] + m[b], hi = (float)(c[b * 16 + j] >> 4) * s[b] + m[b];
+                o[j] = p ? o[j] + lo : lo;
+                o[16 + j] = p ? o[16 + j] + hi : hi;
+            }
+#endif
+        }
+    }
+}
+
+/* W [N, K] float32 from the q4 layout (planes summed) */
+void lmf_q4_dequantize(const uint8_t *codes, const float *scales, const float *mins, int64_t N, int64_t K,
+                       int planes, float *w, int nt) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; n++)
+        q4_dequant_row(codes + n * planes * nb * 16, scales + n * planes * nb, mins + n * planes * nb, nb, planes,
+                       w + n * K);
+}
+
+/* ---- RMSNorm, with an optional residual add --------------------------------------------------------------- */
+
+/* h = x (+ residual; then written to res_out); out = h * rsqrt(mean(h^2) + eps) * (w + offset) */
+void lmf_rms_norm(const float *x, const float *residual, const float *w, float *out, float *res_out, int64_t rows,
+                  int64_t dim, int64_t ldx, int64_t ldr, float eps, float offset, int nt) {
+#pragma omp parallel for schedule(static) num_threads(rows > 8 ? nt : 1)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xi = x + i * ldx;
+        float *oi = out + i * dim;
+        const float *h = xi;
+        if (residual) {
+            const float *ri = residual + i * ldr;
+            float *hi = res_out + i * dim;
+            for (int64_t j = 0; j < dim; j++) hi[j] = xi[j] + ri[j];
+            h = hi;
+        }
+        float ss = 0.f;
+        for (int64_t j = 0; j < dim; j++) ss += h[j] * h[j];
+        float inv = 1.f / sqrtf(ss / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++) oi[j] = h[j] * inv * (w[j] + offset);
+    }
+}
+
+/* ---- rotary embedding (HF's rotate-half layout), on q and k at once ---------------------------------------- */
+
+/* src [T, H, D] with token stride lds and head stride D -> dst [T, H, D] contiguous; the first rot dims of each
+ * head rotate by cos/sin [T, rot] (both halves of cos/sin hold the same angle), the rest is copied */
+static void rope_one(const float *src, int64_t lds, float *dst, int64_t t, int64_t heads, int64_t dim, int64_t rot,
+                     const float *cos, const float *sin) {
+    const int64_t half = rot / 2;
+    const float *c = cos + t * rot, *s = sin + t * rot;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *x = src + t * lds + h * dim;
+        float *o = dst + (t * heads + h) * dim;
+        for (int64_t j = 0; j < half; j++) {
+            o[j] = x[j] * c[j] - x[j + half] * s[j];
+            o[j + half] = x[j + half] * c[j + half] + x[j] * s[j + half];
+        }
+        for (int64_t j = rot; j < dim; j++) o[j] = x[j];
+    }
+}
+
+void lmf_rope(const float *q, int64_t ldq, int64_t hq, const float *k, int64_t ldk, int64_t hk, int64_t T,
+              int64_t dim, int64_t rot, const float *cos, const float *sin, float *q_out, float *k_out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(T > 8 ? nt : 1)
+    for (int64_t t = 0; t < T; t++) {
+        rope_one(q, ldq, q_out, t, hq, dim, rot, cos, sin);
+        rope_one(k, ldk, k_out, t, hk, dim, rot, cos, sin);
+    }
+}
+
+/* ---- SiLU(gate) * up: x [rows, 2d] (row stride ldx) -> out [rows, d] --------------------------------------- */
+
+void lmf_silu_and_mul(const float *x, int64_t rows, int64_t d, int64_t ldx, float *out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(rows * d >= 65536 ? nt : 1)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *g = x + i * ldx, *u = g + d;
+        float *o = out + i * d;
+        for (int64_t j = 0; j < d; j++) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+    }
+}
+
+/* ---- attention over the paged float32 KV cache ---------------------------------------------------------- */
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t j = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    s = _mm_cvtss_f32(h);
+#endif
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+/* Causal attention of every query token to its sequence's keys in the paged cache (this step's keys already
+ * written). q [T, Hq, D] (token stride ldq), out [T, Hq, Dv]; caches [num_blocks, block_size, Hk, D|vhs] (row
+ * strides ldk / ldv between consecutive slots, head strides D / vhs; the first Dv <= vhs channels of a value are
+ * read, so MLA's one latent cache serves as both); block_tables [S, bt_stride] int32;
+ * q_start/q_lens/kv_lens [S] int32. Query token i of sequence s sits at position kv_len - q_len + i and sees keys
+ * [max(0, pos - window + 1), pos] (window 0: no window). One work item per (token, kv head). */
+void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t ldk, const float *vc, int64_t ldv,
+                         const int32_t *block_tables, int64_t bt_stride, const int32_t *q_start,
+                         const int32_t *q_lens, const int32_t *kv_lens, int64_t S, int64_t T, int64_t hq,
+                         int64_t hk, int64_t D, int64_t Dv, int64_t vhs, int64_t block_size, float scale,
+                         int64_t window,
+                         int64_t max_kv, float *out, int nt) {
+    const int64_t group = hq / hk;
+    int64_t *tok_seq = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T > 0 ? T : 1));
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t i = 0; i < q_lens[s]; i++) tok_seq[q_start[s] + i] = s;
+#pragma omp parallel num_threads(T * hk > 1 ? nt : 1)
+    {
+        float *p = (float *)malloc(sizeof(float) * (size_t)(group * (max_kv > 0 ? max_kv : 1)));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(group * Dv));
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t item = 0; item < T * hk; item++) {
+            const int64_t t = item / hk, h = item % hk, s = tok_seq[t];
+            const int64_t pos = kv_lens[s] - q_lens[s] + (t - q_start[s]);
+            const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+            const int64_t len = pos + 1 - lo;
+            const int32_t *bt = block_tables + s * bt_stride;
+            const float *qh = q + t * ldq + h * group * D;
+            float mx[64];
+            for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY;
+            for (int64_t j = 0; j < len; j++) {
+                const int64_t kp = lo + j, slot = (int64_t)bt[kp / block_size] * block_size + kp % block_size;
+                const float *key = kc + slot * ldk + h * D;
+                for (int64_t g = 0; g < group; g++) {
+                    float sc = dot(qh + g * D, key, D) * scale;
+                    p[g * len + j] = sc;
+                    if (sc > mx[g]) mx[g] = sc;
+                }
+            }
+            memset(acc, 0, sizeof(float) * (size_t)(group * Dv));
+            for (int64_t g = 0; g < group; g++) {
+                float sum = 0.f;
+                for (int64_t j = 0; j < len; j++) {
+                    float e = expf(p[g * len + j] - mx[g]);
+                    p[g * len + j] = e;
+                    sum += e;
+                }
+                float inv = 1.f / sum;
+                for (int64_t j = 0; j < len; j++) p[g * len + j] *= inv;
+            }
+            for (int64_t j = 0; j < len; j++) {
+                const int64_t kp = lo + j, slot = (int64_t)bt[kp / block_size] * block_size + kp % block_size;
+                const float *val = vc + slot * ldv + h * vhs;
+                for (int64_t g = 0; g < group; g++) axpy(p[g * len + j], val, acc + g * Dv, Dv);
+            }
+            for (int64_t g = 0; g < group; g++)
+                memcpy(out + (t * hq + h * group + g) * Dv, acc + g * Dv, sizeof(float) * (size_t)Dv);
+        }
+        free(p);
+        free(acc);
+    }
+    free(tok_seq);
+}

@@ -1,0 +1,144 @@
+"""lmforge's compiled CPU kernels (lmforge/kernels/cpu/kernels.c) against the plain-torch backend ops they replace:
+paged attention (decode, prefill, mixed batches, GQA, sliding windows, a narrower value head), RMSNorm with and
+without a residual, rotary (full and partial, on strided q/k views) and SiLU-and-mul. The int4 linear is tested
+against the dequantized float32 weight in tests/weights/test_gguf_pack.py and tests/quant/test_cpu_ops.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge.backends.cpu import attention, norm, rotary
+from lmforge.backends.cpu.activation import silu_and_mul
+from lmforge.kernels import cpu as cpu_kernels
+from lmforge.model_inputs import AttnOptions
+
+
+@pytest.fixture(autouse=True)
+def _kernels_built():
+    if not cpu_kernels.available():
+        pytest.fail("the CPU kernels did not build on this machine (a C compiler is part of the test setup)")
+
+
+@contextlib.contextmanager
+def torch_only():
+    """The backends' plain-torch path, as on a machine without a C compiler."""
+    saved = cpu_kernels._lib, cpu_kernels._tried
+    cpu_kernels._lib, cpu_kernels._tried = None, True
+    try:
+        yield
+    finally:
+        cpu_kernels._lib, cpu_kernels._tried = saved
+
+
+@pytest.mark.parametrize(
+    "q_lens, kv_lens",
+    [
+        ([1], [1]),  # a first token
+        ([1, 1, 1], [37, 5, 130]),  # decode
+        ([9], [9]),  # prefill
+        ([5, 1, 1, 12], [20, 64, 3, 12]),  # mixed: a chunked prefill, decodes and a fresh prompt
+    ],
+)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_paged_attention_kernel_equals_the_torch_path(q_lens, kv_lens, heads, kv_heads, head_dim, window, paged_batch):
+    batch = paged_batch(q_lens, kv_lens, heads, kv_heads, head_dim, 4, torch.float32, torch.device("cpu"))
+    options = AttnOptions(scale=head_dim**-0.5, sliding_window=window)
+    args = (batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"], options)
+    out = attention.paged_attention(*args)
+    batch["meta"].scratch.clear()
+    with torch_only():
+        expected = attention.paged_attention(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_paged_attention_kernel_with_a_narrower_value_head(paged_batch, shared):
+    """Keys of 96 dims, values of 64 (v_head_dim): a value cache of its own, or MLA's one latent cache for both."""
+    batch = paged_batch([3, 1], [10, 21], 4, 1, 96, 8, torch.float32, torch.device("cpu"), v_head_dim=64)
+    options = AttnOptions(scale=0.1, v_head_dim=64)
+    v_cache = batch["k_cache"] if shared else batch["v_cache"]
+    args = (batch["query"], batch["k_cache"], v_cache, batch["meta"], options)
+    out = attention.paged_attention(*args)
+    assert out.shape == (4, 4, 64)
+    batch["meta"].scratch.clear()
+    with torch_only():
+        expected = attention.paged_attention(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_attention_kernel_does_not_take_falls_back(paged_batch):
+    """softcapping and a bf16 cache run the torch path (the wrapper answers None, the backend goes on)."""
+    batch = paged_batch([1, 1], [5, 9], 4, 2, 32, 4, torch.float32, torch.device("cpu"))
+    meta = batch["meta"]
+    assert cpu_kernels.paged_attention(batch["query"], batch["k_cache"].bfloat16(), batch["v_cache"], meta, 1.0,
+                                       None, None) is None  # fmt: skip
+    capped = AttnOptions(scale=0.2, logit_softcapping=30.0)
+    args = (batch["query"], batch["k_cache"], batch["v_cache"], meta, capped)
+    out = attention.paged_attention(*args)
+    with torch_only():
+        torch.testing.assert_close(out, attention.paged_attention(*args))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 33])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_kernel_equals_the_torch_path(rows, with_residual, offset):
+    g = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 200, generator=g)
+    x = wide[:, 8:104]  # strided rows, as a slice of a wider activation
+    residual = torch.randn(rows, 96, generator=g) if with_residual else None
+    weight = torch.randn(96, generator=g)
+    out = norm.rms_norm(x, weight, 1e-6, residual, offset)
+    with torch_only():
+        expected = norm.rms_norm(x, weight, 1e-6, residual, offset)
+    if with_residual:
+        torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], expected[1], rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rot", [64, 32])  # full and partial rotary
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_rotary_kernel_equals_the_torch_path(rot, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (6 + 2 + 2) * 64, generator=g)
+    q, k, _ = qkv.split([6 * 64, 2 * 64, 2 * 64], dim=-1)
+    q, k = q.unflatten(-1, (6, 64)), k.unflatten(-1, (2, 64))  # strided views of the fused projection
+    cos, sin = rotary.rotary_cos_sin(torch.arange(3, 3 + tokens), 1.0 / (10000 ** (torch.arange(0, rot, 2) / rot)))
+    out = rotary.apply_rotary(q, k, cos, sin)
+    with torch_only():
+        expected = rotary.apply_rotary(q, k, cos, sin)
+    for a, b in zip(out, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_silu_and_mul_kernel_equals_the_torch_path(rows):
+    x = torch.randn(rows, 2 * 300)[:, :512]  # strided rows
+    out = silu_and_mul(x)
+    with torch_only():
+        expected = silu_and_mul(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_library_is_cached_and_can_be_switched_off(tmp_path):
+    """A second process loads the cached library instead of compiling; LMFORGE_CPU_KERNELS=0 turns it off."""
+    code = "from lmforge.kernels import cpu; lib = cpu.library(); print(lib is not None and lib._name)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    built = first.stdout.strip()
+    assert built.startswith(str(tmp_path)) and os.path.exists(built)
+    mtime = os.path.getmtime(built)
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert again.stdout.strip() == built and os.path.getmtime(built) == mtime
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "LMFORGE_CPU_KERNELS": "0"}, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert off.stdout.strip() == "False"
