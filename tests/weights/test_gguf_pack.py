@@ -62,6 +62,8 @@ def test_packed_matmul_matches_the_dequantized_float32_reference(qtype, cpu_kern
     # lmforge's kernel keeps float32 activations; torch's int4 kernel runs bf16 activations and bf16 group scales
     # and offsets (~2^-8 of the output's scale)
     assert ("q4" if cpu_kernel_mode == "kernels" else "int4pack") in prepared
+    if cpu_kernel_mode == "kernels":  # two planes (5- and 8-bit types) run as one byte code per weight
+        assert prepared["q4_bits"] == (8 if PLANES[qtype] == 2 else 4)
     atol = 1e-5 if cpu_kernel_mode == "kernels" else 1e-2
     for rows in (1, 3, 4, 5, 9, 33):  # the kernel's register path (<= 4 rows), its row-buffer path, their mixes
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))

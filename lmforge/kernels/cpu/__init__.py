@@ -37,8 +37,8 @@ _F = ctypes.c_float
 _C = ctypes.c_int
 _SIGNATURES = {
     "lmf_simd_width": (ctypes.c_int, []),
-    "lmf_q4_linear": (None, [_P, _I, _I, _P, _P, _P, _P, _I, _C, _P, _I, _C]),
-    "lmf_q4_dequantize": (None, [_P, _P, _P, _I, _I, _C, _P, _C]),
+    "lmf_q4_linear": (None, [_P, _I, _I, _P, _C, _P, _P, _P, _I, _C, _P, _I, _C]),
+    "lmf_q4_dequantize": (None, [_P, _C, _P, _P, _I, _I, _C, _P, _C]),
     "lmf_rms_norm": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _F, _C]),
     "lmf_rope": (None, [_P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _C]),
     "lmf_silu_and_mul": (None, [_P, _I, _I, _I, _P, _C]),
@@ -144,7 +144,8 @@ def q4_prepare(
     qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int, planes: int, zeros: bool
 ) -> dict | None:
     """The canonical wna16 tensors (QUANT_CONTRACT.md: qweight int32 [P * K / 8, N], scales and zeros, or mins,
-    [P * K / G, N]) -> the q4 layout of kernels.c; None when the kernels are off or the shape does not fit."""
+    [P * K / G, N]) -> the q4 layout of kernels.c (or its one-byte-code form for two planes whose scales differ by
+    16, as GGUF's 5- and 8-bit types pack); None when the kernels are off or the shape does not fit."""
     lib = library()
     kp, n = qweight.shape[0] * 8, qweight.shape[1]
     if lib is None or qweight.device.type != "cpu" or group_size % 32 or kp % (32 * planes) or kp % group_size:
@@ -152,12 +153,20 @@ def q4_prepare(
     # [N, P*K] codes in [0, 16): the words' bytes hold two codes each, low nibble first
     pairs = qweight.t().contiguous().view(torch.uint8)
     codes = torch.stack([pairs & 15, pairs >> 4], dim=-1).view(n, kp // 32, 32)
-    packed = (codes[..., :16] | (codes[..., 16:] << 4)).contiguous()  # [N, P*K/32, 16]
     rep = group_size // 32
     s = scales.float().t().repeat_interleave(rep, dim=1).contiguous()  # [N, P*K/32]
     o = offsets.float().t().repeat_interleave(rep, dim=1)
     mins = (-o * s if zeros else o).contiguous()  # w = (q - z) * s = q * s - z * s
-    return {"q4": packed, "q4_scales": s, "q4_mins": mins, "k": kp // planes, "n": n, "planes": planes}
+    k = kp // planes
+    if planes == 2 and torch.equal(s[:, k // 32 :], 16 * s[:, : k // 32]):
+        # GGUF's 5- and 8-bit types: w = (lo * s + m0) + (hi * 16s + m1) = (lo + 16 hi) * s + (m0 + m1), one byte
+        # code per weight: half the arithmetic of two int4 planes over the same bytes
+        nb = k // 32
+        v = (codes[:, :nb] + 16 * codes[:, nb:]).contiguous()  # [N, K/32, 32] uint8 codes in [0, 256)
+        return {"q4": v, "q4_bits": 8, "q4_scales": s[:, :nb].contiguous(),
+                "q4_mins": (mins[:, :nb] + mins[:, nb:]).contiguous(), "k": k, "n": n, "planes": 1}  # fmt: skip
+    packed = (codes[..., :16] | (codes[..., 16:] << 4)).contiguous()  # [N, P*K/32, 16]
+    return {"q4": packed, "q4_bits": 4, "q4_scales": s, "q4_mins": mins, "k": k, "n": n, "planes": planes}
 
 
 # from this many activation rows on (a prefill), dequantizing the weight once and running torch's dense GEMM is
@@ -171,8 +180,8 @@ def q4_dequantize(prepared: dict) -> torch.Tensor:
     n, k = prepared["n"], prepared["k"]
     w = torch.empty(n, k, dtype=torch.float32)
     library().lmf_q4_dequantize(
-        _ptr(prepared["q4"]), _ptr(prepared["q4_scales"]), _ptr(prepared["q4_mins"]), n, k, prepared["planes"],
-        _ptr(w), torch.get_num_threads(),
+        _ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]), _ptr(prepared["q4_mins"]), n, k,
+        prepared["planes"], _ptr(w), torch.get_num_threads(),
     )  # fmt: skip
     return w
 
@@ -189,8 +198,8 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
     y = torch.empty(m, n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
     library().lmf_q4_linear(
-        _ptr(x2), m, k, _ptr(prepared["q4"]), _ptr(prepared["q4_scales"]), _ptr(prepared["q4_mins"]), _ptr(bias),
-        n, prepared["planes"], _ptr(y), n, torch.get_num_threads(),
+        _ptr(x2), m, k, _ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]),
+        _ptr(prepared["q4_mins"]), _ptr(bias), n, prepared["planes"], _ptr(y), n, torch.get_num_threads(),
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)
 

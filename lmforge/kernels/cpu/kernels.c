@@ -5,7 +5,8 @@
  *
  * int4 weights ("q4"): row n of W [N, K] is P planes of K / 32 blocks; a block is 16 bytes, byte j holding
  * code j in its low nibble and code 16 + j in its high one (ggml's order), with one float scale s and one float
- * min m per block: w = code * s + m. A P-plane row sums its planes (lmforge/weights/gguf_pack.py).
+ * min m per block: w = code * s + m. A P-plane row sums its planes (lmforge/weights/gguf_pack.py). With bits = 8
+ * a block is 32 bytes, one code each (two int4 planes whose scales differ by 16 collapse into it).
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,8 +32,15 @@ int lmf_simd_width(void) {
 #define ROWS 4 /* activation rows per pass over a weight row */
 
 #if defined(__AVX512F__)
-/* The 32 weights of a block, dequantized: a 16-entry table code -> code * s + m, indexed by the codes */
-static inline void q4_dequant_block(const uint8_t *codes, float s, float m, __m512 *lo, __m512 *hi) {
+/* The 32 weights of a block, dequantized. 4 bits: a 16-entry table code -> code * s + m, indexed by the codes */
+static inline void q4_dequant_block(const uint8_t *codes, int bits, float s, float m, __m512 *lo, __m512 *hi) {
+    if (bits == 8) {
+        __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
+        *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes))), vs, vm);
+        *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16)))),
+                              vs, vm);
+        return;
+    }
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
     __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(m));
@@ -41,7 +49,15 @@ static inline void q4_dequant_block(const uint8_t *codes, float s, float m, __m5
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 /* the same, as four 8-lane vectors (values 0-7, 8-15, 16-23, 24-31) */
-static inline void q4_dequant_block(const uint8_t *codes, float s, float m, __m256 *w) {
+static inline void q4_dequant_block(const uint8_t *codes, int bits, float s, float m, __m256 *w) {
+    if (bits == 8) {
+        __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+        for (int i = 0; i < 4; i++) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * i)));
+            w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), vs, vm);
+        }
+        return;
+    }
     __m128i raw = _mm_loadu_si128((const __m128i *)codes);
     __m256i b0 = _mm256_cvtepu8_epi32(raw), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
     __m256i m15 = _mm256_set1_epi32(15);
@@ -59,16 +75,22 @@ static inline float hsum256(__m256 v) {
 }
 #endif
 
+/* code j of a block (4 bits: low nibbles hold codes 0-15, high nibbles 16-31; 8 bits: one byte each) */
+static inline int block_code(const uint8_t *c, int bits, int j) {
+    return bits == 8 ? c[j] : (j < 16 ? c[j] & 15 : c[j - 16] >> 4);
+}
+
 /* One weight row (P planes of nb blocks) against nr <= ROWS activation rows (stride ldx): out[r] = x_r . w */
-static void q4_row(const uint8_t *codes, const float *scales, const float *mins, int64_t nb, int planes,
+static void q4_row(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb, int planes,
                    const float *x, int64_t ldx, int nr, float *out) {
+    const int64_t bb = bits * 4; /* bytes per block */
 #if defined(__AVX512F__)
     __m512 acc[ROWS][2];
     for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int p = 0; p < planes; p++)
         for (int64_t b = 0; b < nb; b++) {
             __m512 lo, hi;
-            q4_dequant_block(codes + (p * nb + b) * 16, scales[p * nb + b], mins[p * nb + b], &lo, &hi);
+            q4_dequant_block(codes + (p * nb + b) * bb, bits, scales[p * nb + b], mins[p * nb + b], &lo, &hi);
             const float *xb = x + b * 32;
             switch (nr) { /* unrolled so the accumulators stay in registers */
             case 4: acc[3][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + 3 * ldx), acc[3][0]);
@@ -88,7 +110,7 @@ static void q4_row(const uint8_t *codes, const float *scales, const float *mins,
     for (int p = 0; p < planes; p++)
         for (int64_t b = 0; b < nb; b++) {
             __m256 w[4];
-            q4_dequant_block(codes + (p * nb + b) * 16, scales[p * nb + b], mins[p * nb + b], w);
+            q4_dequant_block(codes + (p * nb + b) * bb, bits, scales[p * nb + b], mins[p * nb + b], w);
             for (int r = 0; r < nr; r++) {
                 const float *xb = x + r * ldx + b * 32;
                 acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[r][0]);
@@ -102,19 +124,20 @@ static void q4_row(const uint8_t *codes, const float *scales, const float *mins,
     for (int r = 0; r < nr; r++) out[r] = 0.f;
     for (int p = 0; p < planes; p++)
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *c = codes + (p * nb + b) * 16;
+            const uint8_t *c = codes + (p * nb + b) * bb;
             const float s = scales[p * nb + b], m = mins[p * nb + b];
             for (int r = 0; r < nr; r++) {
                 const float *xb = x + r * ldx + b * 32;
                 float d = 0.f;
-                for (int j = 0; j < 16; j++) d += ((c[j] & 15) * s + m) * xb[j] + ((c[j] >> 4) * s + m) * xb[16 + j];
+                for (int j = 0; j < 32; j++) d += (block_code(c, bits, j) * s + m) * xb[j];
                 out[r] += d;
             }
         }
 #endif
 }
 
-static void q4_dequant_row(const uint8_t *c, const float *s, const float *m, int64_t nb, int planes, float *o);
+static void q4_dequant_row(const uint8_t *c, int bits, const float *s, const float *m, int64_t nb, int planes,
+                           float *o);
 
 /* dot products of 4 rows of x (stride ldx) with w [K]: the weight vector is loaded once for the 4 rows */
 static inline void dot4(const float *x, int64_t ldx, int nr, const float *w, int64_t K, float *out) {
@@ -151,9 +174,9 @@ static inline void dot4(const float *x, int64_t ldx, int nr, const float *w, int
 
 /* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias); K = nb * 32. Up to ROWS rows: dequantized in registers;
  * more: each weight row dequantized once into a K-float buffer (L1) and dotted with every row of x. */
-void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scales,
+void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits, const float *scales,
                    const float *mins, const float *bias, int64_t N, int planes, float *y, int64_t ldy, int nt) {
-    const int64_t nb = K / 32, row_bytes = (int64_t)planes * nb * 16, row_blocks = (int64_t)planes * nb;
+    const int64_t nb = K / 32, row_bytes = (int64_t)planes * nb * bits * 4, row_blocks = (int64_t)planes * nb;
 #pragma omp parallel num_threads(nt)
     {
         float *wbuf = M > ROWS ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
@@ -161,14 +184,14 @@ void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
         for (int64_t n = 0; n < N; n++) {
             float out[ROWS];
             const float bn = bias ? bias[n] : 0.f;
-            if (wbuf) q4_dequant_row(codes + n * row_bytes, scales + n * row_blocks, mins + n * row_blocks, nb,
+            if (wbuf) q4_dequant_row(codes + n * row_bytes, bits, scales + n * row_blocks, mins + n * row_blocks, nb,
                                      planes, wbuf);
             for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
                 int nr = (int)(M - r0 < ROWS ? M - r0 : ROWS);
                 if (wbuf)
                     dot4(x + r0 * K, K, nr, wbuf, K, out);
                 else
-                    q4_row(codes + n * row_bytes, scales + n * row_blocks, mins + n * row_blocks, nb, planes,
+                    q4_row(codes + n * row_bytes, bits, scales + n * row_blocks, mins + n * row_blocks, nb, planes,
                            x + r0 * K, K, nr, out);
                 for (int r = 0; r < nr; r++) y[(r0 + r) * ldy + n] = out[r] + bn;
             }
@@ -178,15 +201,17 @@ void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
 }
 
 /* one weight row, planes summed, into o [nb * 32] */
-static void q4_dequant_row(const uint8_t *c0, const float *s0, const float *m0, int64_t nb, int planes, float *o0) {
+static void q4_dequant_row(const uint8_t *c0, int bits, const float *s0, const float *m0, int64_t nb, int planes,
+                           float *o0) {
+    const int64_t bb = bits * 4;
     for (int p = 0; p < planes; p++) {
-        const uint8_t *c = c0 + p * nb * 16;
+        const uint8_t *c = c0 + p * nb * bb;
         const float *s = s0 + p * nb, *m = m0 + p * nb;
         for (int64_t b = 0; b < nb; b++) {
             float *o = o0 + b * 32;
 #if defined(__AVX512F__)
             __m512 lo, hi;
-            q4_dequant_block(c + b * 16, s[b], m[b], &lo, &hi);
+            q4_dequant_block(c + b * bb, bits, s[b], m[b], &lo, &hi);
             if (p) {
                 lo = _mm512_add_ps(lo, _mm512_loadu_ps(o));
                 hi = _mm512_add_ps(hi, _mm512_loadu_ps(o + 16));
@@ -195,16 +220,15 @@ static void q4_dequant_row(const uint8_t *c0, const float *s0, const float *m0, 
             _mm512_storeu_ps(o + 16, hi);
 #elif defined(__AVX2__) && defined(__FMA__)
             __m256 v[4];
-            q4_dequant_block(c + b * 16, s[b], m[b], v);
+            q4_dequant_block(c + b * bb, bits, s[b], m[b], v);
             for (int i = 0; i < 4; i++) {
                 if (p) v[i] = _mm256_add_ps(v[i], _mm256_loadu_ps(o + 8 * i));
                 _mm256_storeu_ps(o + 8 * i, v[i]);
             }
 #else
-            for (int j = 0; j < 16; j++) {
-                float lo = (float)(c[b * 16 + j] & 15) * s[b] + m[b], hi = (float)(c[b * 16 + j] >> 4) * s[b] + m[b];
-                o[j] = p ? o[j] + lo : lo;
-                o[16 + j] = p ? o[16 + j] + hi : hi;
+            for (int j = 0; j < 32; j++) {
+                float w = (float)block_code(c + b * bb, bits, j) * s[b] + m[b];
+                o[j] = p ? o[j] + w : w;
             }
 #endif
         }
@@ -212,13 +236,13 @@ static void q4_dequant_row(const uint8_t *c0, const float *s0, const float *m0, 
 }
 
 /* W [N, K] float32 from the q4 layout (planes summed) */
-void lmf_q4_dequantize(const uint8_t *codes, const float *scales, const float *mins, int64_t N, int64_t K,
+void lmf_q4_dequantize(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t N, int64_t K,
                        int planes, float *w, int nt) {
     const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t n = 0; n < N; n++)
-        q4_dequant_row(codes + n * planes * nb * 16, scales + n * planes * nb, mins + n * planes * nb, nb, planes,
-                       w + n * K);
+        q4_dequant_row(codes + n * planes * nb * bits * 4, bits, scales + n * planes * nb, mins + n * planes * nb, nb,
+                       planes, w + n * K);
 }
 
 /* ---- RMSNorm, with an optional residual add --------------------------------------------------------------- */
