@@ -108,19 +108,20 @@ class CpuThreadGovernor:
     With N threads every parallel region waits for its slowest thread; when another process (or the server's
     own front end) takes a core, that thread is often descheduled and a decode step takes several scheduler
     slices: on a 2-core VM with one busy process beside it, 2 threads ran a SmolLM2 decode step in ~130 ms and
-    1 thread in ~45 ms. Contention shows as involuntary context switches of this process (0-4 per step alone,
-    90-160 per step beside one busy process), read once per step with getrusage. After `window` contended steps
-    it drops to 1 thread; it tries full width again after `retry_s`, doubling that wait (up to `max_retry_s`)
-    while the contention lasts."""
+    1 thread in ~45 ms. Contention shows as involuntary context switches of this process, read once per step
+    with getrusage: alone ~30-120 a second, beside one busy process ~700-1,200. When the rate over `window`
+    steps exceeds `busy_rate` it drops to 1 thread; it tries full width again after `retry_s`, doubling that wait
+    (up to `max_retry_s`) while the contention lasts."""
 
-    def __init__(self, threads: int, window: int = 8, busy_switches: float = 40.0, retry_s: float = 2.0,
+    def __init__(self, threads: int, window: int = 8, busy_rate: float = 400.0, retry_s: float = 2.0,
                  max_retry_s: float = 60.0):  # fmt: skip
-        self.threads, self.window, self.busy_switches = threads, window, busy_switches
+        self.threads, self.window, self.busy_rate = threads, window, busy_rate
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self._wait_s = retry_s
         self._single_since: float | None = None
         self._steps = 0
         self._switches = 0
+        self._window_start = time.monotonic()
         self._last = self._read()
         self.drops = 0  # times it fell back to one thread (for logs and tests)
 
@@ -129,6 +130,10 @@ class CpuThreadGovernor:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+    def _new_window(self, now: float) -> None:
+        self._steps = self._switches = 0
+        self._window_start = now
 
     def after_step(self, now: float | None = None) -> None:
         import torch
@@ -139,15 +144,15 @@ class CpuThreadGovernor:
         if self._single_since is not None:  # one thread: try full width again after the wait
             if now - self._single_since >= self._wait_s:
                 self._single_since = None
-                self._steps = self._switches = 0
+                self._new_window(now)
                 torch.set_num_threads(self.threads)
             return
         self._steps += 1
         self._switches += delta
         if self._steps < self.window:
             return
-        contended = self._switches / self._steps > self.busy_switches
-        self._steps = self._switches = 0
+        contended = self._switches > self.busy_rate * max(now - self._window_start, 1e-3)
+        self._new_window(now)
         if contended:
             torch.set_num_threads(1)
             self._single_since = now

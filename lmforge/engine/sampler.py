@@ -281,20 +281,24 @@ class Sampler:
 
 
 def _multinomial(probs: torch.Tensor, seqs, cfgs) -> torch.Tensor:
-    """CPU draw: inverse-CDF sampling reads each row once, where the exponential race would first generate
-    a random number per vocabulary entry (a third of a decode step for a small model on two cores).
-    Seeded rows draw from their own generator, so they stay independent of the batch."""
+    """CPU draw by inverse CDF: one uniform number per row, located in the row's cumulative sums (float64, so the
+    tail of a 150k vocabulary keeps its mass). The exponential race would first generate a random number per
+    vocabulary entry, and torch.multinomial took 44 ms for 32 rows of 49k on two cores (a fifth of the step).
+    Seeded rows draw their number from their own generator, so they stay independent of the batch."""
     # a row with no valid probability (NaN, or everything masked) must not fail the whole batch: it falls
     # back to its most likely token
     bad = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
     if bad.any():
         probs = probs.clone()
         probs[bad] = torch.nn.functional.one_hot(probs[bad].nan_to_num(-1.0).argmax(-1), probs.shape[-1]).to(probs)
-    out = torch.multinomial(probs, 1).squeeze(1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64)
     for i, s in enumerate(seqs):
         if s.generator is not None and not cfgs[i].is_greedy:
-            out[i] = torch.multinomial(probs[i], 1, generator=s.generator)[0]
-    return out
+            u[i] = torch.rand(1, generator=s.generator, dtype=torch.float64)
+    # (1 - u) * total lies in (0, total]: the first index whose cumulative sum reaches it has probability > 0
+    target = (1.0 - u) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_max_(probs.shape[-1] - 1)
 
 
 def _top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:

@@ -69,17 +69,21 @@ def test_governor_narrows_to_one_thread_while_the_cores_are_contended(monkeypatc
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        gov = CpuThreadGovernor(2, window=4, busy_switches=40, retry_s=2.0, max_retry_s=8.0)
-        now = 100.0
-        for _ in range(8):  # alone: a few switches a step
+        gov = CpuThreadGovernor(2, window=4, busy_rate=400, retry_s=2.0, max_retry_s=8.0)
+        now = gov._window_start
+        for _ in range(8):  # alone: a few switches a step (100 a second)
+            now += 0.03
             switches.count += 3
             gov.after_step(now)
-            now += 0.03
+        for _ in range(4):  # long steps (a large batch) see more switches at the same rate
+            now += 0.3
+            switches.count += 30
+            gov.after_step(now)
         assert torch.get_num_threads() == 2 and gov.drops == 0
-        for _ in range(4):  # another process takes a core
+        for _ in range(4):  # another process takes a core: ~900 a second
+            now += 0.13
             switches.count += 120
             gov.after_step(now)
-            now += 0.13
         assert torch.get_num_threads() == 1 and gov.drops == 1
         gov.after_step(now + 1.0)
         assert torch.get_num_threads() == 1  # waits retry_s before trying again

@@ -9,6 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from lmforge.backends.cpu import attention, norm, rotary
 from lmforge.backends.cpu.activation import silu_and_mul
 from lmforge.kernels import cpu as cpu_kernels
 from lmforge.model_inputs import AttnOptions
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -142,3 +145,18 @@ def test_the_library_is_cached_and_can_be_switched_off(tmp_path):
     off = subprocess.run([sys.executable, "-c", code], env={**env, "LMFORGE_CPU_KERNELS": "0"}, capture_output=True,
                          text=True, check=True)  # fmt: skip
     assert off.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("isa, cflags", [("avx2", "-mno-avx512f"), ("plain C", "-mno-avx512f -mno-avx2 -mno-fma")])
+def test_the_other_instruction_set_variants_agree_too(isa, cflags, tmp_path):
+    """The kernels built without AVX-512 (AVX2 + FMA) and without any vector extension pass the same tests, so a
+    machine with fewer extensions than this one runs correct code."""
+    env = {**os.environ, "LMFORGE_CPU_KERNELS_CFLAGS": cflags, "XDG_CACHE_HOME": str(tmp_path)}
+    code = "from lmforge.kernels import cpu; print(cpu.library().lmf_simd_width())"
+    width = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(width.stdout) == {"avx2": 8, "plain C": 1}[isa]
+    tests = ["tests/kernels/test_cpu_kernels.py", "tests/weights/test_gguf_pack.py", "-k",
+             "not other_instruction and (kernel or packed_matmul)"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO,
+                         env=env, capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]

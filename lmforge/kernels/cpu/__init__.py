@@ -5,7 +5,8 @@ The C file is compiled on first use with the machine's C compiler for this very 
 -fopenmp`, about a second) into `~/.cache/lmforge/cpu-kernels/<hash>.so` ($XDG_CACHE_HOME; the hash covers the
 source, the compiler, its flags and the CPU's flags) and loaded with ctypes. With no compiler, a failed build, or
 LMFORGE_CPU_KERNELS=0, `available()` is False and the backends run their plain-torch code (the reference these
-kernels are tested against: tests/kernels/test_cpu_kernels.py). Every wrapper here checks what it is given and
+kernels are tested against: tests/kernels/test_cpu_kernels.py). LMFORGE_CPU_KERNELS_CFLAGS adds compiler flags: the
+tests build the AVX2 and plain-C variants on an AVX-512 machine that way. Every wrapper here checks what it is given and
 returns None for what the C code does not handle, so a caller falls back to torch.
 """
 
@@ -83,7 +84,8 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(_FLAGS).encode(),
+    flags = _FLAGS + os.environ.get("LMFORGE_CPU_KERNELS_CFLAGS", "").split()  # e.g. -mno-avx512f, for tests
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]  # fmt: skip
     path = _cache_dir() / f"lmforge_cpu_{key}.so"
     if not path.exists():
@@ -92,7 +94,7 @@ def _build() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 out = Path(tmp) / path.name
                 proc = subprocess.run(
-                    [cc, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300
+                    [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300
                 )
                 if proc.returncode != 0:
                     logger.warning("CPU kernels did not compile (%s): plain torch ops\n%s", cc, proc.stderr[-2000:])

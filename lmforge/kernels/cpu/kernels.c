@@ -172,11 +172,83 @@ static inline void dot4(const float *x, int64_t ldx, int nr, const float *w, int
     }
 }
 
+/* Batch 1: WR weight rows at a time against the one row of x, each x vector loaded once for all of them, and
+ * WR independent accumulator chains (one row alone is bound by the FMA latency of its own chain). */
+#if defined(__AVX512F__)
+#define WR 4
+static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb,
+                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
+    const int64_t bb = bits * 4;
+    __m512 a[WR][2];
+    for (int r = 0; r < WR; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int p = 0; p < planes; p++)
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 xl = _mm512_loadu_ps(x + b * 32), xh = _mm512_loadu_ps(x + b * 32 + 16);
+            const int64_t blk = p * nb + b;
+            for (int r = 0; r < WR; r++) { /* unrolled by the compiler: WR is a constant */
+                __m512 lo, hi;
+                q4_dequant_block(codes + r * row_bytes + blk * bb, bits, scales[r * row_blocks + blk],
+                                 mins[r * row_blocks + blk], &lo, &hi);
+                a[r][0] = _mm512_fmadd_ps(lo, xl, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(hi, xh, a[r][1]);
+            }
+        }
+    for (int r = 0; r < WR; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define WR 2
+static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb,
+                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
+    const int64_t bb = bits * 4;
+    __m256 a[WR][2];
+    for (int r = 0; r < WR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int p = 0; p < planes; p++)
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t blk = p * nb + b;
+            const float *xb = x + b * 32;
+            for (int r = 0; r < WR; r++) {
+                __m256 w[4];
+                q4_dequant_block(codes + r * row_bytes + blk * bb, bits, scales[r * row_blocks + blk],
+                                 mins[r * row_blocks + blk], w);
+                a[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), a[r][1]);
+                a[r][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), a[r][1]);
+            }
+        }
+    for (int r = 0; r < WR; r++) out[r] = hsum256(_mm256_add_ps(a[r][0], a[r][1]));
+}
+#else
+#define WR 1
+static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb,
+                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
+    (void)row_bytes, (void)row_blocks;
+    q4_row(codes, bits, scales, mins, nb, planes, x, 0, 1, out);
+}
+#endif
+
 /* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias); K = nb * 32. Up to ROWS rows: dequantized in registers;
  * more: each weight row dequantized once into a K-float buffer (L1) and dotted with every row of x. */
 void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits, const float *scales,
                    const float *mins, const float *bias, int64_t N, int planes, float *y, int64_t ldy, int nt) {
     const int64_t nb = K / 32, row_bytes = (int64_t)planes * nb * bits * 4, row_blocks = (int64_t)planes * nb;
+    if (M == 1) {
+        const int64_t groups = N / WR;
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t g = 0; g <= groups; g++) {
+            float out[WR];
+            const int64_t n0 = g * WR, nr = g < groups ? WR : N - n0;
+            if (nr == WR)
+                q4_rows_m1(codes + n0 * row_bytes, bits, scales + n0 * row_blocks, mins + n0 * row_blocks, nb, planes,
+                           row_bytes, row_blocks, x, out);
+            else
+                for (int64_t r = 0; r < nr; r++)
+                    q4_row(codes + (n0 + r) * row_bytes, bits, scales + (n0 + r) * row_blocks,
+                           mins + (n0 + r) * row_blocks, nb, planes, x, K, 1, out + r);
+            for (int64_t r = 0; r < nr; r++) y[n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.f);
+        }
+        return;
+    }
 #pragma omp parallel num_threads(nt)
     {
         float *wbuf = M > ROWS ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
@@ -309,6 +381,69 @@ void lmf_silu_and_mul(const float *x, int64_t rows, int64_t d, int64_t ldx, floa
 
 /* ---- attention over the paged float32 KV cache ---------------------------------------------------------- */
 
+/* v[i] = exp(v[i] - shift) for i < n, returning their sum: Cephes' single-precision exp (range reduction by
+ * ln 2, degree-5 polynomial, ~1 ulp), 16 or 8 lanes at a time; arguments below -87 give ~1e-38, not 0. */
+#if defined(__AVX512F__)
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-87.33654f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37626f)), _mm256_set1_ps(-87.33654f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    /* 2^n: n + 127 in the exponent field (n is in [-127, 128] after the clamp) */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static inline float exp_shifted(float *v, int64_t n, float shift) {
+    int64_t j = 0;
+    float sum = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps(), sh = _mm512_set1_ps(shift);
+    for (; j + 16 <= n; j += 16) {
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(v + j), sh));
+        _mm512_storeu_ps(v + j, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(v + j), sh));
+        _mm256_storeu_ps(v + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum256(acc);
+#endif
+    for (; j < n; j++) {
+        v[j] = expf(v[j] - shift);
+        sum += v[j];
+    }
+    return sum;
+}
+
 static inline float dot(const float *a, const float *b, int64_t n) {
     int64_t j = 0;
     float s = 0.f;
@@ -373,13 +508,7 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
             }
             memset(acc, 0, sizeof(float) * (size_t)(group * Dv));
             for (int64_t g = 0; g < group; g++) {
-                float sum = 0.f;
-                for (int64_t j = 0; j < len; j++) {
-                    float e = expf(p[g * len + j] - mx[g]);
-                    p[g * len + j] = e;
-                    sum += e;
-                }
-                float inv = 1.f / sum;
+                float inv = 1.f / exp_shifted(p + g * len, len, mx[g]);
                 for (int64_t j = 0; j < len; j++) p[g * len + j] *= inv;
             }
             for (int64_t j = 0; j < len; j++) {
