@@ -160,3 +160,24 @@ def test_the_other_instruction_set_variants_agree_too(isa, cflags, tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO,
                          env=env, capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
+
+
+@pytest.mark.parametrize("q_lens, kv_lens", [([1, 1], [9, 30]), ([6, 1], [6, 17])])
+def test_fill_and_attend_in_one_call_equals_fill_kv_cache_then_attention(q_lens, kv_lens, paged_batch):
+    """The kernel writes this step's keys and values into their slots, then attends: the caches and the output
+    equal the torch path's fill_kv_cache + paged_attention."""
+    batch = paged_batch(q_lens, kv_lens, 6, 2, 64, 4, torch.float32, torch.device("cpu"))
+    t = sum(q_lens)
+    key, value = torch.randn(t, 2, 64), torch.randn(t, 2, 64)
+    options = AttnOptions(scale=0.125)
+    caches = batch["k_cache"].clone(), batch["v_cache"].clone()
+    probe = batch["k_cache"].clone(), batch["v_cache"].clone()
+    assert cpu_kernels.paged_attention(batch["query"], *probe, batch["meta"], 0.125, None, None, key, value) is not None
+    out = attention.fill_kv_and_attend(batch["query"], key, value, *caches, batch["meta"], options)
+    batch["meta"].scratch.clear()
+    expected_caches = batch["k_cache"].clone(), batch["v_cache"].clone()
+    with torch_only():
+        expected = attention.fill_kv_and_attend(batch["query"], key, value, *expected_caches, batch["meta"], options)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(caches, expected_caches, strict=True):
+        assert torch.equal(got, want)

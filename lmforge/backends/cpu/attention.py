@@ -214,5 +214,10 @@ def fill_kv_and_attend(
     options: AttnOptions,
 ) -> torch.Tensor:
     """fill_kv_cache with this step's keys/values, then paged_attention: query [T, heads, d] -> [T, heads, v_d]."""
+    if query.dtype == torch.float32 and not options.logit_softcapping and cpu_kernels.available():
+        out = cpu_kernels.paged_attention(query, k_cache, v_cache, attn_metadata, options.scale,
+                                          options.sliding_window, options.v_head_dim, key, value)  # fmt: skip
+        if out is not None:  # one call wrote the cache and attended
+            return out
     fill_kv_cache(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
     return paged_attention(query, k_cache, v_cache, attn_metadata, options)

@@ -45,7 +45,37 @@ _SIGNATURES = {
     "lmf_silu_and_mul": (None, [_P, _I, _I, _I, _P, _C]),
     "lmf_paged_attention": (
         None,
-        [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _I, _I, _P, _C],
+        [
+            _P,
+            _I,
+            _P,
+            _I,
+            _P,
+            _I,
+            _P,
+            _I,
+            _P,
+            _P,
+            _P,
+            _I,
+            _I,
+            _I,
+            _I,
+            _I,
+            _I,
+            _I,
+            _I,
+            _F,
+            _I,
+            _I,
+            _P,
+            _P,
+            _I,
+            _P,
+            _I,
+            _P,
+            _C,
+        ],
     ),
 }
 
@@ -189,21 +219,26 @@ def q4_dequantize(prepared: dict) -> torch.Tensor:
 
 
 def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [..., K] float32 -> [..., N] float32; None for what the kernel does not take (then torch runs)."""
+    """x [..., K] float32 -> [..., N] float32; None for what the kernel does not take (then torch runs).
+    Called ~120 times a decode step: the checks are few and the weights' pointers are read once."""
     n, k = prepared["n"], prepared["k"]
-    if not _f32_rows(x) or x.shape[-1] != k or (bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1)):
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != k:
         return None
-    x2 = x.reshape(-1, k).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,)):
+        return None
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     if m >= Q4_GEMM_MIN_ROWS:
         return torch.nn.functional.linear(x, q4_dequantize(prepared), bias)
+    weights = prepared.get("_ptrs")
+    if weights is None:  # (codes, bits, scales, mins): the prepared tensors live as long as the layer
+        weights = prepared["_ptrs"] = (_ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]),
+                                       _ptr(prepared["q4_mins"]))  # fmt: skip
     y = torch.empty(m, n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
-    library().lmf_q4_linear(
-        _ptr(x2), m, k, _ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]),
-        _ptr(prepared["q4_mins"]), _ptr(bias), n, prepared["planes"], _ptr(y), n, torch.get_num_threads(),
-    )  # fmt: skip
-    return y.view(*x.shape[:-1], n)
+    _lib.lmf_q4_linear(x2.data_ptr(), m, k, *weights, _ptr(bias), n, prepared["planes"], y.data_ptr(), n,
+                       torch.get_num_threads())  # fmt: skip
+    return y if x2 is x else y.view(*x.shape[:-1], n)
 
 
 # ---- elementwise ----------------------------------------------------------------------------------------------
@@ -287,9 +322,12 @@ def paged_attention(
     scale: float,
     sliding_window: int | None,
     v_head_dim: int | None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Attention of every query token to its sequence's cached keys (causal, optional window); None for what the
-    kernel does not take (a quantized or non-float32 cache, softcapping is the caller's check)."""
+    kernel does not take (a quantized or non-float32 cache, softcapping is the caller's check). Given this step's
+    key and value [T, kv_heads, d], they are written to meta.slot_mapping's slots first (fill_kv_cache)."""
     lib = library()
     if lib is None or not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor):
         return None
@@ -308,11 +346,26 @@ def paged_attention(
     # locals: a temporary's memory must outlive the call that reads its pointer
     tables = tables if tables.stride(-1) == 1 else tables.contiguous()
     q_start, q_lens, kv_lens = q_start.contiguous(), q_lens.contiguous(), kv_lens.contiguous()
+    slots = None
+    if key is not None:
+        slots = meta.slot_mapping
+        if (
+            value is None
+            or v_cache is k_cache
+            or not (_tokens_heads(key) and _tokens_heads(value))
+            or key.shape != (t, hk, d)
+            or value.shape != (t, hk, dv)
+            or slots.dtype != torch.int64
+            or slots.shape != (t,)
+        ):
+            return None
+        slots = slots.contiguous()
     out = torch.empty(t, hq, dv, dtype=torch.float32)
     lib.lmf_paged_attention(
         _ptr(query), query.stride(0), _ptr(k_cache), k_cache.stride(1), _ptr(v_cache), v_cache.stride(1),
         _ptr(tables), tables.stride(0), _ptr(q_start), _ptr(q_lens), _ptr(kv_lens), meta.num_seqs, t, hq, hk, d,
-        dv, v_cache.shape[3], meta.block_size, scale, sliding_window or 0, meta.max_kv_seqlen, _ptr(out),
+        dv, v_cache.shape[3], meta.block_size, scale, sliding_window or 0, meta.max_kv_seqlen, _ptr(out), _ptr(key),
+        0 if key is None else key.stride(0), _ptr(value), 0 if value is None else value.stride(0), _ptr(slots),
         torch.get_num_threads(),
     )  # fmt: skip
     return out

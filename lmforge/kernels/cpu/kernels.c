@@ -472,14 +472,21 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
  * strides ldk / ldv between consecutive slots, head strides D / vhs; the first Dv <= vhs channels of a value are
  * read, so MLA's one latent cache serves as both); block_tables [S, bt_stride] int32;
  * q_start/q_lens/kv_lens [S] int32. Query token i of sequence s sits at position kv_len - q_len + i and sees keys
- * [max(0, pos - window + 1), pos] (window 0: no window). One work item per (token, kv head). */
+ * [max(0, pos - window + 1), pos] (window 0: no window). One work item per (token, kv head). Given `key`, this
+ * step's keys and values are first written to their cache slots (`slots` [T]), as fill_kv_cache does. */
 void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t ldk, const float *vc, int64_t ldv,
                          const int32_t *block_tables, int64_t bt_stride, const int32_t *q_start,
                          const int32_t *q_lens, const int32_t *kv_lens, int64_t S, int64_t T, int64_t hq,
                          int64_t hk, int64_t D, int64_t Dv, int64_t vhs, int64_t block_size, float scale,
-                         int64_t window,
-                         int64_t max_kv, float *out, int nt) {
+                         int64_t window, int64_t max_kv, float *out, const float *key, int64_t ldkn,
+                         const float *value, int64_t ldvn, const int64_t *slots, int nt) {
     const int64_t group = hq / hk;
+    if (key) /* this step's keys and values into their slots first (key [T, Hk, D], value [T, Hk, Dv]) */
+        for (int64_t t = 0; t < T; t++) {
+            memcpy((float *)kc + slots[t] * ldk, key + t * ldkn, sizeof(float) * (size_t)(hk * D));
+            for (int64_t h = 0; h < hk; h++)
+                memcpy((float *)vc + slots[t] * ldv + h * vhs, value + t * ldvn + h * Dv, sizeof(float) * (size_t)Dv);
+        }
     int64_t *tok_seq = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T > 0 ? T : 1));
     for (int64_t s = 0; s < S; s++)
         for (int64_t i = 0; i < q_lens[s]; i++) tok_seq[q_start[s] + i] = s;
