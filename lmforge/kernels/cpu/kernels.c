@@ -494,7 +494,8 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
     {
         float *p = (float *)malloc(sizeof(float) * (size_t)(group * (max_kv > 0 ? max_kv : 1)));
         float *acc = (float *)malloc(sizeof(float) * (size_t)(group * Dv));
-#pragma omp for schedule(dynamic, 4)
+        int64_t *slot_of = (int64_t *)malloc(sizeof(int64_t) * (size_t)(max_kv > 0 ? max_kv : 1));
+#pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < T * hk; item++) {
             const int64_t t = item / hk, h = item % hk, s = tok_seq[t];
             const int64_t pos = kv_lens[s] - q_lens[s] + (t - q_start[s]);
@@ -504,9 +505,13 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
             const float *qh = q + t * ldq + h * group * D;
             float mx[64];
             for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY;
+            /* the cache slot of every key, without a division per key */
+            for (int64_t j = 0, blk = lo / block_size, off = lo % block_size; j < len; j++) {
+                slot_of[j] = (int64_t)bt[blk] * block_size + off;
+                if (++off == block_size) off = 0, blk++;
+            }
             for (int64_t j = 0; j < len; j++) {
-                const int64_t kp = lo + j, slot = (int64_t)bt[kp / block_size] * block_size + kp % block_size;
-                const float *key = kc + slot * ldk + h * D;
+                const float *key = kc + slot_of[j] * ldk + h * D;
                 for (int64_t g = 0; g < group; g++) {
                     float sc = dot(qh + g * D, key, D) * scale;
                     p[g * len + j] = sc;
@@ -519,8 +524,7 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
                 for (int64_t j = 0; j < len; j++) p[g * len + j] *= inv;
             }
             for (int64_t j = 0; j < len; j++) {
-                const int64_t kp = lo + j, slot = (int64_t)bt[kp / block_size] * block_size + kp % block_size;
-                const float *val = vc + slot * ldv + h * vhs;
+                const float *val = vc + slot_of[j] * ldv + h * vhs;
                 for (int64_t g = 0; g < group; g++) axpy(p[g * len + j], val, acc + g * Dv, Dv);
             }
             for (int64_t g = 0; g < group; g++)
@@ -528,6 +532,7 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
         }
         free(p);
         free(acc);
+        free(slot_of);
     }
     free(tok_seq);
 }
