@@ -87,11 +87,19 @@ def gguf_plan(source: ModelSource, model_cls, device: torch.device, tp_size: int
 
     tied = getattr(source.hf_config, "tie_word_embeddings", getattr(model_cls, "default_tie_word_embeddings", False))
     plan, dense = gguf_pack_plan(source.gguf_file, getattr(model_cls, "packed_modules_mapping", None), bool(tied))
+    from lmforge.kernels import cpu as cpu_kernels
+
+    matmul = (
+        "lmforge's CPU kernels, float32 activations"
+        if cpu_kernels.available()
+        else "torch's int4 kernel, bf16 activations in a float32 model"
+    )
     logger.info(
-        "GGUF on CPU: %d linear layers kept packed as int4 planes of group 32 (%s; their matmuls take bf16 "
-        "activations in a float32 model), %d dequantized to the model dtype (%s)",
+        "GGUF on CPU: %d linear layers kept packed as int4 planes of group 32 (%s; matmuls: %s), %d dequantized to "
+        "the model dtype (%s)",
         len(plan),
         _count_types(plan.values()),
+        matmul,
         len(dense),
         _count_types(dense.values()),
     )

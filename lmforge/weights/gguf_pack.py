@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from lmforge.kernels import cpu as cpu_kernels
 from lmforge.weights.dequant import _half, _k_scales, _nibbles
 
 _Q = GGMLQuantizationType
@@ -69,8 +70,17 @@ def _swar_pairs(nibble_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _pairs(nibble_bytes: torch.Tensor) -> torch.Tensor:
-    """[..., L] ggml nibble bytes -> [..., L] bytes of value pairs in order (byte i: value 2i low, 2i + 1 high)."""
-    return torch.cat(_swar_pairs(nibble_bytes), dim=-1)
+    """[..., L] ggml nibble bytes -> [..., L] bytes of value pairs in order (byte i: value 2i low, 2i + 1 high).
+    lmforge's CPU kernels do it in one pass where they are built (the same bytes: tests/weights/test_gguf_pack.py)."""
+    fast = cpu_kernels.ggml_pairs(nibble_bytes)
+    return fast if fast is not None else torch.cat(_swar_pairs(nibble_bytes), dim=-1)
+
+
+def _split_pairs(nibble_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_swar_pairs' two halves, from _pairs (one pass in C where the CPU kernels are built)."""
+    half = nibble_bytes.shape[-1] // 2
+    pairs = _pairs(nibble_bytes)
+    return pairs[..., :half], pairs[..., half:]
 
 
 def int4_planes(
@@ -88,7 +98,7 @@ def int4_planes(
             pairs, mins = _pairs(blocks[:, 16:144].reshape(-1, 4, 32)), -mins
         elif qtype == _Q.Q8_0:  # plane 0: v & 15; plane 1: (v >> 4) + 8, which is the byte's high nibble ^ 8
             scales = _half(blocks, 0)
-            low, high = _swar_pairs(blocks[:, 2:34])  # ggml order is irrelevant here: one byte per value
+            low, high = _split_pairs(blocks[:, 2:34])  # ggml order is irrelevant here: one byte per value
             low, high = low.reshape(n, k // 2), (high ^ 0x88).reshape(n, k // 2)
             s = scales.reshape(n, k // GROUP)
             return (

@@ -263,7 +263,9 @@ def test_qwen3moe_experts_router_and_config(tmp_path):
     assert config.norm_topk_prob is True and config.decoder_sparse_step == 1 and config.mlp_only_layers == []
 
 
-def test_tokenizer_from_metadata_matches_hf(tmp_path):
+def test_tokenizer_from_metadata_matches_hf(tmp_path, monkeypatch):
+    """Built from the metadata, then from lmforge's cache (the same tokenizer); a rewritten file rebuilds it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     make_tiny_tokenizer(str(tmp_path))
     model = json.loads((tmp_path / "tokenizer.json").read_text())["model"]
     tokens = sorted(model["vocab"], key=model["vocab"].get)
@@ -280,12 +282,27 @@ def test_tokenizer_from_metadata_matches_hf(tmp_path):
     write_tiny_llama(path, random_hf_weights(), extra_metadata=metadata)
     from transformers import AutoTokenizer
 
-    reference, tokenizer = AutoTokenizer.from_pretrained(str(tmp_path)), gguf_tokenizer(path)
-    for text in ["The capital of France is Paris.", "héllo wörld 你好 🙂"]:
-        assert tokenizer(text).input_ids == reference(text).input_ids
-        assert tokenizer.decode(tokenizer(text).input_ids) == text
-    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
-    assert tokenizer.chat_template == CHATML
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    cached_entries = []
+    for attempt in ("built", "cached", "rebuilt"):
+        if attempt == "rebuilt":  # the file changes (size and time): its old entry no longer applies
+            write_tiny_llama(path, random_hf_weights(), extra_metadata=[*metadata, lambda w: w.add_name("v2")])
+        if attempt == "cached":  # from the cache: no rebuild from the metadata
+            import lmforge.weights.gguf as gguf_module
+
+            with monkeypatch.context() as m:
+                m.setattr(gguf_module, "_build_gguf_tokenizer", lambda *a: pytest.fail("rebuilt despite the cache"))
+                tokenizer = gguf_tokenizer(path)
+        else:
+            tokenizer = gguf_tokenizer(path)
+        cached_entries.append(sorted(os.listdir(tmp_path / "cache" / "lmforge" / "tokenizers")))
+        for text in ["The capital of France is Paris.", "héllo wörld 你好 🙂"]:
+            assert tokenizer(text).input_ids == reference(text).input_ids
+            assert tokenizer.decode(tokenizer(text).input_ids) == text
+        assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+        assert tokenizer.chat_template == CHATML
+    assert len(cached_entries[0]) == 1 and cached_entries[1] == cached_entries[0]
+    assert len(cached_entries[2]) == 2  # a new entry for the rewritten file
 
 
 def test_unsupported_quant_type_fails_before_yielding(tmp_path):

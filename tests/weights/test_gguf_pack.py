@@ -27,7 +27,8 @@ def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", list(PLANES), ids=lambda t: t.name)
-def test_int4_planes_reproduce_gguf_dequantize_exactly(qtype):
+def test_int4_planes_reproduce_gguf_dequantize_exactly(qtype, cpu_kernel_mode):
+    """Both ways of reordering ggml's nibbles (the CPU kernels' one pass, torch's 64-bit-word ops) are exact."""
     rows, cols = 16, 512
     stored = random_blocks(qtype, rows, cols)
     reference = torch.from_numpy(gguf.quants.dequantize(stored, qtype)).reshape(rows, cols)

@@ -43,6 +43,8 @@ _SIGNATURES = {
     "lmf_rms_norm": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _F, _C]),
     "lmf_rope": (None, [_P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _C]),
     "lmf_silu_and_mul": (None, [_P, _I, _I, _I, _P, _C]),
+    "lmf_ggml_pairs": (None, [_P, _I, _I, _I, _P, _C]),
+    "lmf_q4_repack": (None, [_P, _I, _I, _C, _P, _C]),
     "lmf_paged_attention": (
         None,
         [
@@ -182,23 +184,40 @@ def q4_prepare(
     kp, n = qweight.shape[0] * 8, qweight.shape[1]
     if lib is None or qweight.device.type != "cpu" or group_size % 32 or kp % (32 * planes) or kp % group_size:
         return None
-    # [N, P*K] codes in [0, 16): the words' bytes hold two codes each, low nibble first
+    # [N, P*K / 2] bytes of two codes each, low nibble first (the canonical words' bytes)
     pairs = qweight.t().contiguous().view(torch.uint8)
-    codes = torch.stack([pairs & 15, pairs >> 4], dim=-1).view(n, kp // 32, 32)
     rep = group_size // 32
     s = scales.float().t().repeat_interleave(rep, dim=1).contiguous()  # [N, P*K/32]
     o = offsets.float().t().repeat_interleave(rep, dim=1)
     mins = (-o * s if zeros else o).contiguous()  # w = (q - z) * s = q * s - z * s
     k = kp // planes
-    if planes == 2 and torch.equal(s[:, k // 32 :], 16 * s[:, : k // 32]):
-        # GGUF's 5- and 8-bit types: w = (lo * s + m0) + (hi * 16s + m1) = (lo + 16 hi) * s + (m0 + m1), one byte
-        # code per weight: half the arithmetic of two int4 planes over the same bytes
-        nb = k // 32
-        v = (codes[:, :nb] + 16 * codes[:, nb:]).contiguous()  # [N, K/32, 32] uint8 codes in [0, 256)
-        return {"q4": v, "q4_bits": 8, "q4_scales": s[:, :nb].contiguous(),
-                "q4_mins": (mins[:, :nb] + mins[:, nb:]).contiguous(), "k": k, "n": n, "planes": 1}  # fmt: skip
-    packed = (codes[..., :16] | (codes[..., 16:] << 4)).contiguous()  # [N, P*K/32, 16]
-    return {"q4": packed, "q4_bits": 4, "q4_scales": s, "q4_mins": mins, "k": k, "n": n, "planes": planes}
+    nb = k // 32
+    # GGUF's 5- and 8-bit types: w = (lo * s + m0) + (hi * 16s + m1) = (lo + 16 hi) * s + (m0 + m1), one byte code
+    # per weight: half the arithmetic of two int4 planes over the same bytes
+    collapse = planes == 2 and torch.equal(s[:, nb:], 16 * s[:, :nb])
+    bits = 8 if collapse else 4
+    codes = torch.empty(n, k if collapse else kp // 2, dtype=torch.uint8)
+    lib.lmf_q4_repack(pairs.data_ptr(), n, kp, bits, codes.data_ptr(), torch.get_num_threads())
+    if collapse:
+        s, mins, planes = s[:, :nb].contiguous(), (mins[:, :nb] + mins[:, nb:]).contiguous(), 1
+    return {"q4": codes, "q4_bits": bits, "q4_scales": s, "q4_mins": mins, "k": k, "n": n, "planes": planes}
+
+
+def ggml_pairs(nibble_bytes: torch.Tensor) -> torch.Tensor | None:
+    """gguf_pack._pairs in C: chunks [..., L] of ggml nibble bytes (byte j: value j low, value L + j high) ->
+    [..., L] bytes of the values in order, two per byte; None when the kernels are off."""
+    lib = library()
+    if lib is None:
+        return None
+    # chunks read in place when they are evenly strided rows (a column slice of the GGUF blocks)
+    src = nibble_bytes if nibble_bytes.stride(-1) == 1 else nibble_bytes.contiguous()
+    rows = src.reshape(-1, src.shape[-1]) if src.dim() != 2 else src
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.uint8)
+    lib.lmf_ggml_pairs(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), out.data_ptr(),
+                       torch.get_num_threads())  # fmt: skip
+    return out.view(nibble_bytes.shape)
 
 
 # from this many activation rows on (a prefill), dequantizing the weight once and running torch's dense GEMM is

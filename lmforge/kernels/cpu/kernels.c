@@ -536,3 +536,45 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
     }
     free(tok_seq);
 }
+
+/* ---- load-time repacking ------------------------------------------------------------------------------------ */
+
+/* ggml nibble chunks -> pairs in order: src [C, L] bytes, byte j holding value j (low nibble) and value L + j (high);
+ * out [C, L] bytes, byte i holding values 2i (low) and 2i + 1 (high) of the chunk's 2L values (gguf_pack._pairs);
+ * chunk c starts at src + c * lds (a slice of GGUF blocks, read in place) */
+void lmf_ggml_pairs(const uint8_t *src, int64_t chunks, int64_t L, int64_t lds, uint8_t *out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t c = 0; c < chunks; c++) {
+        const uint8_t *s = src + c * lds;
+        uint8_t *o = out + c * L;
+        for (int64_t i = 0; i < L / 2; i++) {
+            o[i] = (uint8_t)((s[2 * i] & 15) | ((s[2 * i + 1] & 15) << 4));
+            o[L / 2 + i] = (uint8_t)((s[2 * i] >> 4) | ((s[2 * i + 1] >> 4) << 4));
+        }
+    }
+}
+
+/* pairs in order [N, P * K / 2] (byte i: codes 2i low, 2i + 1 high) -> the q4 layout (bits 4: per block of 32 codes,
+ * byte j = code j | code 16 + j << 4) or, for two planes collapsed (bits 8), one byte lo + 16 * hi per weight */
+void lmf_q4_repack(const uint8_t *pairs, int64_t N, int64_t KP, int bits, uint8_t *out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *p = pairs + n * (KP / 2);
+        if (bits == 8) {
+            const int64_t k = KP / 2; /* codes per plane */
+            uint8_t *o = out + n * k;
+            for (int64_t i = 0; i < k; i++) {
+                int lo = (p[i / 2] >> (4 * (i & 1))) & 15, hi = (p[k / 2 + i / 2] >> (4 * (i & 1))) & 15;
+                o[i] = (uint8_t)(lo + 16 * hi);
+            }
+        } else {
+            uint8_t *o = out + n * (KP / 2);
+            for (int64_t b = 0; b < KP / 32; b++)
+                for (int j = 0; j < 16; j++) {
+                    int a = (p[b * 16 + j / 2] >> (4 * (j & 1))) & 15;
+                    int c = (p[b * 16 + 8 + j / 2] >> (4 * (j & 1))) & 15;
+                    o[b * 16 + j] = (uint8_t)(a | (c << 4));
+                }
+        }
+    }
+}
