@@ -181,3 +181,21 @@ def test_fill_and_attend_in_one_call_equals_fill_kv_cache_then_attention(q_lens,
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(caches, expected_caches, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 13, 33])
+@pytest.mark.parametrize("n", [37, 64])
+def test_q4_linear_at_every_row_count_and_a_ragged_width(rows, n):
+    """The batch-1 kernel (4 weight rows at a time), the register path (<= 4 rows) and the tiled path (8 weight
+    rows x 4 activation rows per tile) against the dequantized weight, with widths that leave partial tiles."""
+    from lmforge.nn.quant.packing import pack_int32
+
+    g = torch.Generator().manual_seed(rows * n)
+    k = 96
+    codes = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=g)
+    scales, mins = torch.rand(k // 32, n, generator=g) * 0.1, torch.randn(k // 32, n, generator=g) * 0.1
+    prepared = cpu_kernels.q4_prepare(pack_int32(codes, 4, 0), scales, mins, 32, 1, zeros=False)
+    groups = torch.arange(k) // 32
+    weight = (codes.float() * scales[groups] + mins[groups]).t()  # [N, K]
+    x, bias = torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
+    torch.testing.assert_close(cpu_kernels.q4_linear(x, prepared, bias), x @ weight.t() + bias, rtol=1e-5, atol=1e-5)
