@@ -416,19 +416,6 @@ void lmf_rope(const float *q, int64_t ldq, int64_t hq, const float *k, int64_t l
     }
 }
 
-/* ---- SiLU(gate) * up: x [rows, 2d] (row stride ldx) -> out [rows, d] --------------------------------------- */
-
-void lmf_silu_and_mul(const float *x, int64_t rows, int64_t d, int64_t ldx, float *out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(rows * d >= 65536 ? nt : 1)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *g = x + i * ldx, *u = g + d;
-        float *o = out + i * d;
-        for (int64_t j = 0; j < d; j++) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
-    }
-}
-
-/* ---- attention over the paged float32 KV cache ---------------------------------------------------------- */
-
 /* v[i] = exp(v[i] - shift) for i < n, returning their sum: Cephes' single-precision exp (range reduction by
  * ln 2, degree-5 polynomial, ~1 ulp), 16 or 8 lanes at a time; arguments below -87 give ~1e-38, not 0. */
 #if defined(__AVX512F__)
@@ -464,6 +451,35 @@ static inline __m256 exp_ps(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 #endif
+
+/* ---- SiLU(gate) * up: x [rows, 2d] (row stride ldx) -> out [rows, d] --------------------------------------- */
+
+void lmf_silu_and_mul(const float *x, int64_t rows, int64_t d, int64_t ldx, float *out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(rows * d >= 65536 ? nt : 1)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *g = x + i * ldx, *u = g + d;
+        float *o = out + i * d;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; j + 16 <= d; j += 16) {
+            __m512 gv = _mm512_loadu_ps(g + j);
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (; j + 8 <= d; j += 8) {
+            __m256 gv = _mm256_loadu_ps(g + j);
+            __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
+        }
+#endif
+        for (; j < d; j++) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+    }
+}
+
+/* ---- attention over the paged float32 KV cache ---------------------------------------------------------- */
 
 static inline float exp_shifted(float *v, int64_t n, float shift) {
     int64_t j = 0;
