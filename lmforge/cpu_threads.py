@@ -119,6 +119,7 @@ class CpuThreadGovernor:
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self._wait_s = retry_s
         self._single_since: float | None = None
+        self._probing = False  # the current window began with a return to full width
         self._steps = 0
         self._switches = 0
         self._window_start = time.monotonic()
@@ -144,6 +145,7 @@ class CpuThreadGovernor:
         if self._single_since is not None:  # one thread: try full width again after the wait
             if now - self._single_since >= self._wait_s:
                 self._single_since = None
+                self._probing = True
                 self._new_window(now)
                 torch.set_num_threads(self.threads)
             return
@@ -159,6 +161,6 @@ class CpuThreadGovernor:
             self.drops += 1
             if self.drops == 1:
                 logger.info("CPU cores contended by other work: 1 thread while it lasts (%d otherwise)", self.threads)
-            self._wait_s = min(self._wait_s * 2, self.max_retry_s) if self.drops > 1 else self._wait_s
-        else:
-            self._wait_s = self.retry_s
+        # a failed probe doubles the wait before the next; a first drop after free cores waits retry_s
+        self._wait_s = min(self._wait_s * 2, self.max_retry_s) if contended and self._probing else self.retry_s
+        self._probing = False

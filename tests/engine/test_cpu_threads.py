@@ -105,6 +105,14 @@ def test_governor_narrows_to_one_thread_while_the_cores_are_contended(monkeypatc
             now += 0.03
             gov.after_step(now)
         assert torch.get_num_threads() == 2 and gov._wait_s == 2.0
+        for _ in range(4):  # contended again later: a first drop after free cores waits retry_s, not twice it
+            switches.count += 120
+            now += 0.13
+            gov.after_step(now)
+        assert torch.get_num_threads() == 1 and gov.drops == 3
+        now += 2.0
+        gov.after_step(now)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
