@@ -10,10 +10,9 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 
 
 def silu_and_mul(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    if x.dtype == torch.float32 and cpu_kernels.available():
-        fused = cpu_kernels.silu_and_mul(x)
-        if fused is not None:
-            return fused
+    fused = cpu_kernels.silu_and_mul(x)  # None where the kernels are off or do not take x
+    if fused is not None:
+        return fused
     gate, up = x.chunk(2, dim=-1)
     if inplace:
         return F.silu(gate, inplace=True).mul_(up)

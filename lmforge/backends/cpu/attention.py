@@ -125,10 +125,9 @@ def paged_attention(
     scale, sliding_window, logit_softcapping = options.scale, options.sliding_window, options.logit_softcapping
     v_head_dim = options.v_head_dim
     num_tokens, num_heads, head_dim = query.shape
-    if query.dtype == torch.float32 and not logit_softcapping and cpu_kernels.available():
-        out = cpu_kernels.paged_attention(query, k_cache, v_cache, meta, scale, sliding_window, v_head_dim)
-        if out is not None:
-            return out
+    out = _kernel_attention(query, k_cache, v_cache, meta, options)
+    if out is not None:
+        return out
     layout = _step_layout(meta, sliding_window, query.device)
     num_seqs, max_q = meta.num_seqs, meta.max_q_seqlen
     # slots past a sequence's length hold zeros or stale finite values (the CPU cache starts zeroed), and
@@ -204,6 +203,16 @@ def _decode(
     return out.transpose(0, 1).reshape(num_seqs, num_heads, v.shape[-1])
 
 
+def _kernel_attention(query, k_cache, v_cache, meta, options: AttnOptions, key=None, value=None):
+    """lmforge's CPU attention kernel (writing key/value to the cache first, when given); None where it does not
+    apply: softcapping, or what cpu_kernels.paged_attention declines (the kernels off, a quantized cache, ...)."""
+    if options.logit_softcapping:
+        return None
+    return cpu_kernels.paged_attention(
+        query, k_cache, v_cache, meta, options.scale, options.sliding_window, options.v_head_dim, key, value
+    )
+
+
 def fill_kv_and_attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -214,10 +223,8 @@ def fill_kv_and_attend(
     options: AttnOptions,
 ) -> torch.Tensor:
     """fill_kv_cache with this step's keys/values, then paged_attention: query [T, heads, d] -> [T, heads, v_d]."""
-    if query.dtype == torch.float32 and not options.logit_softcapping and cpu_kernels.available():
-        out = cpu_kernels.paged_attention(query, k_cache, v_cache, attn_metadata, options.scale,
-                                          options.sliding_window, options.v_head_dim, key, value)  # fmt: skip
-        if out is not None:  # one call wrote the cache and attended
-            return out
+    out = _kernel_attention(query, k_cache, v_cache, attn_metadata, options, key, value)
+    if out is not None:  # one call wrote the cache and attended
+        return out
     fill_kv_cache(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
     return paged_attention(query, k_cache, v_cache, attn_metadata, options)

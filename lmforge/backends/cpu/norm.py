@@ -18,10 +18,9 @@ def rms_norm(
 
     weight_offset=1 gives Gemma's `x * (1 + w)` form.
     """
-    if x.dtype == torch.float32 and cpu_kernels.available():
-        fused = cpu_kernels.rms_norm(x, weight, eps, residual, weight_offset)
-        if fused is not None:
-            return fused
+    fused = cpu_kernels.rms_norm(x, weight, eps, residual, weight_offset)  # None where the kernels do not apply
+    if fused is not None:
+        return fused
     dtype = x.dtype
     if residual is not None:
         x = x + residual

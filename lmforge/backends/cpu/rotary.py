@@ -17,10 +17,9 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k [T, Hk, D], cos/sin [T, rot_dim] with rot_dim <= D (partial rotary)."""
-    if q.dtype == torch.float32 and cpu_kernels.available():
-        fused = cpu_kernels.apply_rotary(q, k, cos, sin)
-        if fused is not None:
-            return fused
+    fused = cpu_kernels.apply_rotary(q, k, cos, sin)  # None where the kernels are off or do not take q, k
+    if fused is not None:
+        return fused
     rot = cos.shape[-1]
     cos = cos[:, None, :].to(q.dtype)
     sin = sin[:, None, :].to(q.dtype)

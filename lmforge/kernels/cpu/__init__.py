@@ -78,7 +78,7 @@ _SIGNATURES = {
             _P,
             _C,
         ],
-    ),
+    ),  # fmt: skip
 }
 
 
@@ -211,9 +211,7 @@ def ggml_pairs(nibble_bytes: torch.Tensor) -> torch.Tensor | None:
         return None
     # chunks read in place when they are evenly strided rows (a column slice of the GGUF blocks)
     src = nibble_bytes if nibble_bytes.stride(-1) == 1 else nibble_bytes.contiguous()
-    rows = src.reshape(-1, src.shape[-1]) if src.dim() != 2 else src
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = src.reshape(-1, src.shape[-1])  # keeps the unit last stride (a view, or a contiguous copy)
     out = torch.empty(rows.shape, dtype=torch.uint8)
     lib.lmf_ggml_pairs(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), out.data_ptr(),
                        torch.get_num_threads())  # fmt: skip

@@ -251,8 +251,8 @@ static inline void dot4x4(const float *x, int64_t ldx, const float *w, int64_t l
 }
 #endif
 
-/* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias); K = nb * 32. Up to ROWS rows: dequantized in registers;
- * more: each weight row dequantized once into a K-float buffer (L1) and dotted with every row of x. */
+/* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias); K = nb * 32. One row: WR weight rows at a time; up to ROWS
+ * rows: dequantized in registers; more: tiles of weight rows dequantized into an L1 buffer (below). */
 void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits, const float *scales,
                    const float *mins, const float *bias, int64_t N, int planes, float *y, int64_t ldy, int nt) {
     const int64_t nb = K / 32, row_bytes = (int64_t)planes * nb * bits * 4, row_blocks = (int64_t)planes * nb;
