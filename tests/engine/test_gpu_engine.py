@@ -41,14 +41,36 @@ def _prompts(n: int, vocab: int = 4096) -> list[list[int]]:
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
-def _generate(engine, prompts, steps=24):
-    gen = GenerationConfig(max_new_tokens=steps, ignore_eos=True)
+def _generate(engine, prompts, steps=24, logprobs=None):
+    """Greedy tokens per prompt; with logprobs=k, also each step's log-probabilities (top k) per prompt."""
+    gen = GenerationConfig(max_new_tokens=steps, ignore_eos=True, logprobs=logprobs)
     ids = [engine.add_request(p, gen) for p in prompts]
     toks = {i: [] for i in ids}
+    lps = {i: [] for i in ids}
     while engine.has_unfinished():
         for out in engine.step():
             toks[out.request_id] += out.token_ids
+            lps[out.request_id] += out.logprobs or []
+    if logprobs:
+        return [toks[i] for i in ids], [lps[i] for i in ids]
     return [toks[i] for i in ids]
+
+
+# bf16 logits of this model move by up to ~0.04 between kernels that round differently (test_bf16_parity_with_hf
+# measures ~0.035 against HF): two greedy runs may part only where the reference's top-2 margin is below this
+TIE = 0.1
+
+
+def _first_divergences(got, ref, ref_logprobs):
+    """(sequence, step, the reference's top-2 log-probability margin there) where each pair of runs first differs."""
+    out = []
+    for n, (g, r, lps) in enumerate(zip(got, ref, ref_logprobs, strict=True)):
+        assert len(g) == len(r), (n, len(g), len(r))
+        step = next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), None)
+        if step is not None:
+            top = lps[step].top
+            out.append((n, step, top[0][1] - top[1][1]))
+    return out
 
 
 def test_bf16_parity_with_hf(llama_dir):
@@ -68,11 +90,10 @@ def test_bf16_parity_with_hf(llama_dir):
     print(res.table())
     # bf16 with different (fused) kernels: logits agree to a few bf16 ulps of their magnitude (~|logit| <= 8)
     assert res.max_abs_diff < 0.25, res.table()
-    agree = [
-        sum(a == b for a, b in zip(e, h, strict=True)) for e, h in zip(res.engine_tokens, res.hf_tokens, strict=True)
-    ]
-    assert sum(agree) >= 0.8 * sum(len(t) for t in res.hf_tokens), agree
-    assert all(e[:4] == h[:4] for e, h in zip(res.engine_tokens, res.hf_tokens, strict=True))
+    # greedy tokens equal HF's except where a sequence first parts from HF at a near-tie: HF's margin between its
+    # token and lmforge's there is within twice the largest logit difference (each logit may move by it)
+    res.tie_margin = 2 * res.max_abs_diff
+    assert res.tokens_agree, res.table()
 
 
 def test_cuda_graphs_overlap_and_preemption_give_identical_tokens(llama_dir):
@@ -82,7 +103,7 @@ def test_cuda_graphs_overlap_and_preemption_give_identical_tokens(llama_dir):
     base = dict(device_type="cuda", dtype="bfloat16", block_size=16)
     eager = Engine(llama_dir, PytorchEngineConfig(**base, eager_mode=True, num_gpu_blocks=512))
     eager.overlap = False
-    ref = _generate(eager, prompts)
+    ref, ref_logprobs = _generate(eager, prompts, logprobs=2)
     del eager
     graphs = Engine(llama_dir, PytorchEngineConfig(**base, num_gpu_blocks=512))
     assert graphs.graph_runner is not None and graphs.graph_runner.graphs
@@ -92,11 +113,11 @@ def test_cuda_graphs_overlap_and_preemption_give_identical_tokens(llama_dir):
     got = _generate(small, prompts)  # preemption + chunked prefill on the GPU
     assert small.scheduler.num_preemptions > 0
     assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
-    # recomputed keys come from the prefill kernel instead of the decode path, so bf16 rounding differs and a
-    # near-tie may flip late in a sequence; the first tokens must agree exactly and nearly all overall
-    assert all(g[:8] == r[:8] for g, r in zip(got, ref, strict=True))
-    same = sum(a == b for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True))
-    assert same >= 0.9 * sum(len(r) for r in ref)
+    # recomputed keys come from the prefill kernel instead of the decode path and chunked prefill splits the
+    # matmuls differently, so bf16 rounding differs: a sequence may part from the eager run only at a near-tie
+    parted = _first_divergences(got, ref, ref_logprobs)
+    print("first divergences (sequence, step, eager top-2 margin):", parted)
+    assert all(margin < TIE for _, _, margin in parted), parted
 
 
 def test_support_cuda_graph_false_runs_eagerly(llama_dir, monkeypatch):
