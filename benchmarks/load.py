@@ -37,6 +37,47 @@ def _entries(path: str | None) -> int:
         return 0
 
 
+def _short(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(text).encode()).hexdigest()[:12]
+
+
+def _record_compiles(t0: list[float]) -> list[dict]:
+    """Wrap Triton's compile (called once per kernel specialization a process first launches, whether its binary
+    then comes from the disk cache or is built): name, seconds since the engine start, seconds spent, the
+    specialization (constexprs and argument attributes, shortened). A disk-cache hit takes milliseconds."""
+    import triton.compiler
+
+    calls: list[dict] = []
+    real = triton.compiler.compile
+
+    def timed(src, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(src, *args, **kwargs)
+        finally:
+            fn = getattr(src, "fn", None)
+            calls.append(
+                dict(
+                    name=getattr(fn, "__name__", str(src)[:60]),
+                    at_s=round(start - t0[0], 2),
+                    s=round(time.perf_counter() - start, 3),
+                    spec=str(sorted(getattr(src, "constants", {}).items()))[:300]
+                    + " "
+                    + str(getattr(src, "attrs", ""))[:200],
+                    # the parts of Triton's disk-cache key: the function (source, callees, globals), the whole
+                    # specialization, the compile options (same values in two starts: a hit)
+                    fn_key=_short(getattr(fn, "cache_key", "")),
+                    src_key=_short(src.hash()) if hasattr(src, "hash") else "",
+                    options_key=_short(repr(sorted(kwargs.get("options", {}).items()))),
+                )
+            )
+
+    triton.compiler.compile = timed
+    return calls
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(PRESETS), default="llama-1b")
@@ -44,12 +85,14 @@ def main() -> None:
     p.add_argument("--max-prefill-token-num", type=int, default=8192)
     p.add_argument("--eager", action="store_true")
     p.add_argument("--tag", default="", help="a label copied into the JSON line (cold, warm, ...)")
+    p.add_argument("--log-compiles", action="store_true", help="a JSON line per Triton kernel compile (or cache load)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the engine's own log
     if not os.path.exists(os.path.join(args.model_dir, "config.json")):
         log(f"writing {args.model} to {args.model_dir}")
         write_preset(args.model, args.model_dir, 0)
     t0 = time.perf_counter()
+    compiles = _record_compiles([t0]) if args.log_compiles else None
     engine = Engine(
         args.model_dir,
         PytorchEngineConfig(
@@ -84,6 +127,8 @@ def main() -> None:
         kv_blocks=engine.block_manager.num_blocks,
         max_batch_size=engine.max_batch_size,
     )
+    for c in compiles or []:
+        emit(measure="triton_compile", tag=args.tag, model=args.model, **c)
     engine.close()
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import tanh
+from .common import stable_cache_keys, tanh
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 PLAIN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
@@ -84,3 +84,6 @@ def activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     grid = (x2.shape[0], triton.cdiv(d, block))
     _activation_kernel[grid](x2, out, d, x2.stride(0), ACT=activation, BLOCK=block, num_warps=4)
     return out
+
+
+stable_cache_keys(globals())

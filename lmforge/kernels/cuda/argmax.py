@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
 from .quant_common import NUM_LOCKS, splitk_locks
 
 CHUNK = 4096
@@ -88,3 +89,6 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         num_warps=8,
     )
     return out
+
+
+stable_cache_keys(globals())

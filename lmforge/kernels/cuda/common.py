@@ -262,3 +262,17 @@ def shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, v_dim: int, block_d1
     """True when the values are the leading block_d1 channels of the key cache itself (MLA's latent cache):
     then the kernels reuse the key tile as the value tile instead of loading the same bytes twice."""
     return v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and v_dim == block_d1
+
+
+def stable_cache_keys(namespace: dict) -> None:
+    """Compute the Triton cache key of every JIT function in a module's namespace, in definition order, as the
+    module finishes importing. Triton (3.6) folds a callee's globals into a kernel's key only when the callee's own
+    key already exists, so without this a kernel's key depends on which kernel of the process compiled first, and a
+    warm disk cache misses (H200: decode and prefill attention recompiled on every start, ~4 s). Every module calls
+    it last; modules import their helpers' modules first, so helpers always have their keys before their callers."""
+    for value in list(namespace.values()):
+        if isinstance(value, triton.runtime.jit.JITFunction):
+            value.cache_key  # noqa: B018 (computed and kept by Triton)
+
+
+stable_cache_keys(globals())

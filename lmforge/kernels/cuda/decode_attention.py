@@ -33,6 +33,7 @@ from .common import (
     quantized_query,
     shares_kv,
     split_head_dim,
+    stable_cache_keys,
     tanh,
 )
 from .quant_common import NUM_LOCKS, splitk_locks
@@ -559,3 +560,6 @@ def decode_attention(
         num_warps=4,
     )
     return out
+
+
+stable_cache_keys(globals())

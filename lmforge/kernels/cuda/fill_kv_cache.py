@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP8_E4M3_MAX, QUANT_MIN_RANGE
+from .common import FP8_E4M3_MAX, QUANT_MIN_RANGE, stable_cache_keys
 
 
 @triton.jit
@@ -262,3 +262,6 @@ def fill_kv_cache(
         BLOCK_DV=max(2, triton.next_power_of_2(v_dim)),
         num_warps=4,
     )
+
+
+stable_cache_keys(globals())

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, tanh
+from .common import dot_precision, stable_cache_keys, tanh
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -364,3 +364,6 @@ def fused_moe(
     )
     # torch sums half-precision inputs in float32 and rounds once
     return out_slots.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+stable_cache_keys(globals())

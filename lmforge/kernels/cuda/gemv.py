@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
+
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -111,3 +113,6 @@ def gemv(
         num_stages=stages,
     )
     return y
+
+
+stable_cache_keys(globals())

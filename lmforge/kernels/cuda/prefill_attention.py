@@ -25,6 +25,7 @@ from .common import (
     kv_quant_args,
     shares_kv,
     split_head_dim,
+    stable_cache_keys,
     tanh,
 )
 
@@ -442,3 +443,6 @@ def prefill_attention(
         num_stages=num_stages,
     )
     return out
+
+
+stable_cache_keys(globals())

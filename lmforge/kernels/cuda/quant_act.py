@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
+
 MIN_SCALE = 1e-12  # an all-zero row gets a tiny scale and zero codes instead of 0 / 0 (as the cpu reference)
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -160,3 +162,6 @@ def quantize_per_group_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, t
         num_warps=4,
     )
     return codes, scales
+
+
+stable_cache_keys(globals())

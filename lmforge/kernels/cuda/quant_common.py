@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
+
 # arrival counters; a launch uses the first (tiles) of them and leaves them zero, so launches on one stream share them
 NUM_LOCKS = 1 << 16
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -108,3 +110,6 @@ def pick_split_k(
     # no empty splits: each takes cdiv(num_k_blocks, split) blocks
     per_split = triton.cdiv(num_k_blocks, split)
     return triton.cdiv(num_k_blocks, per_split)
+
+
+stable_cache_keys(globals())

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
 from .quant_common import pick_split_k, splitk_locks, splitk_workspace, store_tile
 
 
@@ -217,3 +218,6 @@ def scaled_mm(
         num_stages=cfg["num_stages"],
     )
     return out
+
+
+stable_cache_keys(globals())

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision
+from .common import dot_precision, stable_cache_keys
 from .quant_common import pick_split_k, splitk_locks, splitk_workspace, store_tile
 from .quant_w4gemv import TK, _fields, gemv_supported
 from .quant_wna16 import _unpack, magic_offset, unpack_asm
@@ -239,3 +239,6 @@ def w4_dequantize(
         num_warps=4,
     )
     return out
+
+
+stable_cache_keys(globals())

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
 from .quant_common import pick_split_k, splitk_locks, splitk_workspace, store_tile
 
 TK = 128  # k per K tile (16 words of one column)
@@ -362,3 +363,6 @@ def w4_gemv(
         num_stages=cfg["num_stages"],
     )
     return out
+
+
+stable_cache_keys(globals())

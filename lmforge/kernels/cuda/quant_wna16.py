@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision
+from .common import dot_precision, stable_cache_keys
 from .quant_common import num_sms, pick_split_k, splitk_locks, splitk_workspace, store_tile
 
 KS = 16  # k rows per bit field of a word tile (the smallest dot K); CH = (32 // bits) * KS k rows per chunk
@@ -495,3 +495,6 @@ def dequantize(
 
 
 __all__ = ["KS", "dequantize", "default_config", "magic_offset", "num_sms", "repack", "unpack_asm", "wna16_gemm"]
+
+
+stable_cache_keys(globals())

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
+
 MAX_HIDDEN_SIZE = 32768  # one row must fit in registers
 
 
@@ -92,3 +94,6 @@ def rms_norm(
         num_warps=num_warps,
     )
     return out if residual is None else (out, new_res)
+
+
+stable_cache_keys(globals())

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
+
 
 @triton.jit
 def _rotate_heads(
@@ -209,3 +211,6 @@ def rotary_cos_sin(
         num_warps=1,
     )
     return cos, sin
+
+
+stable_cache_keys(globals())

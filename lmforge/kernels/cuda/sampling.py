@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import stable_cache_keys
+
 
 @triton.jit
 def _race_kernel(logits_ptr, temp_ptr, seed_ptr, out_ptr, vocab, stride_row, stride_temp, BLOCK: tl.constexpr):
@@ -56,3 +58,6 @@ def race_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Ten
             logits, temperature, seed, out, vocab, logits.stride(0), temperature.stride(0), BLOCK=1024, num_warps=4
         )
     return out
+
+
+stable_cache_keys(globals())
