@@ -15,9 +15,11 @@ Weight formats (W_MODE), each dequantized inside the K loop:
     on the intermediate between the launches) or, with a static per-expert input scale, in registers (A_MODE
     "static"); the fp32 (int32 for int8) accumulator is scaled once at the end.
   - "wna16": int4 / int8 codes in quant_wna16's repacked layout [E, cdiv(K, p * KS) * KS, N] int32 with group
-    scales (and zero points) [E, K / G, N] in the activation dtype; each [BLOCK_K = p * KS, BLOCK_N] weight tile is
-    unpacked, dequantized ((q - z) * s, rounded to the activation dtype like the reference) and multiplied in the
-    activation dtype.
+    scales (and zero points) [E, K / G, N] in the activation dtype. A K step (BLOCK_K = p * KS) loads its KS word
+    rows once; each of the p bit fields is a [KS, BLOCK_N] weight tile, dequantized ((q - z) * s with its group's
+    scale and zero point rows, rounded to the activation dtype like the reference) and multiplied in the activation
+    dtype by a KS-deep dot (G is a multiple of KS, so a field lies in one group).
+Each launch's tiles are cut to fit shared memory (`fit_shared`: fewer stages, then narrower column blocks).
 As in fused_moe.py no value is read on the host and every buffer is sized by shapes, so the op records in a CUDA
 graph; tiles past the used length find the sentinel slot and return at once.
 """
@@ -28,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, tanh
+from .common import dot_precision, stable_cache_keys, tanh
 from .fused_moe import ACTIVATIONS, _swizzle, _tile_rows, align_by_expert
 from .quant_act import FP8_MAX, INT8_MAX, _to_codes, quantize_per_token
 from .quant_wna16 import KS
@@ -50,9 +52,20 @@ def _quantize_tile(a, scale, IS_INT: tl.constexpr):
 
 
 @triton.jit
-def _dequant_wna16(q, shifts, s, z, BITS: tl.constexpr):
-    """Word tile q [BLOCK_K, BLOCK_N] (row i holds k = i's word) -> (code - z) * s in fp32."""
-    codes = ((q >> shifts[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
+def _wna16_group(s_ptr, z_ptr, g_idx, n, n_mask, stride_sk, stride_sn, HAS_ZEROS: tl.constexpr, SYM_ZERO: tl.constexpr):
+    """Scale and zero point rows [1, BLOCK_N] (fp32) of group g_idx for the columns n."""
+    s = tl.load(s_ptr + g_idx * stride_sk + n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + g_idx * stride_sk + n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        z = tl.full([1, 1], SYM_ZERO, tl.float32)
+    return s, z
+
+
+@triton.jit
+def _dequant_field(q, s, z, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """Word tile q [KS, BLOCK_N] -> its bit field at SHIFT as (code - z) * s in fp32 (a [KS, BLOCK_N] weight tile)."""
+    codes = ((q >> SHIFT) & ((1 << BITS) - 1)).to(tl.float32)
     return (codes - z) * s
 
 
@@ -112,14 +125,19 @@ def _qmoe_kernel(
         a_rows = rows.to(tl.int64)
     n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + k[None, :]
     w_base = w_ptr + expert * stride_we
     s_base = ws_ptr + expert * stride_se
     if W_MODE == "wna16":
-        # k row kk of a K block sits in word row kk % KS, bit field kk // KS (quant_wna16.repack)
-        g_ptrs = w_base + (k % _KS)[:, None] * stride_wk + n[None, :] * stride_wn
-        shifts = (k // _KS) * BITS
+        # a K block (chunk) of BLOCK_K = P * KS rows is KS word rows: bit field j of word row i holds k = j * KS + i
+        # (quant_wna16.repack). Only those KS rows are loaded (one word a column and row, no copy per field, so the
+        # pipelined buffers stay KS x BLOCK_N words), and each field is its own KS-deep dot.
+        k = tl.arange(0, _KS)
+        z_base = wz_ptr + expert * stride_se
+    else:
+        k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + k[None, :]
+    if W_MODE == "wna16":
+        g_ptrs = w_base + k[:, None] * stride_wk + n[None, :] * stride_wn
     else:
         g_ptrs = w_base + n[None, :] * stride_wn + k[:, None] * stride_wk
     u_ptrs = g_ptrs + N * stride_wn
@@ -132,74 +150,52 @@ def _qmoe_kernel(
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = kb * BLOCK_K
-        if EVEN_K:
-            a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs + k0, mask=valid[:, None] & (k0 + k < K)[None, :], other=0.0)
-        # ---- the activation operand
-        if A_MODE == "group":
-            af = a.to(tl.float32)
-            a_s = tl.maximum(tl.max(tl.abs(af), axis=1) / _FP8_MAX, 1e-12)
-            a_op = _quantize_tile(af, a_s[:, None], False)
-        elif A_MODE == "static":
-            a_op = _quantize_tile(a.to(tl.float32), a_static, IS_INT)
-        else:  # "codes" (already quantized) or "float" (weight-only)
-            a_op = a
-        # ---- the weight tiles and their product
         if W_MODE == "wna16":
-            if EVEN_K:
-                qg = tl.load(g_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :], other=0)
-            else:
-                qg = tl.load(g_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :] & (k0 + k < K)[:, None], other=0)
-            if SCALE_PER_BLOCK:
-                g_idx = tl.minimum(k0 // GROUP, num_groups - 1)
-                sg = tl.load(s_base + g_idx * stride_sk + n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                if HAS_ZEROS:
-                    zg = tl.load(
-                        wz_ptr + expert * stride_se + g_idx * stride_sk + n * stride_sn, mask=n_mask, other=0.0
-                    )
-                    zg = zg.to(tl.float32)[None, :]
-                else:
-                    zg = SYM_ZERO
-            else:
-                g_idx = tl.minimum((k0 + k) // GROUP, num_groups - 1)
-                s_off = g_idx[:, None] * stride_sk + n[None, :] * stride_sn
-                sg = tl.load(s_base + s_off, mask=n_mask[None, :], other=0.0).to(tl.float32)
-                if HAS_ZEROS:
-                    zg = tl.load(wz_ptr + expert * stride_se + s_off, mask=n_mask[None, :], other=0.0).to(tl.float32)
-                else:
-                    zg = SYM_ZERO
-            wg = _dequant_wna16(qg, shifts, sg, zg, BITS).to(a.dtype)
-            acc_g = tl.dot(a_op, wg, acc_g, input_precision=DOT_PRECISION)
+            # words past K (the last chunk's padding) are zero codes: their activations are masked to 0
+            qg = tl.load(g_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :], other=0)
             if GATED:
+                qu = tl.load(u_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :], other=0)
+            if SCALE_PER_BLOCK:  # the chunk lies in one group
+                g_idx = tl.minimum(k0 // GROUP, num_groups - 1)
+                sg, zg = _wna16_group(s_base, z_base, g_idx, n, n_mask, stride_sk, stride_sn, HAS_ZEROS, SYM_ZERO)
+                if GATED:
+                    su, zu = _wna16_group(
+                        s_base, z_base, g_idx, N + n, n_mask, stride_sk, stride_sn, HAS_ZEROS, SYM_ZERO
+                    )
+            for j in tl.static_range(32 // BITS):
+                kj = k0 + j * _KS
+                if not SCALE_PER_BLOCK:  # GROUP is a multiple of KS (_launch checks): the field lies in one group
+                    g_idx = tl.minimum(kj // GROUP, num_groups - 1)
+                    sg, zg = _wna16_group(s_base, z_base, g_idx, n, n_mask, stride_sk, stride_sn, HAS_ZEROS, SYM_ZERO)
+                    if GATED:
+                        su, zu = _wna16_group(
+                            s_base, z_base, g_idx, N + n, n_mask, stride_sk, stride_sn, HAS_ZEROS, SYM_ZERO
+                        )
                 if EVEN_K:
-                    qu = tl.load(u_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :], other=0)
+                    a = tl.load(a_ptrs + kj, mask=valid[:, None], other=0.0)
                 else:
-                    qu = tl.load(u_ptrs + kb * (_KS * stride_wk), mask=n_mask[None, :] & (k0 + k < K)[:, None], other=0)
-                if SCALE_PER_BLOCK:
-                    su = tl.load(s_base + g_idx * stride_sk + (N + n) * stride_sn, mask=n_mask, other=0.0)
-                    su = su.to(tl.float32)[None, :]
-                    if HAS_ZEROS:
-                        zu = tl.load(
-                            wz_ptr + expert * stride_se + g_idx * stride_sk + (N + n) * stride_sn,
-                            mask=n_mask,
-                            other=0.0,
-                        )
-                        zu = zu.to(tl.float32)[None, :]
-                    else:
-                        zu = SYM_ZERO
-                else:
-                    su = tl.load(s_base + s_off + N * stride_sn, mask=n_mask[None, :], other=0.0).to(tl.float32)
-                    if HAS_ZEROS:
-                        zu = tl.load(
-                            wz_ptr + expert * stride_se + s_off + N * stride_sn, mask=n_mask[None, :], other=0.0
-                        )
-                        zu = zu.to(tl.float32)
-                    else:
-                        zu = SYM_ZERO
-                wu = _dequant_wna16(qu, shifts, su, zu, BITS).to(a.dtype)
-                acc_u = tl.dot(a_op, wu, acc_u, input_precision=DOT_PRECISION)
+                    a = tl.load(a_ptrs + kj, mask=valid[:, None] & (kj + k < K)[None, :], other=0.0)
+                # dequantized in fp32, rounded to the activation dtype like the reference's weight
+                wg = _dequant_field(qg, sg, zg, j * BITS, BITS).to(a.dtype)
+                acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PRECISION)
+                if GATED:
+                    wu = _dequant_field(qu, su, zu, j * BITS, BITS).to(a.dtype)
+                    acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PRECISION)
         else:
+            if EVEN_K:
+                a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs + k0, mask=valid[:, None] & (k0 + k < K)[None, :], other=0.0)
+            # ---- the activation operand
+            if A_MODE == "group":
+                af = a.to(tl.float32)
+                a_s = tl.maximum(tl.max(tl.abs(af), axis=1) / _FP8_MAX, 1e-12)
+                a_op = _quantize_tile(af, a_s[:, None], False)
+            elif A_MODE == "static":
+                a_op = _quantize_tile(a.to(tl.float32), a_static, IS_INT)
+            else:  # "codes" (already quantized) or "float" (weight-only)
+                a_op = a
+            # ---- the weight tiles and their product
             if EVEN_K:
                 wg = tl.load(g_ptrs + k0 * stride_wk, mask=n_mask[None, :], other=0.0)
             else:
@@ -284,7 +280,43 @@ def _block_k(side: dict) -> int:
     return 128
 
 
+# shared memory a launch may take: the H200's limit per block is 232448 bytes (227 KiB); some slack for what the
+# estimate leaves out (barriers, the routing tile)
+SHARED_BUDGET = 220 * 1024
+
+
+def shared_estimate(cfg: dict, side: dict, a_bytes: int, gated: bool) -> int:
+    """Bytes of shared memory a launch of _qmoe_kernel takes with cfg (BLOCK_M / BLOCK_N / BLOCK_K / num_stages):
+    num_stages - 1 pipelined copies of one K step's loads (the activation tile, the weight tiles; wna16: KS word
+    rows a side and the group rows), plus the accumulator's layout change and a quantized activation tile. Checked
+    against the sm_90 compiles of Triton 3.9 (metadata.shared; the H200's Triton 3.6 reported the same 345088 bytes
+    for the old int4 tiles): at or above them for every scheme at the tiles of `launch_config`."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sides = 2 if gated else 1
+    mode = side["mode"]
+    if mode == "wna16":
+        s_bytes = side["scales"].element_size()
+        rows = 1 if side["group_size"] % bk == 0 else 32 // side["bits"]  # group rows per K step
+        per_stage = bm * bk * a_bytes + sides * (
+            KS * bn * 4 + rows * bn * s_bytes * (2 if side["zeros"] is not None else 1)
+        )
+    else:
+        per_stage = bm * bk * a_bytes + sides * bn * bk * side["weight"].element_size()
+    return (cfg["num_stages"] - 1) * per_stage + bm * bn * 4 + bm * bk * 2
+
+
+def fit_shared(cfg: dict, side: dict, a_bytes: int, gated: bool, budget: int = SHARED_BUDGET) -> dict:
+    """cfg with fewer stages (down to 2), then narrower column blocks (down to 32), until `shared_estimate` fits."""
+    cfg = dict(cfg)
+    while shared_estimate(cfg, side, a_bytes, gated) > budget and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while shared_estimate(cfg, side, a_bytes, gated) > budget and cfg["BLOCK_N"] > 32:
+        cfg["BLOCK_N"] //= 2
+    return cfg
+
+
 def _launch(a, a_scale, side, out, sorted_ids, topk_ids, topk_weights, num_slots, top_k, n, k, gated, act, a_mode, cfg):
+    cfg = fit_shared(cfg, side, a.element_size(), gated)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = sorted_ids.numel() // block_m
     w_mode = side["mode"]
@@ -295,6 +327,8 @@ def _launch(a, a_scale, side, out, sorted_ids, topk_ids, topk_weights, num_slots
         zeros = side["zeros"]
         num_groups = s.shape[1]
         group = side["group_size"]
+        if group % KS and group < k:  # a KS-row field of the kernel must lie in one group
+            raise ValueError(f"wna16 group size {group} must be a multiple of {KS} (or cover all of K={k})")
     else:
         w, s, zeros = side["weight"], side["scale"], None
         stride_w = (w.stride(0), w.stride(1), w.stride(2))
@@ -442,4 +476,7 @@ def fused_moe_quantized_grouped(
     return out_slots.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
-__all__ = ["W_MODES", "fused_moe_quantized_grouped", "launch_config", "INT8_MAX"]
+__all__ = ["W_MODES", "fit_shared", "fused_moe_quantized_grouped", "launch_config", "shared_estimate", "INT8_MAX"]
+
+
+stable_cache_keys(globals())
