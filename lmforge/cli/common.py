@@ -84,7 +84,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="KV cache storage: auto (the model dtype) or fp8 (float8 e4m3, scale 1.0: 2x the tokens)",
     )
-    g.add_argument("--eager-mode", action="store_true", help="no CUDA graphs")
+    g.add_argument("--eager-mode", action="store_true", help="no CUDA graphs (on CPU: no recorded decode steps)")
     g.add_argument("--custom-module-map", default=None, help="a Python file defining MODULE_MAP for your own models")
     g.add_argument(
         "--stats",

@@ -127,7 +127,7 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(self.max_batch_size, self.session_len, cfg.max_prefill_token_num), self.block_manager
         )
-        if device_type == "cuda" and not cfg.eager_mode:
+        if not cfg.eager_mode and (device_type == "cuda" or cfg.tp == 1):
             executor.capture_graphs(self.max_batch_size, -(-self.session_len // cfg.block_size))
         t_graphs = time.perf_counter()
         self.vocab_size = getattr(source.hf_config, "vocab_size", self.model_config.vocab_size)

@@ -2,7 +2,8 @@
 
 Host-side inputs are built with numpy and packed into two arrays (int64, int32) so a step costs
 two host-to-device copies, queued without a sync behind the previous step. Decode batches go
-through CUDA graphs when they were captured (engine/cuda_graph.py).
+through CUDA graphs when they were captured (engine/cuda_graph.py), on the CPU through recorded kernel
+calls (engine/cpu_graph.py).
 """
 
 from __future__ import annotations

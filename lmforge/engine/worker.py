@@ -205,8 +205,15 @@ class Worker:
 
     def capture_graphs(self, max_batch_size: int, max_blocks: int) -> None:
         """CUDA graphs for decode batches up to max_batch_size sequences of up to max_blocks blocks each; every
-        rank captures the same buckets, so a graph's collectives meet the other ranks' graphs."""
+        rank captures the same buckets, so a graph's collectives meet the other ranks' graphs. On the CPU (one
+        rank), recorded kernel calls instead (engine/cpu_graph.py)."""
         self._tell(tp.GRAPHS, max_batch_size, max_blocks)
+        if self.device.type == "cpu" and self.channel is None:  # recorded kernel calls, per batch size as it comes
+            from .cpu_graph import CpuGraphRunner
+
+            self.graph_runner = CpuGraphRunner(self.step, self.cache, self.cfg.block_size, max_batch_size, max_blocks)
+            self._make_runner()
+            return
         from .cuda_graph import CudaGraphRunner
 
         graphs = CudaGraphRunner(self.step, self.cache, self.cfg.block_size, self.device, max_batch_size, max_blocks)

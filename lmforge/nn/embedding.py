@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmforge.backends.registry import current_build_context
+from lmforge.backends.registry import current_build_context, get_op
 from lmforge.nn.linear import default_weight_loader
 
 
@@ -21,9 +20,10 @@ class Embedding(nn.Module):
         )
         self.weight.weight_loader = default_weight_loader
         self.padding_idx = padding_idx
+        self.embedding = get_op("embedding", ctx.device_type)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        return self.embedding(input_ids, self.weight)
 
 
 def build_embedding(

@@ -2,6 +2,8 @@
 
 import torch
 
+from lmforge.kernels import cpu as cpu_kernels
+
 from .activation import activation, gelu_and_mul, silu_and_mul
 from .attention import fill_kv_and_attend, fill_kv_cache, paged_attention
 from .moe import fused_moe
@@ -24,6 +26,12 @@ from .rotary import apply_rotary, rotary_cos_sin
 linear = torch.nn.functional.linear
 
 
+def embedding(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Rows of weight [V, D] for input_ids [...] -> [..., D] (the CPU kernel where it takes them)."""
+    out = cpu_kernels.embedding(input_ids, weight)
+    return out if out is not None else torch.nn.functional.embedding(input_ids, weight)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x [rows, n] -> [rows] int64: the first index of each row's max (the greedy token)."""
     return x.argmax(dim=-1)
@@ -31,6 +39,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 OPS = {
     "argmax_rows": argmax_rows,
+    "embedding": embedding,
     "linear": linear,  # F.linear: x [..., K], weight [N, K], bias [N] -> [..., N]
     "rms_norm": rms_norm,
     "sharded_rms_norm": sharded_rms_norm,

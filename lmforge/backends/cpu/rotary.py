@@ -35,6 +35,9 @@ def rotary_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids [T], inv_freq [rot_dim // 2] float32 -> (cos, sin), each [T, rot_dim] float32: the angle
     position * inv_freq / position_scale on both halves, times attention_scaling."""
+    kernel = cpu_kernels.rotary_cos_sin(position_ids, inv_freq, position_scale, attention_scaling)
+    if kernel is not None:
+        return kernel
     freqs = position_ids.float()[:, None] * inv_freq[None, :]
     if position_scale != 1.0:
         freqs = freqs / position_scale

@@ -2,6 +2,8 @@
 An op missing here (layer_norm, sharded_rms_norm) falls back to the cpu reference (the registry does that),
 which runs on CUDA tensors too."""
 
+import torch
+
 from lmforge.kernels.cuda.argmax import argmax_rows
 
 from .activation import activation, gelu_and_mul, silu_and_mul
@@ -23,6 +25,7 @@ from .rotary import apply_rotary, rotary_cos_sin
 
 OPS = {
     "argmax_rows": argmax_rows,
+    "embedding": torch.nn.functional.embedding,
     "linear": linear,
     "rms_norm": rms_norm,
     "silu_and_mul": silu_and_mul,

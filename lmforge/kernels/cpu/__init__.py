@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ _SIGNATURES = {
     "lmf_silu_and_mul": (None, [_P, _I, _I, _I, _P, _C]),
     "lmf_ggml_pairs": (None, [_P, _I, _I, _I, _P, _C]),
     "lmf_q4_repack": (None, [_P, _I, _I, _C, _P, _C]),
+    "lmf_embedding": (None, [_P, _I, _P, _I, _I, _P, _C]),
+    "lmf_cos_sin": (None, [_P, _P, _I, _I, _F, _F, _P, _P, _C]),
     "lmf_paged_attention": (
         None,
         [
@@ -162,6 +165,40 @@ def available() -> bool:
     return library() is not None
 
 
+class KernelProgram:
+    """The kernel calls of one forward, recorded while it ran (`recording`), replayed in order with the same
+    arguments: the same memory, so whatever the recorded step read (its inputs, the KV cache, the weights) must be
+    rewritten in place before a replay, and what it wrote is where the replay writes (engine/cpu_graph.py). Every
+    per-step kernel takes its thread count last; a replay passes the current one."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def replay(self, num_threads: int) -> None:
+        for fn, args in self.calls:
+            fn(*args, num_threads)
+
+
+_recording: KernelProgram | None = None
+
+
+@contextmanager
+def recording(program: KernelProgram):
+    """Append every per-step kernel call made inside to program (the calls still run)."""
+    global _recording
+    previous, _recording = _recording, program
+    try:
+        yield program
+    finally:
+        _recording = previous
+
+
+def _call(fn, *args) -> None:
+    if _recording is not None:
+        _recording.calls.append((fn, args[:-1]))
+    fn(*args)
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -253,8 +290,8 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
                                        _ptr(prepared["q4_mins"]))  # fmt: skip
     y = torch.empty(m, n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
-    _lib.lmf_q4_linear(x2.data_ptr(), m, k, *weights, _ptr(bias), n, prepared["planes"], y.data_ptr(), n,
-                       torch.get_num_threads())  # fmt: skip
+    _call(_lib.lmf_q4_linear, x2.data_ptr(), m, k, *weights, _ptr(bias), n, prepared["planes"], y.data_ptr(), n,
+          torch.get_num_threads())  # fmt: skip
     return y if x2 is x else y.view(*x.shape[:-1], n)
 
 
@@ -274,7 +311,8 @@ def rms_norm(
     r2 = None if residual is None else residual.reshape(-1, dim)
     out = torch.empty(x2.shape, dtype=torch.float32)
     res_out = None if residual is None else torch.empty(x2.shape, dtype=torch.float32)
-    lib.lmf_rms_norm(
+    _call(
+        lib.lmf_rms_norm,
         _ptr(x2), _ptr(r2), _ptr(weight), _ptr(out), _ptr(res_out), x2.shape[0], dim, x2.stride(0),
         0 if r2 is None else r2.stride(0), eps, weight_offset, torch.get_num_threads(),
     )  # fmt: skip
@@ -300,7 +338,8 @@ def apply_rotary(
     if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
         return None
     q_out, k_out = torch.empty(q.shape, dtype=torch.float32), torch.empty(k.shape, dtype=torch.float32)
-    lib.lmf_rope(
+    _call(
+        lib.lmf_rope,
         _ptr(q), q.stride(0), hq, _ptr(k), k.stride(0), k.shape[1], t, d, rot, _ptr(cos), _ptr(sin), _ptr(q_out),
         _ptr(k_out), torch.get_num_threads(),
     )  # fmt: skip
@@ -314,8 +353,39 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     x2 = x.reshape(-1, x.shape[-1])
     d = x.shape[-1] // 2
     out = torch.empty(x2.shape[0], d, dtype=torch.float32)
-    lib.lmf_silu_and_mul(_ptr(x2), x2.shape[0], d, x2.stride(0), _ptr(out), torch.get_num_threads())
+    _call(lib.lmf_silu_and_mul, _ptr(x2), x2.shape[0], d, x2.stride(0), _ptr(out), torch.get_num_threads())
     return out.view(*x.shape[:-1], d)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """Rows of a float32 table [V, D] (rows contiguous) for int64 ids [...] -> [..., D]; None otherwise."""
+    lib = library()
+    if lib is None or ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous():
+        return None
+    if weight.dim() != 2 or not _f32_rows(weight):
+        return None
+    n, dim = ids.numel(), weight.shape[1]
+    out = torch.empty(n, dim, dtype=torch.float32)
+    _call(lib.lmf_embedding, _ptr(weight), weight.stride(0), _ptr(ids), n, dim, _ptr(out), torch.get_num_threads())
+    return out.view(*ids.shape, dim)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, position_scale: float, attention_scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """int64 positions [T], float32 inv_freq [half] -> (cos, sin) [T, 2 * half] float32; None otherwise."""
+    lib = library()
+    if lib is None or position_ids.dtype != torch.int64 or position_ids.dim() != 1 or not position_ids.is_contiguous():
+        return None
+    if inv_freq.dtype != torch.float32 or inv_freq.dim() != 1 or not inv_freq.is_contiguous():
+        return None
+    if position_ids.device.type != "cpu" or inv_freq.device.type != "cpu":
+        return None
+    t, half = position_ids.shape[0], inv_freq.shape[0]
+    cos, sin = torch.empty(t, 2 * half, dtype=torch.float32), torch.empty(t, 2 * half, dtype=torch.float32)
+    _call(lib.lmf_cos_sin, _ptr(position_ids), _ptr(inv_freq), t, half, position_scale, attention_scaling, _ptr(cos),
+          _ptr(sin), torch.get_num_threads())  # fmt: skip
+    return cos, sin
 
 
 # ---- paged attention ------------------------------------------------------------------------------------------
@@ -378,7 +448,8 @@ def paged_attention(
             return None
         slots = slots.contiguous()
     out = torch.empty(t, hq, dv, dtype=torch.float32)
-    lib.lmf_paged_attention(
+    _call(
+        lib.lmf_paged_attention,
         _ptr(query), query.stride(0), _ptr(k_cache), k_cache.stride(1), _ptr(v_cache), v_cache.stride(1),
         _ptr(tables), tables.stride(0), _ptr(q_start), _ptr(q_lens), _ptr(kv_lens), meta.num_seqs, t, hq, hk, d,
         dv, v_cache.shape[3], meta.block_size, scale, sliding_window or 0, meta.max_kv_seqlen, _ptr(out), _ptr(key),

@@ -601,6 +601,35 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
     free(tok_seq);
 }
 
+/* ---- table lookups: token embedding rows, rotary cos/sin ------------------------------------------------------ */
+
+/* out[i] = table[ids[i]] (rows of dim floats; table rows ld apart): the embedding of a step's tokens */
+void lmf_embedding(const float *table, int64_t ld, const int64_t *ids, int64_t n, int64_t dim, float *out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(n * dim >= 65536 ? nt : 1)
+    for (int64_t i = 0; i < n; i++) memcpy(out + i * dim, table + ids[i] * ld, sizeof(float) * (size_t)dim);
+}
+
+/* cos, sin [T, 2 * half]: angle = (float)pos * inv_freq[j] (/ pscale), both halves alike, times ascale */
+void lmf_cos_sin(const int64_t *pos, const float *inv_freq, int64_t T, int64_t half, float pscale, float ascale,
+                 float *cos_out, float *sin_out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(T * half >= 65536 ? nt : 1)
+    for (int64_t t = 0; t < T; t++) {
+        const float p = (float)pos[t];
+        float *c = cos_out + t * 2 * half, *s = sin_out + t * 2 * half;
+        for (int64_t j = 0; j < half; j++) {
+            float a = p * inv_freq[j];
+            if (pscale != 1.f) a = a / pscale;
+            float cv = cosf(a), sv = sinf(a);
+            if (ascale != 1.f) {
+                cv *= ascale;
+                sv *= ascale;
+            }
+            c[j] = c[half + j] = cv;
+            s[j] = s[half + j] = sv;
+        }
+    }
+}
+
 /* ---- load-time repacking ------------------------------------------------------------------------------------ */
 
 /* ggml nibble chunks -> pairs in order: src [C, L] bytes, byte j holding value j (low nibble) and value L + j (high);
