@@ -1,6 +1,7 @@
 """lmforge's compiled CPU kernels (lmforge/kernels/cpu/kernels.c) against the plain-torch backend ops they replace:
 paged attention (decode, prefill, mixed batches, GQA, sliding windows, a narrower value head), RMSNorm with and
-without a residual, rotary (full and partial, on strided q/k views) and SiLU-and-mul. The int4 linear is tested
+without a residual, rotary (full and partial, on strided q/k views) and its cos/sin, the token embedding and
+SiLU-and-mul. The int4 linear is tested
 against the dequantized float32 weight in tests/weights/test_gguf_pack.py and tests/quant/test_cpu_ops.py."""
 
 from __future__ import annotations
@@ -121,6 +122,28 @@ def test_rotary_kernel_equals_the_torch_path(rot, tokens):
         expected = rotary.apply_rotary(q, k, cos, sin)
     for a, b in zip(out, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("position_scale, attention_scaling", [(1.0, 1.0), (4.0, 0.7)])
+def test_cos_sin_kernel_equals_the_torch_path(position_scale, attention_scaling):
+    positions = torch.tensor([0, 1, 5, 17, 1000, 4095])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 48, 2) / 48))
+    got = rotary.rotary_cos_sin(positions, inv_freq, position_scale, attention_scaling)
+    with torch_only():
+        expected = rotary.rotary_cos_sin(positions, inv_freq, position_scale, attention_scaling)
+    for a, b in zip(got, expected, strict=True):  # libm's cosf/sinf against torch's vectorized ones: an ulp or so
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_embedding_kernel_gathers_exactly_the_rows():
+    from lmforge.backends.cpu import embedding
+
+    weight = torch.randn(50, 7 * 16)[:, :96]  # rows strided: a view of a wider table
+    ids = torch.tensor([[3, 0, 49], [3, 3, 11]])
+    out = embedding(ids, weight)
+    assert cpu_kernels.embedding(ids, weight) is not None
+    assert torch.equal(out, torch.nn.functional.embedding(ids, weight))
+    assert cpu_kernels.embedding(ids.int(), weight) is None  # int64 ids only: torch's path for the rest
 
 
 @pytest.mark.parametrize("rows", [1, 40])
