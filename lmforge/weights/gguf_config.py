@@ -6,6 +6,7 @@ which tensors llama.cpp transformed on the way in.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,7 +155,7 @@ def _vocab_size(file: GGUFFile) -> int:
     if embedding is not None:
         return embedding.shape[0]
     tokens = file.metadata.get("tokenizer.ggml.tokens")
-    return len(tokens) if isinstance(tokens, list) else _int(file, "vocab_size")
+    return len(tokens) if isinstance(tokens, Sequence) and not isinstance(tokens, str) else _int(file, "vocab_size")
 
 
 def _rope_scaling(file: GGUFFile, config: dict) -> dict | None:

@@ -116,3 +116,13 @@ def test_matches_transformers_gguf_loading(path, weights):
 def test_iter_weights_on_the_package_folder(path):
     names = [name for name, _ in iter_weights(os.path.dirname(path), dtype=torch.bfloat16, progress=False)]
     assert len(names) == 272 and names[0] == "model.embed_tokens.weight"
+
+
+def test_the_vocabulary_is_decoded_only_when_read(path):
+    from lmforge.weights.gguf_file import GGUFStrings, _read
+
+    file = _read(path)  # not the cached reader: a fresh parse
+    tokens = file.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, GGUFStrings) and tokens._values is None  # the header walk skipped the text
+    assert len(tokens) == 49152 and tokens._values is None
+    assert tokens[0] == "<|endoftext|>" and tokens._values is not None
