@@ -11,8 +11,9 @@ recorded step's outputs are that step's outputs, so recording costs nothing extr
 their inputs into the static buffers and replay the calls: the same kernels with the same arguments, so the same
 results as an eager step, bit for bit.
 
-Batch sizes up to MAX_BATCH are recorded (each keeps its activations and float32 logits alive: ~1 MB a row for the
-embedded model); larger decode batches, where the kernels dominate, run eagerly."""
+Batch sizes up to MAX_BATCH are recorded. Their kernels' outputs come from one arena that every program takes from
+the start (one program runs at a time), so the memory is that of the largest program (~2 MB a row for the embedded
+model, float32 logits included); larger decode batches, where the kernels dominate, run eagerly."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from lmforge.model_inputs import AttnMetadata, StepContext
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 8
+MAX_BATCH = 32
 
 # torch ops a recorded forward may make: allocations (the kernels' outputs) and views of them
 _SHAPE_OPS = {
@@ -133,6 +134,7 @@ class CpuGraphRunner:
         self.slot_mapping = torch.zeros(n, dtype=torch.long)
         self.programs: dict[int, tuple[cpu_kernels.KernelProgram, torch.Tensor, torch.Tensor | None, list]] = {}
         self.eager_sizes: dict[int, str] = {}  # batch sizes found not recordable, and why
+        self.arena = cpu_kernels.Arena()
         support = getattr(step.model, "support_cuda_graph", True)
         self._support = support if callable(support) else (lambda *a, **k: bool(support))
         self.enabled = bool(support) and cpu_kernels.available()
@@ -168,7 +170,8 @@ class CpuGraphRunner:
     def _record(self, bs: int, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run this step on the static buffers, recording; a step that cannot be recorded runs again eagerly on
         its own context (`ctx`), which rewrites every cache slot the attempt wrote."""
-        program = cpu_kernels.KernelProgram()
+        self.arena.reset()
+        program = cpu_kernels.KernelProgram(self.arena)
         watch = _TorchWork()
         static = self._context(bs)
         why = None

@@ -114,3 +114,34 @@ def test_a_forward_reading_step_host_lists_runs_again_eagerly():
     assert not runner.programs and set(runner.eager_sizes) == {1, 2, 3}
     assert all("host metadata" in why for why in runner.eager_sizes.values()), runner.eager_sizes
     engine.close()
+
+
+def test_twelve_sequences_finishing_one_by_one_share_one_arena():
+    """Batch sizes 12 down to 1, each recorded once: the tokens of eager steps, and every program's outputs in the
+    one arena, whose size is that of the largest program (12 rows), not the sum over the twelve."""
+    from lmforge.engine.engine import Engine
+
+    prompts = [list(range(50 + 7 * i, 60 + 9 * i)) for i in range(12)]
+    gens = [GenerationConfig(max_new_tokens=3 + i, ignore_eos=True) for i in range(12)]
+
+    def run(engine):
+        ids = [engine.add_request(p, g) for p, g in zip(prompts, gens, strict=True)]
+        out = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.token_ids)
+        return [out[i] for i in ids]
+
+    cfg = dict(device_type="cpu", dtype="auto", cpu_threads=2)
+    expected = run(Engine(None, PytorchEngineConfig(**cfg, eager_mode=True)))
+    engine = Engine(None, PytorchEngineConfig(**cfg))
+    assert run(engine) == expected
+    runner = engine.graph_runner
+    assert sorted(runner.programs) == list(range(1, 13)) and not runner.eager_sizes
+    chunks = {c.untyped_storage().data_ptr() for c in runner.arena.chunks}
+    for _, hidden, logits, _ in runner.programs.values():
+        assert hidden.untyped_storage().data_ptr() in chunks and logits.untyped_storage().data_ptr() in chunks
+    # ~2 MB a row (activations of 30 layers, float32 logits of 49,152 entries): 12 rows' worth (24 MiB), where a
+    # buffer per program would hold 1 + 2 + ... + 12 = 78 rows
+    assert sum(c.numel() for c in runner.arena.chunks) * 4 <= 32 * 2**20
+    engine.close()

@@ -165,14 +165,50 @@ def available() -> bool:
     return library() is not None
 
 
+class Arena:
+    """Float32 memory for the outputs of recorded kernel calls: each recording takes its buffers in order from the
+    start (`reset`), so programs of different batch sizes share the same memory (one program runs at a time, and
+    what a step returns is read before the next step), which then is as large as the largest program needs. Chunks
+    are never freed or moved: recorded calls hold their addresses."""
+
+    CHUNK = 1 << 21  # floats (8 MiB)
+
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.chunk, self.offset = 0, 0
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        numel_aligned = -(-numel // 16) * 16  # 64-byte starts
+        while True:
+            if self.chunk == len(self.chunks):
+                self.chunks.append(torch.empty(max(self.CHUNK, numel_aligned), dtype=torch.float32))
+            buf = self.chunks[self.chunk]
+            if self.offset + numel_aligned <= buf.numel():
+                out = buf[self.offset : self.offset + numel].view(shape)
+                self.offset += numel_aligned
+                return out
+            if self.offset == 0:  # an older chunk too small for it: a bigger one goes before it (none moves)
+                self.chunks.insert(self.chunk, torch.empty(numel_aligned, dtype=torch.float32))
+                continue
+            self.chunk, self.offset = self.chunk + 1, 0
+
+
 class KernelProgram:
     """The kernel calls of one forward, recorded while it ran (`recording`), replayed in order with the same
     arguments: the same memory, so whatever the recorded step read (its inputs, the KV cache, the weights) must be
     rewritten in place before a replay, and what it wrote is where the replay writes (engine/cpu_graph.py). Every
-    per-step kernel takes its thread count last; a replay passes the current one."""
+    per-step kernel takes its thread count last; a replay passes the current one. With an `arena`, the kernels'
+    outputs come from it."""
 
-    def __init__(self) -> None:
+    def __init__(self, arena: Arena | None = None) -> None:
         self.calls: list[tuple] = []
+        self.arena = arena
 
     def replay(self, num_threads: int) -> None:
         for fn, args in self.calls:
@@ -191,6 +227,15 @@ def recording(program: KernelProgram):
         yield program
     finally:
         _recording = previous
+
+
+def _empty(*shape) -> torch.Tensor:
+    """A kernel's float32 output (sizes, or one torch.Size): from the recording's arena while one records with one."""
+    if len(shape) == 1 and not isinstance(shape[0], int):
+        shape = tuple(shape[0])
+    if _recording is not None and _recording.arena is not None:
+        return _recording.arena.take(shape)
+    return torch.empty(shape, dtype=torch.float32)
 
 
 def _call(fn, *args) -> None:
@@ -288,7 +333,7 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
     if weights is None:  # (codes, bits, scales, mins): the prepared tensors live as long as the layer
         weights = prepared["_ptrs"] = (_ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]),
                                        _ptr(prepared["q4_mins"]))  # fmt: skip
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = _empty(m, n)
     bias = None if bias is None else bias.contiguous()
     _call(_lib.lmf_q4_linear, x2.data_ptr(), m, k, *weights, _ptr(bias), n, prepared["planes"], y.data_ptr(), n,
           torch.get_num_threads())  # fmt: skip
@@ -309,8 +354,8 @@ def rms_norm(
         return None
     x2 = x.reshape(-1, dim)  # a view for row-strided 2-D inputs (the usual case); a copy otherwise
     r2 = None if residual is None else residual.reshape(-1, dim)
-    out = torch.empty(x2.shape, dtype=torch.float32)
-    res_out = None if residual is None else torch.empty(x2.shape, dtype=torch.float32)
+    out = _empty(x2.shape)
+    res_out = None if residual is None else _empty(x2.shape)
     _call(
         lib.lmf_rms_norm,
         _ptr(x2), _ptr(r2), _ptr(weight), _ptr(out), _ptr(res_out), x2.shape[0], dim, x2.stride(0),
@@ -337,7 +382,7 @@ def apply_rotary(
         return None
     if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
         return None
-    q_out, k_out = torch.empty(q.shape, dtype=torch.float32), torch.empty(k.shape, dtype=torch.float32)
+    q_out, k_out = _empty(q.shape), _empty(k.shape)
     _call(
         lib.lmf_rope,
         _ptr(q), q.stride(0), hq, _ptr(k), k.stride(0), k.shape[1], t, d, rot, _ptr(cos), _ptr(sin), _ptr(q_out),
@@ -352,7 +397,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
         return None
     x2 = x.reshape(-1, x.shape[-1])
     d = x.shape[-1] // 2
-    out = torch.empty(x2.shape[0], d, dtype=torch.float32)
+    out = _empty(x2.shape[0], d)
     _call(lib.lmf_silu_and_mul, _ptr(x2), x2.shape[0], d, x2.stride(0), _ptr(out), torch.get_num_threads())
     return out.view(*x.shape[:-1], d)
 
@@ -365,7 +410,7 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     if weight.dim() != 2 or not _f32_rows(weight):
         return None
     n, dim = ids.numel(), weight.shape[1]
-    out = torch.empty(n, dim, dtype=torch.float32)
+    out = _empty(n, dim)
     _call(lib.lmf_embedding, _ptr(weight), weight.stride(0), _ptr(ids), n, dim, _ptr(out), torch.get_num_threads())
     return out.view(*ids.shape, dim)
 
@@ -382,7 +427,7 @@ def rotary_cos_sin(
     if position_ids.device.type != "cpu" or inv_freq.device.type != "cpu":
         return None
     t, half = position_ids.shape[0], inv_freq.shape[0]
-    cos, sin = torch.empty(t, 2 * half, dtype=torch.float32), torch.empty(t, 2 * half, dtype=torch.float32)
+    cos, sin = _empty(t, 2 * half), _empty(t, 2 * half)
     _call(lib.lmf_cos_sin, _ptr(position_ids), _ptr(inv_freq), t, half, position_scale, attention_scaling, _ptr(cos),
           _ptr(sin), torch.get_num_threads())  # fmt: skip
     return cos, sin
@@ -447,7 +492,7 @@ def paged_attention(
         ):
             return None
         slots = slots.contiguous()
-    out = torch.empty(t, hq, dv, dtype=torch.float32)
+    out = _empty(t, hq, dv)
     _call(
         lib.lmf_paged_attention,
         _ptr(query), query.stride(0), _ptr(k_cache), k_cache.stride(1), _ptr(v_cache), v_cache.stride(1),
