@@ -208,16 +208,24 @@ def test_fill_and_attend_in_one_call_equals_fill_kv_cache_then_attention(q_lens,
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 13, 33])
 @pytest.mark.parametrize("n", [37, 64])
-def test_q4_linear_at_every_row_count_and_a_ragged_width(rows, n):
+@pytest.mark.parametrize("half", [False, True])  # scales and mins exact in float16 (as GGUF stores them) or not
+def test_q4_linear_at_every_row_count_and_a_ragged_width(rows, n, half):
     """The batch-1 kernel (4 weight rows at a time), the register path (<= 4 rows) and the tiled path (8 weight
-    rows x 4 activation rows per tile) against the dequantized weight, with widths that leave partial tiles."""
+    rows x 4 activation rows per tile) against the dequantized weight, with widths that leave partial tiles; with
+    float32 scales and with the float16 ones q4_prepare keeps where they are exact."""
     from lmforge.nn.quant.packing import pack_int32
 
     g = torch.Generator().manual_seed(rows * n)
     k = 96
     codes = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=g)
     scales, mins = torch.rand(k // 32, n, generator=g) * 0.1, torch.randn(k // 32, n, generator=g) * 0.1
+    if half:
+        scales, mins = scales.half().float(), mins.half().float()
     prepared = cpu_kernels.q4_prepare(pack_int32(codes, 4, 0), scales, mins, 32, 1, zeros=False)
+    assert prepared["q4_half"] == half and prepared["q4_scales"].dtype == (torch.float16 if half else torch.float32)
+    if half:
+        torch.testing.assert_close(cpu_kernels.q4_dequantize(prepared), (codes.float() * scales.repeat_interleave(
+            32, 0) + mins.repeat_interleave(32, 0)).t(), rtol=0, atol=1e-6)  # fmt: skip
     groups = torch.arange(k) // 32
     weight = (codes.float() * scales[groups] + mins[groups]).t()  # [N, K]
     x, bias = torch.randn(rows, k, generator=g), torch.randn(n, generator=g)

@@ -39,8 +39,8 @@ _F = ctypes.c_float
 _C = ctypes.c_int
 _SIGNATURES = {
     "lmf_simd_width": (ctypes.c_int, []),
-    "lmf_q4_linear": (None, [_P, _I, _I, _P, _C, _P, _P, _P, _I, _C, _P, _I, _C]),
-    "lmf_q4_dequantize": (None, [_P, _C, _P, _P, _I, _I, _C, _P, _C]),
+    "lmf_q4_linear": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _C, _P, _I, _C]),
+    "lmf_q4_dequantize": (None, [_P, _C, _P, _P, _C, _I, _I, _C, _P, _C]),
     "lmf_rms_norm": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _F, _C]),
     "lmf_rope": (None, [_P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _C]),
     "lmf_silu_and_mul": (None, [_P, _I, _I, _I, _P, _C]),
@@ -282,7 +282,13 @@ def q4_prepare(
     lib.lmf_q4_repack(pairs.data_ptr(), n, kp, bits, codes.data_ptr(), torch.get_num_threads())
     if collapse:
         s, mins, planes = s[:, :nb].contiguous(), (mins[:, :nb] + mins[:, nb:]).contiguous(), 1
-    return {"q4": codes, "q4_bits": bits, "q4_scales": s, "q4_mins": mins, "k": k, "n": n, "planes": planes}
+    # float16 scales and mins where that is exact (GGUF stores Q4_0/Q4_1/Q8_0's so): a quarter less to read a step
+    s16, m16 = s.half(), mins.half()
+    half = bool(torch.equal(s16.float(), s) and torch.equal(m16.float(), mins))
+    if half:
+        s, mins = s16, m16
+    return {"q4": codes, "q4_bits": bits, "q4_scales": s, "q4_mins": mins, "q4_half": half, "k": k, "n": n,
+            "planes": planes}  # fmt: skip
 
 
 def ggml_pairs(nibble_bytes: torch.Tensor) -> torch.Tensor | None:
@@ -311,7 +317,8 @@ def q4_dequantize(prepared: dict) -> torch.Tensor:
     n, k = prepared["n"], prepared["k"]
     w = torch.empty(n, k, dtype=torch.float32)
     library().lmf_q4_dequantize(
-        _ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]), _ptr(prepared["q4_mins"]), n, k,
+        _ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]), _ptr(prepared["q4_mins"]),
+        int(prepared.get("q4_half", False)), n, k,
         prepared["planes"], _ptr(w), torch.get_num_threads(),
     )  # fmt: skip
     return w
@@ -330,9 +337,9 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
     if m >= Q4_GEMM_MIN_ROWS:
         return torch.nn.functional.linear(x, q4_dequantize(prepared), bias)
     weights = prepared.get("_ptrs")
-    if weights is None:  # (codes, bits, scales, mins): the prepared tensors live as long as the layer
+    if weights is None:  # (codes, bits, scales, mins, half): the prepared tensors live as long as the layer
         weights = prepared["_ptrs"] = (_ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]),
-                                       _ptr(prepared["q4_mins"]))  # fmt: skip
+                                       _ptr(prepared["q4_mins"]), int(prepared.get("q4_half", False)))  # fmt: skip
     y = _empty(m, n)
     bias = None if bias is None else bias.contiguous()
     _call(_lib.lmf_q4_linear, x2.data_ptr(), m, k, *weights, _ptr(bias), n, prepared["planes"], y.data_ptr(), n,

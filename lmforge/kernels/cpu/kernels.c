@@ -29,6 +29,41 @@ int lmf_simd_width(void) {
 
 /* ---- int4 linear ---------------------------------------------------------------------------------------- */
 
+/* A block's scales or mins: float32, or float16 where those values are exact in it (GGUF's Q4_0/Q4_1/Q8_0 store
+ * them so): a batch-1 step reads a quarter less. Exactly one of the two pointers is set. */
+typedef struct {
+    const float *f;
+    const uint16_t *h;
+} scl_t;
+
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX2__)) /* immintrin.h is included for those */
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+    uint32_t bits;
+    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man) { /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { m <<= 1; e++; } while (!(m & 1024));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 1023) << 13);
+    } else bits = sign;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline float scl_at(scl_t s, int64_t i) { return s.h ? h2f(s.h[i]) : s.f[i]; }
+
+static inline scl_t scl_off(scl_t s, int64_t i) {
+    if (s.h) s.h += i;
+    else s.f += i;
+    return s;
+}
+
 #define ROWS 4 /* activation rows per pass over a weight row */
 
 #if defined(__AVX512F__)
@@ -81,7 +116,7 @@ static inline int block_code(const uint8_t *c, int bits, int j) {
 }
 
 /* One weight row (P planes of nb blocks) against nr <= ROWS activation rows (stride ldx): out[r] = x_r . w */
-static void q4_row(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb, int planes,
+static void q4_row(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb, int planes,
                    const float *x, int64_t ldx, int nr, float *out) {
     const int64_t bb = bits * 4; /* bytes per block */
 #if defined(__AVX512F__)
@@ -90,7 +125,7 @@ static void q4_row(const uint8_t *codes, int bits, const float *scales, const fl
     for (int p = 0; p < planes; p++)
         for (int64_t b = 0; b < nb; b++) {
             __m512 lo, hi;
-            q4_dequant_block(codes + (p * nb + b) * bb, bits, scales[p * nb + b], mins[p * nb + b], &lo, &hi);
+            q4_dequant_block(codes + (p * nb + b) * bb, bits, scl_at(scales, p * nb + b), scl_at(mins, p * nb + b), &lo, &hi);
             const float *xb = x + b * 32;
             switch (nr) { /* unrolled so the accumulators stay in registers */
             case 4: acc[3][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + 3 * ldx), acc[3][0]);
@@ -110,7 +145,7 @@ static void q4_row(const uint8_t *codes, int bits, const float *scales, const fl
     for (int p = 0; p < planes; p++)
         for (int64_t b = 0; b < nb; b++) {
             __m256 w[4];
-            q4_dequant_block(codes + (p * nb + b) * bb, bits, scales[p * nb + b], mins[p * nb + b], w);
+            q4_dequant_block(codes + (p * nb + b) * bb, bits, scl_at(scales, p * nb + b), scl_at(mins, p * nb + b), w);
             for (int r = 0; r < nr; r++) {
                 const float *xb = x + r * ldx + b * 32;
                 acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[r][0]);
@@ -125,7 +160,7 @@ static void q4_row(const uint8_t *codes, int bits, const float *scales, const fl
     for (int p = 0; p < planes; p++)
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *c = codes + (p * nb + b) * bb;
-            const float s = scales[p * nb + b], m = mins[p * nb + b];
+            const float s = scl_at(scales, p * nb + b), m = scl_at(mins, p * nb + b);
             for (int r = 0; r < nr; r++) {
                 const float *xb = x + r * ldx + b * 32;
                 float d = 0.f;
@@ -136,8 +171,7 @@ static void q4_row(const uint8_t *codes, int bits, const float *scales, const fl
 #endif
 }
 
-static void q4_dequant_row(const uint8_t *c, int bits, const float *s, const float *m, int64_t nb, int planes,
-                           float *o);
+static void q4_dequant_row(const uint8_t *c, int bits, scl_t s, scl_t m, int64_t nb, int planes, float *o);
 
 /* dot products of 4 rows of x (stride ldx) with w [K]: the weight vector is loaded once for the 4 rows */
 static inline void dot4(const float *x, int64_t ldx, int nr, const float *w, int64_t K, float *out) {
@@ -176,7 +210,7 @@ static inline void dot4(const float *x, int64_t ldx, int nr, const float *w, int
  * WR independent accumulator chains (one row alone is bound by the FMA latency of its own chain). */
 #if defined(__AVX512F__)
 #define WR 4
-static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb,
+static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb,
                        int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
     const int64_t bb = bits * 4;
     __m512 a[WR][2];
@@ -187,8 +221,8 @@ static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, cons
             const int64_t blk = p * nb + b;
             for (int r = 0; r < WR; r++) { /* unrolled by the compiler: WR is a constant */
                 __m512 lo, hi;
-                q4_dequant_block(codes + r * row_bytes + blk * bb, bits, scales[r * row_blocks + blk],
-                                 mins[r * row_blocks + blk], &lo, &hi);
+                q4_dequant_block(codes + r * row_bytes + blk * bb, bits, scl_at(scales, r * row_blocks + blk),
+                                 scl_at(mins, r * row_blocks + blk), &lo, &hi);
                 a[r][0] = _mm512_fmadd_ps(lo, xl, a[r][0]);
                 a[r][1] = _mm512_fmadd_ps(hi, xh, a[r][1]);
             }
@@ -197,7 +231,7 @@ static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, cons
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define WR 2
-static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb,
+static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb,
                        int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
     const int64_t bb = bits * 4;
     __m256 a[WR][2];
@@ -208,8 +242,8 @@ static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, cons
             const float *xb = x + b * 32;
             for (int r = 0; r < WR; r++) {
                 __m256 w[4];
-                q4_dequant_block(codes + r * row_bytes + blk * bb, bits, scales[r * row_blocks + blk],
-                                 mins[r * row_blocks + blk], w);
+                q4_dequant_block(codes + r * row_bytes + blk * bb, bits, scl_at(scales, r * row_blocks + blk),
+                                 scl_at(mins, r * row_blocks + blk), w);
                 a[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), a[r][0]);
                 a[r][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), a[r][1]);
                 a[r][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a[r][0]);
@@ -220,7 +254,7 @@ static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, cons
 }
 #else
 #define WR 1
-static void q4_rows_m1(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t nb,
+static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb,
                        int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
     (void)row_bytes, (void)row_blocks;
     q4_row(codes, bits, scales, mins, nb, planes, x, 0, 1, out);
@@ -253,8 +287,10 @@ static inline void dot4x4(const float *x, int64_t ldx, const float *w, int64_t l
 
 /* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias); K = nb * 32. One row: WR weight rows at a time; up to ROWS
  * rows: dequantized in registers; more: tiles of weight rows dequantized into an L1 buffer (below). */
-void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits, const float *scales,
-                   const float *mins, const float *bias, int64_t N, int planes, float *y, int64_t ldy, int nt) {
+void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits, const void *sp,
+                   const void *mp, int half, const float *bias, int64_t N, int planes, float *y, int64_t ldy, int nt) {
+    const scl_t scales = half ? (scl_t){NULL, (const uint16_t *)sp} : (scl_t){(const float *)sp, NULL};
+    const scl_t mins = half ? (scl_t){NULL, (const uint16_t *)mp} : (scl_t){(const float *)mp, NULL};
     const int64_t nb = K / 32, row_bytes = (int64_t)planes * nb * bits * 4, row_blocks = (int64_t)planes * nb;
     if (M == 1) {
         const int64_t groups = N / WR;
@@ -263,12 +299,12 @@ void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, i
             float out[WR];
             const int64_t n0 = g * WR, nr = g < groups ? WR : N - n0;
             if (nr == WR)
-                q4_rows_m1(codes + n0 * row_bytes, bits, scales + n0 * row_blocks, mins + n0 * row_blocks, nb, planes,
+                q4_rows_m1(codes + n0 * row_bytes, bits, scl_off(scales, n0 * row_blocks), scl_off(mins, n0 * row_blocks), nb, planes,
                            row_bytes, row_blocks, x, out);
             else
                 for (int64_t r = 0; r < nr; r++)
-                    q4_row(codes + (n0 + r) * row_bytes, bits, scales + (n0 + r) * row_blocks,
-                           mins + (n0 + r) * row_blocks, nb, planes, x, K, 1, out + r);
+                    q4_row(codes + (n0 + r) * row_bytes, bits, scl_off(scales, (n0 + r) * row_blocks),
+                           scl_off(mins, (n0 + r) * row_blocks), nb, planes, x, K, 1, out + r);
             for (int64_t r = 0; r < nr; r++) y[n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.f);
         }
         return;
@@ -277,7 +313,7 @@ void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, i
 #pragma omp parallel for schedule(static) num_threads(nt)
         for (int64_t n = 0; n < N; n++) {
             float out[ROWS];
-            q4_row(codes + n * row_bytes, bits, scales + n * row_blocks, mins + n * row_blocks, nb, planes, x, K,
+            q4_row(codes + n * row_bytes, bits, scl_off(scales, n * row_blocks), scl_off(mins, n * row_blocks), nb, planes, x, K,
                    (int)M, out);
             for (int64_t r = 0; r < M; r++) y[r * ldy + n] = out[r] + (bias ? bias[n] : 0.f);
         }
@@ -294,8 +330,8 @@ void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, i
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * TN, tn = N - n0 < TN ? N - n0 : TN;
             for (int64_t r = 0; r < tn; r++)
-                q4_dequant_row(codes + (n0 + r) * row_bytes, bits, scales + (n0 + r) * row_blocks,
-                               mins + (n0 + r) * row_blocks, nb, planes, wbuf + r * K);
+                q4_dequant_row(codes + (n0 + r) * row_bytes, bits, scl_off(scales, (n0 + r) * row_blocks),
+                               scl_off(mins, (n0 + r) * row_blocks), nb, planes, wbuf + r * K);
             for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
                 const int nr = (int)(M - r0 < ROWS ? M - r0 : ROWS);
                 int64_t r = 0;
@@ -321,17 +357,17 @@ void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, i
 }
 
 /* one weight row, planes summed, into o [nb * 32] */
-static void q4_dequant_row(const uint8_t *c0, int bits, const float *s0, const float *m0, int64_t nb, int planes,
+static void q4_dequant_row(const uint8_t *c0, int bits, scl_t s0, scl_t m0, int64_t nb, int planes,
                            float *o0) {
     const int64_t bb = bits * 4;
     for (int p = 0; p < planes; p++) {
         const uint8_t *c = c0 + p * nb * bb;
-        const float *s = s0 + p * nb, *m = m0 + p * nb;
+        const scl_t s = scl_off(s0, p * nb), m = scl_off(m0, p * nb);
         for (int64_t b = 0; b < nb; b++) {
             float *o = o0 + b * 32;
 #if defined(__AVX512F__)
             __m512 lo, hi;
-            q4_dequant_block(c + b * bb, bits, s[b], m[b], &lo, &hi);
+            q4_dequant_block(c + b * bb, bits, scl_at(s, b), scl_at(m, b), &lo, &hi);
             if (p) {
                 lo = _mm512_add_ps(lo, _mm512_loadu_ps(o));
                 hi = _mm512_add_ps(hi, _mm512_loadu_ps(o + 16));
@@ -340,14 +376,14 @@ static void q4_dequant_row(const uint8_t *c0, int bits, const float *s0, const f
             _mm512_storeu_ps(o + 16, hi);
 #elif defined(__AVX2__) && defined(__FMA__)
             __m256 v[4];
-            q4_dequant_block(c + b * bb, bits, s[b], m[b], v);
+            q4_dequant_block(c + b * bb, bits, scl_at(s, b), scl_at(m, b), v);
             for (int i = 0; i < 4; i++) {
                 if (p) v[i] = _mm256_add_ps(v[i], _mm256_loadu_ps(o + 8 * i));
                 _mm256_storeu_ps(o + 8 * i, v[i]);
             }
 #else
             for (int j = 0; j < 32; j++) {
-                float w = (float)block_code(c + b * bb, bits, j) * s[b] + m[b];
+                float w = (float)block_code(c + b * bb, bits, j) * scl_at(s, b) + scl_at(m, b);
                 o[j] = p ? o[j] + w : w;
             }
 #endif
@@ -356,12 +392,14 @@ static void q4_dequant_row(const uint8_t *c0, int bits, const float *s0, const f
 }
 
 /* W [N, K] float32 from the q4 layout (planes summed) */
-void lmf_q4_dequantize(const uint8_t *codes, int bits, const float *scales, const float *mins, int64_t N, int64_t K,
-                       int planes, float *w, int nt) {
+void lmf_q4_dequantize(const uint8_t *codes, int bits, const void *sp, const void *mp, int half, int64_t N,
+                       int64_t K, int planes, float *w, int nt) {
+    const scl_t scales = half ? (scl_t){NULL, (const uint16_t *)sp} : (scl_t){(const float *)sp, NULL};
+    const scl_t mins = half ? (scl_t){NULL, (const uint16_t *)mp} : (scl_t){(const float *)mp, NULL};
     const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t n = 0; n < N; n++)
-        q4_dequant_row(codes + n * planes * nb * bits * 4, bits, scales + n * planes * nb, mins + n * planes * nb, nb,
+        q4_dequant_row(codes + n * planes * nb * bits * 4, bits, scl_off(scales, n * planes * nb), scl_off(mins, n * planes * nb), nb,
                        planes, w + n * K);
 }
 
