@@ -65,6 +65,7 @@ static inline scl_t scl_off(scl_t s, int64_t i) {
 }
 
 #define ROWS 4 /* activation rows per pass over a weight row */
+#define Q4_M1_MAX_BLOCKS 1024 /* blocks of a weight row (planes x K / 32) the batch-1 path keeps scales of on the stack */
 
 #if defined(__AVX512F__)
 /* The 32 weights of a block, dequantized. 4 bits: a 16-entry table code -> code * s + m, indexed by the codes */
@@ -210,29 +211,60 @@ static inline void dot4(const float *x, int64_t ldx, int nr, const float *w, int
  * WR independent accumulator chains (one row alone is bound by the FMA latency of its own chain). */
 #if defined(__AVX512F__)
 #define WR 4
-static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb,
-                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
-    const int64_t bb = bits * 4;
-    __m512 a[WR][2];
-    for (int r = 0; r < WR; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+/* the block scales of a row span as float32 (float16 ones converted 16 at a time) */
+static inline void scl_row(scl_t s, int64_t n, float *o) {
+    if (!s.h) {
+        memcpy(o, s.f, sizeof(float) * (size_t)n);
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(o + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s.h + i))));
+    for (; i < n; i++) o[i] = h2f(s.h[i]);
+}
+
+/* WR weight rows against the one row of x: per block, codes . x (the codes as floats) times the block's scale
+ * into a vector accumulator, and min * sum(x of the block) (xsum) into a scalar one, so no 16-entry table is built
+ * per block and row (the shuffle port was the limit); every vector op but one widening runs on either FMA port */
+static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb, int planes,
+                       int64_t row_bytes, int64_t row_blocks, const float *x, const float *xsum, float *out) {
+    const int64_t bb = bits * 4, nblk = (int64_t)planes * nb;
+    float sbuf[WR][Q4_M1_MAX_BLOCKS], mbuf[WR][Q4_M1_MAX_BLOCKS];
+    for (int r = 0; r < WR; r++) {
+        scl_row(scl_off(scales, r * row_blocks), nblk, sbuf[r]);
+        scl_row(scl_off(mins, r * row_blocks), nblk, mbuf[r]);
+    }
+    __m512 a[WR];
+    float msum[WR];
+    for (int r = 0; r < WR; r++) a[r] = _mm512_setzero_ps(), msum[r] = 0.f;
+    const __m512i m15 = _mm512_set1_epi32(15);
     for (int p = 0; p < planes; p++)
         for (int64_t b = 0; b < nb; b++) {
             const __m512 xl = _mm512_loadu_ps(x + b * 32), xh = _mm512_loadu_ps(x + b * 32 + 16);
             const int64_t blk = p * nb + b;
             for (int r = 0; r < WR; r++) { /* unrolled by the compiler: WR is a constant */
+                const uint8_t *c = codes + r * row_bytes + blk * bb;
                 __m512 lo, hi;
-                q4_dequant_block(codes + r * row_bytes + blk * bb, bits, scl_at(scales, r * row_blocks + blk),
-                                 scl_at(mins, r * row_blocks + blk), &lo, &hi);
-                a[r][0] = _mm512_fmadd_ps(lo, xl, a[r][0]);
-                a[r][1] = _mm512_fmadd_ps(hi, xh, a[r][1]);
+                if (bits == 8) {
+                    lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c)));
+                    hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16))));
+                } else {
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+                    lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m15));
+                    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                }
+                const __m512 t = _mm512_fmadd_ps(hi, xh, _mm512_mul_ps(lo, xl));
+                a[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sbuf[r][blk]), a[r]);
+                msum[r] += mbuf[r][blk] * xsum[b];
             }
         }
-    for (int r = 0; r < WR; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+    for (int r = 0; r < WR; r++) out[r] = _mm512_reduce_add_ps(a[r]) + msum[r];
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define WR 2
 static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb,
-                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
+                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, const float *xsum,
+                       float *out) {
+    (void)xsum;
     const int64_t bb = bits * 4;
     __m256 a[WR][2];
     for (int r = 0; r < WR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
@@ -255,8 +287,9 @@ static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins,
 #else
 #define WR 1
 static void q4_rows_m1(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb,
-                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, float *out) {
-    (void)row_bytes, (void)row_blocks;
+                       int planes, int64_t row_bytes, int64_t row_blocks, const float *x, const float *xsum,
+                       float *out) {
+    (void)row_bytes, (void)row_blocks, (void)xsum;
     q4_row(codes, bits, scales, mins, nb, planes, x, 0, 1, out);
 }
 #endif
@@ -292,15 +325,21 @@ void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, i
     const scl_t scales = half ? (scl_t){NULL, (const uint16_t *)sp} : (scl_t){(const float *)sp, NULL};
     const scl_t mins = half ? (scl_t){NULL, (const uint16_t *)mp} : (scl_t){(const float *)mp, NULL};
     const int64_t nb = K / 32, row_bytes = (int64_t)planes * nb * bits * 4, row_blocks = (int64_t)planes * nb;
-    if (M == 1) {
+    if (M == 1 && row_blocks <= Q4_M1_MAX_BLOCKS) {
         const int64_t groups = N / WR;
+        float xsum[Q4_M1_MAX_BLOCKS]; /* per block of x: the sum its min multiplies */
+        for (int64_t b = 0; b < nb; b++) {
+            float t = 0.f;
+            for (int j = 0; j < 32; j++) t += x[b * 32 + j];
+            xsum[b] = t;
+        }
 #pragma omp parallel for schedule(static) num_threads(nt)
         for (int64_t g = 0; g <= groups; g++) {
             float out[WR];
             const int64_t n0 = g * WR, nr = g < groups ? WR : N - n0;
             if (nr == WR)
-                q4_rows_m1(codes + n0 * row_bytes, bits, scl_off(scales, n0 * row_blocks), scl_off(mins, n0 * row_blocks), nb, planes,
-                           row_bytes, row_blocks, x, out);
+                q4_rows_m1(codes + n0 * row_bytes, bits, scl_off(scales, n0 * row_blocks),
+                           scl_off(mins, n0 * row_blocks), nb, planes, row_bytes, row_blocks, x, xsum, out);
             else
                 for (int64_t r = 0; r < nr; r++)
                     q4_row(codes + (n0 + r) * row_bytes, bits, scl_off(scales, (n0 + r) * row_blocks),
