@@ -4,9 +4,10 @@
  * (torch's intra-op thread count; torch and this library share one libgomp).
  *
  * int4 weights ("q4"): row n of W [N, K] is P planes of K / 32 blocks; a block is 16 bytes, byte j holding
- * code j in its low nibble and code 16 + j in its high one (ggml's order), with one float scale s and one float
- * min m per block: w = code * s + m. A P-plane row sums its planes (lmforge/weights/gguf_pack.py). With bits = 8
- * a block is 32 bytes, one code each (two int4 planes whose scales differ by 16 collapse into it).
+ * code j in its low nibble and code 16 + j in its high one (ggml's order), with one scale s and one min m per
+ * block (float32, or float16 where exact: `half`): w = code * s + m. A P-plane row sums its planes
+ * (lmforge/weights/gguf_pack.py). With bits = 8 a block is 32 bytes, one code each (two int4 planes whose scales
+ * differ by 16 collapse into it).
  */
 #include <math.h>
 #include <stdint.h>
