@@ -138,7 +138,11 @@ class CpuGraphRunner:
         support = getattr(step.model, "support_cuda_graph", True)
         self._support = support if callable(support) else (lambda *a, **k: bool(support))
         self.enabled = bool(support) and cpu_kernels.available()
-        self.graphs = self.programs  # what engine code and benchmarks read of a graph runner
+        # what benchmarks read of a graph runner (CudaGraphRunner's names): recording happens on the first step of a
+        # size, so there is no capture time at start
+        self.graphs = self.programs
+        self.capture_seconds = 0.0
+        self.bucket_seconds: dict[int, float] = {}
 
     def _context(self, bs: int) -> StepContext:
         meta = AttnMetadata(
@@ -192,8 +196,8 @@ class CpuGraphRunner:
         return self.step.forward(ctx), None
 
     def run(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states [bs, hidden], float32 logits [bs, vocab] or None): static buffers, read before the next
-        step of this batch size."""
+        """(hidden states [bs, hidden], float32 logits [bs, vocab] or None): the arena's memory, read before the
+        next step (of any batch size)."""
         meta = ctx.attn_metadata
         bs = meta.num_seqs
         self.input_ids[:bs].copy_(ctx.input_ids)

@@ -19,7 +19,7 @@ from lmforge.kernels.cuda.quant_moe import fused_moe_quantized_grouped
 from lmforge.kernels.cuda.quant_scaled_mm import scaled_mm
 from lmforge.kernels.cuda.quant_w4dot import w4_dequantize, w4_dot
 from lmforge.kernels.cuda.quant_w4gemv import gemv_supported, repack_gemv, w4_gemv
-from lmforge.kernels.cuda.quant_wna16 import dequantize, repack, wna16_gemm
+from lmforge.kernels.cuda.quant_wna16 import KS, dequantize, repack, wna16_gemm
 
 # from this many rows a weight-only layer dequantizes its weight once per call and runs a dense cuBLAS GEMM: the
 # fused kernel re-dequantizes each weight tile for every row tile and its dots are small; measured on an H200 it
@@ -355,6 +355,8 @@ def _stack_side(scheme: str, dicts: list[dict]) -> dict:
             raise _NotGroupable("experts in the w4 layout (the grouped kernel reads the chunked one)")
         for key, what in (("bits", "bits"), ("group_size", "group size"), ("in_features", "in_features")):
             _same(dicts, key, what)
+        if dicts[0]["group_size"] % KS and dicts[0]["group_size"] < dicts[0]["in_features"]:
+            raise _NotGroupable(f"group size {dicts[0]['group_size']} (the grouped kernel takes multiples of {KS})")
         _same(dicts, "qweight", "qweight shape")
         side = {"mode": "wna16", "bits": dicts[0]["bits"], "group_size": dicts[0]["group_size"]}
         n, k = dicts[0]["out_features"], dicts[0]["in_features"]

@@ -282,7 +282,8 @@ def q4_prepare(
     lib.lmf_q4_repack(pairs.data_ptr(), n, kp, bits, codes.data_ptr(), torch.get_num_threads())
     if collapse:
         s, mins, planes = s[:, :nb].contiguous(), (mins[:, :nb] + mins[:, nb:]).contiguous(), 1
-    # float16 scales and mins where that is exact (GGUF stores Q4_0/Q4_1/Q8_0's so): a quarter less to read a step
+    # float16 scales and mins where that is exact (GGUF stores Q4_0/Q4_1/Q8_0's so): Q4_1 then holds 0.625 bytes a
+    # weight instead of 0.75
     s16, m16 = s.half(), mins.half()
     half = bool(torch.equal(s16.float(), s) and torch.equal(m16.float(), mins))
     if half:
@@ -318,7 +319,7 @@ def q4_dequantize(prepared: dict) -> torch.Tensor:
     w = torch.empty(n, k, dtype=torch.float32)
     library().lmf_q4_dequantize(
         _ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]), _ptr(prepared["q4_mins"]),
-        int(prepared.get("q4_half", False)), n, k,
+        int(prepared["q4_half"]), n, k,
         prepared["planes"], _ptr(w), torch.get_num_threads(),
     )  # fmt: skip
     return w
@@ -339,7 +340,7 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
     weights = prepared.get("_ptrs")
     if weights is None:  # (codes, bits, scales, mins, half): the prepared tensors live as long as the layer
         weights = prepared["_ptrs"] = (_ptr(prepared["q4"]), prepared["q4_bits"], _ptr(prepared["q4_scales"]),
-                                       _ptr(prepared["q4_mins"]), int(prepared.get("q4_half", False)))  # fmt: skip
+                                       _ptr(prepared["q4_mins"]), int(prepared["q4_half"]))  # fmt: skip
     y = _empty(m, n)
     bias = None if bias is None else bias.contiguous()
     _call(_lib.lmf_q4_linear, x2.data_ptr(), m, k, *weights, _ptr(bias), n, prepared["planes"], y.data_ptr(), n,

@@ -31,7 +31,7 @@ int lmf_simd_width(void) {
 /* ---- int4 linear ---------------------------------------------------------------------------------------- */
 
 /* A block's scales or mins: float32, or float16 where those values are exact in it (GGUF's Q4_0/Q4_1/Q8_0 store
- * them so): a batch-1 step reads a quarter less. Exactly one of the two pointers is set. */
+ * them so; Q4_1 then holds 0.625 bytes a weight instead of 0.75). Exactly one of the two pointers is set. */
 typedef struct {
     const float *f;
     const uint16_t *h;
