@@ -7,7 +7,8 @@ source, the compiler, its flags and the CPU's flags) and loaded with ctypes. Wit
 LMFORGE_CPU_KERNELS=0, `available()` is False and the backends run their plain-torch code (the reference these
 kernels are tested against: tests/kernels/test_cpu_kernels.py). LMFORGE_CPU_KERNELS_CFLAGS adds compiler flags: the
 tests build the AVX2 and plain-C variants on an AVX-512 machine that way. Every wrapper here checks what it is given and
-returns None for what the C code does not handle, so a caller falls back to torch.
+returns None for what the C code does not handle, so a caller falls back to torch. Every per-step call goes
+through `recording._call`, so a decode step can be recorded and replayed (engine/cpu_graph.py).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .recording import Arena, KernelProgram, _call, _empty, recording  # noqa: F401 (Arena, KernelProgram, recording: for callers)
 
 logger = logging.getLogger(__name__)
 
@@ -163,85 +165,6 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
-
-
-class Arena:
-    """Float32 memory for the outputs of recorded kernel calls: each recording takes its buffers in order from the
-    start (`reset`), so programs of different batch sizes share the same memory (one program runs at a time, and
-    what a step returns is read before the next step), which then is as large as the largest program needs. Chunks
-    are never freed or moved: recorded calls hold their addresses."""
-
-    CHUNK = 1 << 21  # floats (8 MiB)
-
-    def __init__(self) -> None:
-        self.chunks: list[torch.Tensor] = []
-        self.reset()
-
-    def reset(self) -> None:
-        self.chunk, self.offset = 0, 0
-
-    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        numel_aligned = -(-numel // 16) * 16  # 64-byte starts
-        while True:
-            if self.chunk == len(self.chunks):
-                self.chunks.append(torch.empty(max(self.CHUNK, numel_aligned), dtype=torch.float32))
-            buf = self.chunks[self.chunk]
-            if self.offset + numel_aligned <= buf.numel():
-                out = buf[self.offset : self.offset + numel].view(shape)
-                self.offset += numel_aligned
-                return out
-            if self.offset == 0:  # an older chunk too small for it: a bigger one goes before it (none moves)
-                self.chunks.insert(self.chunk, torch.empty(numel_aligned, dtype=torch.float32))
-                continue
-            self.chunk, self.offset = self.chunk + 1, 0
-
-
-class KernelProgram:
-    """The kernel calls of one forward, recorded while it ran (`recording`), replayed in order with the same
-    arguments: the same memory, so whatever the recorded step read (its inputs, the KV cache, the weights) must be
-    rewritten in place before a replay, and what it wrote is where the replay writes (engine/cpu_graph.py). Every
-    per-step kernel takes its thread count last; a replay passes the current one. With an `arena`, the kernels'
-    outputs come from it."""
-
-    def __init__(self, arena: Arena | None = None) -> None:
-        self.calls: list[tuple] = []
-        self.arena = arena
-
-    def replay(self, num_threads: int) -> None:
-        for fn, args in self.calls:
-            fn(*args, num_threads)
-
-
-_recording: KernelProgram | None = None
-
-
-@contextmanager
-def recording(program: KernelProgram):
-    """Append every per-step kernel call made inside to program (the calls still run)."""
-    global _recording
-    previous, _recording = _recording, program
-    try:
-        yield program
-    finally:
-        _recording = previous
-
-
-def _empty(*shape) -> torch.Tensor:
-    """A kernel's float32 output (sizes, or one torch.Size): from the recording's arena while one records with one."""
-    if len(shape) == 1 and not isinstance(shape[0], int):
-        shape = tuple(shape[0])
-    if _recording is not None and _recording.arena is not None:
-        return _recording.arena.take(shape)
-    return torch.empty(shape, dtype=torch.float32)
-
-
-def _call(fn, *args) -> None:
-    if _recording is not None:
-        _recording.calls.append((fn, args[:-1]))
-    fn(*args)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

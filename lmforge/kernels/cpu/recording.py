@@ -1,0 +1,88 @@
+"""Recording the CPU kernels' calls (engine/cpu_graph.py replays them): every per-step wrapper in this package
+calls its C function through `_call` and allocates its float32 output with `_empty`, so that while `recording` is
+active the calls are appended to a KernelProgram and the outputs come from its Arena."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+class Arena:
+    """Float32 memory for the outputs of recorded kernel calls: each recording takes its buffers in order from the
+    start (`reset`), so programs of different batch sizes share the same memory (one program runs at a time, and
+    what a step returns is read before the next step), which then is as large as the largest program needs. Chunks
+    are never freed or moved: recorded calls hold their addresses."""
+
+    CHUNK = 1 << 21  # floats (8 MiB)
+
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.chunk, self.offset = 0, 0
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        numel_aligned = -(-numel // 16) * 16  # 64-byte starts
+        while True:
+            if self.chunk == len(self.chunks):
+                self.chunks.append(torch.empty(max(self.CHUNK, numel_aligned), dtype=torch.float32))
+            buf = self.chunks[self.chunk]
+            if self.offset + numel_aligned <= buf.numel():
+                out = buf[self.offset : self.offset + numel].view(shape)
+                self.offset += numel_aligned
+                return out
+            if self.offset == 0:  # an older chunk too small for it: a bigger one goes before it (none moves)
+                self.chunks.insert(self.chunk, torch.empty(numel_aligned, dtype=torch.float32))
+                continue
+            self.chunk, self.offset = self.chunk + 1, 0
+
+
+class KernelProgram:
+    """The kernel calls of one forward, recorded while it ran (`recording`), replayed in order with the same
+    arguments: the same memory, so whatever the recorded step read (its inputs, the KV cache, the weights) must be
+    rewritten in place before a replay, and what it wrote is where the replay writes (engine/cpu_graph.py). Every
+    per-step kernel takes its thread count last; a replay passes the current one. With an `arena`, the kernels'
+    outputs come from it."""
+
+    def __init__(self, arena: Arena | None = None) -> None:
+        self.calls: list[tuple] = []
+        self.arena = arena
+
+    def replay(self, num_threads: int) -> None:
+        for fn, args in self.calls:
+            fn(*args, num_threads)
+
+
+_recording: KernelProgram | None = None
+
+
+@contextmanager
+def recording(program: KernelProgram):
+    """Append every per-step kernel call made inside to program (the calls still run)."""
+    global _recording
+    previous, _recording = _recording, program
+    try:
+        yield program
+    finally:
+        _recording = previous
+
+
+def _empty(*shape) -> torch.Tensor:
+    """A kernel's float32 output (sizes, or one torch.Size): from the recording's arena while one records with one."""
+    if len(shape) == 1 and not isinstance(shape[0], int):
+        shape = tuple(shape[0])
+    if _recording is not None and _recording.arena is not None:
+        return _recording.arena.take(shape)
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def _call(fn, *args) -> None:
+    if _recording is not None:
+        _recording.calls.append((fn, args[:-1]))
+    fn(*args)
