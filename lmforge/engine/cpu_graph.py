@@ -23,7 +23,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.kernels import cpu as cpu_kernels
-from lmforge.model_inputs import AttnMetadata, StepContext
+from lmforge.model_inputs import StepContext
+
+from .decode_inputs import StaticDecodeInputs
 
 logger = logging.getLogger(__name__)
 
@@ -119,19 +121,9 @@ class CpuGraphRunner:
     def __init__(self, step, cache, block_size: int, max_batch_size: int, max_blocks: int):
         self.step = step
         self.kv_caches = cache.kv_caches
-        self.block_size = block_size
         self.max_batch_size = min(max_batch_size, MAX_BATCH)
         self.max_blocks = max_blocks
-        self.max_kv_len = max_blocks * block_size
-        n = self.max_batch_size
-        self.input_ids = torch.zeros(n, dtype=torch.long)
-        self.position_ids = torch.zeros(n, dtype=torch.long)
-        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32)
-        self.kv_seqlens = torch.ones(n, dtype=torch.int32)
-        self.q_seqlens = torch.ones(n, dtype=torch.int32)
-        self.q_start_loc = torch.arange(n, dtype=torch.int32)
-        self.last_rows = torch.arange(n, dtype=torch.long)
-        self.slot_mapping = torch.zeros(n, dtype=torch.long)
+        self.inputs = StaticDecodeInputs(self.max_batch_size, max_blocks, block_size, torch.device("cpu"))
         self.programs: dict[int, tuple[cpu_kernels.KernelProgram, torch.Tensor, torch.Tensor | None, list]] = {}
         self.eager_sizes: dict[int, str] = {}  # batch sizes found not recordable, and why
         self.arena = cpu_kernels.Arena()
@@ -145,20 +137,8 @@ class CpuGraphRunner:
         self.bucket_seconds: dict[int, float] = {}
 
     def _context(self, bs: int) -> StepContext:
-        meta = AttnMetadata(
-            is_decoding=True,
-            block_tables=self.block_tables[:bs],
-            q_start_loc=self.q_start_loc[:bs],
-            q_seqlens=self.q_seqlens[:bs],
-            kv_seqlens=self.kv_seqlens[:bs],
-            slot_mapping=self.slot_mapping[:bs],
-            max_q_seqlen=1,
-            max_kv_seqlen=self.max_kv_len,
-            block_size=self.block_size,
-            q_seqlens_list=_StepList(),
-            kv_seqlens_list=_StepList(),
-        )
-        return StepContext(self.input_ids[:bs], self.position_ids[:bs], meta, self.kv_caches, True, self.last_rows[:bs])
+        # the host lists refuse to be read: a forward that reads them is not recordable
+        return self.inputs.context(bs, self.kv_caches, _StepList(), _StepList())
 
     def can_run(self, ctx: StepContext) -> bool:
         if not self.enabled or not ctx.is_decoding or ctx.inputs_embeds is not None:
@@ -198,14 +178,7 @@ class CpuGraphRunner:
     def run(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states [bs, hidden], float32 logits [bs, vocab] or None): the arena's memory, read before the
         next step (of any batch size)."""
-        meta = ctx.attn_metadata
-        bs = meta.num_seqs
-        self.input_ids[:bs].copy_(ctx.input_ids)
-        self.position_ids[:bs].copy_(ctx.position_ids)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:bs, :width].copy_(meta.block_tables)
-        self.kv_seqlens[:bs].copy_(meta.kv_seqlens)
-        self.slot_mapping[:bs].copy_(meta.slot_mapping)
+        bs = self.inputs.load(ctx)
         entry = self.programs.get(bs)
         if entry is None:
             return self._record(bs, ctx)

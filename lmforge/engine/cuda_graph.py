@@ -15,7 +15,9 @@ import time
 
 import torch
 
-from lmforge.model_inputs import AttnMetadata, StepContext
+from lmforge.model_inputs import StepContext
+
+from .decode_inputs import StaticDecodeInputs
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +52,8 @@ class CudaGraphRunner:
         self.device = device
         self.max_batch_size = max_batch_size
         self.max_blocks = max_blocks
-        self.max_kv_len = self.max_blocks * self.block_size
-        trash = cache.trash_block
-        n, dev = self.max_batch_size, self.device
-        self.trash_slot = trash * self.block_size
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.position_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.block_tables = torch.full((n, self.max_blocks), trash, dtype=torch.int32, device=dev)
-        self.kv_seqlens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.q_seqlens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.q_start_loc = torch.arange(n, dtype=torch.int32, device=dev)
-        self.slot_mapping = torch.full((n,), self.trash_slot, dtype=torch.long, device=dev)
+        self.inputs = StaticDecodeInputs(max_batch_size, max_blocks, block_size, device, cache.trash_block)
+        self.max_kv_len = self.inputs.max_kv_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.logits: dict[int, torch.Tensor] = {}  # buckets whose graph ends in the lm_head
@@ -74,22 +67,8 @@ class CudaGraphRunner:
             self._capture_all(max_capture_s)
 
     def _context(self, bs: int) -> StepContext:
-        meta = AttnMetadata(
-            is_decoding=True,
-            block_tables=self.block_tables[:bs],
-            q_start_loc=self.q_start_loc[:bs],
-            q_seqlens=self.q_seqlens[:bs],
-            kv_seqlens=self.kv_seqlens[:bs],
-            slot_mapping=self.slot_mapping[:bs],
-            max_q_seqlen=1,
-            max_kv_seqlen=self.max_kv_len,
-            block_size=self.block_size,
-            q_seqlens_list=[1] * bs,
-            kv_seqlens_list=[self.max_kv_len] * bs,
-        )
-        return StepContext(
-            self.input_ids[:bs], self.position_ids[:bs], meta, self.kv_caches, True, self.q_start_loc[:bs].long()
-        )
+        # captured as if every row had the longest context: the kernels read the lengths from the buffers
+        return self.inputs.context(bs, self.kv_caches, [1] * bs, [self.max_kv_len] * bs)
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self.step.forward(self._context(bs))
@@ -152,21 +131,13 @@ class CudaGraphRunner:
     def run(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states [bs, hidden], and the float32 logits [bs, vocab] of every row where the graph holds them,
         else None). Both are the graph's static buffers: read them before the next replay."""
-        meta = ctx.attn_metadata
-        bs = meta.num_seqs
+        bs = ctx.attn_metadata.num_seqs
         bucket = next((b for b in sorted(self.graphs) if b >= bs), None)
         if bucket is None:
             raise RuntimeError("no captured graph fits this batch")
-        self.input_ids[:bs].copy_(ctx.input_ids)
-        self.position_ids[:bs].copy_(ctx.position_ids)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:bs, :width].copy_(meta.block_tables)
-        self.kv_seqlens[:bs].copy_(meta.kv_seqlens)
-        self.slot_mapping[:bs].copy_(meta.slot_mapping)
+        self.inputs.load(ctx)
         if bucket > bs:  # padding rows: one key in the trash block
-            self.kv_seqlens[bs:bucket].fill_(1)
-            self.slot_mapping[bs:bucket].fill_(self.trash_slot)
-            self.block_tables[bs:bucket, 0].fill_(self.trash_slot // self.block_size)
+            self.inputs.pad(bs, bucket)
         self.graphs[bucket].replay()
         logits = self.logits.get(bucket)
         return self.outputs[bucket][:bs], None if logits is None else logits[:bs]
