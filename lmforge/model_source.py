@@ -119,6 +119,12 @@ def load_tokenizer(path: str, eos_token_ids: list[int], trust_remote_code: bool 
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         logger.info("no tokenizer files in %s: only token-id prompts can be served", path)
         return None
+    from lmforge.fast_tokenizer import FastTokenizer, unsupported_reason
+
+    reason = unsupported_reason(path)
+    if reason is None:
+        return Tokenizer(FastTokenizer(path), eos_token_ids)
+    logger.info("tokenizer of %s through transformers' AutoTokenizer: %s", path, reason)
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)

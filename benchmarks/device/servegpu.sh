@@ -96,9 +96,9 @@ start_lmdeploy() {  # PORT
   LAST_PID=$!; PIDS+=("$LAST_PID")
 }
 bench() {  # NAME PORT API [rates]
-  local tag=inf extra=()
-  if [ "$4" = rates ]; then tag=rates; extra=(--num-requests "$RATE_N" --request-rates "$RATES" --plot "$OUT/$1.rates.png"); fi
-  timeout "$(lim 60)" "${BENCH[@]}" --url "http://127.0.0.1:$2" --api "$3" --label "$1 $MODEL" "${extra[@]}" \
+  local tag=inf extra=() t=60
+  if [ "$4" = rates ]; then tag=rates t=150; extra=(--num-requests "$RATE_N" --request-rates "$RATES" --plot "$OUT/$1.rates.png"); fi
+  timeout "$(lim "$t")" "${BENCH[@]}" --url "http://127.0.0.1:$2" --api "$3" --label "$1 $MODEL" "${extra[@]}" \
     > "$OUT/$1.$tag.jsonl" 2> "$OUT/$1.$tag.err"
   note "\"step\": \"$1 $tag\", \"rc\": $?"
 }

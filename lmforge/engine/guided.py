@@ -38,8 +38,10 @@ def _compiler(tokenizer_hf: Any, vocab_size: int, stop_token_ids: list[int] | No
         entry = _COMPILERS.get(key)
         # The tokenizer object is kept in the entry so its id() cannot be reused by another object.
         if entry is None or entry[0] is not tokenizer_hf:
+            # xgrammar reads transformers' tokenizer classes: lmforge's FastTokenizer lends its transformers twin
+            hf = tokenizer_hf.to_transformers() if hasattr(tokenizer_hf, "to_transformers") else tokenizer_hf
             info = xgr.TokenizerInfo.from_huggingface(
-                tokenizer_hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) if stop_token_ids else None
+                hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) if stop_token_ids else None
             )
             compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=COMPILER_CACHE_BYTES)
             entry = (tokenizer_hf, compiler)

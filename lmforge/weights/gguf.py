@@ -86,17 +86,25 @@ def _tokenizer_cache(path: str, transformers_version: str) -> str:
 def gguf_tokenizer(path: str):
     """The model's fast tokenizer (a transformers PreTrainedTokenizerFast), rebuilt by transformers from the
     vocabulary and merges in the metadata, then kept in `_tokenizer_cache` (the rebuild took 1.3 s of a 2.4 s
-    start on 2 cores; loading the saved one 0.2 s). transformers is imported here only: the weights and the config
-    of a GGUF file load without it."""
-    import transformers
+    start on 2 cores; loading the saved one 0.2 s). transformers is imported only to rebuild it: a cached one is
+    read by lmforge.fast_tokenizer (as are the weights and the config of a GGUF file, without transformers)."""
+    from importlib.metadata import version
+
+    from lmforge.fast_tokenizer import FastTokenizer, unsupported_reason
 
     read_gguf(path)  # a clear WeightFileError for a broken file (the parse is cached per file)
-    cache = _tokenizer_cache(path, transformers.__version__)
+    cache = _tokenizer_cache(path, version("transformers"))
     if os.path.exists(os.path.join(cache, "tokenizer.json")):
         try:
+            if unsupported_reason(cache) is None:
+                return FastTokenizer(cache)
+            import transformers
+
             return transformers.PreTrainedTokenizerFast.from_pretrained(cache)
         except Exception as e:  # a damaged entry: rebuild it from the file
             logger.warning("cached tokenizer %s unreadable (%s); rebuilding it from %s", cache, e, path)
+    import transformers
+
     tokenizer = _build_gguf_tokenizer(path, transformers)
     tmp = None
     try:  # written beside, then renamed: a concurrent reader sees a whole entry or none
