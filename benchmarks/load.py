@@ -16,6 +16,7 @@ _T0 = time.perf_counter()
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 
 import torch  # noqa: E402, F401  (timed: import_torch_s)
 
@@ -126,6 +127,7 @@ def main() -> None:
         worker_times={k: round(v, 2) for k, v in engine.executor.driver.load_times.items()},
         kv_blocks=engine.block_manager.num_blocks,
         max_batch_size=engine.max_batch_size,
+        transformers_imported="transformers" in sys.modules,
     )
     for c in compiles or []:
         emit(measure="triton_compile", tag=args.tag, model=args.model, **c)

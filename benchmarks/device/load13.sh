@@ -17,6 +17,9 @@ step() {  # step NAME NEED_S CMD...: run CMD with a timeout of what is left, whe
 }
 M=/tmp/lmf-models
 mkdir -p $M
+# byte-compiled sources, as an installed package has them (pip compiles at install; the device's fresh copy of the
+# tree and --no-compile wheels have none, and compiling them would add seconds of imports to the first start only)
+python3 -m compileall -q -j 8 lmforge benchmarks $(ls -d /tmp/site 2>/dev/null) > "$OUT/compileall.log" 2>&1
 A=$(mktemp -d /tmp/load13-cacheA-XXXX)   # XDG_CACHE_HOME: lmforge/triton (kernels) + lmforge/profile
 L="python3 benchmarks/load.py"
 # how much of each preset's weight files is in the page cache (mincore), before the first start reads them

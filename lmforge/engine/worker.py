@@ -24,7 +24,7 @@ from lmforge.model_inputs import StepContextManager
 from lmforge.model_source import ModelSource, load_model_source
 
 from . import cache_engine as ce
-from . import tp
+from . import precompile, tp
 from .model_loader import build_model, load_model_weights
 from .model_runner import ModelRunner, ModelStep
 from .profile import peak_step_memory, profile_num_tokens
@@ -114,7 +114,7 @@ class Worker:
         parallelism, the largest over the ranks (each runs the same step on its shard)."""
         num_tokens = profile_num_tokens(self.cfg.max_prefill_token_num, self.model_config)
         if self.channel is None:  # one rank: a profile measured before on this very step is reused
-            peak = self._cached_peak(num_tokens)
+            peak = self._cached_peak(num_tokens, max_batch_size)
         else:
             self._tell(tp.PROFILE, num_tokens)
             peak = peak_step_memory(
@@ -128,7 +128,7 @@ class Worker:
             logger.info("profile: a %d-token step needs %.2f GiB of activations", num_tokens, peak / 2**30)
         return int(peak)
 
-    def _cached_peak(self, num_tokens: int) -> int:
+    def _cached_peak(self, num_tokens: int, max_batch_size: int) -> int:
         """The profile step's peak from lmforge's cache (engine.profile_cache), else measured and stored. A cached
         profile also reserves what the measured step took outside torch's allocator: this start has not loaded
         those kernels and libraries yet, so the free memory it sees still counts them."""
@@ -138,6 +138,12 @@ class Worker:
             self.profile_cached = True
             logger.info("profile: reused the measured peak of this step (%s)", key)
             return cached[0] + cached[1]
+        if self.device.type == "cuda" and precompile.enabled():  # a cold start: compile the start's kernels at once
+            lengths = [n for n in (1, 17, 100, 333, 1100) if n < num_tokens] + [num_tokens]
+            batches = sorted({b for b in (1, 2, 16, max_batch_size) if 0 < b <= max(1, max_batch_size)})
+            self.load_times["precompile_s"] = precompile.precompile_steps(
+                self.step, self.cfg.block_size, self.model_config, self.dtype, self.device, lengths, batches
+            )
         if self._weights is not None:
             # the weights are still loading: a first run compiles the step's kernels beside the load; the measured
             # run follows the load, since the load's own allocations would blur the step's peak

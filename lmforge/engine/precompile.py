@@ -1,0 +1,120 @@
+"""Cold starts on a GPU: the Triton kernels of the start-up steps compiled side by side, before those steps run.
+
+A start with an empty Triton cache compiles ~24 kernels for llama, one after another as the profile step, the CUDA
+graph captures and the warm-up burst first launch them: 12-13 s of a 16 s start on the H200 machine. Triton itself
+can compile on an executor (`AsyncCompileMode`), but a launch waits for its kernel, so a normal forward gains
+nothing from it. Here the forwards of those steps (prefills of the warm-up's lengths, a mixed step, decode batches
+of each bucket kind) first run once with every Triton launch of this thread turned into a compile-only "warmup":
+no kernel runs, the torch glue between them runs on uninitialised activations, and the compiles queue on a thread
+pool. When the pass ends every kernel is in its in-memory cache and Triton's disk cache; the real steps then only
+load them. Anything the pass misses (or a shape it gets wrong) is compiled as before, on first launch.
+Only for one rank and only when the memory profile is not cached (a start that compiled before skips it).
+`LMFORGE_PRECOMPILE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from lmforge.messages import GenerationConfig
+
+from .cache_engine import CacheEngine
+from .model_runner import ModelRunner, ModelStep
+from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+_local = threading.local()
+
+
+def enabled() -> bool:
+    return os.environ.get("LMFORGE_PRECOMPILE", "1") != "0"
+
+
+def _patch_triton_run():
+    """JITFunction.run with launches of a compile-only thread turned into warmups (once per process)."""
+    import triton.runtime.jit as jit
+
+    if getattr(jit.JITFunction, "_lmforge_compile_only", False):
+        return
+    original = jit.JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return original(self, *args, grid=grid, warmup=warmup or getattr(_local, "active", False), **kwargs)
+
+    jit.JITFunction.run = run
+    jit.JITFunction._lmforge_compile_only = True
+
+
+@contextlib.contextmanager
+def compile_only(threads: int):
+    """Inside, this thread's Triton launches only queue their kernel's compile on `threads` threads; on leaving,
+    all compiles have finished (a failed one is left for its first real launch to raise)."""
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    _patch_triton_run()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="lmforge-compile")
+    try:
+        with AsyncCompileMode(pool, ignore_errors=True):
+            _local.active = True
+            try:
+                yield
+            finally:
+                _local.active = False
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _seq(i: int, length: int, computed: int, first_block: int, block_size: int) -> Sequence:
+    seq = Sequence(-1 - i, f"precompile-{i}", [0] * length, length, GenerationConfig(max_new_tokens=1))
+    seq.num_computed_tokens = computed
+    seq.block_ids = list(range(first_block, first_block + (length + block_size - 1) // block_size))
+    return seq
+
+
+@torch.inference_mode()
+def precompile_steps(
+    step: ModelStep,
+    block_size: int,
+    model_config,
+    dtype: torch.dtype,
+    device: torch.device,
+    prefill_lengths: list[int],
+    decode_batches: list[int],
+) -> float:
+    """Compile (not run) the kernels of prefills of `prefill_lengths` tokens, one mixed step and decode steps of
+    `decode_batches` sequences; seconds taken. Errors are logged and left to the real steps."""
+    t0 = time.perf_counter()
+    longest = max(prefill_lengths)
+    num_blocks = max((longest + block_size - 1) // block_size + 1, max(decode_batches) + 1)
+    steps: list[SchedulerOutput] = []
+    for n in sorted(set(prefill_lengths)):
+        steps.append(SchedulerOutput([_seq(0, n, 0, 0, block_size)], [n]))
+    mixed = [_seq(0, 2, 1, 0, block_size), _seq(1, 17, 0, 1, block_size)]
+    steps.append(SchedulerOutput(mixed, [1, 17]))
+    for bs in sorted(set(decode_batches)):
+        steps.append(SchedulerOutput([_seq(i, 2, 1, i, block_size) for i in range(bs)], [1] * bs))
+    threads = max(2, min(16, (os.cpu_count() or 2)))
+    try:
+        cache = CacheEngine(model_config, num_blocks, block_size, dtype, device)
+        runner = ModelRunner(step, cache.kv_caches, block_size, device)
+        with compile_only(threads):
+            for sched in steps:
+                sample_rows = list(range(len(sched.seqs)))
+                runner.forward(sched, sample_rows)
+    except Exception as e:  # noqa: BLE001 - the real steps compile what is left and raise real errors
+        logger.info("precompile pass stopped early (%s: %s); the rest compiles on first launch", type(e).__name__, e)
+    finally:
+        cache = runner = None
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    seconds = time.perf_counter() - t0
+    logger.info("compiled the start-up steps' Triton kernels on %d threads in %.2f s", threads, seconds)
+    return seconds
