@@ -21,10 +21,12 @@ CHATML = (
 )
 
 
-def make_tiny_tokenizer(path: str) -> None:
-    """A small byte-level BPE tokenizer with ChatML special tokens, saved HF-style into `path`."""
+TINY_CORPUS = ["The capital of France is Paris.", "héllo wörld 你好 🙂", "Once upon a time there was a model."] * 20
+
+
+def tiny_bpe(corpus: list[str] = TINY_CORPUS):
+    """A `tokenizers` byte-level BPE (vocab 300) trained on `corpus` in milliseconds, with ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -35,8 +37,15 @@ def make_tiny_tokenizer(path: str) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = ["The capital of France is Paris.", "héllo wörld 你好 🙂", "Once upon a time there was a model."] * 20
     tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def make_tiny_tokenizer(path: str) -> None:
+    """A small byte-level BPE tokenizer with ChatML special tokens, saved HF-style into `path`."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tiny_bpe()
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lmforge.fast_tokenizer import FastTokenizer, unsupported_reason
 from lmforge.model_source import load_tokenizer
-from tests.conftest import CHATML, make_tiny_tokenizer
+from tests.conftest import CHATML, make_tiny_tokenizer, tiny_bpe
 
 CORPUS = ["The capital of France is Paris.", "héllo wörld 你好 🙂", "Don't stop: it's 3.5 km away, isn't it?"] * 20
 TEXTS = [
@@ -30,17 +30,7 @@ TEXTS = [
 
 
 def _bpe() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+    return tiny_bpe(CORPUS)
 
 
 def _wordpiece() -> Tokenizer:
