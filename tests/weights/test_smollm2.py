@@ -39,7 +39,7 @@ def test_config(path):
 def test_tokenizer(path):
     tokenizer = gguf_tokenizer(path)
     text = "The capital of France is Paris. ça va? 🙂"
-    assert tokenizer.decode(tokenizer(text).input_ids) == text
+    assert tokenizer.decode(tokenizer.encode(text)) == text
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
     prompt = tokenizer.apply_chat_template(
