@@ -29,7 +29,7 @@ from .recording import Arena, KernelProgram, _call, _empty, recording  # noqa: F
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("kernels.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "q4_int8.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -42,6 +42,8 @@ _C = ctypes.c_int
 _SIGNATURES = {
     "lmf_simd_width": (ctypes.c_int, []),
     "lmf_q4_linear": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _C, _P, _I, _C]),
+    "lmf_q8_available": (ctypes.c_int, []),
+    "lmf_q4_linear_q8": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _P, _I, _C]),
     "lmf_q4_dequantize": (None, [_P, _C, _P, _P, _C, _I, _I, _C, _P, _C]),
     "lmf_rms_norm": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _F, _C]),
     "lmf_rope": (None, [_P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _C]),
@@ -120,7 +122,7 @@ def _build() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in _SOURCES)
     flags = _FLAGS + os.environ.get("LMFORGE_CPU_KERNELS_CFLAGS", "").split()  # e.g. -mno-avx512f, for tests
     key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]  # fmt: skip
@@ -131,7 +133,10 @@ def _build() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 out = Path(tmp) / path.name
                 proc = subprocess.run(
-                    [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300
+                    [cc, *flags, *map(str, _SOURCES), "-o", str(out), "-lm"],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
                 )
                 if proc.returncode != 0:
                     logger.warning("CPU kernels did not compile (%s): plain torch ops\n%s", cc, proc.stderr[-2000:])
@@ -234,6 +239,10 @@ def ggml_pairs(nibble_bytes: torch.Tensor) -> torch.Tensor | None:
 # faster than the row kernel (2-core AVX-512 Xeon, 576 x 3072: 32 rows 3.5 ms row kernel vs 1.7 + 4.0 ms
 # dequantize + GEMM; 128 rows 12.4 vs 1.1 + 5.5 ms)
 Q4_GEMM_MIN_ROWS = 64
+# from this many rows on (a batch of decode rows, a short prefill), below Q4_GEMM_MIN_ROWS: x is quantized to int8
+# per 32-value block and the dot products are integer ones (q4_int8.c), no longer exact in float32; fewer rows (the
+# batch-1 path) stay exact
+Q8_MIN_ROWS = 4
 
 
 def q4_dequantize(prepared: dict) -> torch.Tensor:
@@ -266,6 +275,10 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
                                        _ptr(prepared["q4_mins"]), int(prepared["q4_half"]))  # fmt: skip
     y = _empty(m, n)
     bias = None if bias is None else bias.contiguous()
+    if m >= Q8_MIN_ROWS and prepared["planes"] == 1 and k % 64 == 0 and k <= 32 * 1024 and _lib.lmf_q8_available():
+        _call(_lib.lmf_q4_linear_q8, x2.data_ptr(), m, k, *weights, _ptr(bias), n, y.data_ptr(), n,
+              torch.get_num_threads())  # fmt: skip
+        return y if x2 is x else y.view(*x.shape[:-1], n)
     _call(_lib.lmf_q4_linear, x2.data_ptr(), m, k, *weights, _ptr(bias), n, prepared["planes"], y.data_ptr(), n,
           torch.get_num_threads())  # fmt: skip
     return y if x2 is x else y.view(*x.shape[:-1], n)
