@@ -29,7 +29,8 @@ from .recording import Arena, KernelProgram, _call, _empty, recording  # noqa: F
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "q4_int8.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "attention.c", "q4_int8.c")]
+_HEADERS = [Path(__file__).with_name("simd.h")]  # in the cache key, not on the command line
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -122,7 +123,7 @@ def _build() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    source = b"\0".join(path.read_bytes() for path in _SOURCES)
+    source = b"\0".join(path.read_bytes() for path in _SOURCES + _HEADERS)
     flags = _FLAGS + os.environ.get("LMFORGE_CPU_KERNELS_CFLAGS", "").split()  # e.g. -mno-avx512f, for tests
     key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]  # fmt: skip
