@@ -58,6 +58,68 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
     for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
 }
 
+#if defined(__AVX512F__)
+/* One (token, kv head) item for 64-dim keys and values, its group's query heads 4 at a time: their queries and value
+ * sums stay in registers through one pass over the keys and one over the values (no per-key loads and stores of the
+ * accumulators), keys and values are prefetched 8 slots ahead (the slots of a paged sequence are not contiguous), and
+ * the softmax's 1 / sum scales the output instead of every weight. k and v point at this kv head's channels. */
+static void attend64(const float *qh, int64_t group, const float *k, int64_t ldk, const float *v, int64_t ldv,
+                     const int64_t *slot_of, int64_t len, float scale, float *p, float *out) {
+    enum { PF = 8 };
+    for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int ng = group - g0 < 4 ? (int)(group - g0) : 4;
+        __m512 qv[4][4], acc[4][4];
+        float mx[4], inv[4];
+        for (int g = 0; g < 4; g++) {
+            mx[g] = -INFINITY;
+            for (int c = 0; c < 4; c++)
+                qv[g][c] = g < ng ? _mm512_mul_ps(_mm512_loadu_ps(qh + (g0 + g) * 64 + 16 * c), _mm512_set1_ps(scale))
+                                  : _mm512_setzero_ps();
+        }
+        for (int64_t j = 0; j < len; j++) {
+            const float *kj = k + slot_of[j] * ldk;
+            if (j + PF < len) {
+                const char *next = (const char *)(k + slot_of[j + PF] * ldk);
+                for (int c = 0; c < 4; c++) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
+            }
+            const __m512 k0 = _mm512_loadu_ps(kj), k1 = _mm512_loadu_ps(kj + 16), k2 = _mm512_loadu_ps(kj + 32),
+                         k3 = _mm512_loadu_ps(kj + 48);
+            for (int g = 0; g < 4; g++) {
+                if (g >= ng) break;
+                __m512 d = _mm512_fmadd_ps(qv[g][1], k1, _mm512_mul_ps(qv[g][0], k0));
+                d = _mm512_fmadd_ps(qv[g][3], k3, _mm512_fmadd_ps(qv[g][2], k2, d));
+                const float sc = _mm512_reduce_add_ps(d);
+                p[(g0 + g) * len + j] = sc;
+                mx[g] = sc > mx[g] ? sc : mx[g];
+            }
+        }
+        for (int g = 0; g < ng; g++) inv[g] = 1.f / exp_shifted(p + (g0 + g) * len, len, mx[g]);
+        for (int g = 0; g < 4; g++)
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j++) {
+            const float *vj = v + slot_of[j] * ldv;
+            if (j + PF < len) {
+                const char *next = (const char *)(v + slot_of[j + PF] * ldv);
+                for (int c = 0; c < 4; c++) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
+            }
+            const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
+                         v3 = _mm512_loadu_ps(vj + 48);
+            for (int g = 0; g < 4; g++) {
+                if (g >= ng) break;
+                const __m512 w = _mm512_set1_ps(p[(g0 + g) * len + j]);
+                acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
+                acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
+                acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);
+                acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);
+            }
+        }
+        for (int g = 0; g < ng; g++)
+            for (int c = 0; c < 4; c++)
+                _mm512_storeu_ps(out + (g0 + g) * 64 + 16 * c, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
+    }
+}
+#endif
+
 /* Causal attention of every query token to its sequence's keys in the paged cache (this step's keys already
  * written). q [T, Hq, D] (token stride ldq), out [T, Hq, Dv]; caches [num_blocks, block_size, Hk, D|vhs] (row
  * strides ldk / ldv between consecutive slots, head strides D / vhs; the first Dv <= vhs channels of a value are
@@ -101,6 +163,13 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
                 slot_of[j] = (int64_t)bt[blk] * block_size + off;
                 if (++off == block_size) off = 0, blk++;
             }
+#if defined(__AVX512F__)
+            if (D == 64 && Dv == 64) {
+                attend64(qh, group, kc + h * D, ldk, vc + h * vhs, ldv, slot_of, len, scale, p,
+                         out + (t * hq + h * group) * Dv);
+                continue;
+            }
+#endif
             for (int64_t j = 0; j < len; j++) {
                 const float *key = kc + slot_of[j] * ldk + h * D;
                 for (int64_t g = 0; g < group; g++) {
