@@ -3,8 +3,9 @@
  *
  * Each activation row is quantized per 32-value block to int8 with its own scale d = max|x| / 127, the weight codes
  * stay unsigned, and a block's dot product is an integer one (AVX-512 VNNI vpdpbusd; AVX-512BW or AVX2: vpmaddubsw
- * + vpmaddwd), scaled by s_w * d_x; the min term m_w * sum(x) uses the exact float32 block sum of x. So the only
- * error against the float32 dequantized reference is the rounding of x to 8 bits (tests/kernels/test_q4_int8.py).
+ * + vpmaddwd), scaled by s_w * d_x, plus the min term m_w * d_x * sum(q). So y = round8(x) . w_dequantized: its
+ * error is sum |w| * d / 2 at most (tests/kernels/test_q4_int8.py). (The float32 sum(x) in the min term instead
+ * would weigh the rounding by |code * s| rather than |w|: twice the error for a block centred on zero.)
  *
  * Layout in the kernel's order (activations and an L1 tile of unpacked weight rows alike), 64-byte vectors: 16 blocks
  * at a time are a "group" of 8 vectors in which lane l (4 bytes) of vector k holds values 4k..4k+3 of the group's
@@ -94,7 +95,7 @@ static void q8_floats(const void *p, int half, int64_t off, int64_t n, float *o)
 }
 
 /* one activation row x [K] -> int8 values xq [nvec * 64] in the kernel's order, their scales d [nseg * 16], the
- * float32 block sums xs [nbp] (zero past nb) and, given xc, 128 * the int8 values' block sums [nseg * 16] at one
+ * block sums of the rounded values d * sum(q) xs [nbp] (zero past nb) and, given xc, 128 * the int8 values' block sums [nseg * 16] at one
  * lane of their block (the 8-bit codes' correction without VNNI) */
 static void q8_quantize_row(const q8_shape *sh, const float *x, int8_t *xq, float *d, float *xs, int32_t *xc) {
     float dv[Q8_MAX_BLOCKS];
@@ -105,18 +106,15 @@ static void q8_quantize_row(const q8_shape *sh, const float *x, int8_t *xq, floa
 #if defined(__AVX512BW__)
         const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        xs[b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
         const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, id))));
         _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, id))));
 #else
-        float amax = 0.f, sum = 0.f;
+        float amax = 0.f;
         for (int j = 0; j < 32; j++) {
             const float a = xb[j] < 0.f ? -xb[j] : xb[j];
             amax = a > amax ? a : amax;
-            sum += xb[j];
         }
-        xs[b] = sum;
         const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         for (int i = 0; i < 4; i++) { /* round to nearest even, as vcvtps2dq does; |x| * id <= 127 */
             const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), id));
@@ -126,9 +124,10 @@ static void q8_quantize_row(const q8_shape *sh, const float *x, int8_t *xq, floa
         }
 #endif
         dv[b] = amax / 127.f;
+        int32_t t = 0;
+        for (int j = 0; j < 32; j++) t += q[j];
+        xs[b] = dv[b] * (float)t;
         if (xc) {
-            int32_t t = 0;
-            for (int j = 0; j < 32; j++) t += q[j];
             const int64_t p = (b - 16 * sh->nfull) / 2, e = (b - 16 * sh->nfull) % 2;
             xc[b < 16 * sh->nfull ? b : (sh->nfull + p) * 16 + 4 * e] = 128 * t;
         }
