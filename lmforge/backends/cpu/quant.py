@@ -14,6 +14,8 @@ activations, within bf16 rounding of the reference: tests/weights/test_gguf_pack
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -103,7 +105,12 @@ def wna16_prepare(
         # dtype): lmforge's own kernel, exact in float32; else torch's packed int4 matmul on bf16 activations
         f32_model = compute_dtype is None and mins is None and scales.dtype == torch.float32
         if compute_dtype == torch.bfloat16 or f32_model:
-            q4 = cpu_kernels.q4_prepare(qweight, scales, offsets, group_size, planes, zeros=mins is None)
+            # GGUF's types (mins) may run on int8 activations as llama.cpp runs them, when asked (off by default:
+            # cpu_kernels.INT8_ACTIVATIONS_ENV); the W4A16 formats (zeros: GPTQ, AWQ, ...) always keep float32 ones
+            int8 = mins is not None and os.environ.get(cpu_kernels.INT8_ACTIVATIONS_ENV) == "1"
+            q4 = cpu_kernels.q4_prepare(
+                qweight, scales, offsets, group_size, planes, zeros=mins is None, int8_activations=int8
+            )
             if q4 is not None:
                 return q4
         fast = _int4pack_prepare(qweight, scales, zeros, mins, group_size, planes, compute_dtype)

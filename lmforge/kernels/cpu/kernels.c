@@ -14,9 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 int lmf_simd_width(void) {
 #if defined(__AVX512F__)
@@ -103,12 +101,6 @@ static inline void q4_dequant_block(const uint8_t *codes, int bits, float s, flo
     w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, m15)), vs, vm);
     w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), vs, vm);
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), vs, vm);
-}
-static inline float hsum256(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
 }
 #endif
 
@@ -494,41 +486,6 @@ void lmf_rope(const float *q, int64_t ldq, int64_t hq, const float *k, int64_t l
     }
 }
 
-/* v[i] = exp(v[i] - shift) for i < n, returning their sum: Cephes' single-precision exp (range reduction by
- * ln 2, degree-5 polynomial, ~1 ulp), 16 or 8 lanes at a time; arguments below -87 give ~1e-38, not 0. */
-#if defined(__AVX512F__)
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-87.33654f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(y, n);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37626f)), _mm256_set1_ps(-87.33654f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-    /* 2^n: n + 127 in the exponent field (n is in [-127, 128] after the clamp) */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
 
 /* ---- SiLU(gate) * up: x [rows, 2d] (row stride ldx) -> out [rows, d] --------------------------------------- */
 
@@ -557,127 +514,6 @@ void lmf_silu_and_mul(const float *x, int64_t rows, int64_t d, int64_t ldx, floa
     }
 }
 
-/* ---- attention over the paged float32 KV cache ---------------------------------------------------------- */
-
-static inline float exp_shifted(float *v, int64_t n, float shift) {
-    int64_t j = 0;
-    float sum = 0.f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps(), sh = _mm512_set1_ps(shift);
-    for (; j + 16 <= n; j += 16) {
-        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(v + j), sh));
-        _mm512_storeu_ps(v + j, e);
-        acc = _mm512_add_ps(acc, e);
-    }
-    sum = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
-    for (; j + 8 <= n; j += 8) {
-        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(v + j), sh));
-        _mm256_storeu_ps(v + j, e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    sum = hsum256(acc);
-#endif
-    for (; j < n; j++) {
-        v[j] = expf(v[j] - shift);
-        sum += v[j];
-    }
-    return sum;
-}
-
-static inline float dot(const float *a, const float *b, int64_t n) {
-    int64_t j = 0;
-    float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
-    s = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    s = _mm_cvtss_f32(h);
-#endif
-    for (; j < n; j++) s += a[j] * b[j];
-    return s;
-}
-
-static inline void axpy(float a, const float *x, float *y, int64_t n) {
-    for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
-}
-
-/* Causal attention of every query token to its sequence's keys in the paged cache (this step's keys already
- * written). q [T, Hq, D] (token stride ldq), out [T, Hq, Dv]; caches [num_blocks, block_size, Hk, D|vhs] (row
- * strides ldk / ldv between consecutive slots, head strides D / vhs; the first Dv <= vhs channels of a value are
- * read, so MLA's one latent cache serves as both); block_tables [S, bt_stride] int32;
- * q_start/q_lens/kv_lens [S] int32. Query token i of sequence s sits at position kv_len - q_len + i and sees keys
- * [max(0, pos - window + 1), pos] (window 0: no window). One work item per (token, kv head). Given `key`, this
- * step's keys and values are first written to their cache slots (`slots` [T]), as fill_kv_cache does. */
-void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t ldk, const float *vc, int64_t ldv,
-                         const int32_t *block_tables, int64_t bt_stride, const int32_t *q_start,
-                         const int32_t *q_lens, const int32_t *kv_lens, int64_t S, int64_t T, int64_t hq,
-                         int64_t hk, int64_t D, int64_t Dv, int64_t vhs, int64_t block_size, float scale,
-                         int64_t window, int64_t max_kv, float *out, const float *key, int64_t ldkn,
-                         const float *value, int64_t ldvn, const int64_t *slots, int nt) {
-    const int64_t group = hq / hk;
-    if (key) /* this step's keys and values into their slots first (key [T, Hk, D], value [T, Hk, Dv]) */
-        for (int64_t t = 0; t < T; t++) {
-            memcpy((float *)kc + slots[t] * ldk, key + t * ldkn, sizeof(float) * (size_t)(hk * D));
-            for (int64_t h = 0; h < hk; h++)
-                memcpy((float *)vc + slots[t] * ldv + h * vhs, value + t * ldvn + h * Dv, sizeof(float) * (size_t)Dv);
-        }
-    int64_t *tok_seq = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T > 0 ? T : 1));
-    for (int64_t s = 0; s < S; s++)
-        for (int64_t i = 0; i < q_lens[s]; i++) tok_seq[q_start[s] + i] = s;
-#pragma omp parallel num_threads(T * hk > 1 ? nt : 1)
-    {
-        float *p = (float *)malloc(sizeof(float) * (size_t)(group * (max_kv > 0 ? max_kv : 1)));
-        float *acc = (float *)malloc(sizeof(float) * (size_t)(group * Dv));
-        int64_t *slot_of = (int64_t *)malloc(sizeof(int64_t) * (size_t)(max_kv > 0 ? max_kv : 1));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < T * hk; item++) {
-            const int64_t t = item / hk, h = item % hk, s = tok_seq[t];
-            const int64_t pos = kv_lens[s] - q_lens[s] + (t - q_start[s]);
-            const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-            const int64_t len = pos + 1 - lo;
-            const int32_t *bt = block_tables + s * bt_stride;
-            const float *qh = q + t * ldq + h * group * D;
-            float mx[64];
-            for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY;
-            /* the cache slot of every key, without a division per key */
-            for (int64_t j = 0, blk = lo / block_size, off = lo % block_size; j < len; j++) {
-                slot_of[j] = (int64_t)bt[blk] * block_size + off;
-                if (++off == block_size) off = 0, blk++;
-            }
-            for (int64_t j = 0; j < len; j++) {
-                const float *key = kc + slot_of[j] * ldk + h * D;
-                for (int64_t g = 0; g < group; g++) {
-                    float sc = dot(qh + g * D, key, D) * scale;
-                    p[g * len + j] = sc;
-                    if (sc > mx[g]) mx[g] = sc;
-                }
-            }
-            memset(acc, 0, sizeof(float) * (size_t)(group * Dv));
-            for (int64_t g = 0; g < group; g++) {
-                float inv = 1.f / exp_shifted(p + g * len, len, mx[g]);
-                for (int64_t j = 0; j < len; j++) p[g * len + j] *= inv;
-            }
-            for (int64_t j = 0; j < len; j++) {
-                const float *val = vc + slot_of[j] * ldv + h * vhs;
-                for (int64_t g = 0; g < group; g++) axpy(p[g * len + j], val, acc + g * Dv, Dv);
-            }
-            for (int64_t g = 0; g < group; g++)
-                memcpy(out + (t * hq + h * group + g) * Dv, acc + g * Dv, sizeof(float) * (size_t)Dv);
-        }
-        free(p);
-        free(acc);
-        free(slot_of);
-    }
-    free(tok_seq);
-}
 
 /* ---- table lookups: token embedding rows, rotary cos/sin ------------------------------------------------------ */
 
