@@ -55,7 +55,13 @@ def add_parser(sub) -> None:
     p.add_argument("model", nargs="?", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--text", default=None, help="a UTF-8 text file to score (default: the built-in held-out text)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when a GPU is present")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="auto: as the engine runs the model (a GGUF file on the CPU keeps its packed int4 layers: format "
+        "gguf-packed); an explicit dtype dequantizes GGUF weights to it",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per scored sequence")
     p.add_argument(
         "--max-tokens", type=int, default=20480, help="score at most this many tokens (whole sequences; 0: all)"

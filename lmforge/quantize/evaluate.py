@@ -134,9 +134,14 @@ def evaluate_perplexity(
     torch_dtype = resolve_dtype(dtype, source.hf_config, torch_device.type)
     fmt = checkpoint_format(source.hf_config)
     ctx_mgr = StepContextManager()
-    model = build_model(source, torch_dtype, torch_device, ctx_mgr, load=False)
-    _refuse_ignored_quantization(model, fmt, source.path)
-    load_model_weights(model, source, torch_dtype, torch_device)
+    # a GGUF file on the CPU at dtype auto is scored as the engine runs it: linear layers kept packed (int4 planes)
+    packed = dtype == "auto" and torch_device.type == "cpu" and getattr(source, "gguf_file", None) is not None
+    model = build_model(source, torch_dtype, torch_device, ctx_mgr, load=packed, pack_gguf=packed)
+    if packed:
+        fmt = "gguf-packed"
+    else:
+        _refuse_ignored_quantization(model, fmt, source.path)
+        load_model_weights(model, source, torch_dtype, torch_device)
     cache = CacheEngine(source.model_config, -(-seq_len // block_size), block_size, torch_dtype, torch_device)
 
     total = 0.0

@@ -148,3 +148,16 @@ def test_quantize_a_gguf_file(tmp_path, capsys):
         if ".layers." in name and name.endswith("proj.weight"):
             step = 2 * w.abs().amax(dim=1, keepdim=True) / 15  # symmetric int4: a row's largest possible step
             assert ((got[name] - w).abs() <= 0.51 * step).all(), name  # 0.5, and the fp16 rounding of the scale
+
+
+def test_eval_of_the_embedded_gguf_scores_the_packed_layers_the_engine_runs(monkeypatch):
+    """dtype auto on the CPU: the GGUF's linears stay packed (as in the engine), which equals the float32
+    dequantized model; the opt-in int8 activations of the packed kernel cost a little perplexity, not nothing."""
+    monkeypatch.delenv("LMFORGE_CPU_INT8_ACTIVATIONS", raising=False)
+    dense = evaluate_perplexity(None, dtype="float32", max_tokens=1024, progress=False)
+    packed = evaluate_perplexity(None, max_tokens=1024, progress=False)
+    assert (dense.format, packed.format) == ("dense", "gguf-packed")
+    assert packed.ppl == pytest.approx(dense.ppl, rel=1e-4)
+    monkeypatch.setenv("LMFORGE_CPU_INT8_ACTIVATIONS", "1")
+    int8 = evaluate_perplexity(None, max_tokens=1024, progress=False)
+    assert int8.ppl != packed.ppl and int8.ppl == pytest.approx(packed.ppl, rel=0.03)
