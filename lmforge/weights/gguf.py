@@ -84,8 +84,8 @@ def _tokenizer_cache(path: str, transformers_version: str) -> str:
 
 
 def gguf_tokenizer(path: str):
-    """The model's fast tokenizer (a transformers PreTrainedTokenizerFast), rebuilt by transformers from the
-    vocabulary and merges in the metadata, then kept in `_tokenizer_cache` (the rebuild took 1.3 s of a 2.4 s
+    """The model's fast tokenizer, rebuilt by transformers (a PreTrainedTokenizerFast) from the vocabulary and
+    merges in the metadata, then kept in `_tokenizer_cache` (the rebuild took 1.3 s of a 2.4 s
     start on 2 cores; loading the saved one 0.2 s). transformers is imported only to rebuild it: a cached one is
     read by lmforge.fast_tokenizer (as are the weights and the config of a GGUF file, without transformers)."""
     from importlib.metadata import version
