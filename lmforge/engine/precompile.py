@@ -54,20 +54,23 @@ def _patch_triton_run():
 
 
 @contextlib.contextmanager
-def compile_only(threads: int):
+def compile_only(threads: int, counts: dict | None = None):
     """Inside, this thread's Triton launches only queue their kernel's compile on `threads` threads; on leaving,
-    all compiles have finished (a failed one is left for its first real launch to raise)."""
+    all compiles have finished (a failed one is left for its first real launch to raise). `counts`, when given,
+    gets `kernels`: how many distinct compiles were queued."""
     from triton.runtime._async_compile import AsyncCompileMode
 
     _patch_triton_run()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="lmforge-compile")
     try:
-        with AsyncCompileMode(pool, ignore_errors=True):
+        with AsyncCompileMode(pool, ignore_errors=True) as mode:
             _local.active = True
             try:
                 yield
             finally:
                 _local.active = False
+                if counts is not None:
+                    counts["kernels"] = len(getattr(mode, "future_kernels", ()))
     finally:
         pool.shutdown(wait=True)
 
@@ -102,10 +105,11 @@ def precompile_steps(
     for bs in sorted(set(decode_batches)):
         steps.append(SchedulerOutput([_seq(i, 2, 1, i, block_size) for i in range(bs)], [1] * bs))
     threads = max(2, min(16, (os.cpu_count() or 2)))
+    counts = {"kernels": 0}
     try:
         cache = CacheEngine(model_config, num_blocks, block_size, dtype, device)
         runner = ModelRunner(step, cache.kv_caches, block_size, device)
-        with compile_only(threads):
+        with compile_only(threads, counts):
             for sched in steps:
                 sample_rows = list(range(len(sched.seqs)))
                 runner.forward(sched, sample_rows)
@@ -116,5 +120,7 @@ def precompile_steps(
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     seconds = time.perf_counter() - t0
-    logger.info("compiled the start-up steps' Triton kernels on %d threads in %.2f s", threads, seconds)
+    logger.info(
+        "compiled %d Triton kernels of the start-up steps on %d threads in %.2f s", counts["kernels"], threads, seconds
+    )
     return seconds
