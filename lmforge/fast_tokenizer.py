@@ -7,9 +7,10 @@ the tokenizer thread's imports hold the GIL that the main thread's CUDA graph ca
 beside them). For the folders whose tokenizer is the generic fast tokenizer (`tokenizer_class`
 PreTrainedTokenizerFast / TokenizersBackend: Llama 3, SmolLM, DeepSeek, ...), transformers itself only wraps the
 `tokenizers` object that `tokenizer.json` describes; this class does the same wrapping and offers the part of the HF
-tokenizer API that lmforge uses (encode, decode, chat template, special tokens, vocabulary). Model-specific tokenizer
-classes (which transformers 5 may rebuild from the vocabulary with their own normalizer), remote code, and the Mistral
-folders transformers patches keep AutoTokenizer. `LMFORGE_TOKENIZER=transformers` forces AutoTokenizer everywhere.
+tokenizer API that lmforge uses (encode, decode, `tokenizer(text)`, chat template, special tokens, vocabulary).
+Model-specific tokenizer classes (which transformers 5 may rebuild from the vocabulary with their own normalizer),
+remote code, and the Mistral folders transformers patches keep AutoTokenizer. `LMFORGE_TOKENIZER=transformers`
+forces AutoTokenizer everywhere.
 What needs a real transformers tokenizer (xgrammar's guided decoding) gets one from `to_transformers()`, loaded on
 first use. `tests/test_fast_tokenizer.py` holds it to AutoTokenizer's output.
 """
@@ -69,6 +70,16 @@ def unsupported_reason(path: str) -> str | None:
     if "mistral" in model_type:
         return "a Mistral folder (transformers may patch its pre-tokenizer)"
     return None
+
+
+class Encoding(dict):
+    """input_ids / attention_mask, as keys and as attributes (transformers' BatchEncoding without tensors)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class FastTokenizer:
@@ -184,6 +195,18 @@ class FastTokenizer:
     # ---- text <-> ids -----------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, **kwargs) -> Encoding:
+        """`tokenizer(text).input_ids` as with transformers, for a text or a list of texts (no padding, no tensors:
+        `to_transformers()` has the whole API)."""
+        if kwargs:
+            raise TypeError(f"FastTokenizer(text) takes add_special_tokens only, not {sorted(kwargs)}: use "
+                            "to_transformers() for transformers' full tokenizer call")  # fmt: skip
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            return Encoding(input_ids=ids, attention_mask=[1] * len(ids))
+        rows = [self.encode(t, add_special_tokens) for t in text]
+        return Encoding(input_ids=rows, attention_mask=[[1] * len(r) for r in rows])
 
     def decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None):
         if isinstance(token_ids, int):

@@ -102,6 +102,11 @@ def test_ids_and_text_equal_transformers(pair):
                 assert fast.decode(ids, skip, clean_up_tokenization_spaces=True) == hf.decode(
                     ids, skip_special_tokens=skip, clean_up_tokenization_spaces=True
                 )
+    assert (
+        fast(TEXTS).input_ids == hf(TEXTS).input_ids and fast(TEXTS[0])["attention_mask"] == hf(TEXTS[0]).attention_mask
+    )
+    with pytest.raises(TypeError, match="to_transformers"):
+        fast(TEXTS[0], return_tensors="pt")
     ids = list(range(len(hf)))
     assert fast.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
     assert fast.convert_ids_to_tokens(ids, skip_special_tokens=True) == hf.convert_ids_to_tokens(ids, True)
