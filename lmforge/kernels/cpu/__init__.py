@@ -197,7 +197,8 @@ def q4_prepare(
     """The canonical wna16 tensors (QUANT_CONTRACT.md: qweight int32 [P * K / 8, N], scales and zeros, or mins,
     [P * K / G, N]) -> the q4 layout of kernels.c (or its one-byte-code form for two planes whose scales differ by
     16, as GGUF's 5- and 8-bit types pack); None when the kernels are off or the shape does not fit.
-    int8_activations: q4_linear may round x to int8 per 32 values from Q8_MIN_ROWS rows on (q4_int8.c)."""
+    int8_activations: q4_linear may round x to int8 per 32 values from Q8_MIN_ROWS rows on (q4_int8.c), where the
+    layer's shape and the build allow it ("q4_int8" says whether it will)."""
     lib = library()
     kp, n = qweight.shape[0] * 8, qweight.shape[1]
     if lib is None or qweight.device.type != "cpu" or group_size % 32 or kp % (32 * planes) or kp % group_size:
@@ -224,8 +225,10 @@ def q4_prepare(
     half = bool(torch.equal(s16.float(), s) and torch.equal(m16.float(), mins))
     if half:
         s, mins = s16, m16
+    # the int8 path takes one plane of K a multiple of 64 (at most 32K) in a build with its vector code
+    int8 = int8_activations and planes == 1 and k % 64 == 0 and k <= 32 * 1024 and bool(lib.lmf_q8_available())
     return {"q4": codes, "q4_bits": bits, "q4_scales": s, "q4_mins": mins, "q4_half": half, "k": k, "n": n,
-            "planes": planes, "q4_int8": int8_activations}  # fmt: skip
+            "planes": planes, "q4_int8": int8}  # fmt: skip
 
 
 def ggml_pairs(nibble_bytes: torch.Tensor) -> torch.Tensor | None:
@@ -278,14 +281,7 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
         return None
     x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    q8 = (
-        m >= Q8_MIN_ROWS
-        and prepared["q4_int8"]
-        and prepared["planes"] == 1
-        and k % 64 == 0
-        and k <= 32 * 1024
-        and _lib.lmf_q8_available()
-    )
+    q8 = m >= Q8_MIN_ROWS and prepared["q4_int8"]
     if m >= Q4_GEMM_MIN_ROWS and not q8:
         return torch.nn.functional.linear(x, q4_dequantize(prepared), bias)
     weights = prepared.get("_ptrs")
