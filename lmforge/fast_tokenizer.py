@@ -92,7 +92,6 @@ class FastTokenizer:
         config = _read_json(os.path.join(path, "tokenizer_config.json"))
         for key, value in _read_json(os.path.join(path, "special_tokens_map.json")).items():
             config.setdefault(key, value)
-        self._config = config
         tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         tok.no_truncation()  # as transformers' encode(): no truncation or padding unless asked
         tok.no_padding()
