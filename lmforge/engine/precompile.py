@@ -3,8 +3,8 @@
 A start with an empty Triton cache compiles ~24 kernels for llama, one after another as the profile step, the CUDA
 graph captures and the warm-up burst first launch them: 12-13 s of a 16 s start on the H200 machine. Triton itself
 can compile on an executor (`AsyncCompileMode`), but a launch waits for its kernel, so a normal forward gains
-nothing from it. Here the forwards of those steps (prefills of the warm-up's lengths, a mixed step, decode batches
-of each bucket kind) first run once with every Triton launch of this thread turned into a compile-only "warmup":
+nothing from it. Here the forwards of those steps (prefills of the warm-up's lengths, a mixed step, eager decode
+batches, the CUDA graph captures' decode steps at their block-table width, the sampler's argmax) first run once with every Triton launch of this thread turned into a compile-only "warmup":
 no kernel runs, the torch glue between them runs on uninitialised activations, and the compiles queue on a thread
 pool. When the pass ends every kernel is in its in-memory cache and Triton's disk cache; the real steps then only
 load them. Anything the pass misses (or a shape it gets wrong) is compiled as before, on first launch.
@@ -26,6 +26,7 @@ import torch
 from lmforge.messages import GenerationConfig
 
 from .cache_engine import CacheEngine
+from .decode_inputs import StaticDecodeInputs
 from .model_runner import ModelRunner, ModelStep
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -82,6 +83,18 @@ def _seq(i: int, length: int, computed: int, first_block: int, block_size: int) 
     return seq
 
 
+def _graph_steps(step: ModelStep, cache, block_size: int, device, batches: list[int], max_blocks: int) -> None:
+    """The decode forwards of CudaGraphRunner's captures (engine/cuda_graph.py), uncaptured: its static inputs,
+    every row as long as the table allows, the lm_head where the graph holds it."""
+    from .cuda_graph import LOGITS_MAX_BS
+
+    inputs = StaticDecodeInputs(max(batches), max_blocks, block_size, device, cache.trash_block)
+    for bs in batches:
+        hidden = step.forward(inputs.context(bs, cache.kv_caches, [1] * bs, [inputs.max_kv_len] * bs))
+        if bs <= LOGITS_MAX_BS and step.has_get_logits:
+            step.model.get_logits(hidden)
+
+
 @torch.inference_mode()
 def precompile_steps(
     step: ModelStep,
@@ -91,9 +104,15 @@ def precompile_steps(
     device: torch.device,
     prefill_lengths: list[int],
     decode_batches: list[int],
+    graph_batches: list[int] = (),
+    graph_max_blocks: int = 0,
+    vocab_size: int = 0,
 ) -> float:
-    """Compile (not run) the kernels of prefills of `prefill_lengths` tokens, one mixed step and decode steps of
-    `decode_batches` sequences; seconds taken. Errors are logged and left to the real steps."""
+    """Compile (not run) the kernels of prefills of `prefill_lengths` tokens, one mixed step, eager decode steps
+    of `decode_batches` sequences, the CUDA graph captures' decode steps (`graph_batches` rows of block tables
+    `graph_max_blocks` wide, as CudaGraphRunner captures them: the table width and the split count it implies
+    pick other kernel variants than short tables do) and the sampler's greedy kernel over `vocab_size` columns;
+    seconds taken. Errors are logged and left to the real steps."""
     t0 = time.perf_counter()
     longest = max(prefill_lengths)
     num_blocks = max((longest + block_size - 1) // block_size + 1, max(decode_batches) + 1)
@@ -113,6 +132,13 @@ def precompile_steps(
             for sched in steps:
                 sample_rows = list(range(len(sched.seqs)))
                 runner.forward(sched, sample_rows)
+            if graph_batches and graph_max_blocks > 0:
+                _graph_steps(step, cache, block_size, device, sorted(set(graph_batches)), graph_max_blocks)
+            if vocab_size > 0:
+                from lmforge.backends import get_op
+
+                for rows in (1, 2):  # the sampler's greedy pick (engine/sampler.py), over float32 logits
+                    get_op("argmax_rows", device.type)(torch.empty(rows, vocab_size, device=device))
     except Exception as e:  # noqa: BLE001 - the real steps compile what is left and raise real errors
         logger.info("precompile pass stopped early (%s: %s); the rest compiles on first launch", type(e).__name__, e)
     finally:

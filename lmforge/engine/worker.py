@@ -141,9 +141,17 @@ class Worker:
         if self.device.type == "cuda" and precompile.enabled():  # a cold start: compile the start's kernels at once
             lengths = [n for n in (1, 17, 100, 333, 1100) if n < num_tokens] + [num_tokens]
             batches = sorted({b for b in (1, 2, 16, max_batch_size) if 0 < b <= max(1, max_batch_size)})
+            graph_batches, graph_blocks = [], 0
+            if not self.cfg.eager_mode:  # the captures' table width, if the cache holds a whole session (typical)
+                from .cuda_graph import batch_buckets
+
+                max_pos = self.model_config.max_position_embeddings or 1 << 30
+                graph_batches = batch_buckets(max_batch_size)
+                graph_blocks = -(-(self.cfg.session_len or max_pos) // self.cfg.block_size)
             self.load_times["precompile_s"] = precompile.precompile_steps(
-                self.step, self.cfg.block_size, self.model_config, self.dtype, self.device, lengths, batches
-            )
+                self.step, self.cfg.block_size, self.model_config, self.dtype, self.device, lengths, batches,
+                graph_batches, graph_blocks, self.model_config.vocab_size,
+            )  # fmt: skip
         if self._weights is not None:
             # the weights are still loading: a first run compiles the step's kernels beside the load; the measured
             # run follows the load, since the load's own allocations would blur the step's peak

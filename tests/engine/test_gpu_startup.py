@@ -81,12 +81,17 @@ from lmforge.engine.engine import Engine
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 
 cache = os.environ["TRITON_CACHE_DIR"]
-entries = lambda: len(os.listdir(cache)) if os.path.isdir(cache) else 0
+def kernels():  # cache entry -> the kernel it holds (an entry's files are named after its kernel)
+    names = {}
+    for entry in os.listdir(cache) if os.path.isdir(cache) else ():
+        stems = {f.split(".")[0] for f in os.listdir(os.path.join(cache, entry)) if not f.startswith("__grp__")}
+        names[entry] = ",".join(sorted(stems))
+    return names
 after_pass = []
 original = precompile.precompile_steps
 def counted(*args, **kwargs):
     seconds = original(*args, **kwargs)
-    after_pass.append(entries())
+    after_pass.append(kernels())
     return seconds
 precompile.precompile_steps = counted
 engine = Engine(sys.argv[1], PytorchEngineConfig(dtype="bfloat16", max_prefill_token_num=2048, max_batch_size=32))
@@ -98,15 +103,17 @@ toks = {i: [] for i in ids}
 while engine.has_unfinished():
     for out in engine.step():
         toks[out.request_id] += out.token_ids
-print(json.dumps(dict(tokens=[toks[i] for i in ids], after_pass=after_pass, at_end=entries(),
-                      times=engine.executor.driver.load_times)))
+at_end = kernels()
+late = sorted(at_end[e] for e in at_end if not after_pass or e not in after_pass[0])
+print(json.dumps(dict(tokens=[toks[i] for i in ids], after_pass=[len(k) for k in after_pass], at_end=len(at_end),
+                      late=late, times=engine.executor.driver.load_times)))
 """
 
 
 def test_the_cold_start_precompile_pass_compiles_ahead_and_changes_no_token(llama_dir, tmp_path):
     """A cold start (empty Triton cache, no cached profile) with the compile-only pass of engine/precompile.py and one
     without it: the same greedy tokens, and the pass compiles a good share of the start's kernels ahead (13 of 25 on
-    the H200, 2026-12-01: the decode steps' block tables and the sampler's kernels are not yet mimicked)."""
+    the H200, 2026-12-01, before the CUDA graph captures' decode steps and the sampler's kernel joined the pass)."""
     import json
     import os
     import subprocess
@@ -124,4 +131,5 @@ def test_the_cold_start_precompile_pass_compiles_ahead_and_changes_no_token(llam
     on, off = runs["1"], runs["0"]
     assert on["tokens"] == off["tokens"]
     assert "precompile_s" in on["times"] and "precompile_s" not in off["times"]
-    assert len(on["after_pass"]) == 1 and on["after_pass"][0] >= 0.4 * on["at_end"], on
+    print("precompile:", json.dumps({k: on[k] for k in ("after_pass", "at_end", "late")}))  # what the pass missed
+    assert len(on["after_pass"]) == 1 and on["after_pass"][0] >= 0.6 * on["at_end"], on
