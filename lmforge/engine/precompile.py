@@ -1,15 +1,17 @@
 """Cold starts on a GPU: the Triton kernels of the start-up steps compiled side by side, before those steps run.
 
-A start with an empty Triton cache compiles ~24 kernels for llama, one after another as the profile step, the CUDA
-graph captures and the warm-up burst first launch them: 12-13 s of a 16 s start on the H200 machine. Triton itself
-can compile on an executor (`AsyncCompileMode`), but a launch waits for its kernel, so a normal forward gains
-nothing from it. Here the forwards of those steps (prefills of the warm-up's lengths, a mixed step, eager decode
-batches, the CUDA graph captures' decode steps at their block-table width, the sampler's argmax) first run once with every Triton launch of this thread turned into a compile-only "warmup":
-no kernel runs, the torch glue between them runs on uninitialised activations, and the compiles queue on a thread
-pool. When the pass ends every kernel is in its in-memory cache and Triton's disk cache; the real steps then only
-load them. Anything the pass misses (or a shape it gets wrong) is compiled as before, on first launch.
-Only for one rank and only when the memory profile is not cached (a start that compiled before skips it).
-`LMFORGE_PRECOMPILE=0` turns it off.
+A llama start with an empty Triton cache compiles ~14 kernels and ~11 host-side launchers (C modules built with
+the system compiler), one after another as the profile step, the CUDA graph captures and the warm-up burst first
+launch them: 12-13 s of a 16 s start on the H200 machine. Triton itself can compile on an executor
+(`AsyncCompileMode`), but a launch waits for its kernel, so a normal forward gains nothing from it. Here the
+forwards of those steps (prefills of the warm-up's lengths, a mixed step, eager decode batches, the CUDA graph
+captures' decode steps at their block-table width, the sampler's argmax) first run once with every Triton launch
+of this thread turned into a compile-only "warmup": no kernel runs, the torch glue between them runs on
+uninitialised activations, and the compiles queue on a thread pool, followed there by their launchers' builds.
+When the pass ends every kernel is in its in-memory cache and Triton's disk cache; the real steps then only load
+them. Anything the pass misses (or a shape it gets wrong) is compiled as before, on first launch. Only for one rank
+and only when the memory profile is not cached (a start that compiled before skips it). `LMFORGE_PRECOMPILE=0`
+turns it off.
 """
 
 from __future__ import annotations
@@ -54,11 +56,23 @@ def _patch_triton_run():
     jit.JITFunction._lmforge_compile_only = True
 
 
+def _build_launchers(kernels: list, pool: ThreadPoolExecutor) -> int:
+    """Build (into Triton's cache) the host-side launcher of each compiled kernel on the pool: a small C module that
+    Triton otherwise compiles with the system C compiler, one after another, at each kernel's first launch (~10 of
+    them, ~0.3-0.5 s each, in a llama cold start measured on the H200 machine). The first launch then loads it from
+    the cache. Needs no CUDA context; a failed build is left to that launch. Returns how many were built."""
+    from triton.runtime.driver import driver
+
+    launcher = driver.active.launcher_cls
+    futures = [pool.submit(launcher, k.src, k.metadata) for k in kernels]
+    return sum(f.exception() is None for f in futures)
+
+
 @contextlib.contextmanager
 def compile_only(threads: int, counts: dict | None = None):
     """Inside, this thread's Triton launches only queue their kernel's compile on `threads` threads; on leaving,
-    all compiles have finished (a failed one is left for its first real launch to raise). `counts`, when given,
-    gets `kernels`: how many distinct compiles were queued."""
+    all compiles and their launchers' builds have finished (a failed one is left for its first real launch to
+    raise). `counts`, when given, gets `kernels` (distinct compiles queued) and `launchers` (launchers built)."""
     from triton.runtime._async_compile import AsyncCompileMode
 
     _patch_triton_run()
@@ -70,8 +84,11 @@ def compile_only(threads: int, counts: dict | None = None):
                 yield
             finally:
                 _local.active = False
-                if counts is not None:
-                    counts["kernels"] = len(getattr(mode, "future_kernels", ()))
+        futures = getattr(mode, "future_kernels", {})
+        built = [f.kernel for f in futures.values() if getattr(f, "kernel", None) is not None]
+        launchers = _build_launchers(built, pool)
+        if counts is not None:
+            counts["kernels"], counts["launchers"] = len(futures), launchers
     finally:
         pool.shutdown(wait=True)
 
@@ -124,7 +141,7 @@ def precompile_steps(
     for bs in sorted(set(decode_batches)):
         steps.append(SchedulerOutput([_seq(i, 2, 1, i, block_size) for i in range(bs)], [1] * bs))
     threads = max(2, min(16, (os.cpu_count() or 2)))
-    counts = {"kernels": 0}
+    counts = {"kernels": 0, "launchers": 0}
     try:
         cache = CacheEngine(model_config, num_blocks, block_size, dtype, device)
         runner = ModelRunner(step, cache.kv_caches, block_size, device)
@@ -147,6 +164,7 @@ def precompile_steps(
         torch.cuda.empty_cache()
     seconds = time.perf_counter() - t0
     logger.info(
-        "compiled %d Triton kernels of the start-up steps on %d threads in %.2f s", counts["kernels"], threads, seconds
-    )
+        "compiled %d Triton kernels of the start-up steps (and %d launchers) on %d threads in %.2f s",
+        counts["kernels"], counts["launchers"], threads, seconds,
+    )  # fmt: skip
     return seconds

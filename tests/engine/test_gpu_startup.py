@@ -105,15 +105,18 @@ while engine.has_unfinished():
         toks[out.request_id] += out.token_ids
 at_end = kernels()
 late = sorted(at_end[e] for e in at_end if not after_pass or e not in after_pass[0])
+kernels_at_end = sum(name != "__triton_launcher" for name in at_end.values())
 print(json.dumps(dict(tokens=[toks[i] for i in ids], after_pass=[len(k) for k in after_pass], at_end=len(at_end),
-                      late=late, times=engine.executor.driver.load_times)))
+                      kernels_at_end=kernels_at_end, late=late, times=engine.executor.driver.load_times)))
 """
 
 
 def test_the_cold_start_precompile_pass_compiles_ahead_and_changes_no_token(llama_dir, tmp_path):
     """A cold start (empty Triton cache, no cached profile) with the compile-only pass of engine/precompile.py and one
-    without it: the same greedy tokens, and the pass compiles a good share of the start's kernels ahead (13 of 25 on
-    the H200, 2026-12-01, before the CUDA graph captures' decode steps and the sampler's kernel joined the pass)."""
+    without it: the same greedy tokens, and the pass compiles most of the start's kernels ahead. Triton's cache
+    entries are kernels and their host-side launchers (`__triton_launcher`): on the H200, 2026-12-01 23:36 (`cf7f419`,
+    graph-capture steps and argmax in the pass) 14 of 25 entries were there after the pass; the 11 late ones were 10
+    launchers (not yet built by the pass then) and one `_decode_split_kernel` variant. The assertion is on kernels."""
     import json
     import os
     import subprocess
@@ -132,4 +135,7 @@ def test_the_cold_start_precompile_pass_compiles_ahead_and_changes_no_token(llam
     assert on["tokens"] == off["tokens"]
     assert "precompile_s" in on["times"] and "precompile_s" not in off["times"]
     print("precompile:", json.dumps({k: on[k] for k in ("after_pass", "at_end", "late")}))  # what the pass missed
-    assert len(on["after_pass"]) == 1 and on["after_pass"][0] >= 0.6 * on["at_end"], on
+    assert len(on["after_pass"]) == 1, on
+    late_kernels = [name for name in on["late"] if name != "__triton_launcher"]
+    kernels = on["kernels_at_end"]
+    assert len(late_kernels) <= 0.2 * kernels, f"{len(late_kernels)} of {kernels} kernels compiled after the pass: {on}"
