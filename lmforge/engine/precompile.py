@@ -58,9 +58,9 @@ def _patch_triton_run():
 
 def _build_launchers(kernels: list, pool: ThreadPoolExecutor) -> int:
     """Build (into Triton's cache) the host-side launcher of each compiled kernel on the pool: a small C module that
-    Triton otherwise compiles with the system C compiler, one after another, at each kernel's first launch (~10 of
-    them, ~0.3-0.5 s each, in a llama cold start measured on the H200 machine). The first launch then loads it from
-    the cache. Needs no CUDA context; a failed build is left to that launch. Returns how many were built."""
+    Triton otherwise compiles with the system C compiler, one after another, at each kernel's first launch (10 of
+    them came after the pass in a llama cold start on the H200 machine). The first launch then loads it from the
+    cache. Needs no CUDA context; a failed build is left to that launch. Returns how many were built."""
     from triton.runtime.driver import driver
 
     launcher = driver.active.launcher_cls
