@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.cpu_threads import CpuThreadGovernor, configure_cpu_threads, physical_cores
-from lmforge.engine.startup import resolve_dtype
+from lmforge.engine.startup import resolve_dtypes
 from lmforge.messages import PytorchEngineConfig
 
 
@@ -135,7 +135,14 @@ def test_a_thread_count_the_user_chose_is_not_governed(tiny_llama_dir):
 
 
 def test_auto_dtype_on_cpu_says_what_it_chose(caplog):
+    """float32 compute gets a float16 KV cache, bfloat16 compute its own dtype's; the log line names both."""
     with caplog.at_level(logging.INFO, logger="lmforge.engine.startup"):
-        dtype = resolve_dtype("auto", None, "cpu")
-    assert dtype in (torch.float32, torch.bfloat16)
+        dtype, kv_cache_dtype = resolve_dtypes("auto", None, "cpu")
+    assert (dtype, kv_cache_dtype) in ((torch.float32, "float16"), (torch.bfloat16, "auto"))
+    kv_words = "float16" if dtype == torch.float32 else "bfloat16"
     assert f"dtype auto on CPU: {str(dtype).removeprefix('torch.')}" in caplog.text
+    assert f"KV cache {kv_words}" in caplog.text
+    # what the user names stays: an explicit float32 cache, a quantized one, an explicit dtype
+    assert resolve_dtypes("auto", None, "cpu", "float32")[1] == "float32"
+    assert resolve_dtypes("auto", None, "cpu", "auto", 8)[1] == "auto"
+    assert resolve_dtypes("float32", None, "cpu") == (torch.float32, "auto")
