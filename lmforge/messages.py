@@ -131,8 +131,9 @@ class PytorchEngineConfig:
     token and head (lmdeploy's meaning; about 1.9x / 3.6x the tokens of a bf16 cache at head_dim 128);
     `kv_cache_dtype='fp8'` stores them as float8 e4m3 (scale 1.0, values clamped to +-448; 2x the tokens);
     'float16' / 'float32' name the cache's float dtype (on CUDA only the model dtype itself). 'auto' is the model
-    dtype, except on CPU under dtype 'auto' with float32 compute: a float16 cache (llama.cpp's default; it halves
-    the bytes the memory-bound CPU attention reads; values clamped to +-65504), which 'float32' turns off."""
+    dtype, except on CPU under dtype 'auto' with float32 compute where lmforge's CPU attention kernel runs: a float16
+    cache (llama.cpp's default; it halves the bytes the memory-bound CPU attention reads; values clamped to +-65504),
+    which 'float32' turns off."""
 
     dtype: str = "auto"
     device_type: str | None = None
