@@ -9,7 +9,8 @@ Every peer runs --repeats times, interleaved (lmforge, hf, llamacpp, lmforge, ..
 busy machine shows in the figures. Prints one JSON line per engine, measure and repeat, with the CPU
 model and its vector flags (AVX2 / AVX-512 / AVX512-BF16 / AMX).
 
-    python benchmarks/cpu.py [--dtype auto|float32|bfloat16] [--requests 32] [--peers lmforge,hf,llamacpp]
+    python benchmarks/cpu.py [--dtype auto|float32|bfloat16] [--kv-cache-dtype auto|float16|float32] [--requests 32]
+        [--peers lmforge,hf,llamacpp]
 
 The llama.cpp peer needs llama-cpp-python, which has no Linux CPU wheel on PyPI: `--install-llama-cpp`
 builds it from source for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON; about 40 minutes on 2 idle cores), i.e.
@@ -79,13 +80,17 @@ def bench_lmforge(args, reqs, bs1_ids) -> None:
 
     torch.set_num_threads(args.num_threads)
     t0 = time.perf_counter()
-    engine = Engine(None, PytorchEngineConfig(device_type="cpu", dtype=args.dtype, cpu_threads=args.threads))
+    cfg = PytorchEngineConfig(
+        device_type="cpu", dtype=args.dtype, cpu_threads=args.threads, kv_cache_dtype=args.kv_cache_dtype
+    )
+    engine = Engine(None, cfg)
     load_s = time.perf_counter() - t0
     base = dict(
         bench="cpu",
         engine="lmforge",
         model="SmolLM2-135M-Instruct.Q4_1.gguf",
         dtype=args.dtype,
+        kv_cache_dtype=str(engine.cache.kv_caches[0][0].dtype).removeprefix("torch."),  # what 'auto' chose
         device=device_name("cpu"),
         cpu_flags=cpu_flags(),
         threads=torch.get_num_threads(),
@@ -310,6 +315,12 @@ def main() -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16"],
         help="lmforge's dtype (auto: GGUF weights kept packed as int4; HF then runs float32); default auto",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float16", "float32"],
+        help="lmforge's KV cache (auto: float16 under dtype auto without native bf16, else the model dtype)",
     )
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--bs1-tokens", type=int, default=128)

@@ -59,7 +59,9 @@ class CacheConfig:
     cache_max_entry_count: float = 0.8
     enable_prefix_caching: bool = False
     quant_policy: int = 0  # KV cache: 0 the model dtype, 8 int8, 4 int4 (lmforge.engine.cache_engine)
-    kv_cache_dtype: str = "auto"  # 'auto' (the model dtype, or quant_policy's) or 'fp8' (float8_e4m3fn)
+    # 'auto' (the model dtype, or quant_policy's), 'fp8' (float8_e4m3fn), 'float16' or 'float32'; the worker
+    # resolves PytorchEngineConfig's 'auto' (lmforge.engine.startup.resolve_dtypes) before it reaches here
+    kv_cache_dtype: str = "auto"
 
     @property
     def num_blocks(self) -> int:

@@ -111,6 +111,10 @@ class GenerationConfig:
         return self.top_k == 1 or not self.do_sample or self.temperature < 1e-5
 
 
+# PytorchEngineConfig.kv_cache_dtype's values (lmforge.engine.cache_engine maps them to torch dtypes)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "float16", "fp16", "float32", "fp32")
+
+
 @dataclass(slots=True)
 class PytorchEngineConfig:
     """Engine settings. `device_type=None` picks 'cuda' when a GPU is present, else 'cpu'. dtype 'auto' is the
@@ -125,7 +129,11 @@ class PytorchEngineConfig:
 
     KV cache format: `quant_policy` 8 / 4 stores keys and values as int8 / int4 with a scale and zero point per
     token and head (lmdeploy's meaning; about 1.9x / 3.6x the tokens of a bf16 cache at head_dim 128);
-    `kv_cache_dtype='fp8'` stores them as float8 e4m3 (scale 1.0, values clamped to +-448; 2x the tokens)."""
+    `kv_cache_dtype='fp8'` stores them as float8 e4m3 (scale 1.0, values clamped to +-448; 2x the tokens);
+    'float16' / 'float32' name the cache's float dtype (on CUDA only the model dtype itself). 'auto' is the model
+    dtype, except on CPU under dtype 'auto' with float32 compute where lmforge's CPU attention kernel runs: a float16
+    cache (llama.cpp's default; it halves the bytes the memory-bound CPU attention reads; values clamped to +-65504),
+    which 'float32' turns off."""
 
     dtype: str = "auto"
     device_type: str | None = None
@@ -168,12 +176,13 @@ class PytorchEngineConfig:
             f"quant_policy must be 0 (off), 4 (int4 KV cache) or 8 (int8 KV cache), got {self.quant_policy!r}",
         )
         _check(
-            self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"),
-            f"kv_cache_dtype must be 'auto' (the model dtype) or 'fp8' (e4m3), got {self.kv_cache_dtype!r}",
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            f"kv_cache_dtype must be 'auto' (the model dtype), 'fp8' (e4m3), 'float16' or 'float32', got "
+            f"{self.kv_cache_dtype!r}",
         )
         _check(
             not (self.quant_policy and self.kv_cache_dtype != "auto"),
-            "quant_policy and kv_cache_dtype='fp8' are two KV cache formats: choose one",
+            f"quant_policy and kv_cache_dtype={self.kv_cache_dtype!r} are two KV cache formats: choose one",
         )
         _check(
             self.distributed_executor_backend in (None, "mp", "ray"),

@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from lmforge.messages import GenerationConfig, PytorchEngineConfig
+from lmforge.messages import KV_CACHE_DTYPES, GenerationConfig, PytorchEngineConfig
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -80,9 +80,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--kv-cache-dtype",
-        choices=["auto", "fp8", "fp8_e4m3"],
+        choices=list(KV_CACHE_DTYPES),
         default="auto",
-        help="KV cache storage: auto (the model dtype) or fp8 (float8 e4m3, scale 1.0: 2x the tokens)",
+        help="KV cache storage: auto (the model dtype; on CPU under --dtype auto, float16), fp8 (float8 e4m3, "
+        "scale 1.0: 2x the tokens of bf16), float16 or float32 (on CUDA: only the model dtype)",
     )
     g.add_argument("--eager-mode", action="store_true", help="no CUDA graphs (on CPU: no recorded decode steps)")
     g.add_argument("--custom-module-map", default=None, help="a Python file defining MODULE_MAP for your own models")

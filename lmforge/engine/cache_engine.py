@@ -2,9 +2,10 @@
 [num_blocks + 1, block_size, num_kv_heads, head_dim] (k and v head sizes may differ; MLA models keep one latent
 tensor per layer; the extra block is the trash block), sized from free memory or an explicit count.
 
-The cache format: the model dtype; `kv_cache_dtype='fp8'` float8_e4m3fn (scale 1.0); `quant_policy` 8 / 4 a
-QuantizedCache per key and value (uint8 codes plus a float32 (scale, zero point) per token and head), which the
-backend ops quantize on write and dequantize on read. Smaller blocks mean more of them in the same memory."""
+The cache format: the model dtype; `kv_cache_dtype='fp8'` float8_e4m3fn (scale 1.0); 'float16' / 'float32' that
+float dtype (on CPU below float32 compute, the default under dtype 'auto': see startup.resolve_dtypes); `quant_policy`
+8 / 4 a QuantizedCache per key and value (uint8 codes plus a float32 (scale, zero point) per token and head), which
+the backend ops quantize on write and dequantize on read. Smaller blocks mean more of them in the same memory."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from lmforge.config import CacheConfig, ModelConfig
+from lmforge.messages import KV_CACHE_DTYPES
 from lmforge.model_inputs import QuantizedCache
 
 logger = logging.getLogger(__name__)
@@ -23,16 +25,30 @@ _CPU_CACHE_CAP_BYTES = 4 << 30
 
 # bytes of one (scale, zero point) pair of a quantized cache row
 _SCALES_ZEROS_BYTES = 2 * 4
+# kv_cache_dtype names of a cache dtype other than the model's ('auto': the model dtype)
+_NAMED_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def cache_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an unquantized cache's tensors: kv_cache_dtype's, or the model dtype for 'auto'."""
+    return _NAMED_DTYPES.get(kv_cache_dtype, dtype)
 
 
 def check_kv_cache_format(model_config: ModelConfig, quant_policy: int = 0, kv_cache_dtype: str = "auto") -> None:
     """Refuse a cache format the model cannot use, naming the option."""
     if quant_policy not in (0, 4, 8):
         raise ValueError(f"quant_policy must be 0 (off), 4 (int4) or 8 (int8) KV cache, got {quant_policy!r}")
-    if kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
-        raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8' (e4m3), got {kv_cache_dtype!r}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' (e4m3), 'float16' or 'float32', got {kv_cache_dtype!r}")
     if quant_policy and kv_cache_dtype != "auto":
-        raise ValueError("quant_policy and kv_cache_dtype='fp8' are two KV cache formats: choose one")
+        raise ValueError(f"quant_policy and kv_cache_dtype={kv_cache_dtype!r} are two KV cache formats: choose one")
     if quant_policy and model_config.num_kv_caches != 2:
         raise ValueError(
             f"quant_policy={quant_policy} is not supported for a model with one shared latent KV cache (MLA, e.g. "
@@ -47,9 +63,7 @@ def check_kv_cache_format(model_config: ModelConfig, quant_policy: int = 0, kv_c
 def _bytes_per_row(head_dim: int, dtype: torch.dtype, quant_policy: int, kv_cache_dtype: str) -> int:
     if quant_policy:
         return head_dim * quant_policy // 8 + _SCALES_ZEROS_BYTES
-    if kv_cache_dtype != "auto":
-        return head_dim
-    return head_dim * torch.finfo(dtype).bits // 8
+    return head_dim * torch.finfo(cache_dtype(kv_cache_dtype, dtype)).bits // 8
 
 
 def bytes_per_block(
@@ -125,8 +139,7 @@ class CacheEngine:
         self.trash_block = num_blocks
         num_blocks += 1
         kv_heads = max(1, model_config.num_key_value_heads // tp_size)
-        if kv_cache_dtype != "auto":
-            dtype = torch.float8_e4m3fn
+        dtype = cache_dtype(kv_cache_dtype, dtype)
 
         def cache(head_dim: int) -> torch.Tensor | QuantizedCache:
             if not quant_policy:

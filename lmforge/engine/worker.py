@@ -30,7 +30,7 @@ from .model_runner import ModelRunner, ModelStep
 from .profile import peak_step_memory, profile_num_tokens
 from .profile_cache import load_profile, profile_key, store_profile
 from .scheduler import SchedulerOutput
-from .startup import in_daemon_thread, resolve_dtype
+from .startup import in_daemon_thread, resolve_dtypes
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ class Worker:
         if source is None:
             source = load_model_source(self.model_path, cfg.trust_remote_code, False, cfg.custom_module_map)
         self.source, self.model_config = source, source.model_config
-        self.dtype = resolve_dtype(cfg.dtype, source.hf_config, self.device.type)
+        self.dtype, self.kv_cache_dtype = resolve_dtypes(
+            cfg.dtype, source.hf_config, self.device.type, cfg.kv_cache_dtype, cfg.quant_policy
+        )
         self.model_config.dtype = self.dtype
         self.ctx_mgr = StepContextManager()
         self.model = build_model(
@@ -191,7 +193,7 @@ class Worker:
             cache_max_entry_count=cfg.cache_max_entry_count,
             enable_prefix_caching=cfg.enable_prefix_caching,
             quant_policy=cfg.quant_policy,
-            kv_cache_dtype=cfg.kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def _gpu_blocks(self, reserved: int) -> int:
@@ -213,7 +215,7 @@ class Worker:
             self.device,
             tp_size=self.world_size,
             quant_policy=cfg.quant_policy,
-            kv_cache_dtype=cfg.kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         self._make_runner()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.cpu_threads import CpuThreadGovernor, configure_cpu_threads, physical_cores
-from lmforge.engine.startup import resolve_dtype
+from lmforge.engine.startup import resolve_dtypes
 from lmforge.messages import PytorchEngineConfig
 
 
@@ -135,7 +135,29 @@ def test_a_thread_count_the_user_chose_is_not_governed(tiny_llama_dir):
 
 
 def test_auto_dtype_on_cpu_says_what_it_chose(caplog):
+    """float32 compute gets a float16 KV cache (where the CPU kernels read it), bfloat16 compute its own dtype's;
+    the log line names both."""
+    from lmforge.kernels import cpu as cpu_kernels
+
     with caplog.at_level(logging.INFO, logger="lmforge.engine.startup"):
-        dtype = resolve_dtype("auto", None, "cpu")
-    assert dtype in (torch.float32, torch.bfloat16)
+        dtype, kv_cache_dtype = resolve_dtypes("auto", None, "cpu")
+    half = dtype == torch.float32 and cpu_kernels.available()
+    assert (dtype, kv_cache_dtype) in ((torch.float32, "float16" if half else "auto"), (torch.bfloat16, "auto"))
+    kv_words = "float16" if half else str(dtype).removeprefix("torch.")
     assert f"dtype auto on CPU: {str(dtype).removeprefix('torch.')}" in caplog.text
+    assert f"KV cache {kv_words}" in caplog.text
+    # what the user names stays: an explicit float32 cache, a quantized one, an explicit dtype
+    assert resolve_dtypes("auto", None, "cpu", "float32")[1] == "float32"
+    assert resolve_dtypes("auto", None, "cpu", "auto", 8)[1] == "auto"
+    assert resolve_dtypes("float32", None, "cpu") == (torch.float32, "auto")
+    saved = cpu_kernels._lib, cpu_kernels._tried
+    cpu_kernels._lib, cpu_kernels._tried = None, True  # no C compiler: torch's attention, faster over float32
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lmforge.engine.startup"):
+            dtype, kv_cache_dtype = resolve_dtypes("auto", None, "cpu")
+        assert kv_cache_dtype == "auto"
+        if dtype == torch.float32:
+            assert "KV cache float32 (the CPU kernels are off" in caplog.text
+    finally:
+        cpu_kernels._lib, cpu_kernels._tried = saved

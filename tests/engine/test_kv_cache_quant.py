@@ -1,4 +1,5 @@
-"""The engine with a quantized KV cache (quant_policy 8 / 4, kv_cache_dtype='fp8') on a tiny random Llama, CPU
+"""The engine with a quantized KV cache (quant_policy 8 / 4, kv_cache_dtype='fp8', a float16 cache below float32
+compute) on a tiny random Llama, CPU
 backend: greedy generation close to the unquantized cache's, prefix-cache hits and preemption (recompute) that
 change nothing, and the capacity the smaller cache buys."""
 
@@ -10,10 +11,16 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.engine import cache_engine as ce
 from lmforge.engine.engine import Engine
+from lmforge.engine.startup import resolve_dtypes
 from lmforge.messages import GenerationConfig, PytorchEngineConfig
 from lmforge.model_inputs import QuantizedCache
 
-FORMATS = {"int8": {"quant_policy": 8}, "int4": {"quant_policy": 4}, "fp8": {"kv_cache_dtype": "fp8"}}
+FORMATS = {
+    "int8": {"quant_policy": 8},
+    "int4": {"quant_policy": 4},
+    "fp8": {"kv_cache_dtype": "fp8"},
+    "fp16": {"kv_cache_dtype": "float16"},  # below float32 compute: dtype auto's CPU default
+}
 PROMPTS = [[5 + (7 * i + 3 * j) % 300 for j in range(n)] for i, n in enumerate([9, 23, 40, 4])]
 GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True, logprobs=5)
 
@@ -44,10 +51,12 @@ def reference(tiny_llama_dir) -> list[dict]:
 def test_greedy_generation_close_to_the_unquantized_cache(tiny_llama_dir, reference, fmt):
     engine = _engine(tiny_llama_dir, **FORMATS[fmt])
     layer = engine.cache.kv_caches[0][0]
-    assert isinstance(layer, QuantizedCache) if fmt != "fp8" else layer.dtype == torch.float8_e4m3fn
+    plain = {"fp8": torch.float8_e4m3fn, "fp16": torch.float16}
+    assert layer.dtype == plain[fmt] if fmt in plain else isinstance(layer, QuantizedCache)
     got = _run(engine, PROMPTS)
-    # log-probabilities of the top-5 candidates at every step both runs reached with the same tokens so far
-    max_diff = {"int8": 0.02, "fp8": 0.1, "int4": 0.3}[fmt]
+    # log-probabilities of the top-5 candidates at every step both runs reached with the same tokens so far; float16
+    # moves each key and value by <= 2^-11 relative, 1/128 of e4m3's 2^-4 (measured here: fp16 2.3e-4, fp8 1.6e-2)
+    max_diff = {"int8": 0.02, "fp16": 0.002, "fp8": 0.1, "int4": 0.3}[fmt]
     agree = total = 0
     for ref, out in zip(reference, got, strict=True):
         total += len(ref["tokens"])
@@ -60,10 +69,10 @@ def test_greedy_generation_close_to_the_unquantized_cache(tiny_llama_dir, refere
             agree += 1
     print(fmt, "steps with equal tokens:", agree, "of", total)
     # tokens agree until the first flip of a near-tie; int8 keeps whole sequences here
-    assert agree / total >= {"int8": 1.0, "fp8": 0.75, "int4": 0.5}[fmt], (fmt, agree, total)
+    assert agree / total >= {"int8": 1.0, "fp16": 1.0, "fp8": 0.75, "int4": 0.5}[fmt], (fmt, agree, total)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "fp16"])
 def test_prefix_cache_hits_preemption_and_chunked_prefill_change_nothing(tiny_llama_dir, fmt):
     """A prompt whose prefix blocks come from the cache, and sequences prefilled in 16-token chunks, preempted
     and recomputed in a cache too small for all of them, generate the tokens of a lone, uncached run under the
@@ -93,7 +102,8 @@ def _llama(head_dim: int = 128, num_kv_caches: int = 2) -> ModelConfig:
 
 def test_capacity_of_the_same_memory():
     """Blocks for one budget: int8 ~1.9x and int4 ~3.6x the bf16 count (each token-head row carries an 8-byte
-    float32 scale and zero point), fp8 exactly 2x; the allocated cache has the size the count assumed."""
+    float32 scale and zero point), fp8 exactly 2x, float16 1x (2x a float32 cache's); the allocated cache has the
+    size the count assumed."""
     cfg = _llama()
     bf16 = ce.bytes_per_block(cfg, 64, torch.bfloat16)
     assert bf16 == 16 * 8 * 64 * 2 * 128 * 2
@@ -102,7 +112,8 @@ def test_capacity_of_the_same_memory():
         / ce.bytes_per_block(cfg, 64, torch.bfloat16, 1, kw.get("quant_policy", 0), kw.get("kv_cache_dtype", "auto"))
         for fmt, kw in FORMATS.items()
     }
-    assert ratios == {"int8": 256 / 136, "int4": 256 / 72, "fp8": 2.0}
+    assert ratios == {"int8": 256 / 136, "int4": 256 / 72, "fp8": 2.0, "fp16": 1.0}
+    assert ce.bytes_per_block(cfg, 64, torch.float32, kv_cache_dtype="float16") == bf16  # half a float32 cache
     for kw in FORMATS.values():
         cache_cfg = ce.CacheConfig(block_size=16, **kw)
         small = ModelConfig(64, 2, 4, 2, 1, 2, 16, 320)
@@ -118,6 +129,12 @@ def test_bad_formats_are_refused(tiny_llama_dir):
         PytorchEngineConfig(kv_cache_dtype="fp8_e5m2")
     with pytest.raises(ValueError, match="choose one"):
         PytorchEngineConfig(quant_policy=8, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="choose one"):
+        PytorchEngineConfig(quant_policy=4, kv_cache_dtype="float16")
+    # on CUDA the kernels keep the cache in the model dtype: a float16 cache under bf16 compute is refused there
+    with pytest.raises(ValueError, match="on CUDA needs the model dtype"):
+        resolve_dtypes("bfloat16", None, "cuda", "float16")
+    assert resolve_dtypes("float16", None, "cuda", "fp16") == (torch.float16, "fp16")
     with pytest.raises(ValueError, match="MLA"):
         ce.check_kv_cache_format(_llama(num_kv_caches=1), quant_policy=8)
     with pytest.raises(ValueError, match="even head dims"):

@@ -69,7 +69,8 @@ def tol():
 @pytest.fixture
 def paged_batch():
     """Factory of a random paged batch: caches full of random values (stale slots included, so a kernel
-    that reads past a sequence's keys gets garbage), blocks assigned in shuffled order, and the metadata."""
+    that reads past a sequence's keys gets garbage), blocks assigned in shuffled order, and the metadata; drawn
+    from `generator` when given (a CPU one), else from torch's default one."""
 
     def build(
         q_lens: list[int],
@@ -83,13 +84,20 @@ def paged_batch():
         is_decoding: bool | None = None,
         extra_blocks: int = 2,
         v_head_dim: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict:
         num_seqs = len(q_lens)
         v_head_dim = v_head_dim or head_dim
+
+        def randn(*shape: int) -> torch.Tensor:  # a CPU generator's draws are the same on every machine
+            if generator is None:
+                return torch.randn(*shape, dtype=dtype, device=device)
+            return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
         blocks_per_seq = [-(-kv // block_size) for kv in kv_lens]
         max_blocks = max(blocks_per_seq) + extra_blocks  # wider than needed, as a CUDA-graph runner pads it
         num_blocks = sum(blocks_per_seq) + 3
-        perm = torch.randperm(num_blocks)
+        perm = torch.randperm(num_blocks, generator=generator)
         block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
         used = 0
         for i, n in enumerate(blocks_per_seq):
@@ -116,9 +124,9 @@ def paged_batch():
             kv_seqlens_list=list(kv_lens),
         )
         return {
-            "query": torch.randn(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device),
-            "k_cache": torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device),
-            "v_cache": torch.randn(num_blocks, block_size, num_kv_heads, v_head_dim, dtype=dtype, device=device),
+            "query": randn(sum(q_lens), num_heads, head_dim),
+            "k_cache": randn(num_blocks, block_size, num_kv_heads, head_dim),
+            "v_cache": randn(num_blocks, block_size, num_kv_heads, v_head_dim),
             "meta": meta,
         }
 

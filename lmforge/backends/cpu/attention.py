@@ -6,8 +6,10 @@ queries to [num_seqs, max_q, heads, dim] and gather each sequence's cache blocks
 per step (first layer) and kept in attn_metadata.scratch for the other layers.
 
 Quantized caches (QuantizedCache, quant_policy 8/4) are written through quantize_kv and read through
-dequantize_kv; an FP8 (e4m3) cache is a float8_e4m3fn tensor with scale 1.0, values clamped to +-448. These
-functions define the formats: the CUDA kernels are tested against them.
+dequantize_kv; an FP8 (e4m3) cache is a float8_e4m3fn tensor with scale 1.0, values clamped to +-448; a float16
+cache below float32 compute (kv_cache_dtype='float16', the CPU default under dtype 'auto') rounds to nearest even,
+values clamped to +-65504, and is read back as float32. These functions define the formats: the CUDA kernels and
+the CPU attention kernel (lmforge/kernels/cpu/attention.c) are tested against them.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch.nn.functional as F
 from lmforge.kernels import cpu as cpu_kernels
 from lmforge.model_inputs import AttnMetadata, AttnOptions, QuantizedCache
 
-# the largest finite float8_e4m3fn value: an FP8 cache clamps to it (the cast of a larger value is not finite)
+# the largest finite float8_e4m3fn / float16 values: an FP8 / float16 cache clamps to them (the cast of a larger
+# value is not finite)
 FP8_E4M3_MAX = 448.0
+FP16_MAX = 65504.0
 # the smallest value range of a quantized row: a constant row (all zeros, say) gets a finite scale, not 0
 _QUANT_MIN_RANGE = 1e-6
 
@@ -54,6 +58,8 @@ def _write(cache: torch.Tensor | QuantizedCache, x: torch.Tensor, slot_mapping: 
     if cache.dtype == torch.float8_e4m3fn:  # CPU index_copy_ has no float8 kernel: copy the bytes
         x = x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(cache.dtype).view(torch.uint8)
         cache = cache.view(torch.uint8)
+    elif cache.dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.float().clamp(-FP16_MAX, FP16_MAX)  # in float32: bfloat16 rounds 65504 up to 65536
     num_blocks, block_size = cache.shape[:2]
     cache.view(num_blocks * block_size, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
 

@@ -1,5 +1,5 @@
 """lmforge's own CPU kernels (kernels.c): int4 linear on float32 activations, fused RMSNorm + residual, rotary,
-SiLU-and-mul and paged attention, for a decode step of a few ops per layer.
+SiLU-and-mul and paged attention (over a float32 or float16 KV cache), for a decode step of a few ops per layer.
 
 The C file is compiled on first use with the machine's C compiler for this very CPU (`-O3 -march=native
 -fopenmp`, about a second) into `~/.cache/lmforge/cpu-kernels/<hash>.so` ($XDG_CACHE_HOME; the hash covers the
@@ -84,6 +84,7 @@ _SIGNATURES = {
             _P,
             _I,
             _P,
+            _C,
             _C,
         ],
     ),  # fmt: skip
@@ -396,10 +397,12 @@ def rotary_cos_sin(
 
 
 def _cache_rows(cache: torch.Tensor) -> bool:
-    # [num_blocks, block_size, heads, dim]: slots evenly strided, heads packed
+    # [num_blocks, block_size, heads, dim] of float32 or float16: slots evenly strided, heads packed
     return (
         cache.dim() == 4
-        and _f32_rows(cache)
+        and cache.dtype in (torch.float32, torch.float16)
+        and cache.device.type == "cpu"
+        and cache.stride(-1) == 1
         and cache.stride(2) == cache.shape[3]
         and cache.stride(0) == cache.shape[1] * cache.stride(1)
     )
@@ -416,13 +419,16 @@ def paged_attention(
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Attention of every query token to its sequence's cached keys (causal, optional window); None for what the
-    kernel does not take (a quantized or non-float32 cache, softcapping is the caller's check). Given this step's
-    key and value [T, kv_heads, d], they are written to meta.slot_mapping's slots first (fill_kv_cache)."""
+    """Attention of float32 queries to their sequence's cached keys (causal, optional window) in a float32 or float16
+    cache (read as float32); None for what the kernel does not take (a quantized, bfloat16 or float8 cache;
+    softcapping is the caller's check). Given this step's float32 key and value [T, kv_heads, d], they are written
+    to meta.slot_mapping's slots first, as fill_kv_cache does (into a float16 cache: rounded, clamped to +-65504)."""
     lib = library()
     if lib is None or not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor):
         return None
     if not (_tokens_heads(query) and _cache_rows(k_cache) and _cache_rows(v_cache)):
+        return None
+    if k_cache.dtype != v_cache.dtype:
         return None
     t, hq, d = query.shape
     hk, dk = k_cache.shape[2], k_cache.shape[3]
@@ -458,6 +464,6 @@ def paged_attention(
         _ptr(tables), tables.stride(0), _ptr(q_start), _ptr(q_lens), _ptr(kv_lens), meta.num_seqs, t, hq, hk, d,
         dv, v_cache.shape[3], meta.block_size, scale, sliding_window or 0, meta.max_kv_seqlen, _ptr(out), _ptr(key),
         0 if key is None else key.stride(0), _ptr(value), 0 if value is None else value.stride(0), _ptr(slots),
-        torch.get_num_threads(),
+        int(k_cache.dtype == torch.float16), torch.get_num_threads(),
     )  # fmt: skip
     return out

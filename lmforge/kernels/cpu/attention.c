@@ -1,5 +1,6 @@
-/* Attention over the paged float32 KV cache, compiled with kernels.c (lmforge/kernels/cpu/__init__.py builds them
- * into one library); the plain-torch reference is lmforge/backends/cpu/attention.py. */
+/* Attention over the paged KV cache, float32 or float16 (read as float32: every product and sum is float32),
+ * compiled with kernels.c (lmforge/kernels/cpu/__init__.py builds them into one library); the plain-torch
+ * reference is lmforge/backends/cpu/attention.py. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -59,13 +60,24 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
 }
 
 #if defined(__AVX512F__)
+/* 16 channels of a cache row, float32 or float16 (half: a constant once attend64 is inlined) */
+static inline __m512 load16(const void *row, int c, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + 16 * c)))
+                : _mm512_loadu_ps((const float *)row + 16 * c);
+}
+
 /* One (token, kv head) item for 64-dim keys and values, its group's query heads 4 at a time: their queries and value
  * sums stay in registers through one pass over the keys and one over the values (no per-key loads and stores of the
  * accumulators), keys and values are prefetched 8 slots ahead (the slots of a paged sequence are not contiguous), and
- * the softmax's 1 / sum scales the output instead of every weight. k and v point at this kv head's channels. */
-static void attend64(const float *qh, int64_t group, const float *k, int64_t ldk, const float *v, int64_t ldv,
-                     const int64_t *slot_of, int64_t len, float scale, float *p, float *out) {
+ * the softmax's 1 / sum scales the output instead of every weight. k and v point at this kv head's channels, ldk and
+ * ldv count elements of the cache's type (half: float16, 128 bytes a row, else float32, 256). */
+static inline __attribute__((always_inline)) void attend64(const float *qh, int64_t group, const void *k, int64_t ldk,
+                                                           const void *v, int64_t ldv, const int64_t *slot_of,
+                                                           int64_t len, float scale, float *p, float *out,
+                                                           const int half) {
     enum { PF = 8 };
+    const int64_t esize = half ? 2 : 4, lines = half ? 2 : 4; /* bytes an element, cache lines a row */
+    const char *kb = (const char *)k, *vb = (const char *)v;
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int ng = group - g0 < 4 ? (int)(group - g0) : 4;
         __m512 qv[4][4], acc[4][4];
@@ -77,13 +89,13 @@ static void attend64(const float *qh, int64_t group, const float *k, int64_t ldk
                                   : _mm512_setzero_ps();
         }
         for (int64_t j = 0; j < len; j++) {
-            const float *kj = k + slot_of[j] * ldk;
+            const char *kj = kb + slot_of[j] * ldk * esize;
             if (j + PF < len) {
-                const char *next = (const char *)(k + slot_of[j + PF] * ldk);
-                for (int c = 0; c < 4; c++) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
+                const char *next = kb + slot_of[j + PF] * ldk * esize;
+                for (int c = 0; c < lines; c++) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
             }
-            const __m512 k0 = _mm512_loadu_ps(kj), k1 = _mm512_loadu_ps(kj + 16), k2 = _mm512_loadu_ps(kj + 32),
-                         k3 = _mm512_loadu_ps(kj + 48);
+            const __m512 k0 = load16(kj, 0, half), k1 = load16(kj, 1, half), k2 = load16(kj, 2, half),
+                         k3 = load16(kj, 3, half);
             for (int g = 0; g < 4; g++) {
                 if (g >= ng) break;
                 __m512 d = _mm512_fmadd_ps(qv[g][1], k1, _mm512_mul_ps(qv[g][0], k0));
@@ -97,13 +109,13 @@ static void attend64(const float *qh, int64_t group, const float *k, int64_t ldk
         for (int g = 0; g < 4; g++)
             for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < len; j++) {
-            const float *vj = v + slot_of[j] * ldv;
+            const char *vj = vb + slot_of[j] * ldv * esize;
             if (j + PF < len) {
-                const char *next = (const char *)(v + slot_of[j + PF] * ldv);
-                for (int c = 0; c < 4; c++) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
+                const char *next = vb + slot_of[j + PF] * ldv * esize;
+                for (int c = 0; c < lines; c++) _mm_prefetch(next + 64 * c, _MM_HINT_T0);
             }
-            const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
-                         v3 = _mm512_loadu_ps(vj + 48);
+            const __m512 v0 = load16(vj, 0, half), v1 = load16(vj, 1, half), v2 = load16(vj, 2, half),
+                         v3 = load16(vj, 3, half);
             for (int g = 0; g < 4; g++) {
                 if (g >= ng) break;
                 const __m512 w = _mm512_set1_ps(p[(g0 + g) * len + j]);
@@ -118,27 +130,44 @@ static void attend64(const float *qh, int64_t group, const float *k, int64_t ldk
                 _mm512_storeu_ps(out + (g0 + g) * 64 + 16 * c, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
     }
 }
+
+/* attend64 compiled once per cache type */
+static void attend64_f32(const float *qh, int64_t group, const void *k, int64_t ldk, const void *v, int64_t ldv,
+                         const int64_t *slot_of, int64_t len, float scale, float *p, float *out) {
+    attend64(qh, group, k, ldk, v, ldv, slot_of, len, scale, p, out, 0);
+}
+
+static void attend64_f16(const float *qh, int64_t group, const void *k, int64_t ldk, const void *v, int64_t ldv,
+                         const int64_t *slot_of, int64_t len, float scale, float *p, float *out) {
+    attend64(qh, group, k, ldk, v, ldv, slot_of, len, scale, p, out, 1);
+}
 #endif
 
 /* Causal attention of every query token to its sequence's keys in the paged cache (this step's keys already
- * written). q [T, Hq, D] (token stride ldq), out [T, Hq, Dv]; caches [num_blocks, block_size, Hk, D|vhs] (row
- * strides ldk / ldv between consecutive slots, head strides D / vhs; the first Dv <= vhs channels of a value are
- * read, so MLA's one latent cache serves as both); block_tables [S, bt_stride] int32;
- * q_start/q_lens/kv_lens [S] int32. Query token i of sequence s sits at position kv_len - q_len + i and sees keys
- * [max(0, pos - window + 1), pos] (window 0: no window). One work item per (token, kv head). Given `key`, this
- * step's keys and values are first written to their cache slots (`slots` [T]), as fill_kv_cache does. */
-void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t ldk, const float *vc, int64_t ldv,
+ * written). q [T, Hq, D] (token stride ldq), out [T, Hq, Dv]; caches [num_blocks, block_size, Hk, D|vhs] of float32,
+ * or of float16 given `half` (row strides ldk / ldv between consecutive slots and head strides D / vhs, all in
+ * elements; the first Dv <= vhs channels of a value are read, so MLA's one latent cache serves as both);
+ * block_tables [S, bt_stride] int32; q_start/q_lens/kv_lens [S] int32. Query token i of sequence s sits at position
+ * kv_len - q_len + i and sees keys [max(0, pos - window + 1), pos] (window 0: no window). One work item per (token,
+ * kv head). Given `key`, this step's keys and values (float32) are first written to their cache slots (`slots` [T]),
+ * as fill_kv_cache does (a float16 cache: rounded to nearest even, clamped to +-F16_MAX). */
+void lmf_paged_attention(const float *q, int64_t ldq, void *kc, int64_t ldk, void *vc, int64_t ldv,
                          const int32_t *block_tables, int64_t bt_stride, const int32_t *q_start,
                          const int32_t *q_lens, const int32_t *kv_lens, int64_t S, int64_t T, int64_t hq,
                          int64_t hk, int64_t D, int64_t Dv, int64_t vhs, int64_t block_size, float scale,
                          int64_t window, int64_t max_kv, float *out, const float *key, int64_t ldkn,
-                         const float *value, int64_t ldvn, const int64_t *slots, int nt) {
+                         const float *value, int64_t ldvn, const int64_t *slots, int half, int nt) {
     const int64_t group = hq / hk;
+    float *const kf = (float *)kc, *const vf = (float *)vc;
+    uint16_t *const kh = (uint16_t *)kc, *const vh = (uint16_t *)vc;
     if (key) /* this step's keys and values into their slots first (key [T, Hk, D], value [T, Hk, Dv]) */
         for (int64_t t = 0; t < T; t++) {
-            memcpy((float *)kc + slots[t] * ldk, key + t * ldkn, sizeof(float) * (size_t)(hk * D));
-            for (int64_t h = 0; h < hk; h++)
-                memcpy((float *)vc + slots[t] * ldv + h * vhs, value + t * ldvn + h * Dv, sizeof(float) * (size_t)Dv);
+            if (half) f32_to_f16_row(kh + slots[t] * ldk, key + t * ldkn, hk * D);
+            else memcpy(kf + slots[t] * ldk, key + t * ldkn, sizeof(float) * (size_t)(hk * D));
+            for (int64_t h = 0; h < hk; h++) {
+                if (half) f32_to_f16_row(vh + slots[t] * ldv + h * vhs, value + t * ldvn + h * Dv, Dv);
+                else memcpy(vf + slots[t] * ldv + h * vhs, value + t * ldvn + h * Dv, sizeof(float) * (size_t)Dv);
+            }
         }
     int64_t *tok_seq = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T > 0 ? T : 1));
     for (int64_t s = 0; s < S; s++)
@@ -148,6 +177,8 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
         float *p = (float *)malloc(sizeof(float) * (size_t)(group * (max_kv > 0 ? max_kv : 1)));
         float *acc = (float *)malloc(sizeof(float) * (size_t)(group * Dv));
         int64_t *slot_of = (int64_t *)malloc(sizeof(int64_t) * (size_t)(max_kv > 0 ? max_kv : 1));
+        /* a float16 cache's key or value row, widened to float32 once for all the group's query heads */
+        float *row = (float *)malloc(sizeof(float) * (size_t)(D > Dv ? D : Dv));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < T * hk; item++) {
             const int64_t t = item / hk, h = item % hk, s = tok_seq[t];
@@ -165,13 +196,15 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
             }
 #if defined(__AVX512F__)
             if (D == 64 && Dv == 64) {
-                attend64(qh, group, kc + h * D, ldk, vc + h * vhs, ldv, slot_of, len, scale, p,
-                         out + (t * hq + h * group) * Dv);
+                float *o = out + (t * hq + h * group) * Dv;
+                if (half) attend64_f16(qh, group, kh + h * D, ldk, vh + h * vhs, ldv, slot_of, len, scale, p, o);
+                else attend64_f32(qh, group, kf + h * D, ldk, vf + h * vhs, ldv, slot_of, len, scale, p, o);
                 continue;
             }
 #endif
             for (int64_t j = 0; j < len; j++) {
-                const float *key = kc + slot_of[j] * ldk + h * D;
+                const float *key = half ? row : kf + slot_of[j] * ldk + h * D;
+                if (half) f16_to_f32_row(row, kh + slot_of[j] * ldk + h * D, D);
                 for (int64_t g = 0; g < group; g++) {
                     float sc = dot(qh + g * D, key, D) * scale;
                     p[g * len + j] = sc;
@@ -184,7 +217,8 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
                 for (int64_t j = 0; j < len; j++) p[g * len + j] *= inv;
             }
             for (int64_t j = 0; j < len; j++) {
-                const float *val = vc + slot_of[j] * ldv + h * vhs;
+                const float *val = half ? row : vf + slot_of[j] * ldv + h * vhs;
+                if (half) f16_to_f32_row(row, vh + slot_of[j] * ldv + h * vhs, Dv);
                 for (int64_t g = 0; g < group; g++) axpy(p[g * len + j], val, acc + g * Dv, Dv);
             }
             for (int64_t g = 0; g < group; g++)
@@ -193,6 +227,7 @@ void lmf_paged_attention(const float *q, int64_t ldq, const float *kc, int64_t l
         free(p);
         free(acc);
         free(slot_of);
+        free(row);
     }
     free(tok_seq);
 }

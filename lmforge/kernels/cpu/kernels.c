@@ -35,26 +35,6 @@ typedef struct {
     const uint16_t *h;
 } scl_t;
 
-static inline float h2f(uint16_t h) {
-#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX2__)) /* immintrin.h is included for those */
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
-    uint32_t bits;
-    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
-    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
-    else if (man) { /* subnormal: normalize */
-        int e = -1;
-        uint32_t m = man;
-        do { m <<= 1; e++; } while (!(m & 1024));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 1023) << 13);
-    } else bits = sign;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
 static inline float scl_at(scl_t s, int64_t i) { return s.h ? h2f(s.h[i]) : s.f[i]; }
 
 static inline scl_t scl_off(scl_t s, int64_t i) {

@@ -1,6 +1,8 @@
 /* Vector helpers shared by kernels.c and attention.c (included by both; static inline). */
 #pragma once
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -50,3 +52,82 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(h);
 }
 #endif
+
+/* ---- float16 (IEEE binary16) <-> float32: GGUF's scales, the float16 KV cache ---------------------------- */
+
+/* the largest finite float16; the float16 KV cache clamps to it (a larger value would be stored as inf) */
+#define F16_MAX 65504.f
+
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX2__)) /* immintrin.h is included for those */
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+    uint32_t bits;
+    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man) { /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { m <<= 1; e++; } while (!(m & 1024));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 1023) << 13);
+    } else bits = sign;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* x rounded to the nearest float16, ties to even (what F16C's conversions and torch's .half() do); NaN stays NaN,
+ * what rounds past F16_MAX becomes inf */
+static inline uint16_t f2h(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00 | (uint16_t)((a >> 13) & 0x3ff); /* NaN, quiet */
+    if (a >= 0x477ff000u) return sign | 0x7c00;                               /* >= 65520 (or inf): inf */
+    if (a >= 0x38800000u) /* a normal float16 (>= 2^-14): round the 13 dropped mantissa bits, rebias 127 -> 15 */
+        return sign | (uint16_t)((a + 0xfffu + ((a >> 13) & 1) - 0x38000000u) >> 13);
+    /* a subnormal one (units of 2^-24) or 0: adding 0.5 (whose ulp is 2^-24) lets the FPU round the value to a
+     * multiple of 2^-24, ties to even, and leaves that multiple in the low mantissa bits */
+    float f;
+    memcpy(&f, &a, 4);
+    f += 0.5f;
+    memcpy(&u, &f, 4);
+    return sign | (uint16_t)(u - 0x3f000000u);
+}
+
+/* dst[i] = float(src[i]) for i < n */
+static inline void f16_to_f32_row(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = h2f(src[i]);
+}
+
+/* dst[i] = float16(src[i]) clamped to +-F16_MAX (NaN kept) for i < n: the float16 KV cache's write */
+static inline void f32_to_f16_row(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    /* min(max, x) / max(-max, x) return x when x is NaN (the second operand) */
+    const __m512 hi = _mm512_set1_ps(F16_MAX), lo = _mm512_set1_ps(-F16_MAX);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_loadu_ps(src + i)));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    const __m256 hi = _mm256_set1_ps(F16_MAX), lo = _mm256_set1_ps(-F16_MAX);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_loadu_ps(src + i)));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+    for (; i < n; i++) {
+        const float x = src[i];
+        dst[i] = f2h(x > F16_MAX ? F16_MAX : x < -F16_MAX ? -F16_MAX : x);
+    }
+}
