@@ -151,8 +151,9 @@ def resolve_dtypes(
         stored = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
         chosen = torch.float16 if stored in (torch.float16, "float16") else torch.bfloat16
     if device_type == "cuda" and kv_cache_dtype in ("float16", "fp16", "float32", "fp32"):
-        named = torch.float16 if kv_cache_dtype in ("float16", "fp16") else torch.float32
-        if named != chosen:
+        from .cache_engine import cache_dtype
+
+        if cache_dtype(kv_cache_dtype, chosen) != chosen:
             raise ValueError(
                 f"kv_cache_dtype={kv_cache_dtype!r} on CUDA needs the model dtype {kv_cache_dtype!r} too (the GPU "
                 f"kernels keep keys and values in the model dtype, {str(chosen).removeprefix('torch.')} here): use "
