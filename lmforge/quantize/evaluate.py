@@ -116,7 +116,7 @@ def evaluate_perplexity(
     stdlib text), over non-overlapping sequences of `seq_len` tokens, at most `max_tokens` tokens in all."""
     from lmforge.engine.cache_engine import CacheEngine
     from lmforge.engine.model_loader import build_model, load_model_weights
-    from lmforge.engine.startup import resolve_dtype
+    from lmforge.engine.startup import resolve_dtypes
     from lmforge.model_source import load_model_source
     from lmforge.quantize.calib import builtin_text, encode_prefix, token_blocks
 
@@ -131,7 +131,8 @@ def evaluate_perplexity(
     blocks = token_blocks(ids, num_seqs, seq_len)
 
     torch_device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, source.hf_config, torch_device.type)
+    # the compute dtype and KV cache format the engine would run (on CPU at dtype auto: a float16 cache)
+    torch_dtype, kv_cache_dtype = resolve_dtypes(dtype, source.hf_config, torch_device.type)
     fmt = checkpoint_format(source.hf_config)
     ctx_mgr = StepContextManager()
     # a GGUF file on the CPU at dtype auto is scored as the engine runs it: linear layers kept packed (int4 planes)
@@ -142,7 +143,10 @@ def evaluate_perplexity(
     else:
         _refuse_ignored_quantization(model, fmt, source.path)
         load_model_weights(model, source, torch_dtype, torch_device)
-    cache = CacheEngine(source.model_config, -(-seq_len // block_size), block_size, torch_dtype, torch_device)
+    cache = CacheEngine(
+        source.model_config, -(-seq_len // block_size), block_size, torch_dtype, torch_device,
+        kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
 
     total = 0.0
     disabled = not progress or not sys.stderr.isatty()
