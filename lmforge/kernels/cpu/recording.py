@@ -84,5 +84,15 @@ def _empty(*shape) -> torch.Tensor:
 
 def _call(fn, *args) -> None:
     if _recording is not None:
-        _recording.calls.append((fn, args[:-1]))
+        _recording.calls.append((fn, _as_ctypes(fn, args[:-1])))
     fn(*args)
+
+
+def _as_ctypes(fn, args: tuple) -> tuple:
+    """Recorded arguments as instances of fn's ctypes argument types, which a replayed call passes as they are
+    instead of converting each Python int and float again (~1.5 us of a 12-argument call; a batch-1 decode step
+    of a 30-layer model replays a few hundred calls)."""
+    types = getattr(fn, "argtypes", None) or ()
+    if len(types) < len(args):
+        return args
+    return tuple(a if isinstance(a, t) else t(a) for t, a in zip(types[: len(args)], args, strict=True))
