@@ -28,7 +28,6 @@ import torch
 from lmforge.messages import GenerationConfig
 
 from .cache_engine import CacheEngine
-from .decode_inputs import StaticDecodeInputs
 from .model_runner import ModelRunner, ModelStep
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -101,15 +100,13 @@ def _seq(i: int, length: int, computed: int, first_block: int, block_size: int) 
 
 
 def _graph_steps(step: ModelStep, cache, block_size: int, device, batches: list[int], max_blocks: int) -> None:
-    """The decode forwards of CudaGraphRunner's captures (engine/cuda_graph.py), uncaptured: its static inputs,
-    every row as long as the table allows, the lm_head where the graph holds it."""
-    from .cuda_graph import LOGITS_MAX_BS
+    """The decode forwards of CudaGraphRunner's captures (engine/cuda_graph.py), uncaptured: a runner built without
+    capturing runs the very forward each capture records (its static inputs, the lm_head where the graph holds it)."""
+    from .cuda_graph import CudaGraphRunner
 
-    inputs = StaticDecodeInputs(max(batches), max_blocks, block_size, device, cache.trash_block)
+    runner = CudaGraphRunner(step, cache, block_size, device, max(batches), max_blocks, capture=False)
     for bs in batches:
-        hidden = step.forward(inputs.context(bs, cache.kv_caches, [1] * bs, [inputs.max_kv_len] * bs))
-        if bs <= LOGITS_MAX_BS and step.has_get_logits:
-            step.model.get_logits(hidden)
+        runner._forward(bs)
 
 
 @torch.inference_mode()
