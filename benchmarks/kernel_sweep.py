@@ -4,7 +4,10 @@ Prints one JSON line per case to stdout: device, op, shape, median ms (triton.te
 clears L2 between runs), achieved GB/s (bytes the op must move / time) and the same for the reference.
 The first line measures a plain device copy: the bandwidth floor the memory-bound kernels are held to.
 
-    python3 benchmarks/kernel_sweep.py [--quick] [--only copy,decode,prefill,pointwise,moe,kvquant]
+    python3 benchmarks/kernel_sweep.py [--quick] [--only copy,decode,prefill,pointwise,moe,kvquant,bs1]
+
+bs1 (on request): batch-1 decode attention with the step's key/value fill, as a decode graph runs it (block table
+as wide as an 8,192-token session, llama-1b / llama-8b heads), over block_n, num_warps and min_split_keys.
 """
 
 from __future__ import annotations
@@ -183,6 +186,52 @@ def bench_decode(
                 num_warps=num_warps,
                 timing="cuda_graph",
             )
+
+
+def bench_bs1_decode(kv_len: int, head_dim: int, session: int = 8192, block_size: int = 64) -> None:
+    """One sequence, 32 query / 8 KV heads, the fused fill of this step's key and value (fill_kv_and_attend)."""
+    query, k_cache, v_cache, meta = paged_inputs([1], [session], 32, 8, head_dim, block_size)
+    meta.kv_seqlens.fill_(kv_len)
+    key = torch.randn(1, 8, head_dim, device=DEVICE, dtype=BF16)
+    value = torch.randn_like(key)
+    slots = (meta.block_tables[0, (kv_len - 1) // block_size].long() * block_size + (kv_len - 1) % block_size).view(1)
+    scale = head_dim**-0.5
+    shape = {"batch": 1, "kv_len": kv_len, "heads": 32, "kv_heads": 8, "head_dim": head_dim, "session": session}
+    num_bytes = 2 * kv_len * 8 * head_dim * 2
+    block_ns = (32, 64) if head_dim > 64 else (64, 128)
+    for block_n in (None, *block_ns):
+        for num_warps in (2, 4):
+            for min_keys in (None, 64, 128) if block_n else (None,):
+                if block_n is None and num_warps != 4:
+                    continue
+
+                def run(block_n=block_n, num_warps=num_warps, min_keys=min_keys):
+                    return decode_attention(
+                        query,
+                        k_cache,
+                        v_cache,
+                        meta.block_tables,
+                        meta.kv_seqlens,
+                        scale,
+                        block_n=block_n,
+                        num_warps=num_warps,
+                        key=key,
+                        value=value,
+                        slot_mapping=slots,
+                        min_split_keys=min_keys,
+                    )
+
+                ms = graph_bench(run, rep=20)
+                emit(
+                    "bs1_decode_attention",
+                    shape,
+                    ms,
+                    num_bytes,
+                    block_n=block_n or "default",
+                    num_warps=num_warps,
+                    min_split_keys=min_keys or "default",
+                    timing="cuda_graph",
+                )
 
 
 def bench_prefill(
@@ -386,6 +435,10 @@ def main() -> None:
         bench_decode(256, 512, 32, 8, 128, 16)
         bench_decode(1, 8192, 32, 8, 128, 16)
         bench_decode(8, 2048, 16, 1, 256, 16)
+    if "bs1" in groups:
+        for head_dim in (128, 64):
+            for kv_len in (128, 320, 512, 1024):
+                bench_bs1_decode(kv_len, head_dim)
     if "prefill" in groups:
         bench_prefill(4, 1024, 1024, 32, 8, 128, 16, sweep=not quick)
         bench_prefill(4, 512, 2048, 32, 8, 128, 16)

@@ -10,6 +10,9 @@ Pass 2: the same workload again with the profiler on for the listed step windows
 GPU busy fraction from the kernels' union, a gzipped chrome trace per window), aborted after the last window.
 
     python benchmarks/thr_profile.py --model-dir DIR [--windows 4:6,100:104,600:604] [--budget-s 80] [--out DIR]
+
+--bs1: throughput.py's batch-1 measure instead (128 ids in, 256 greedy tokens out, after one untimed run; graphs up
+to --max-batch-size): pass 1's per-step GPU span / idle gap / host phases, then one profiled window of decode steps.
 """
 
 from __future__ import annotations
@@ -304,6 +307,8 @@ def main() -> None:
     p.add_argument("--windows", default="4:6,100:104,600:604", help="profiled step windows a:b, comma-separated")
     p.add_argument("--budget-s", type=float, default=80.0, help="skip pass 2 / stop it when the script reaches this")
     p.add_argument("--out", default=".", help="folder for the traces")
+    p.add_argument("--bs1", action="store_true", help="the batch-1 greedy decode instead of the 256-request workload")
+    p.add_argument("--cprofile", action="store_true", help="--bs1: also a cProfile of a batch-1 run (host functions)")
     args = p.parse_args()
     from lmforge.engine.engine import Engine
 
@@ -329,6 +334,9 @@ def main() -> None:
         tokenizer=engine.tokenizer is not None,
         graphs=sorted(engine.graph_runner.graphs) if engine.graph_runner else None,
     )
+    if args.bs1:
+        bs1(engine, args, dev, t_start)
+        return
     reqs = workload(args.requests, 0)
     # warm-up as throughput.py
     import random
@@ -361,6 +369,78 @@ def main() -> None:
         pass2(engine, reqs, windows, args.out, t_start + args.budget_s, dev)
     else:
         log("pass 2 skipped: no time left")
+
+
+def bs1(engine, args, dev: str, t_start: float) -> None:
+    """Batch-1 greedy decode (throughput.py's bs1 measure) under the step timer, then a profiled window."""
+    from throughput import bs1_ids
+
+    greedy = GenerationConfig(max_new_tokens=256, min_new_tokens=256, top_k=1, ignore_eos=True)
+    ids = bs1_ids(0)
+    engine.add_request(ids, greedy)
+    while engine.has_unfinished():
+        engine.step()
+    engine.step_stats = dict.fromkeys(engine.step_stats, 0)
+    timer = StepTimer(engine)
+    timer.install()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.add_request(ids, greedy)
+    n_out = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            n_out += len(out.token_ids)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    timer.uninstall()
+    rows = timer.summary()
+    report_pass1(rows, timer, wall, n_out, dev)
+    dec = [r for r in rows if r["decode"]][8:-8]
+    pairs = zip(dec, dec[1:], strict=False)
+    emit(
+        device=dev,
+        measure="bs1_steps",
+        steps=len(dec),
+        span_us_median=round(statistics.median(r["span"] for r in dec) * 1e6, 1),
+        gap_us_median=round(statistics.median(r["gap"] for r in dec) * 1e6, 1),
+        gap_us_p90=round(sorted(r["gap"] for r in dec)[int(len(dec) * 0.9)] * 1e6, 1),
+        launch_us_median=round(statistics.median(r["launch_s"] for r in dec) * 1e6, 1),
+        host_step_us_median=round(statistics.median(b["h0"] - a["h0"] for a, b in pairs) * 1e6, 1),
+    )
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        engine.add_request(ids, greedy)
+        with cProfile.Profile() as prof:
+            while engine.has_unfinished():
+                engine.step()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
+        log("cProfile of a batch-1 run (256 steps), by own time:\n" + text.getvalue())
+    if time.perf_counter() - t_start > args.budget_s - 8:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request(ids, greedy)
+    for _ in range(40):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            with torch.profiler.record_function("lmf_step"):
+                engine.step()
+        torch.cuda.synchronize()
+    path = os.path.join(args.out, "trace_bs1.json")
+    prof.export_chrome_trace(path)
+    emit(device=dev, measure="bs1_window", **trace_busy(path))
+    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+        g.write(f.read())
+    os.remove(path)
+    log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    while engine.has_unfinished():
+        engine.step()
 
 
 if __name__ == "__main__":
