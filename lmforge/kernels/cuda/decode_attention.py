@@ -4,8 +4,9 @@ Decode is memory-bound: the floor is reading each sequence's K and V once. So on
 query heads that share a KV head (GQA), and each sequence's keys are split into up to `num_splits` slices
 handled by separate programs, whose partial results (output normalised per slice, plus its log-sum-exp) are
 combined by the last program of the sequence to finish (an arrival counter; or, with fused_reduce=False, by a
-second kernel). A slice reads at least MIN_SPLIT_KEYS keys, so a short sequence (batch-1 decode of a few hundred
-tokens) is one program per KV head that writes its result directly. Given this step's key/value (and their
+second kernel). A slice reads at least MIN_SPLIT_KEYS keys when the grid fills the GPU anyway, so a short sequence
+needs fewer partials; a grid of fewer programs than half the SMs (batch-1 decode) splits down to
+SMALL_GRID_MIN_SPLIT_KEYS. Given this step's key/value (and their
 slots), the kernel also writes them into the cache and attends to them from registers: the decode step's
 fill_kv_cache launch is gone.
 
@@ -348,8 +349,13 @@ def _decode_reduce_kernel(
 
 # benchmarks switch it off to time the separate reduce kernel; read at call time, so before a graph is captured
 FUSED_REDUCE_DEFAULT = True
-# keys a split reads at least (rounded down to whole BLOCK_N chunks); min_split_keys overrides it per call
+# keys a split reads at least (rounded down to whole BLOCK_N chunks); min_split_keys overrides it per call. A grid of
+# fewer (sequence, KV head) programs than half the SMs splits finer: batch-1 decode with the fused fill, 32 / 8 heads,
+# block table of an 8,192-token session, H200 (benchmarks/kernel_sweep.py --only bs1), us at 128 / 320 / 512 / 1,024
+# keys: head_dim 128 7.0 / 11.8 / 12.9 / 13.5 with 256 keys a split, 7.6 / 8.4 / 9.3 / 12.0 with 64; head_dim 64
+# (128-key chunks) 4.7 / 7.4 / 8.2 / 8.8 vs 4.7 / 6.7 / 7.1 / 8.4
 MIN_SPLIT_KEYS = 256
+SMALL_GRID_MIN_SPLIT_KEYS = 64
 
 
 def fusable_fill(
@@ -380,9 +386,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def default_block_n(head_dim: int, v_dim: int) -> int:
-    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernel_sweep.py sweep)."""
+def default_block_n(head_dim: int, v_dim: int, quant_bits: int = 0) -> int:
+    """Keys per loop step: about 16 KiB of K per step, measured best on H200 (benchmarks/kernel_sweep.py sweep); an
+    int8 cache at 128 channels takes 128 keys (16 KiB of codes): 749 vs 933 us at batch 256 x 2,048 keys on an H200
+    (benchmarks/kv_quant_attention.py --sweep)."""
     block_d = max(sum(split_head_dim(head_dim)), triton.next_power_of_2(v_dim))
+    if quant_bits == 8 and block_d == 128:
+        return 128
     return 128 if block_d <= 64 else 64 if block_d <= 128 else 32
 
 
@@ -429,7 +439,8 @@ def decode_attention(
     cache; the kernel writes them at their slots (fill_kv_cache's job) and attends to them in the same launch
     (a plain cache of the keys' dtype only; `fusable_fill` says when). fused_reduce (default: when the counters
     suffice) combines the splits' partials in the split kernel's last program instead of a second launch.
-    min_split_keys (default MIN_SPLIT_KEYS): the fewest keys one split reads; 1 splits as finely as num_splits allows.
+    min_split_keys (default MIN_SPLIT_KEYS, SMALL_GRID_MIN_SPLIT_KEYS for a grid of fewer (sequence, KV head) programs
+    than half the SMs): the fewest keys one split reads; 1 splits as finely as num_splits allows.
 
     block_tables [num_seqs, max_blocks] int32, kv_seqlens [num_seqs] int32 (keys visible to each query, its own
     included). out, if given, receives the result. num_splits / block_n / num_warps / num_stages override the
@@ -457,7 +468,7 @@ def decode_attention(
     group_size = num_heads // num_kv_heads
     block_d1, block_d2 = split_head_dim(head_dim)
     block_dv = triton.next_power_of_2(v_dim)
-    block_n = block_n or default_block_n(head_dim, v_dim)
+    block_n = block_n or default_block_n(head_dim, v_dim, quant_bits)
     block_g = default_block_g(group_size, head_dim)
     if num_splits is None:
         num_splits = default_num_splits(
@@ -475,9 +486,10 @@ def decode_attention(
     if num_seqs == 0:
         return out
     head_blocks = triton.cdiv(group_size, block_g)
-    # a split reads at least MIN_SPLIT_KEYS keys: on an H200 one program streams them faster than more splits
-    # would combine their partials (batch-1 decode of a few hundred keys: one program per head, no combine)
-    min_chunks = max(1, MIN_SPLIT_KEYS // block_n) if min_split_keys is None else max(1, min_split_keys // block_n)
+    if min_split_keys is None:
+        small = num_seqs * num_kv_heads * head_blocks * 2 < _num_sms(query.device)
+        min_split_keys = SMALL_GRID_MIN_SPLIT_KEYS if small else MIN_SPLIT_KEYS
+    min_chunks = max(1, min_split_keys // block_n)
     locks = splitk_locks(query.device) if query.is_cuda else torch.zeros(NUM_LOCKS, dtype=torch.int32)
     if fused_reduce is None:
         fused_reduce = FUSED_REDUCE_DEFAULT and num_seqs * num_kv_heads * head_blocks <= NUM_LOCKS
