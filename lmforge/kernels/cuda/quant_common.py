@@ -9,11 +9,24 @@ CUDA-graph replay) without a memset. One launch, no atomics on the output, no ho
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import stable_cache_keys
+
+# FP8 x FP8 dots on Hopper: the warpgroup MMA adds its products into an accumulator that keeps only about 14 bits,
+# and Triton's sm_90 default (max_num_imprecise_acc 2**30) never moves the partial sum into fp32 within a dot.
+# Block-scaled dots are one dot per 128-k scale block, added into an fp32 sum (DeepSeek-V3's promotion interval);
+# per-channel dots carry their accumulator over the whole K (mma.sync tiles of <= 16 rows sum in fp32 anyway).
+# LMFORGE_FP8_PRECISE_ACCUM=1 (read at import) moves the sum into fp32 after every instruction (16 <= the 32 k of one
+# FP8 instruction): fp32-exact sums, at a price (H200, llama-8b qkv block-scaled FP8, benchmarks/quant.py: 300 rows
+# 29.4 -> 61.5 us, 2,048 rows 171.8 -> 415.0 us). A batched FP8 Qwen3-MoE prefill with fp32 activations (three
+# prompts, 26 rows: 64-row MMA tiles) gives logits 3e-2 - 1.7e-1 off HF's fp32 forward per prompt by default and
+# 4e-7 in the precise mode; one prompt (5 rows: mma.sync tiles) is 1e-7 off either way.
+FP8_PRECISE = tl.constexpr(os.environ.get("LMFORGE_FP8_PRECISE_ACCUM") == "1")
 
 # arrival counters; a launch uses the first (tiles) of them and leaves them zero, so launches on one stream share them
 NUM_LOCKS = 1 << 16
