@@ -348,13 +348,24 @@ def main() -> None:
     while engine.has_unfinished():
         engine.step()
 
+    timed_pass(engine, [(ids, sampled(n)) for ids, n in reqs], dev)
+    windows = [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",") if w]
+    if windows and time.perf_counter() - t_start < args.budget_s - 8:
+        pass2(engine, reqs, windows, args.out, t_start + args.budget_s, dev)
+    else:
+        log("pass 2 skipped: no time left")
+
+
+def timed_pass(engine, reqs: list, dev: str) -> list[dict]:
+    """Pass 1: the (prompt ids, GenerationConfig) requests submitted at once and run to the end under the step timer;
+    prints its summary lines and returns the per-step rows."""
     engine.step_stats = dict.fromkeys(engine.step_stats, 0)
     timer = StepTimer(engine)
     timer.install()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for ids, n in reqs:
-        engine.add_request(ids, sampled(n))
+    for ids, gen in reqs:
+        engine.add_request(ids, gen)
     n_out = 0
     while engine.has_unfinished():
         for out in engine.step():
@@ -364,11 +375,7 @@ def main() -> None:
     timer.uninstall()
     rows = timer.summary()
     report_pass1(rows, timer, wall, n_out, dev)
-    windows = [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",") if w]
-    if windows and time.perf_counter() - t_start < args.budget_s - 8:
-        pass2(engine, reqs, windows, args.out, t_start + args.budget_s, dev)
-    else:
-        log("pass 2 skipped: no time left")
+    return rows
 
 
 def bs1(engine, args, dev: str, t_start: float) -> None:
@@ -380,21 +387,7 @@ def bs1(engine, args, dev: str, t_start: float) -> None:
     engine.add_request(ids, greedy)
     while engine.has_unfinished():
         engine.step()
-    engine.step_stats = dict.fromkeys(engine.step_stats, 0)
-    timer = StepTimer(engine)
-    timer.install()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    engine.add_request(ids, greedy)
-    n_out = 0
-    while engine.has_unfinished():
-        for out in engine.step():
-            n_out += len(out.token_ids)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    timer.uninstall()
-    rows = timer.summary()
-    report_pass1(rows, timer, wall, n_out, dev)
+    rows = timed_pass(engine, [(ids, greedy)], dev)
     dec = [r for r in rows if r["decode"]][8:-8]
     pairs = zip(dec, dec[1:], strict=False)
     emit(
