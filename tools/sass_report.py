@@ -133,7 +133,7 @@ def _usage_fields(usage: str) -> dict:
     return {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
 
 
-# --- presets: (kernel, call) built from CPU tensors ------------------------------------------------------------
+# --- presets: (kernel, call, constexpr overrides where CPU tensors switch a path), built from CPU tensors ----
 
 
 def _w4gemv():
@@ -143,7 +143,8 @@ def _w4gemv():
     x = torch.zeros(1, k, dtype=torch.bfloat16)
     packed = torch.zeros(n, k // 8, dtype=torch.int32)
     scales = torch.zeros(k // 128, n, dtype=torch.bfloat16)
-    return gv._w4_gemv_kernel, lambda: gv.w4_gemv(x, packed, scales, scales.clone(), 128)
+    # CPU tensors select the unpack without inline PTX (the interpreter's path): the GPU takes the PTX one
+    return gv._w4_gemv_kernel, lambda: gv.w4_gemv(x, packed, scales, scales.clone(), 128), {"ASM": True}
 
 
 def _decode(fmt: str, head_dim: int):
@@ -163,7 +164,7 @@ def _decode(fmt: str, head_dim: int):
         sz = torch.zeros(blocks, block, 8, 2)
         kw = dict(k_scales_zeros=sz, v_scales_zeros=sz.clone(), quant_bits=bits)
     call = lambda: da.decode_attention(q, k, k.clone(), tables, lens, head_dim**-0.5, num_splits=4, **kw)  # noqa: E731
-    return da._decode_split_kernel, call
+    return da._decode_split_kernel, call, {}
 
 
 def _scaled_mm(mode: str, rows: int):
@@ -177,7 +178,7 @@ def _scaled_mm(mode: str, rows: int):
         call = lambda: sm.scaled_mm(a, b, *scales, torch.bfloat16, block_size=(128, 128))  # noqa: E731
     else:
         call = lambda: sm.scaled_mm(a, b, torch.ones(rows), torch.ones(n), torch.bfloat16)  # noqa: E731
-    return sm._scaled_mm_kernel, call
+    return sm._scaled_mm_kernel, call, {}
 
 
 def preset(name: str):
@@ -200,8 +201,9 @@ def report(name: str, arch: int = 90, keep: str | None = None) -> dict:
     num_sms = decode_attention._num_sms
     decode_attention._num_sms = lambda device: 132  # the H200's SM count for the split heuristics (CPU tensors)
     try:
-        kernel, call = preset(name)
+        kernel, call, overrides = preset(name)
         args, kwargs = capture(kernel, call)
+        kwargs = kwargs | overrides
     finally:
         decode_attention._num_sms = num_sms
     compiled = compile_for(kernel, args, kwargs, arch)
