@@ -199,6 +199,7 @@ def set_baseline(on: bool, keep_gemv_off: bool = False) -> None:
     decode_kernels = importlib.import_module("lmforge.kernels.cuda.decode_attention")
     decode_kernels.FUSED_REDUCE_DEFAULT = not on
     decode_kernels.MIN_SPLIT_KEYS = 1 if on else 256
+    decode_kernels.SMALL_GRID_MIN_SPLIT_KEYS = 1 if on else 64
     importlib.import_module("lmforge.engine.cuda_graph").LOGITS_MAX_BS = 0 if on else 16
 
 
