@@ -51,6 +51,7 @@ _SIGNATURES = {
     "lmf_silu_and_mul": (None, [_P, _I, _I, _I, _P, _C]),
     "lmf_ggml_pairs": (None, [_P, _I, _I, _I, _P, _C]),
     "lmf_q4_repack": (None, [_P, _I, _I, _C, _P, _C]),
+    "lmf_sample_temperature": (None, [_P, _I, _I, _I, _P, _P, _P, _C]),
     "lmf_embedding": (None, [_P, _I, _P, _I, _I, _P, _C]),
     "lmf_cos_sin": (None, [_P, _P, _I, _I, _F, _F, _P, _P, _C]),
     "lmf_paged_attention": (
@@ -373,6 +374,24 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     out = _empty(n, dim)
     _call(lib.lmf_embedding, _ptr(weight), weight.stride(0), _ptr(ids), n, dim, _ptr(out), torch.get_num_threads())
     return out.view(*ids.shape, dim)
+
+
+def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """One token per row of float32 logits [rows, vocab] (rows may be strided) from softmax(logits / temperature),
+    by inverse CDF at u [rows] float64 in [0, 1); int64 [rows], -1 where a row needs the torch draw (a NaN or +inf
+    in it, or nothing finite). None when the kernels are off or the inputs do not fit."""
+    lib = library()
+    if lib is None or logits.dim() != 2 or not _f32_rows(logits) or logits.shape[1] == 0:
+        return None
+    rows = logits.shape[0]
+    temps = temperatures.to(torch.float32).contiguous()
+    u = u.to(torch.float64).contiguous().view(-1)
+    if temps.shape != (rows,) or u.shape != (rows,) or temps.device.type != "cpu" or u.device.type != "cpu":
+        return None
+    out = torch.empty(rows, dtype=torch.int64)
+    lib.lmf_sample_temperature(_ptr(logits), rows, logits.shape[1], logits.stride(0), _ptr(temps), _ptr(u), _ptr(out),
+                               torch.get_num_threads())  # fmt: skip
+    return out
 
 
 def rotary_cos_sin(
