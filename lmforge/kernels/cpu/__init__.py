@@ -26,11 +26,14 @@ from pathlib import Path
 
 import torch
 
+from . import recording as _recording_module
 from .recording import Arena, KernelProgram, _call, _empty, recording  # noqa: F401 (Arena, KernelProgram, recording: for callers)
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "attention.c", "q4_int8.c", "sampling.c")]
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("kernels.c", "attention.c", "q4_int8.c", "sampling.c", "program.c")
+]
 _HEADERS = [Path(__file__).with_name("simd.h")]  # in the cache key, not on the command line
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
@@ -43,6 +46,7 @@ _F = ctypes.c_float
 _C = ctypes.c_int
 _SIGNATURES = {
     "lmf_simd_width": (ctypes.c_int, []),
+    "lmf_run_program": (ctypes.c_int64, [_P, _P, _I, _C]),
     "lmf_q4_linear": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _C, _P, _I, _C]),
     "lmf_q8_available": (ctypes.c_int, []),
     "lmf_q4_linear_q8": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _P, _I, _C]),
@@ -161,6 +165,7 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     logger.info("CPU kernels: %s (%d-lane float32 SIMD)", path.name, lib.lmf_simd_width())
+    _recording_module.set_library(lib)
     return lib
 
 
