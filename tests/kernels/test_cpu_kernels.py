@@ -256,7 +256,8 @@ def test_the_other_instruction_set_variants_agree_too(isa, cflags, tmp_path):
     code = "from lmforge.kernels import cpu; print(cpu.library().lmf_simd_width())"
     width = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(width.stdout) == {"avx2": 8, "plain C": 1, "avx512 without vnni": 16}[isa]
-    tests = ["tests/kernels/test_cpu_kernels.py", "tests/kernels/test_q4_int8.py", "tests/weights/test_gguf_pack.py",
+    tests = ["tests/kernels/test_cpu_kernels.py", "tests/kernels/test_q4_int8.py", "tests/kernels/test_cpu_sampling.py",
+             "tests/kernels/test_q4_cols.py", "tests/kernels/test_cpu_program.py", "tests/weights/test_gguf_pack.py",
              "-k", "not other_instruction and (kernel or packed_matmul or int8)"]  # fmt: skip
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO,
                          env=env, capture_output=True, text=True)  # fmt: skip

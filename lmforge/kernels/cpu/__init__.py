@@ -1,5 +1,6 @@
-"""lmforge's own CPU kernels (kernels.c): int4 linear on float32 activations, fused RMSNorm + residual, rotary,
-SiLU-and-mul and paged attention (over a float32 or float16 KV cache), for a decode step of a few ops per layer.
+"""lmforge's own CPU kernels (kernels.c): int4 linear on float32 activations (a row layout for batch 1, a column
+layout for 5-255 rows on AVX-512), fused RMSNorm + residual, rotary, SiLU-and-mul and paged attention (over a float32
+or float16 KV cache), for a decode step of a few ops per layer; temperature sampling (sampling.c).
 
 The C file is compiled on first use with the machine's C compiler for this very CPU (`-O3 -march=native
 -fopenmp`, about a second) into `~/.cache/lmforge/cpu-kernels/<hash>.so` ($XDG_CACHE_HOME; the hash covers the
@@ -25,11 +26,14 @@ from pathlib import Path
 
 import torch
 
+from . import recording as _recording_module
 from .recording import Arena, KernelProgram, _call, _empty, recording  # noqa: F401 (Arena, KernelProgram, recording: for callers)
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "attention.c", "q4_int8.c")]
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("kernels.c", "attention.c", "q4_int8.c", "sampling.c", "program.c")
+]
 _HEADERS = [Path(__file__).with_name("simd.h")]  # in the cache key, not on the command line
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
@@ -42,15 +46,20 @@ _F = ctypes.c_float
 _C = ctypes.c_int
 _SIGNATURES = {
     "lmf_simd_width": (ctypes.c_int, []),
+    "lmf_run_program": (ctypes.c_int64, [_P, _P, _I, _C]),
     "lmf_q4_linear": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _C, _P, _I, _C]),
     "lmf_q8_available": (ctypes.c_int, []),
     "lmf_q4_linear_q8": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _P, _I, _C]),
+    "lmf_q4_cols_available": (ctypes.c_int, []),
+    "lmf_q4_cols": (None, [_P, _C, _I, _I, _P, _C]),
+    "lmf_q4_linear_cols": (None, [_P, _I, _I, _P, _C, _P, _P, _C, _P, _I, _P, _I, _C]),
     "lmf_q4_dequantize": (None, [_P, _C, _P, _P, _C, _I, _I, _C, _P, _C]),
     "lmf_rms_norm": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _F, _C]),
     "lmf_rope": (None, [_P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _C]),
     "lmf_silu_and_mul": (None, [_P, _I, _I, _I, _P, _C]),
     "lmf_ggml_pairs": (None, [_P, _I, _I, _I, _P, _C]),
     "lmf_q4_repack": (None, [_P, _I, _I, _C, _P, _C]),
+    "lmf_sample_temperature": (None, [_P, _I, _I, _I, _P, _P, _P, _C]),
     "lmf_embedding": (None, [_P, _I, _P, _I, _I, _P, _C]),
     "lmf_cos_sin": (None, [_P, _P, _I, _I, _F, _F, _P, _P, _C]),
     "lmf_paged_attention": (
@@ -156,6 +165,7 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     logger.info("CPU kernels: %s (%d-lane float32 SIMD)", path.name, lib.lmf_simd_width())
+    _recording_module.set_library(lib)
     return lib
 
 
@@ -228,8 +238,16 @@ def q4_prepare(
         s, mins = s16, m16
     # the int8 path takes one plane of K a multiple of 64 (at most 32K) in a build with its vector code
     int8 = int8_activations and planes == 1 and k % 64 == 0 and k <= 32 * 1024 and bool(lib.lmf_q8_available())
-    return {"q4": codes, "q4_bits": bits, "q4_scales": s, "q4_mins": mins, "q4_half": half, "k": k, "n": n,
-            "planes": planes, "q4_int8": int8}  # fmt: skip
+    prepared = {"q4": codes, "q4_bits": bits, "q4_scales": s, "q4_mins": mins, "q4_half": half, "k": k, "n": n,
+                "planes": planes, "q4_int8": int8}  # fmt: skip
+    if planes == 1 and n % 32 == 0 and lib.lmf_q4_cols_available():
+        # the column layout for Q4_COLS_MIN_ROWS .. Q4_COLS_MAX_ROWS rows (kernels.c, lmf_q4_linear_cols): the codes
+        # a second time (the batch-1 kernel reads the row layout), and the scales and mins as [N / 32, K / 32, 32]
+        cols = torch.empty_like(codes)
+        lib.lmf_q4_cols(codes.data_ptr(), bits, n, k, cols.data_ptr(), torch.get_num_threads())
+        tiled = lambda t: t.view(n // 32, 32, -1).transpose(1, 2).contiguous()  # noqa: E731
+        prepared.update(q4_cols=cols, q4_cols_scales=tiled(s), q4_cols_mins=tiled(mins))
+    return prepared
 
 
 def ggml_pairs(nibble_bytes: torch.Tensor) -> torch.Tensor | None:
@@ -251,6 +269,11 @@ def ggml_pairs(nibble_bytes: torch.Tensor) -> torch.Tensor | None:
 # faster than the row kernel (2-core AVX-512 Xeon, 576 x 3072: 32 rows 3.5 ms row kernel vs 1.7 + 4.0 ms
 # dequantize + GEMM; 128 rows 12.4 vs 1.1 + 5.5 ms)
 Q4_GEMM_MIN_ROWS = 64
+# AVX-512 builds, layers with a column layout (q4_prepare): Q4_COLS_MIN_ROWS <= rows < Q4_COLS_MAX_ROWS run
+# lmf_q4_linear_cols instead of the dot4x4 tiles and of dequantize + GEMM (2-core Xeon, best of 7: 1.1-1.5x the
+# tiles at 21-63 rows, 1.05-1.6x dequantize + MKL at 64-128 rows; MKL is 5-25% ahead from 512 rows on)
+Q4_COLS_MIN_ROWS = 5
+Q4_COLS_MAX_ROWS = 256
 # Opt-in (LMFORGE_CPU_INT8_ACTIVATIONS=1, GGUF weights only): from this many rows on (decode batches, prefills) x is
 # rounded to int8 per 32-value block and the dot products are integer ones (q4_int8.c, llama.cpp's Q4 x Q8 scheme).
 # 1.3-2x faster than the float32 kernels at 32 rows and 1.1-3x faster than dequantize + GEMM at 64-512 rows, but it
@@ -283,7 +306,8 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
     x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     q8 = m >= Q8_MIN_ROWS and prepared["q4_int8"]
-    if m >= Q4_GEMM_MIN_ROWS and not q8:
+    cols = not q8 and Q4_COLS_MIN_ROWS <= m < Q4_COLS_MAX_ROWS and "q4_cols" in prepared
+    if m >= Q4_GEMM_MIN_ROWS and not (q8 or cols):
         return torch.nn.functional.linear(x, q4_dequantize(prepared), bias)
     weights = prepared.get("_ptrs")
     if weights is None:  # (codes, bits, scales, mins, half): the prepared tensors live as long as the layer
@@ -291,6 +315,15 @@ def q4_linear(x: torch.Tensor, prepared: dict, bias: torch.Tensor | None = None)
                                        _ptr(prepared["q4_mins"]), int(prepared["q4_half"]))  # fmt: skip
     y = _empty(m, n)
     bias = None if bias is None else bias.contiguous()
+    if cols:
+        col_ptrs = prepared.get("_cols_ptrs")
+        if col_ptrs is None:
+            col_ptrs = prepared["_cols_ptrs"] = (_ptr(prepared["q4_cols"]), prepared["q4_bits"],
+                                             _ptr(prepared["q4_cols_scales"]), _ptr(prepared["q4_cols_mins"]),
+                                             int(prepared["q4_half"]))  # fmt: skip
+        _call(_lib.lmf_q4_linear_cols, x2.data_ptr(), m, k, *col_ptrs, _ptr(bias), n, y.data_ptr(), n,
+              torch.get_num_threads())  # fmt: skip
+        return y if x2 is x else y.view(*x.shape[:-1], n)
     if q8:
         _call(_lib.lmf_q4_linear_q8, x2.data_ptr(), m, k, *weights, _ptr(bias), n, y.data_ptr(), n,
               torch.get_num_threads())  # fmt: skip
@@ -373,6 +406,24 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     out = _empty(n, dim)
     _call(lib.lmf_embedding, _ptr(weight), weight.stride(0), _ptr(ids), n, dim, _ptr(out), torch.get_num_threads())
     return out.view(*ids.shape, dim)
+
+
+def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """One token per row of float32 logits [rows, vocab] (rows may be strided) from softmax(logits / temperature),
+    by inverse CDF at u [rows] float64 in [0, 1); int64 [rows], -1 where a row needs the torch draw (a NaN or +inf
+    in it, or nothing finite). None when the kernels are off or the inputs do not fit."""
+    lib = library()
+    if lib is None or logits.dim() != 2 or not _f32_rows(logits) or logits.shape[1] == 0:
+        return None
+    rows = logits.shape[0]
+    temps = temperatures.to(torch.float32).contiguous()
+    u = u.to(torch.float64).contiguous().view(-1)
+    if temps.shape != (rows,) or u.shape != (rows,) or temps.device.type != "cpu" or u.device.type != "cpu":
+        return None
+    out = torch.empty(rows, dtype=torch.int64)
+    lib.lmf_sample_temperature(_ptr(logits), rows, logits.shape[1], logits.stride(0), _ptr(temps), _ptr(u), _ptr(out),
+                               torch.get_num_threads())  # fmt: skip
+    return out
 
 
 def rotary_cos_sin(

@@ -4,9 +4,18 @@ active the calls are appended to a KernelProgram and the outputs come from its A
 
 from __future__ import annotations
 
+import ctypes
 from contextlib import contextmanager
 
+import numpy as np
 import torch
+
+# program.c's opcodes (its enum's order) and argument slots per call
+PROGRAM_OPS = {name: i for i, name in enumerate([
+    "lmf_q4_linear", "lmf_q4_linear_q8", "lmf_q4_linear_cols", "lmf_rms_norm", "lmf_rope", "lmf_silu_and_mul",
+    "lmf_embedding", "lmf_cos_sin", "lmf_paged_attention",
+])}  # fmt: skip
+PROGRAM_ARGS = 32
 
 
 class Arena:
@@ -53,10 +62,51 @@ class KernelProgram:
     def __init__(self, arena: Arena | None = None) -> None:
         self.calls: list[tuple] = []
         self.arena = arena
+        self._compiled: tuple | None = None  # (run, ops, args, count), built at the first replay
+        self._python = False  # a call program.c does not know: replayed from Python
 
     def replay(self, num_threads: int) -> None:
+        if self._compiled is None and not self._python:
+            self._compile()
+        if self._compiled is not None:
+            run, ops, args, count = self._compiled
+            run(ops.ctypes.data, args.ctypes.data, count, num_threads)
+            return
         for fn, args in self.calls:
             fn(*args, num_threads)
+
+    def _compile(self) -> None:
+        """The calls as program.c's opcodes and argument slots, where every function is one it knows."""
+        ops = [_opcode(fn) for fn, _ in self.calls]
+        if _library is None or not ops or None in ops or any(len(args) > PROGRAM_ARGS for _, args in self.calls):
+            self._python = True
+            return
+        slots = np.zeros((len(self.calls), PROGRAM_ARGS), dtype=np.uint64)
+        for row, (_, args) in zip(slots, self.calls, strict=True):
+            for i, a in enumerate(args):
+                v = a.value if isinstance(a, ctypes._SimpleCData) else a
+                if isinstance(a, ctypes.c_float) or isinstance(v, float):
+                    row[i] = int(np.float32(v).view(np.uint32))
+                else:
+                    row[i] = np.int64(v or 0).view(np.uint64)
+        self._compiled = (_library.lmf_run_program, np.asarray(ops, dtype=np.int32), slots, len(self.calls))
+
+
+_library: ctypes.CDLL | None = None  # the loaded kernel library, whose lmf_run_program replays programs
+
+
+def set_library(lib: ctypes.CDLL | None) -> None:
+    global _library
+    _library = lib
+
+
+def _opcode(fn) -> int | None:
+    """program.c's opcode of a recorded function: one of its names, and that very function of _library."""
+    name = getattr(fn, "__name__", None)
+    if _library is None or name not in PROGRAM_OPS:
+        return None
+    same = ctypes.cast(fn, ctypes.c_void_p).value == ctypes.cast(getattr(_library, name), ctypes.c_void_p).value
+    return PROGRAM_OPS[name] if same else None
 
 
 _recording: KernelProgram | None = None
