@@ -1,16 +1,16 @@
-"""lmforge's own CPU kernels (kernels.c): int4 linear on float32 activations (a row layout for batch 1, a column
-layout for 5-255 rows on AVX-512), fused RMSNorm + residual, rotary, SiLU-and-mul and paged attention (over a float32
-or float16 KV cache), for a decode step of a few ops per layer; temperature sampling (sampling.c).
+"""lmforge's own CPU kernels: int4 linear on float32 activations (kernels.c: a row layout for batch 1; q4_cols.c: a
+column layout for 5-255 rows on AVX-512), fused RMSNorm + residual, rotary, SiLU-and-mul (pointwise.c) and paged
+attention over a float32 or float16 KV cache (attention.c), for a decode step of a few ops per layer; temperature
+sampling (sampling.c); recorded steps replayed from C (program.c).
 
-The C file is compiled on first use with the machine's C compiler for this very CPU (`-O3 -march=native
--fopenmp`, about a second) into `~/.cache/lmforge/cpu-kernels/<hash>.so` ($XDG_CACHE_HOME; the hash covers the
-source, the compiler, its flags and the CPU's flags) and loaded with ctypes. With no compiler, a failed build, or
-LMFORGE_CPU_KERNELS=0, `available()` is False and the backends run their plain-torch code (the reference these
-kernels are tested against: tests/kernels/test_cpu_kernels.py). LMFORGE_CPU_KERNELS_CFLAGS adds compiler flags: the
-tests build the AVX2 and plain-C variants on an AVX-512 machine that way. Every wrapper here checks what it is given and
-returns None for what the C code does not handle, so a caller falls back to torch. Every per-step call goes
-through `recording._call`, so a decode step can be recorded and replayed (engine/cpu_graph.py).
-"""
+The C files are compiled into one library on first use with the machine's C compiler for this very CPU (`-O3
+-march=native -fopenmp`, about a second) into `~/.cache/lmforge/cpu-kernels/<hash>.so` ($XDG_CACHE_HOME; the hash covers
+the sources, the compiler, its flags and the CPU's flags) and loaded with ctypes. With no compiler, a failed build, or
+LMFORGE_CPU_KERNELS=0, `available()` is False and the backends run their plain-torch code (the reference these kernels
+are tested against: tests/kernels/test_cpu_kernels.py). LMFORGE_CPU_KERNELS_CFLAGS adds compiler flags: the tests build
+the AVX2 and plain-C variants on an AVX-512 machine that way. Every wrapper here checks what it is given and returns
+None for what the C code does not handle, so a caller falls back to torch. Every per-step call goes through
+`recording._call`, so a decode step can be recorded and replayed (engine/cpu_graph.py)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,9 @@ from .recording import Arena, KernelProgram, _call, _empty, recording  # noqa: F
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [
-    Path(__file__).with_name(name) for name in ("kernels.c", "attention.c", "q4_int8.c", "sampling.c", "program.c")
-]
-_HEADERS = [Path(__file__).with_name("simd.h")]  # in the cache key, not on the command line
+_SOURCE_NAMES = ("kernels.c", "q4_cols.c", "pointwise.c", "attention.c", "q4_int8.c", "sampling.c", "program.c")
+_SOURCES = [Path(__file__).with_name(name) for name in _SOURCE_NAMES]
+_HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "q4.h")]  # in the cache key, not on the command line
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -28,20 +28,7 @@ int lmf_simd_width(void) {
 
 /* ---- int4 linear ---------------------------------------------------------------------------------------- */
 
-/* A block's scales or mins: float32, or float16 where those values are exact in it (GGUF's Q4_0/Q4_1/Q8_0 store
- * them so; Q4_1 then holds 0.625 bytes a weight instead of 0.75). Exactly one of the two pointers is set. */
-typedef struct {
-    const float *f;
-    const uint16_t *h;
-} scl_t;
-
-static inline float scl_at(scl_t s, int64_t i) { return s.h ? h2f(s.h[i]) : s.f[i]; }
-
-static inline scl_t scl_off(scl_t s, int64_t i) {
-    if (s.h) s.h += i;
-    else s.f += i;
-    return s;
-}
+#include "q4.h" /* scl_t (a block's float32 or float16 scales), block_code */
 
 #define ROWS 4 /* activation rows per pass over a weight row */
 #define Q4_M1_MAX_BLOCKS 1024
@@ -89,11 +76,6 @@ static inline void q4_dequant_block(const uint8_t *codes, int bits, float s, flo
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), vs, vm);
 }
 #endif
-
-/* code j of a block (4 bits: low nibbles hold codes 0-15, high nibbles 16-31; 8 bits: one byte each) */
-static inline int block_code(const uint8_t *c, int bits, int j) {
-    return bits == 8 ? c[j] : (j < 16 ? c[j] & 15 : c[j - 16] >> 4);
-}
 
 /* One weight row (P planes of nb blocks) against nr <= ROWS activation rows (stride ldx): out[r] = x_r . w */
 static void q4_row(const uint8_t *codes, int bits, scl_t scales, scl_t mins, int64_t nb, int planes,
@@ -350,96 +332,6 @@ static inline void dot4x2(const float *x, int64_t ldx, const float *w, int64_t l
 }
 #endif
 
-#if defined(__AVX512F__)
-#define BN 32 /* weight rows of a column tile: two vectors of output columns */
-#define BR 12 /* activation rows of its register block: 24 accumulators */
-
-/* The column layout ("cols", built at load by lmf_q4_cols from the q4 one; AVX-512 builds, one plane, N a multiple
- * of BN): per tile of BN weight rows, per k, the BN codes of that column: 4-bit, 16 bytes, byte i holding row i (low
- * nibble) and row 16 + i (high); 8-bit, 32 bytes, one a row. The tile's scales and mins are [nb, BN] (float32 or
- * float16, as the q4 layout's). So a tile dequantizes to wp[k * BN + i] = w[i][k] with contiguous loads: 8 vector
- * ops per k, where gathering 16 rows' codes from the row layout took ~4x as long. */
-static void q4_dequant_cols(const uint8_t *cols, int bits, scl_t scales, scl_t mins, int64_t nb, float *wp) {
-    const __m512i m4 = _mm512_set1_epi32(15);
-    for (int64_t b = 0; b < nb; b++) {
-        __m512 sv[2], mv[2];
-        for (int h = 0; h < 2; h++) {
-            const int64_t i = b * BN + 16 * h;
-            sv[h] = scales.h ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales.h + i))) : _mm512_loadu_ps(scales.f + i);
-            mv[h] = mins.h ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mins.h + i))) : _mm512_loadu_ps(mins.f + i);
-        }
-        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
-            __m512i c0, c1;
-            if (bits == 8) {
-                c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cols + k * 32)));
-                c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cols + k * 32 + 16)));
-            } else {
-                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cols + k * 16)));
-                c0 = _mm512_and_si512(v, m4);
-                c1 = _mm512_srli_epi32(v, 4);
-            }
-            _mm512_storeu_ps(wp + k * BN, _mm512_fmadd_ps(_mm512_cvtepi32_ps(c0), sv[0], mv[0]));
-            _mm512_storeu_ps(wp + k * BN + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), sv[1], mv[1]));
-        }
-    }
-}
-
-/* y[r][0..BN) = x_r . columns (+ bias) for R <= BR rows of x (stride ldx): per k two weight vectors, each row's x[k]
- * broadcast, 2R FMAs into 2R accumulators, no horizontal sums (R is a constant once inlined) */
-static inline __attribute__((always_inline)) void q4_bcast_block(const float *x, int64_t ldx, const int R,
-                                                                 const float *wp, int64_t K, const float *bias,
-                                                                 float *y, int64_t ldy) {
-    __m512 acc[BR][2];
-    for (int r = 0; r < BR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        const __m512 w0 = _mm512_loadu_ps(wp + k * BN), w1 = _mm512_loadu_ps(wp + k * BN + 16);
-        for (int r = 0; r < BR; r++)
-            if (r < R) {
-                const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
-                acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-            }
-    }
-    const __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
-    for (int r = 0; r < R; r++) {
-        _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(acc[r][0], b0));
-        _mm512_storeu_ps(y + r * ldy + 16, _mm512_add_ps(acc[r][1], b1));
-    }
-}
-
-/* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias) from the column layout (above): column tiles of BN weight rows
- * dequantized into wp (K * 128 bytes, in L2), every BR rows of x against each with BN-wide FMAs and no horizontal
- * sums (2-core Xeon, 21-63 rows: the FMA work per row is ~0.6x the row layout's dot4x4 tiles) */
-void lmf_q4_linear_cols(const float *x, int64_t M, int64_t K, const uint8_t *cols, int bits, const void *sp,
-                        const void *mp, int half, const float *bias, int64_t N, float *y, int64_t ldy, int nt) {
-    const scl_t scales = half ? (scl_t){NULL, (const uint16_t *)sp} : (scl_t){(const float *)sp, NULL};
-    const scl_t mins = half ? (scl_t){NULL, (const uint16_t *)mp} : (scl_t){(const float *)mp, NULL};
-    const int64_t nb = K / 32, tile_bytes = K * BN * bits / 8, tiles = N / BN;
-#pragma omp parallel num_threads(nt)
-    {
-        float *wp = (float *)malloc(sizeof(float) * (size_t)(K * BN));
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            const int64_t n0 = t * BN;
-            q4_dequant_cols(cols + t * tile_bytes, bits, scl_off(scales, n0 * nb), scl_off(mins, n0 * nb), nb, wp);
-            const float *bt = bias ? bias + n0 : NULL;
-            for (int64_t r0 = 0; r0 < M; r0 += BR) {
-                const float *xr = x + r0 * K;
-                float *yr = y + r0 * ldy + n0;
-                switch (M - r0 < BR ? (int)(M - r0) : BR) {
-#define BCAST_CASE(R) case R: q4_bcast_block(xr, K, R, wp, K, bt, yr, ldy); break;
-                BCAST_CASE(1) BCAST_CASE(2) BCAST_CASE(3) BCAST_CASE(4) BCAST_CASE(5) BCAST_CASE(6)
-                BCAST_CASE(7) BCAST_CASE(8) BCAST_CASE(9) BCAST_CASE(10) BCAST_CASE(11) BCAST_CASE(12)
-#undef BCAST_CASE
-                }
-            }
-        }
-        free(wp);
-    }
-}
-#endif
-
 /* y [M, N] (row stride ldy) = x [M, K] @ W^T (+ bias); K = nb * 32. One row: WR weight rows at a time; up to ROWS
  * rows: dequantized in registers; more: tiles of weight rows dequantized into an L1 buffer (below). */
 void lmf_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits, const void *sp,
@@ -571,149 +463,6 @@ void lmf_q4_dequantize(const uint8_t *codes, int bits, const void *sp, const voi
     for (int64_t n = 0; n < N; n++)
         q4_dequant_row(codes + n * planes * nb * bits * 4, bits, scl_off(scales, n * planes * nb), scl_off(mins, n * planes * nb), nb,
                        planes, w + n * K);
-}
-
-/* ---- RMSNorm, with an optional residual add --------------------------------------------------------------- */
-
-/* h = x (+ residual; then written to res_out); out = h * rsqrt(mean(h^2) + eps) * (w + offset) */
-void lmf_rms_norm(const float *x, const float *residual, const float *w, float *out, float *res_out, int64_t rows,
-                  int64_t dim, int64_t ldx, int64_t ldr, float eps, float offset, int nt) {
-#pragma omp parallel for schedule(static) num_threads(rows > 8 ? nt : 1)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *xi = x + i * ldx;
-        float *oi = out + i * dim;
-        const float *h = xi;
-        if (residual) {
-            const float *ri = residual + i * ldr;
-            float *hi = res_out + i * dim;
-            for (int64_t j = 0; j < dim; j++) hi[j] = xi[j] + ri[j];
-            h = hi;
-        }
-        float ss = 0.f;
-        for (int64_t j = 0; j < dim; j++) ss += h[j] * h[j];
-        float inv = 1.f / sqrtf(ss / (float)dim + eps);
-        for (int64_t j = 0; j < dim; j++) oi[j] = h[j] * inv * (w[j] + offset);
-    }
-}
-
-/* ---- rotary embedding (HF's rotate-half layout), on q and k at once ---------------------------------------- */
-
-/* src [T, H, D] with token stride lds and head stride D -> dst [T, H, D] contiguous; the first rot dims of each
- * head rotate by cos/sin [T, rot] (both halves of cos/sin hold the same angle), the rest is copied */
-static void rope_one(const float *src, int64_t lds, float *dst, int64_t t, int64_t heads, int64_t dim, int64_t rot,
-                     const float *cos, const float *sin) {
-    const int64_t half = rot / 2;
-    const float *c = cos + t * rot, *s = sin + t * rot;
-    for (int64_t h = 0; h < heads; h++) {
-        const float *x = src + t * lds + h * dim;
-        float *o = dst + (t * heads + h) * dim;
-        for (int64_t j = 0; j < half; j++) {
-            o[j] = x[j] * c[j] - x[j + half] * s[j];
-            o[j + half] = x[j + half] * c[j + half] + x[j] * s[j + half];
-        }
-        for (int64_t j = rot; j < dim; j++) o[j] = x[j];
-    }
-}
-
-void lmf_rope(const float *q, int64_t ldq, int64_t hq, const float *k, int64_t ldk, int64_t hk, int64_t T,
-              int64_t dim, int64_t rot, const float *cos, const float *sin, float *q_out, float *k_out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(T > 8 ? nt : 1)
-    for (int64_t t = 0; t < T; t++) {
-        rope_one(q, ldq, q_out, t, hq, dim, rot, cos, sin);
-        rope_one(k, ldk, k_out, t, hk, dim, rot, cos, sin);
-    }
-}
-
-
-/* ---- SiLU(gate) * up: x [rows, 2d] (row stride ldx) -> out [rows, d] --------------------------------------- */
-
-void lmf_silu_and_mul(const float *x, int64_t rows, int64_t d, int64_t ldx, float *out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(rows * d >= 65536 ? nt : 1)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *g = x + i * ldx, *u = g + d;
-        float *o = out + i * d;
-        int64_t j = 0;
-#if defined(__AVX512F__)
-        const __m512 one = _mm512_set1_ps(1.f);
-        for (; j + 16 <= d; j += 16) {
-            __m512 gv = _mm512_loadu_ps(g + j);
-            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
-        }
-#elif defined(__AVX2__) && defined(__FMA__)
-        const __m256 one = _mm256_set1_ps(1.f);
-        for (; j + 8 <= d; j += 8) {
-            __m256 gv = _mm256_loadu_ps(g + j);
-            __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
-        }
-#endif
-        for (; j < d; j++) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
-    }
-}
-
-
-/* ---- table lookups: token embedding rows, rotary cos/sin ------------------------------------------------------ */
-
-/* out[i] = table[ids[i]] (rows of dim floats; table rows ld apart): the embedding of a step's tokens */
-void lmf_embedding(const float *table, int64_t ld, const int64_t *ids, int64_t n, int64_t dim, float *out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(n * dim >= 65536 ? nt : 1)
-    for (int64_t i = 0; i < n; i++) memcpy(out + i * dim, table + ids[i] * ld, sizeof(float) * (size_t)dim);
-}
-
-/* cos, sin [T, 2 * half]: angle = (float)pos * inv_freq[j] (/ pscale), both halves alike, times ascale */
-void lmf_cos_sin(const int64_t *pos, const float *inv_freq, int64_t T, int64_t half, float pscale, float ascale,
-                 float *cos_out, float *sin_out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(T * half >= 65536 ? nt : 1)
-    for (int64_t t = 0; t < T; t++) {
-        const float p = (float)pos[t];
-        float *c = cos_out + t * 2 * half, *s = sin_out + t * 2 * half;
-        for (int64_t j = 0; j < half; j++) {
-            float a = p * inv_freq[j];
-            if (pscale != 1.f) a = a / pscale;
-            float cv = cosf(a), sv = sinf(a);
-            if (ascale != 1.f) {
-                cv *= ascale;
-                sv *= ascale;
-            }
-            c[j] = c[half + j] = cv;
-            s[j] = s[half + j] = sv;
-        }
-    }
-}
-
-#if !defined(__AVX512F__)
-void lmf_q4_linear_cols(const float *x, int64_t M, int64_t K, const uint8_t *cols, int bits, const void *sp,
-                        const void *mp, int half, const float *bias, int64_t N, float *y, int64_t ldy, int nt) {
-    (void)x, (void)M, (void)K, (void)cols, (void)bits, (void)sp, (void)mp, (void)half, (void)bias, (void)N, (void)y;
-    (void)ldy, (void)nt; /* never called: lmf_q4_cols_available() is 0 */
-}
-#endif
-
-int lmf_q4_cols_available(void) {
-#if defined(__AVX512F__)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-/* the column layout of lmf_q4_linear_cols from the q4 one (one plane, N % 32 == 0; codes [N, K * bits / 8]) */
-void lmf_q4_cols(const uint8_t *codes, int bits, int64_t N, int64_t K, uint8_t *cols, int nt) {
-    const int64_t row_bytes = K * bits / 8, tile_bytes = 32 * row_bytes;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t t = 0; t < N / 32; t++)
-        for (int64_t k = 0; k < K; k++) {
-            const int64_t b = k / 32, j = k % 32;
-            uint8_t *o = cols + t * tile_bytes + k * (bits == 8 ? 32 : 16);
-            for (int i = 0; i < 32; i++) {
-                const uint8_t *c = codes + (t * 32 + i) * row_bytes;
-                const int code = block_code(c + b * bits * 4, bits, (int)j);
-                if (bits == 8) o[i] = (uint8_t)code;
-                else if (i < 16) o[i] = (uint8_t)code;
-                else o[i - 16] = (uint8_t)(o[i - 16] | code << 4);
-            }
-        }
 }
 
 /* ---- load-time repacking ------------------------------------------------------------------------------------ */
