@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lmforge.kernels import cpu as cpu_kernels
-from lmforge.nn.quant.packing import pack_int32
+
+from .q4_weights import random_q4
 
 
 @pytest.fixture(autouse=True)
@@ -19,18 +20,7 @@ def _kernels_built():
 
 
 def _prepared(k: int, n: int, bits: int, half: bool, seed: int) -> dict:
-    """A q4_prepare layout of 4-bit codes, or of two planes collapsed into 8-bit ones (GGUF's Q8_0 / Q5 form)."""
-    g = torch.Generator().manual_seed(seed)
-    planes = 2 if bits == 8 else 1
-    codes = torch.randint(0, 16, (planes * k, n), dtype=torch.int32, generator=g)
-    s = torch.rand(k // 32, n, generator=g) * 0.1 + 0.01
-    s = torch.cat([s, 16 * s]) if planes == 2 else s
-    m = torch.randn(planes * k // 32, n, generator=g) * 0.1
-    if half:
-        s, m = s.half().float(), m.half().float()
-    prepared = cpu_kernels.q4_prepare(pack_int32(codes, 4, 0), s, m, 32, planes, zeros=False)
-    assert prepared["q4_bits"] == bits  # (8-bit: the summed mins may not be float16-exact, then float32)
-    return prepared
+    return random_q4(k, n, bits, half, seed)[0]
 
 
 @pytest.mark.parametrize("k, n", [(32, 32), (576, 96), (1536, 64)])

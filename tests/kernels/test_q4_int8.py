@@ -12,6 +12,8 @@ import torch
 from lmforge.kernels import cpu as cpu_kernels
 from lmforge.nn.quant.packing import pack_int32
 
+from .q4_weights import random_q4
+
 
 @pytest.fixture(autouse=True)
 def _kernels_built():
@@ -22,23 +24,10 @@ def _kernels_built():
 
 
 def _weight(k: int, n: int, bits: int, half: bool, seed: int):
-    """A q4_prepare layout (4-bit codes, or two planes collapsed into 8-bit ones) and its codes, scales and mins as
-    [N, K] float32 tensors (w = codes * scales + mins)."""
-    g = torch.Generator().manual_seed(seed)
-    planes = 2 if bits == 8 else 1
-    codes = torch.randint(0, 16, (planes * k, n), dtype=torch.int32, generator=g)
-    s = torch.rand(k // 32, n, generator=g) * 0.1 + 0.01
-    s = torch.cat([s, 16 * s]) if planes == 2 else s
-    m = torch.randn(planes * k // 32, n, generator=g) * 0.1
-    if half:
-        s, m = s.half().float(), m.half().float()
-    prepared = cpu_kernels.q4_prepare(pack_int32(codes, 4, 0), s, m, 32, planes, zeros=False, int8_activations=True)
-    assert prepared["q4_bits"] == bits and prepared["planes"] == 1
-    c = codes.float()
-    if planes == 2:  # lo + 16 hi, with the first plane's scale; the mins add
-        c, s, m = c[:k] + 16 * c[k:], s[: k // 32], m[: k // 32] + m[k // 32 :]
-    expand = lambda t: t.repeat_interleave(32, 0).t()  # noqa: E731 ([K / 32, N] -> [N, K])
-    return prepared, c.t(), expand(s), expand(m)
+    """random_q4 with int8 activations: one plane (8-bit codes for bits 8), codes / scales / mins as [N, K]."""
+    prepared, codes, scales, mins = random_q4(k, n, bits, half, seed, int8_activations=True)
+    assert prepared["planes"] == 1
+    return prepared, codes, scales, mins
 
 
 def _quantized(x: torch.Tensor):
