@@ -26,7 +26,8 @@ from .common import stable_cache_keys
 # 29.4 -> 61.5 us, 2,048 rows 171.8 -> 415.0 us). A batched FP8 Qwen3-MoE prefill with fp32 activations (three
 # prompts, 26 rows: 64-row MMA tiles) gives logits 3e-2 - 1.7e-1 off HF's fp32 forward per prompt by default and
 # 4e-7 in the precise mode; one prompt (5 rows: mma.sync tiles) is 1e-7 off either way.
-FP8_PRECISE = tl.constexpr(os.environ.get("LMFORGE_FP8_PRECISE_ACCUM") == "1")
+# max_num_imprecise_acc for the FP8 dots: None is Triton's default
+FP8_ACC = tl.constexpr(16 if os.environ.get("LMFORGE_FP8_PRECISE_ACCUM") == "1" else None)
 
 # arrival counters; a launch uses the first (tiles) of them and leaves them zero, so launches on one stream share them
 NUM_LOCKS = 1 << 16

@@ -33,7 +33,7 @@ import triton.language as tl
 from .common import dot_precision, stable_cache_keys, tanh
 from .fused_moe import ACTIVATIONS, _swizzle, _tile_rows, align_by_expert
 from .quant_act import FP8_MAX, INT8_MAX, _to_codes, quantize_per_token
-from .quant_common import FP8_PRECISE
+from .quant_common import FP8_ACC
 from .quant_wna16 import KS
 
 W_MODES = ("block", "row", "wna16")
@@ -208,16 +208,10 @@ def _qmoe_kernel(
                     wu = tl.load(u_ptrs + k0 * stride_wk, mask=n_mask[None, :] & (k0 + k < K)[:, None], other=0.0)
             if W_MODE == "block":
                 bsg = tl.load(s_base + (n // GROUP_N) * stride_sn + kb * stride_sk, mask=n_mask, other=0.0)
-                if FP8_PRECISE:
-                    acc_g += tl.dot(a_op, wg, max_num_imprecise_acc=16) * (a_s[:, None] * bsg[None, :])
-                else:
-                    acc_g += tl.dot(a_op, wg) * (a_s[:, None] * bsg[None, :])
+                acc_g += tl.dot(a_op, wg, max_num_imprecise_acc=FP8_ACC) * (a_s[:, None] * bsg[None, :])
                 if GATED:
                     bsu = tl.load(s_base + ((N + n) // GROUP_N) * stride_sn + kb * stride_sk, mask=n_mask, other=0.0)
-                    if FP8_PRECISE:
-                        acc_u += tl.dot(a_op, wu, max_num_imprecise_acc=16) * (a_s[:, None] * bsu[None, :])
-                    else:
-                        acc_u += tl.dot(a_op, wu) * (a_s[:, None] * bsu[None, :])
+                    acc_u += tl.dot(a_op, wu, max_num_imprecise_acc=FP8_ACC) * (a_s[:, None] * bsu[None, :])
             elif IS_INT:
                 acc_gi = tl.dot(a_op, wg, acc_gi, out_dtype=tl.int32)
                 if GATED:
@@ -226,14 +220,10 @@ def _qmoe_kernel(
                 acc_g = tl.dot(a_op, wg, acc_g)
                 if GATED:
                     acc_u = tl.dot(a_op, wu, acc_u)
-            elif FP8_PRECISE:  # FP8 codes, the fp32 sum after every instruction (quant_common.FP8_PRECISE)
-                acc_g = tl.dot(a_op, wg, acc_g, max_num_imprecise_acc=16)
-                if GATED:
-                    acc_u = tl.dot(a_op, wu, acc_u, max_num_imprecise_acc=16)
             else:  # FP8 codes
-                acc_g = tl.dot(a_op, wg, acc_g)
+                acc_g = tl.dot(a_op, wg, acc_g, max_num_imprecise_acc=FP8_ACC)
                 if GATED:
-                    acc_u = tl.dot(a_op, wu, acc_u)
+                    acc_u = tl.dot(a_op, wu, acc_u, max_num_imprecise_acc=FP8_ACC)
     if W_MODE == "row":
         # per-channel weight scale times the per-token (codes) or per-expert (static) activation scale
         if IS_INT:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import stable_cache_keys
-from .quant_common import FP8_PRECISE, pick_split_k, splitk_locks, splitk_workspace, store_tile
+from .quant_common import FP8_ACC, pick_split_k, splitk_locks, splitk_workspace, store_tile
 
 
 @triton.jit
@@ -79,16 +79,11 @@ def _scaled_mm_kernel(
         if BLOCK_SCALED:
             a_s = tl.load(as_ptr + rows * stride_asm + kb, mask=row_mask, other=0.0)
             b_s = tl.load(bs_ptr + (cols // GROUP_N) * stride_bsn + kb, mask=col_mask, other=0.0)
-            if FP8_PRECISE:
-                acc += tl.dot(a, b, max_num_imprecise_acc=16) * a_s[:, None] * b_s[None, :]
-            else:
-                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            acc += tl.dot(a, b, max_num_imprecise_acc=FP8_ACC) * a_s[:, None] * b_s[None, :]
         elif IS_INT:
             acc_i = tl.dot(a, b, acc_i, out_dtype=tl.int32)
-        elif FP8_PRECISE:
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=16)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=FP8_ACC)
     if not BLOCK_SCALED:
         if IS_INT:
             if HAS_ZP:  # subtracted once, by the first split
